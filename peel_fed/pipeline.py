@@ -1,0 +1,349 @@
+"""The centralized reference pipeline: pretrain -> group -> PEE learning -> evaluation per budget.
+
+Everything the federated pipeline does, in one process, so that federated numbers have a
+reference. Outputs (written atomically): ``results.json`` and ``results.md`` in ``out_dir``, and
+the pretrained model in ``cache_dir`` (reused by later runs with the same data, split and config).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from peel_fed.atomic import write_atomic, write_json_atomic, write_text_atomic
+from peel_fed.blocks import (
+    BlockLayout,
+    check_budget,
+    first_blocks_order,
+    parse_budget,
+    popularity_item_groups,
+    random_unit_order,
+    select_prefix,
+    unit_mask,
+)
+from peel_fed.clustering import UserGroups, kmeans_user_groups
+from peel_fed.data import Dataset, Interactions, load_dataset, split_validation
+from peel_fed.lightgcn import LightGCNConfig, train_lightgcn
+from peel_fed.metrics import dot_score_fn, evaluate_ranking, per_user_metrics
+from peel_fed.peel import (
+    GroupPEE,
+    PEELConfig,
+    budget_unit_weights,
+    effective_item_table,
+    learn_group_pee,
+)
+
+DEFAULT_BUDGETS = ("10%", "25%", "50%", "100%")
+
+
+@dataclass
+class PipelineConfig:
+    """Everything a centralized run depends on."""
+
+    dataset: str = "gowalla"
+    data_dir: str | None = None
+    seed: int = 0
+    val_fraction: float = 0.1
+    user_groups: tuple[int, ...] = (4, 1)
+    budgets: tuple[str, ...] = DEFAULT_BUDGETS
+    out_dir: str = "runs/centralized"
+    cache_dir: str = "runs/cache"
+    progress: bool = True
+    lightgcn: LightGCNConfig = field(default_factory=LightGCNConfig)
+    peel: PEELConfig = field(default_factory=PEELConfig)
+
+    def __post_init__(self) -> None:
+        if not self.user_groups or min(self.user_groups) < 1:
+            raise ValueError(f"user-groups must be positive integers, got {self.user_groups}")
+        if not self.budgets:
+            raise ValueError("give at least one budget")
+        if self.lightgcn.dim % self.peel.num_blocks:
+            raise ValueError(
+                f"blocks ({self.peel.num_blocks}) must divide the embedding dim "
+                f"({self.lightgcn.dim})"
+            )
+
+
+@dataclass
+class Pretrained:
+    user_emb: np.ndarray
+    item_emb: np.ndarray
+    seconds: float
+    path: Path
+    reused: bool
+
+
+def _log(msg: str) -> None:
+    print(f"[peel-fed] {msg}", flush=True)
+
+
+def _pretrain_key(ds: Dataset, split_fit: Interactions, cfg: PipelineConfig) -> str:
+    h = hashlib.sha256()
+    h.update(ds.name.encode())
+    h.update(np.ascontiguousarray(split_fit.users).tobytes())
+    h.update(np.ascontiguousarray(split_fit.items).tobytes())
+    h.update(json.dumps(asdict(cfg.lightgcn), sort_keys=True).encode())
+    h.update(str(cfg.seed).encode())
+    return h.hexdigest()[:16]
+
+
+def pretrain(ds: Dataset, fit: Interactions, cfg: PipelineConfig) -> Pretrained:
+    """Pretrain LightGCN on the fit split, or load the cached model for the same inputs."""
+    key = _pretrain_key(ds, fit, cfg)
+    path = Path(cfg.cache_dir) / f"pretrain-{ds.name}-{key}.pt"
+    if path.is_file():
+        try:
+            blob = torch.load(path, weights_only=True)
+            _log(f"reusing pretrained LightGCN from {path}")
+            return Pretrained(
+                blob["user_emb"].numpy(), blob["item_emb"].numpy(), float(blob["seconds"]), path,
+                True,
+            )
+        except Exception as exc:  # a corrupt cache file is retrained, not fatal
+            _log(f"ignoring unreadable cache file {path}: {exc}")
+    _log(f"pretraining LightGCN: {asdict(cfg.lightgcn)}")
+    t0 = time.perf_counter()
+    model = train_lightgcn(
+        ds.n_users, ds.n_items, fit, cfg.lightgcn, seed=cfg.seed, progress=cfg.progress
+    )
+    seconds = time.perf_counter() - t0
+    user_emb, item_emb = model.final_embeddings()
+    blob = {
+        "user_emb": torch.from_numpy(user_emb),
+        "item_emb": torch.from_numpy(item_emb),
+        "seconds": seconds,
+        "config": json.dumps(asdict(cfg.lightgcn)),
+    }
+
+    def _save(fh) -> None:
+        buf = io.BytesIO()
+        torch.save(blob, buf)
+        fh.write(buf.getvalue())
+
+    write_atomic(path, _save)
+    _log(f"pretrained in {seconds:.0f} s; saved {path}")
+    return Pretrained(user_emb, item_emb, seconds, path, False)
+
+
+def evaluate_units(
+    ds: Dataset,
+    groups: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+    layout: BlockLayout,
+    budget_bytes: int,
+) -> dict[str, float]:
+    """Mean Recall@20 / NDCG@20 over all users when each group ranks with its kept units.
+
+    ``groups`` holds, per user group: (users, user vectors aligned with users, item table,
+    unit weights (G_v, N), unit order).
+    """
+    recalls, ndcgs, used = [], [], []
+    for users, user_vecs, item_table, weights, order in groups:
+        units = select_prefix(order, layout, budget_bytes)
+        used.append(layout.bytes_of(units))
+        mask = unit_mask(units, layout.num_item_groups, layout.num_blocks)
+        eff, covered = budget_unit_weights(weights, mask)
+        table = torch.from_numpy(effective_item_table(item_table, layout.item_groups, eff))
+        dead = torch.from_numpy(~covered[layout.item_groups])
+        row_of = np.full(ds.n_users, -1, dtype=np.int64)
+        row_of[users] = np.arange(users.size)
+        uvecs = torch.from_numpy(np.asarray(user_vecs, dtype=np.float32))
+
+        def score(batch: np.ndarray, uvecs=uvecs, table=table, dead=dead, row_of=row_of):
+            s = uvecs[torch.from_numpy(row_of[batch])] @ table.T
+            s[:, dead] = -torch.inf
+            return s
+
+        m = per_user_metrics(score, ds.n_users, ds.train, ds.test, ks=(20,), users=users)
+        recalls.append(m["recall@20"])
+        ndcgs.append(m["ndcg@20"])
+    r, n = np.concatenate(recalls), np.concatenate(ndcgs)
+    return {
+        "recall@20": float(r.mean()) if r.size else 0.0,
+        "ndcg@20": float(n.mean()) if n.size else 0.0,
+        "used_bytes": int(max(used)),
+    }
+
+
+def run_centralized(cfg: PipelineConfig, dataset: Dataset | None = None) -> dict:
+    """Run the whole centralized pipeline; returns the results dict that is also saved.
+
+    ``dataset`` overrides loading ``cfg.dataset`` / ``cfg.data_dir`` (e.g. synthetic data).
+    """
+    t_start = time.perf_counter()
+    ds = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_dir)
+    _log(ds.summary())
+    if max(cfg.user_groups) > ds.n_users:
+        raise ValueError(f"more user groups ({max(cfg.user_groups)}) than users ({ds.n_users})")
+    popularity = ds.item_popularity()
+    item_groups = popularity_item_groups(popularity, cfg.peel.num_item_groups)
+    layout = BlockLayout(item_groups, cfg.lightgcn.dim, cfg.peel.num_blocks)
+    budgets = [(b, parse_budget(b, layout.full_table_bytes)) for b in cfg.budgets]
+    for _, b in budgets:
+        check_budget(b, layout)
+    _log(
+        f"item table {layout.full_table_bytes:,} B; {layout.num_item_groups} item groups x "
+        f"{layout.num_blocks} blocks; unit {layout.unit_bytes().min():,}-"
+        f"{layout.unit_bytes().max():,} B; covering every group takes {layout.cover_bytes:,} B"
+    )
+    split = split_validation(ds.train, ds.n_users, cfg.val_fraction, seed=cfg.seed)
+    _log(f"validation split: {len(split.fit):,} fit / {len(split.val):,} validation interactions")
+    pre = pretrain(ds, split.fit, cfg)
+    t0 = time.perf_counter()
+    full = evaluate_ranking(
+        dot_score_fn(pre.user_emb, pre.item_emb), ds.n_users, ds.train, ds.test, ks=(20,)
+    )
+    _log(
+        f"pretrained LightGCN (full table): Recall@20 {full['recall@20']:.4f} "
+        f"NDCG@20 {full['ndcg@20']:.4f} ({time.perf_counter() - t0:.0f} s to evaluate)"
+    )
+    all_users = np.arange(ds.n_users)
+    methods: dict[str, list] = {}
+    peel_info: dict[str, dict] = {}
+    for n_groups in cfg.user_groups:
+        name = f"PEEL (G_u={n_groups})"
+        t0 = time.perf_counter()
+        ugroups = kmeans_user_groups(pre.user_emb, n_groups, seed=cfg.seed)
+        sizes = np.bincount(ugroups.assignment, minlength=n_groups).tolist()
+        _log(f"{name}: K-Means user groups of sizes {sizes}")
+        pees = learn_all_groups(ds, split, pre, ugroups, popularity, layout, cfg)
+        methods[name] = [
+            (p.users, p.user_table, p.item_table, p.unit_weights, p.unit_order) for p in pees
+        ]
+        peel_info[name] = {
+            "user_group_sizes": sizes,
+            "seconds": time.perf_counter() - t0,
+            "unit_weights": [p.unit_weights.round(4).tolist() for p in pees],
+            "history": [p.history for p in pees],
+        }
+        _log(f"{name}: PEE learning took {peel_info[name]['seconds']:.0f} s")
+    ones = np.ones((layout.num_item_groups, layout.num_blocks))
+    methods["first-k blocks"] = [
+        (all_users, pre.user_emb, pre.item_emb, ones,
+         first_blocks_order(layout.num_item_groups, layout.num_blocks))
+    ]
+    methods["random units"] = [
+        (all_users, pre.user_emb, pre.item_emb, ones,
+         random_unit_order(layout.num_item_groups, layout.num_blocks, seed=cfg.seed))
+    ]
+    rows = []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(methods) * len(budgets), desc="evaluate", disable=not cfg.progress,
+               leave=False)
+    for label, budget_bytes in budgets:
+        for method, groups in methods.items():
+            m = evaluate_units(ds, groups, layout, budget_bytes)
+            rows.append({
+                "method": method,
+                "budget": label,
+                "budget_bytes": budget_bytes,
+                "budget_fraction": budget_bytes / layout.full_table_bytes,
+                **m,
+            })
+            bar.update(1)
+    bar.close()
+    results = {
+        "config": _jsonable(asdict(cfg)),
+        "dataset": {
+            "name": ds.name, "summary": ds.summary(), "n_users": ds.n_users,
+            "n_items": ds.n_items, "train": len(ds.train), "test": len(ds.test),
+        },
+        "layout": {
+            "full_table_bytes": layout.full_table_bytes,
+            "num_item_groups": layout.num_item_groups,
+            "num_blocks": layout.num_blocks,
+            "cover_bytes": layout.cover_bytes,
+            "unit_bytes_min": int(layout.unit_bytes().min()),
+            "unit_bytes_max": int(layout.unit_bytes().max()),
+        },
+        "pretrain": {"seconds": pre.seconds, "reused": pre.reused, "path": str(pre.path),
+                     "full_table": full},
+        "peel": peel_info,
+        "rows": rows,
+        "wall_seconds": time.perf_counter() - t_start,
+    }
+    out = Path(cfg.out_dir)
+    write_json_atomic(out / "results.json", results)
+    write_text_atomic(out / "results.md", results_markdown(results))
+    print(results_markdown(results), flush=True)
+    _log(f"wrote {out / 'results.json'} and {out / 'results.md'} "
+         f"({results['wall_seconds']:.0f} s in all)")
+    return results
+
+
+def learn_all_groups(
+    ds: Dataset,
+    split,
+    pre: Pretrained,
+    ugroups: UserGroups,
+    popularity: np.ndarray,
+    layout: BlockLayout,
+    cfg: PipelineConfig,
+) -> list[GroupPEE]:
+    from tqdm.auto import tqdm
+
+    fit_counts = np.bincount(split.fit.users, minlength=ds.n_users)
+    steps = 0
+    for g in range(ugroups.num_groups):
+        n = int(fit_counts[ugroups.members(g)].sum())
+        steps += cfg.peel.epochs * ((n + cfg.peel.batch_size - 1) // cfg.peel.batch_size)
+    bar = tqdm(total=steps, desc=f"PEE learning (G_u={ugroups.num_groups})",
+               disable=not cfg.progress, leave=False)
+    pees = []
+    for g in range(ugroups.num_groups):
+        pees.append(
+            learn_group_pee(
+                g, ugroups.members(g), pre.item_emb, pre.user_emb, split.fit, split.val,
+                popularity, layout, cfg.peel, seed=cfg.seed * 1000 + g, progress=bar,
+            )
+        )
+    bar.close()
+    return pees
+
+
+def results_markdown(results: dict) -> str:
+    """The budget table: one row per budget, Recall@20 / NDCG@20 per method."""
+    rows = results["rows"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    budgets = list(dict.fromkeys(r["budget"] for r in rows))
+    full = results["pretrain"]["full_table"]
+    lines = [
+        f"# Centralized PEEL on {results['dataset']['name']}",
+        "",
+        results["dataset"]["summary"],
+        "",
+        f"Full LightGCN table ({results['layout']['full_table_bytes']:,} B): "
+        f"Recall@20 {full['recall@20']:.4f}, NDCG@20 {full['ndcg@20']:.4f}.",
+        "",
+        "Cells: Recall@20 / NDCG@20. Bytes: the item-embedding budget (units only).",
+        "",
+        "| budget | bytes | " + " | ".join(methods) + " |",
+        "|---|---:|" + "---:|" * len(methods),
+    ]
+    for b in budgets:
+        cells = {r["method"]: r for r in rows if r["budget"] == b}
+        first = next(iter(cells.values()))
+        line = f"| {b} ({first['budget_fraction']:.1%}) | {first['budget_bytes']:,} |"
+        for m in methods:
+            r = cells[m]
+            line += f" {r['recall@20']:.4f} / {r['ndcg@20']:.4f} |"
+        lines.append(line)
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
