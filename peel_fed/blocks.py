@@ -112,9 +112,17 @@ class BlockLayout:
         return int(self.unit_bytes()[:, 0].sum())
 
 
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMgG]?i?[bB])?\s*$")
-_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3,
-          "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*((?:[kKmMgG]i?)?[bB])?\s*$")
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+}
 
 
 def parse_budget(text: str | float | int, full_table_bytes: int) -> int:
@@ -162,7 +170,9 @@ def check_budget(budget_bytes: int, layout: BlockLayout) -> None:
         )
 
 
-def weighted_unit_order(weights: np.ndarray, group_priority: np.ndarray | None = None) -> np.ndarray:
+def weighted_unit_order(
+    weights: np.ndarray, group_priority: np.ndarray | None = None
+) -> np.ndarray:
     """PEEL's deployment order of units, as an (G_v * N, 2) array of (group, block).
 
     First the best-weighted unit of every item group, groups in ``group_priority`` order (default

@@ -17,7 +17,9 @@ def _int_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
     if not values:
         raise argparse.ArgumentTypeError("expected at least one integer")
     return values
@@ -39,7 +41,9 @@ def _add_centralized(sub) -> None:
         "evaluate PEEL and the baselines at every budget. Writes results.json and results.md.",
     )
     p.add_argument("--dataset", default="gowalla", help="bundled dataset name (default gowalla)")
-    p.add_argument("--data-dir", default=None, help="a LightGCN-format folder instead of a bundled set")
+    p.add_argument(
+        "--data-dir", default=None, help="a LightGCN-format folder instead of a bundled set"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dim", type=int, default=lg.dim, help="embedding size d")
     p.add_argument("--layers", type=int, default=lg.layers, help="LightGCN layers K")
@@ -49,16 +53,22 @@ def _add_centralized(sub) -> None:
     p.add_argument("--blocks", type=int, default=pe.num_blocks, help="blocks per embedding N")
     p.add_argument("--item-groups", type=int, default=pe.num_item_groups, help="item groups G_v")
     p.add_argument(
-        "--user-groups", type=_int_list, default=(4, 1),
+        "--user-groups",
+        type=_int_list,
+        default=(4, 1),
         help="user groups G_u; a list runs PEEL once per value (default 4,1)",
     )
     p.add_argument("--peel-epochs", type=int, default=pe.epochs, help="PEE learning epochs")
     p.add_argument(
-        "--diversity-weight", type=float, default=pe.diversity_weight,
+        "--diversity-weight",
+        type=float,
+        default=pe.diversity_weight,
         help="weight of the block-diversity regulariser in pretraining and PEE learning",
     )
     p.add_argument(
-        "--budgets", type=_str_list, default=DEFAULT_BUDGETS,
+        "--budgets",
+        type=_str_list,
+        default=DEFAULT_BUDGETS,
         help="comma-separated budgets: fractions (0.1), percentages (10%%) or sizes (512KB, 2MB)",
     )
     p.add_argument("--out", default="runs/centralized", help="output folder")
@@ -85,13 +95,19 @@ def main(argv: list[str] | None = None) -> int:
                 cache_dir=args.cache_dir,
                 progress=not args.no_progress,
                 lightgcn=LightGCNConfig(
-                    dim=args.dim, layers=args.layers, epochs=args.epochs,
-                    batch_size=args.batch_size, lr=args.lr, num_blocks=args.blocks,
+                    dim=args.dim,
+                    layers=args.layers,
+                    epochs=args.epochs,
+                    batch_size=args.batch_size,
+                    lr=args.lr,
+                    num_blocks=args.blocks,
                     diversity_weight=args.diversity_weight,
                 ),
                 peel=PEELConfig(
-                    num_item_groups=args.item_groups, num_blocks=args.blocks,
-                    epochs=args.peel_epochs, diversity_weight=args.diversity_weight,
+                    num_item_groups=args.item_groups,
+                    num_blocks=args.blocks,
+                    epochs=args.peel_epochs,
+                    diversity_weight=args.diversity_weight,
                 ),
             )
             run_centralized(cfg)

@@ -62,7 +62,9 @@ class Controller(nn.Module):
         """Unit weights alpha, shape (G_v, N), positive, mean 1."""
         logits = self.net(features.to(self.net[0].weight.dtype))
         units = self.num_item_groups * self.num_blocks
-        return (torch.softmax(logits, dim=-1) * units).reshape(self.num_item_groups, self.num_blocks)
+        return (torch.softmax(logits, dim=-1) * units).reshape(
+            self.num_item_groups, self.num_blocks
+        )
 
     def weights(self, features: np.ndarray) -> np.ndarray:
         with torch.no_grad():

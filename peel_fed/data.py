@@ -123,7 +123,8 @@ def read_lightgcn_file(path: str | Path) -> tuple[Interactions, int]:
         if dup.any():
             k = int(np.flatnonzero(dup)[0])
             raise DataError(
-                f"corrupt dataset file {path}: user {pairs.users[k]} lists item {pairs.items[k]} twice"
+                f"corrupt dataset file {path}: user {pairs.users[k]} "
+                f"lists item {pairs.items[k]} twice"
             )
     return pairs, max_user
 
@@ -162,7 +163,9 @@ def verify_checksums(folder: str | Path) -> None:
             raise DataError(f"dataset file missing: {path} (listed in {sums})")
         actual = hashlib.sha256(path.read_bytes()).hexdigest()
         if actual != digest:
-            raise DataError(f"corrupt dataset file {path}: sha256 {actual[:12]}... != {digest[:12]}...")
+            raise DataError(
+                f"corrupt dataset file {path}: sha256 {actual[:12]}... != {digest[:12]}..."
+            )
 
 
 def load_dataset(
@@ -209,7 +212,8 @@ def load_dataset(
         if both.size:
             u, i = divmod(int(both[0]), n_items)
             raise DataError(
-                f"train/test overlap in {folder}: {both.size} pairs are in both, e.g. user {u} item {i}"
+                f"train/test overlap in {folder}: {both.size} pairs are in both, "
+                f"e.g. user {u} item {i}"
             )
     return Dataset(name=name, n_users=n_users, n_items=n_items, train=train, test=test)
 

@@ -23,14 +23,16 @@ class LightGCNConfig:
     """Hyper-parameters of LightGCN pretraining.
 
     The defaults trade the published recipe (batch 2048, lr 1e-3, ~1000 epochs) for large batches
-    and a higher learning rate, which reach the same region in far fewer epochs on 2 CPU cores.
+    and a higher learning rate: one full-graph propagation per step dominates the cost on CPU, so
+    fewer, larger steps are much faster per epoch, and lr 2e-2 at batch 32768 passes Recall@20
+    0.15 on Gowalla in about 20 epochs (see sim/bench_lightgcn.py).
     """
 
     dim: int = 64
     layers: int = 3
-    epochs: int = 40
-    batch_size: int = 8192
-    lr: float = 5e-3
+    epochs: int = 50
+    batch_size: int = 32768
+    lr: float = 2e-2
     l2: float = 1e-4
     diversity_weight: float = 0.0
     num_blocks: int = 8
@@ -137,7 +139,7 @@ class LightGCN(nn.Module):
     @torch.no_grad()
     def final_embeddings(self) -> tuple[np.ndarray, np.ndarray]:
         u, i = self.propagated()
-        return u.numpy().copy(), i.numpy().copy()
+        return u.cpu().numpy().copy(), i.cpu().numpy().copy()
 
 
 class NegativeSampler:
@@ -153,13 +155,23 @@ class NegativeSampler:
         pos = np.minimum(pos, self.keys.size - 1)
         return self.keys[pos] == keys
 
-    def sample(self, users: np.ndarray, rng: np.random.Generator, max_rounds: int = 20) -> np.ndarray:
+    def sample(
+        self, users: np.ndarray, rng: np.random.Generator, max_rounds: int = 20
+    ) -> np.ndarray:
         neg = rng.integers(0, self.n_items, size=users.shape[0])
         for _ in range(max_rounds):
             bad = self.is_known(users, neg)
             if not bad.any():
                 break
             neg[bad] = rng.integers(0, self.n_items, size=int(bad.sum()))
+        # Rejection can run out of rounds for very active users: draw those exactly.
+        for idx in np.flatnonzero(self.is_known(users, neg)):
+            base = users[idx] * self.n_items
+            lo, hi = np.searchsorted(self.keys, [base, base + self.n_items])
+            free = np.setdiff1d(np.arange(self.n_items), self.keys[lo:hi] - base)
+            if free.size == 0:
+                raise ValueError(f"user {users[idx]} has every item as a positive: no negative")
+            neg[idx] = free[rng.integers(0, free.size)]
         return neg
 
 
@@ -195,12 +207,16 @@ def train_lightgcn(
     seed: int = 0,
     on_epoch: Callable[[LightGCN, EpochLog], None] | None = None,
     progress: bool = False,
+    device: str = "cpu",
 ) -> LightGCN:
-    """Train LightGCN on ``edges`` (user, item) with BPR; deterministic for a given seed."""
+    """Train LightGCN on ``edges`` (user, item) with BPR; deterministic for a given seed.
+
+    ``device`` may name a GPU (``"cuda"``); results then differ from CPU runs in the last digits.
+    """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    adj = normalized_adjacency(n_users, n_items, edges)
-    model = LightGCN(n_users, n_items, adj, cfg)
+    adj = normalized_adjacency(n_users, n_items, edges).to(device)
+    model = LightGCN(n_users, n_items, adj, cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sampler = NegativeSampler(edges, n_items)
     n_batches = (len(edges) + cfg.batch_size - 1) // cfg.batch_size
@@ -209,6 +225,7 @@ def train_lightgcn(
         t0 = time.perf_counter()
         total, count = 0.0, 0
         for users, pos, neg in bpr_batches(edges, sampler, cfg.batch_size, rng):
+            users, pos, neg = users.to(device), pos.to(device), neg.to(device)
             opt.zero_grad(set_to_none=True)
             loss, _ = model.loss(users, pos, neg)
             loss.backward()

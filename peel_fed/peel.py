@@ -123,7 +123,6 @@ def learn_group_pee(
     progress
         Optional tqdm-like object; ``update(1)`` is called once per inner step.
     """
-    gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     users = np.asarray(users, dtype=np.int64)
     local = np.full(user_table.shape[0], -1, dtype=np.int64)
@@ -162,8 +161,12 @@ def learn_group_pee(
             neg = weighted_pair_scores(uv, nv, alpha[item_groups_t[n]], n_blocks)
             pair_loss = torch.nn.functional.softplus(neg - pos)
             loss = pair_loss.mean()
-            loss = loss + cfg.l2 * 0.5 * (uv.pow(2).sum() + pv.pow(2).sum() + nv.pow(2).sum()) / (
-                u.shape[0]
+            loss = (
+                loss
+                + cfg.l2
+                * 0.5
+                * (uv.pow(2).sum() + pv.pow(2).sum() + nv.pow(2).sum())
+                / (u.shape[0])
             )
             if cfg.diversity_weight > 0:
                 loss = loss + cfg.diversity_weight * block_redundancy(torch.cat([pv, nv]), n_blocks)

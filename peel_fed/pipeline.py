@@ -56,6 +56,7 @@ class PipelineConfig:
     out_dir: str = "runs/centralized"
     cache_dir: str = "runs/cache"
     progress: bool = True
+    device: str = "cpu"
     lightgcn: LightGCNConfig = field(default_factory=LightGCNConfig)
     peel: PEELConfig = field(default_factory=PEELConfig)
 
@@ -103,7 +104,10 @@ def pretrain(ds: Dataset, fit: Interactions, cfg: PipelineConfig) -> Pretrained:
             blob = torch.load(path, weights_only=True)
             _log(f"reusing pretrained LightGCN from {path}")
             return Pretrained(
-                blob["user_emb"].numpy(), blob["item_emb"].numpy(), float(blob["seconds"]), path,
+                blob["user_emb"].numpy(),
+                blob["item_emb"].numpy(),
+                float(blob["seconds"]),
+                path,
                 True,
             )
         except Exception as exc:  # a corrupt cache file is retrained, not fatal
@@ -111,7 +115,13 @@ def pretrain(ds: Dataset, fit: Interactions, cfg: PipelineConfig) -> Pretrained:
     _log(f"pretraining LightGCN: {asdict(cfg.lightgcn)}")
     t0 = time.perf_counter()
     model = train_lightgcn(
-        ds.n_users, ds.n_items, fit, cfg.lightgcn, seed=cfg.seed, progress=cfg.progress
+        ds.n_users,
+        ds.n_items,
+        fit,
+        cfg.lightgcn,
+        seed=cfg.seed,
+        progress=cfg.progress,
+        device=cfg.device,
     )
     seconds = time.perf_counter() - t0
     user_emb, item_emb = model.final_embeddings()
@@ -225,35 +235,52 @@ def run_centralized(cfg: PipelineConfig, dataset: Dataset | None = None) -> dict
         _log(f"{name}: PEE learning took {peel_info[name]['seconds']:.0f} s")
     ones = np.ones((layout.num_item_groups, layout.num_blocks))
     methods["first-k blocks"] = [
-        (all_users, pre.user_emb, pre.item_emb, ones,
-         first_blocks_order(layout.num_item_groups, layout.num_blocks))
+        (
+            all_users,
+            pre.user_emb,
+            pre.item_emb,
+            ones,
+            first_blocks_order(layout.num_item_groups, layout.num_blocks),
+        )
     ]
     methods["random units"] = [
-        (all_users, pre.user_emb, pre.item_emb, ones,
-         random_unit_order(layout.num_item_groups, layout.num_blocks, seed=cfg.seed))
+        (
+            all_users,
+            pre.user_emb,
+            pre.item_emb,
+            ones,
+            random_unit_order(layout.num_item_groups, layout.num_blocks, seed=cfg.seed),
+        )
     ]
     rows = []
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(methods) * len(budgets), desc="evaluate", disable=not cfg.progress,
-               leave=False)
+    bar = tqdm(
+        total=len(methods) * len(budgets), desc="evaluate", disable=not cfg.progress, leave=False
+    )
     for label, budget_bytes in budgets:
         for method, groups in methods.items():
             m = evaluate_units(ds, groups, layout, budget_bytes)
-            rows.append({
-                "method": method,
-                "budget": label,
-                "budget_bytes": budget_bytes,
-                "budget_fraction": budget_bytes / layout.full_table_bytes,
-                **m,
-            })
+            rows.append(
+                {
+                    "method": method,
+                    "budget": label,
+                    "budget_bytes": budget_bytes,
+                    "budget_fraction": budget_bytes / layout.full_table_bytes,
+                    **m,
+                }
+            )
             bar.update(1)
     bar.close()
     results = {
         "config": _jsonable(asdict(cfg)),
         "dataset": {
-            "name": ds.name, "summary": ds.summary(), "n_users": ds.n_users,
-            "n_items": ds.n_items, "train": len(ds.train), "test": len(ds.test),
+            "name": ds.name,
+            "summary": ds.summary(),
+            "n_users": ds.n_users,
+            "n_items": ds.n_items,
+            "train": len(ds.train),
+            "test": len(ds.test),
         },
         "layout": {
             "full_table_bytes": layout.full_table_bytes,
@@ -263,8 +290,12 @@ def run_centralized(cfg: PipelineConfig, dataset: Dataset | None = None) -> dict
             "unit_bytes_min": int(layout.unit_bytes().min()),
             "unit_bytes_max": int(layout.unit_bytes().max()),
         },
-        "pretrain": {"seconds": pre.seconds, "reused": pre.reused, "path": str(pre.path),
-                     "full_table": full},
+        "pretrain": {
+            "seconds": pre.seconds,
+            "reused": pre.reused,
+            "path": str(pre.path),
+            "full_table": full,
+        },
         "peel": peel_info,
         "rows": rows,
         "wall_seconds": time.perf_counter() - t_start,
@@ -273,8 +304,10 @@ def run_centralized(cfg: PipelineConfig, dataset: Dataset | None = None) -> dict
     write_json_atomic(out / "results.json", results)
     write_text_atomic(out / "results.md", results_markdown(results))
     print(results_markdown(results), flush=True)
-    _log(f"wrote {out / 'results.json'} and {out / 'results.md'} "
-         f"({results['wall_seconds']:.0f} s in all)")
+    _log(
+        f"wrote {out / 'results.json'} and {out / 'results.md'} "
+        f"({results['wall_seconds']:.0f} s in all)"
+    )
     return results
 
 
@@ -294,14 +327,27 @@ def learn_all_groups(
     for g in range(ugroups.num_groups):
         n = int(fit_counts[ugroups.members(g)].sum())
         steps += cfg.peel.epochs * ((n + cfg.peel.batch_size - 1) // cfg.peel.batch_size)
-    bar = tqdm(total=steps, desc=f"PEE learning (G_u={ugroups.num_groups})",
-               disable=not cfg.progress, leave=False)
+    bar = tqdm(
+        total=steps,
+        desc=f"PEE learning (G_u={ugroups.num_groups})",
+        disable=not cfg.progress,
+        leave=False,
+    )
     pees = []
     for g in range(ugroups.num_groups):
         pees.append(
             learn_group_pee(
-                g, ugroups.members(g), pre.item_emb, pre.user_emb, split.fit, split.val,
-                popularity, layout, cfg.peel, seed=cfg.seed * 1000 + g, progress=bar,
+                g,
+                ugroups.members(g),
+                pre.item_emb,
+                pre.user_emb,
+                split.fit,
+                split.val,
+                popularity,
+                layout,
+                cfg.peel,
+                seed=cfg.seed * 1000 + g,
+                progress=bar,
             )
         )
     bar.close()

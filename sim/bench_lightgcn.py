@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--device", default="cpu", help="torch device for training (cpu, cuda)")
     p.add_argument("--out", default="runs/bench_lightgcn.json")
     args = p.parse_args(argv)
     if args.threads:
@@ -53,13 +54,24 @@ def main(argv: list[str] | None = None) -> dict:
     ds = load_dataset(args.dataset, args.data_dir)
     print(ds.summary(), flush=True)
     cfg = LightGCNConfig(
-        dim=args.dim, layers=args.layers, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, l2=args.l2,
+        dim=args.dim,
+        layers=args.layers,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        l2=args.l2,
     )
     report: dict = {
-        "dataset": ds.name, "summary": ds.summary(), "config": vars(cfg), "seed": args.seed,
-        "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
-        "python": platform.python_version(), "torch": torch.__version__, "epochs": [],
+        "dataset": ds.name,
+        "summary": ds.summary(),
+        "config": vars(cfg),
+        "seed": args.seed,
+        "torch_threads": torch.get_num_threads(),
+        "device": args.device,
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "epochs": [],
     }
     train_seconds = 0.0
     budget = args.time_budget_min * 60.0
@@ -67,33 +79,56 @@ def main(argv: list[str] | None = None) -> dict:
     def on_epoch(model: LightGCN, log: EpochLog) -> None:
         nonlocal train_seconds
         train_seconds += log.seconds
-        row = {"epoch": log.epoch, "seconds": log.seconds, "train_seconds": train_seconds,
-               "loss": log.loss}
+        row = {
+            "epoch": log.epoch,
+            "seconds": log.seconds,
+            "train_seconds": train_seconds,
+            "loss": log.loss,
+        }
         last = train_seconds >= budget or log.epoch == args.epochs
         if log.epoch % args.eval_every == 0 or last:
             t0 = time.perf_counter()
             u, v = model.final_embeddings()
             m = evaluate_ranking(dot_score_fn(u, v), ds.n_users, ds.train, ds.test, ks=(20,))
-            row.update({"recall@20": m["recall@20"], "ndcg@20": m["ndcg@20"],
-                        "eval_seconds": time.perf_counter() - t0})
+            row.update(
+                {
+                    "recall@20": m["recall@20"],
+                    "ndcg@20": m["ndcg@20"],
+                    "eval_seconds": time.perf_counter() - t0,
+                }
+            )
         row["peak_rss_mb"] = peak_rss_mb()
         report["epochs"].append(row)
-        print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                       for k, v in row.items()), flush=True)
+        print(
+            " ".join(
+                f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+            ),
+            flush=True,
+        )
         write_json_atomic(args.out, _finish(report))
         if last:
             raise _Stop
 
     try:
-        train_lightgcn(ds.n_users, ds.n_items, ds.train, cfg, seed=args.seed, on_epoch=on_epoch)
+        train_lightgcn(
+            ds.n_users,
+            ds.n_items,
+            ds.train,
+            cfg,
+            seed=args.seed,
+            on_epoch=on_epoch,
+            device=args.device,
+        )
     except _Stop:
         pass
     final = _finish(report)
     write_json_atomic(args.out, final)
-    print(f"median seconds/epoch {final['median_seconds_per_epoch']:.2f}; best Recall@20 "
-          f"{final['best_recall@20']:.4f} (epoch {final['best_epoch']}); first epoch reaching "
-          f"0.15: {final['first_epoch_recall_ge_0.15']} at {final['train_seconds_to_0.15']} s; "
-          f"peak RSS {final['peak_rss_mb']:.0f} MB; saved {args.out}")
+    print(
+        f"median seconds/epoch {final['median_seconds_per_epoch']:.2f}; best Recall@20 "
+        f"{final['best_recall@20']:.4f} (epoch {final['best_epoch']}); first epoch reaching "
+        f"0.15: {final['first_epoch_recall_ge_0.15']} at {final['train_seconds_to_0.15']} s; "
+        f"peak RSS {final['peak_rss_mb']:.0f} MB; saved {args.out}"
+    )
     return final
 
 

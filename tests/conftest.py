@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny synthetic data and the few trained models the suite reuses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peel_fed.lightgcn import LightGCNConfig, train_lightgcn
+from peel_fed.synthetic import checkerboard
+
+torch.set_num_threads(1)
+
+
+def pytest_configure(config):
+    # torch's beta-feature notices for sparse tensors are noise in the test report.
+    config.addinivalue_line("filterwarnings", "ignore:Sparse CSR tensor support:UserWarning")
+    config.addinivalue_line("filterwarnings", "ignore:Sparse invariant checks:UserWarning")
+
+
+BOARD_CFG = dict(dim=16, epochs=40, batch_size=256, lr=1e-2, num_blocks=4)
+
+
+@pytest.fixture(scope="session")
+def board():
+    """Two clusters of users and items; users only like their own cluster's items."""
+    return checkerboard(n_users=120, n_items=80, n_clusters=2, p_in=0.3, p_out=0.0)
+
+
+@pytest.fixture(scope="session")
+def board_model(board):
+    """LightGCN trained on ``board`` (no diversity regulariser): (model, user_emb, item_emb)."""
+    cfg = LightGCNConfig(**BOARD_CFG)
+    model = train_lightgcn(board.n_users, board.n_items, board.train, cfg, seed=0)
+    user_emb, item_emb = model.final_embeddings()
+    return model, user_emb, item_emb
+
+
+@pytest.fixture(scope="session")
+def board_model_diverse(board):
+    """Same data, seed and config as ``board_model`` but with a strong diversity regulariser."""
+    cfg = LightGCNConfig(**BOARD_CFG, diversity_weight=1.0)
+    model = train_lightgcn(board.n_users, board.n_items, board.train, cfg, seed=0)
+    return model.final_embeddings()
+
+
+def _write_lightgcn_folder(folder, train: dict, test: dict, gz: bool = False, extra=None):
+    """Write ``{user: [items]}`` dicts as LightGCN ``train``/``test`` files (optionally gzip)."""
+    import gzip
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for stem, rows in (("train", train), ("test", test)):
+        text = "".join(" ".join(str(v) for v in [u, *items]) + "\n" for u, items in rows.items())
+        if gz:
+            with gzip.open(folder / f"{stem}.txt.gz", "wt", encoding="ascii") as fh:
+                fh.write(text)
+        else:
+            (folder / f"{stem}.txt").write_text(text, encoding="ascii")
+    for name, text in (extra or {}).items():
+        (folder / name).write_text(text, encoding="ascii")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def write_lightgcn_folder():
+    """The folder writer, as a fixture so that test modules need no import tricks."""
+    return _write_lightgcn_folder

@@ -1,0 +1,77 @@
+"""``peel-fed`` command line: bad inputs fail fast with exit code 2 and a one-line error."""
+
+from __future__ import annotations
+
+import pytest
+
+from peel_fed.cli import main
+
+TRAIN = {u: [u % 8, (u + 3) % 8, (u + 5) % 8] for u in range(10)}
+TEST = {u: [(u + 1) % 8] for u in range(10)}
+
+
+@pytest.fixture
+def tiny_dir(tmp_path, write_lightgcn_folder):
+    return write_lightgcn_folder(tmp_path / "tiny", TRAIN, TEST)
+
+
+def _run(capsys, tmp_path, *args):
+    argv = [
+        "centralized",
+        *args,
+        "--item-groups",
+        "2",
+        "--blocks",
+        "2",
+        "--dim",
+        "4",
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "out"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--no-progress",
+    ]
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2
+    assert len(lines) == 1, err
+    assert lines[0].startswith("peel-fed: error: ")
+    # failed before any training or output
+    assert not (tmp_path / "cache").exists()
+    assert not (tmp_path / "out").exists()
+    return lines[0]
+
+
+def test_unknown_dataset(capsys, tmp_path):
+    line = _run(capsys, tmp_path, "--dataset", "no-such-set")
+    assert "unknown dataset 'no-such-set'" in line
+
+
+def test_missing_data_dir(capsys, tmp_path):
+    line = _run(capsys, tmp_path, "--data-dir", str(tmp_path / "absent"))
+    assert "dataset folder not found" in line
+
+
+def test_budget_below_one_block(capsys, tmp_path, tiny_dir):
+    # a unit is 4 items x 2 values x 4 bytes = 32 B
+    line = _run(capsys, tmp_path, "--data-dir", str(tiny_dir), "--budgets", "1B")
+    assert "below one block" in line
+    assert "32 B" in line
+
+
+def test_unparsable_budget(capsys, tmp_path, tiny_dir):
+    line = _run(capsys, tmp_path, "--data-dir", str(tiny_dir), "--budgets", "25%,lots")
+    assert "cannot parse budget 'lots'" in line
+
+
+def test_zero_user_groups(capsys, tmp_path, tiny_dir):
+    line = _run(capsys, tmp_path, "--data-dir", str(tiny_dir), "--user-groups", "0")
+    assert "user-groups" in line
+
+
+def test_more_user_groups_than_users(capsys, tmp_path, tiny_dir):
+    line = _run(capsys, tmp_path, "--data-dir", str(tiny_dir), "--user-groups", "11")
+    assert "more user groups" in line
