@@ -193,6 +193,22 @@ def weighted_unit_order(
     return np.asarray(head + tail, dtype=np.int64).reshape(-1, 2)
 
 
+def consistent_unit_order(weights: np.ndarray, group_sizes: np.ndarray) -> np.ndarray:
+    """Weight-ranked blocks shared by all item groups: a learned "first-k blocks" order.
+
+    Blocks are ranked once by their item-weighted mean weight over item groups; the order keeps
+    block-rank j of every item group (most popular groups first) before block-rank j + 1. Every
+    budget then scores all covered items in the same sub-space, which keeps scores of different
+    item groups comparable (see docs/method.md, "Why unit order must be consistent").
+    """
+    weights = np.asarray(weights, dtype=np.float64)
+    n_groups, n_blocks = weights.shape
+    block_score = (weights * np.asarray(group_sizes, dtype=np.float64)[:, None]).sum(axis=0)
+    ranked = np.lexsort((np.arange(n_blocks), -block_score))
+    g, j = np.meshgrid(np.arange(n_groups), np.arange(n_blocks))
+    return np.stack([g.ravel(), ranked[j.ravel()]], axis=1).astype(np.int64)
+
+
 def first_blocks_order(num_groups: int, num_blocks: int) -> np.ndarray:
     """Baseline order "first-k blocks for all items": block 0 of every group, then block 1, ...
 

@@ -59,6 +59,15 @@ def _add_centralized(sub) -> None:
         help="user groups G_u; a list runs PEEL once per value (default 4,1)",
     )
     p.add_argument("--peel-epochs", type=int, default=pe.epochs, help="PEE learning epochs")
+    p.add_argument("--peel-lr", type=float, default=pe.lr, help="PEE learning (inner) rate")
+    p.add_argument(
+        "--unit-order", choices=("consistent", "per-group"), default=pe.unit_order,
+        help="how a group's units are ordered for budgets (see docs/method.md)",
+    )
+    p.add_argument(
+        "--no-elastic", action="store_true",
+        help="train PEEs on the full table only, not at sampled budgets",
+    )
     p.add_argument(
         "--diversity-weight",
         type=float,
@@ -108,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
                     num_blocks=args.blocks,
                     epochs=args.peel_epochs,
                     diversity_weight=args.diversity_weight,
+                    lr=args.peel_lr,
+                    unit_order=args.unit_order,
+                    elastic=not args.no_elastic,
                 ),
             )
             run_centralized(cfg)

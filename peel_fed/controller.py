@@ -22,7 +22,7 @@ from torch import nn
 @dataclass
 class ControllerConfig:
     hidden: int = 64
-    lr: float = 1e-2
+    lr: float = 1e-3
     weight_decay: float = 0.0
 
 

@@ -17,7 +17,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from peel_fed.blocks import BlockLayout, weighted_unit_order
+from peel_fed.blocks import (
+    BlockLayout,
+    consistent_unit_order,
+    select_prefix,
+    unit_mask,
+    weighted_unit_order,
+)
 from peel_fed.controller import Controller, ControllerConfig, controller_features
 from peel_fed.data import Interactions
 from peel_fed.lightgcn import NegativeSampler, block_redundancy, bpr_loss
@@ -36,6 +42,8 @@ class PEELConfig:
     diversity_weight: float = 1e-2
     val_batch_size: int = 4096
     outer_every: int = 1
+    elastic: bool = True
+    unit_order: str = "consistent"
     controller: ControllerConfig = field(default_factory=ControllerConfig)
 
     def __post_init__(self) -> None:
@@ -43,6 +51,25 @@ class PEELConfig:
             raise ValueError(f"group and block counts must be >= 1: {self}")
         if self.epochs < 0 or self.batch_size < 1 or self.outer_every < 1:
             raise ValueError(f"invalid PEEL config: {self}")
+        if self.unit_order not in UNIT_ORDERS:
+            raise ValueError(
+                f"unit-order must be one of {', '.join(UNIT_ORDERS)}, got {self.unit_order!r}"
+            )
+
+
+UNIT_ORDERS = ("consistent", "per-group")
+
+
+def unit_order_for(weights: np.ndarray, layout: BlockLayout, policy: str) -> np.ndarray:
+    """The deployment order of units for ``weights`` under an order policy.
+
+    ``consistent``: :func:`peel_fed.blocks.consistent_unit_order` (every item group keeps the
+    same top-ranked blocks); ``per-group``: :func:`peel_fed.blocks.weighted_unit_order` (each
+    item group's best unit first, then all units by weight).
+    """
+    if policy == "consistent":
+        return consistent_unit_order(weights, layout.group_sizes)
+    return weighted_unit_order(weights)
 
 
 def weighted_pair_scores(
@@ -155,7 +182,10 @@ def learn_group_pee(
             u = torch.from_numpy(local[fit_g.users[sl]])
             p = torch.from_numpy(fit_g.items[sl])
             n = torch.from_numpy(neg_all[start : start + cfg.batch_size])
-            alpha = torch.from_numpy(controller.weights(features)).float()
+            alpha_np = controller.weights(features)
+            if cfg.elastic:
+                alpha_np = _sampled_budget_weights(alpha_np, layout, cfg.unit_order, rng)
+            alpha = torch.from_numpy(alpha_np).float()
             uv, pv, nv = user_vecs[u], items[p], items[n]
             pos = weighted_pair_scores(uv, pv, alpha[item_groups_t[p]], n_blocks)
             neg = weighted_pair_scores(uv, nv, alpha[item_groups_t[n]], n_blocks)
@@ -215,9 +245,25 @@ def learn_group_pee(
         item_table=items.detach().numpy().copy(),
         user_table=user_vecs.detach().numpy().copy(),
         unit_weights=weights,
-        unit_order=weighted_unit_order(weights),
+        unit_order=unit_order_for(weights, layout, cfg.unit_order),
         history=history,
     )
+
+
+def _sampled_budget_weights(
+    weights: np.ndarray, layout: BlockLayout, policy: str, rng: np.random.Generator
+) -> np.ndarray:
+    """Elastic training [ours]: the weights a device would rank with at a random budget.
+
+    The budget is drawn uniformly between half the bytes that cover every item group and the
+    full table; units past the budget's prefix of the current unit order get weight 0 and kept
+    units are rescaled as on the device, so the table learns to rank well under every prefix.
+    """
+    low = max(layout.min_budget_bytes, layout.cover_bytes // 2)
+    budget = int(rng.uniform(low, layout.full_table_bytes))
+    units = select_prefix(unit_order_for(weights, layout, policy), layout, budget)
+    mask = unit_mask(units, layout.num_item_groups, layout.num_blocks)
+    return budget_unit_weights(weights, mask)[0]
 
 
 def validation_weight_grad(
