@@ -61,11 +61,14 @@ def _add_centralized(sub) -> None:
     p.add_argument("--peel-epochs", type=int, default=pe.epochs, help="PEE learning epochs")
     p.add_argument("--peel-lr", type=float, default=pe.lr, help="PEE learning (inner) rate")
     p.add_argument(
-        "--unit-order", choices=("consistent", "per-group"), default=pe.unit_order,
+        "--unit-order",
+        choices=("consistent", "per-group"),
+        default=pe.unit_order,
         help="how a group's units are ordered for budgets (see docs/method.md)",
     )
     p.add_argument(
-        "--no-elastic", action="store_true",
+        "--no-elastic",
+        action="store_true",
         help="train PEEs on the full table only, not at sampled budgets",
     )
     p.add_argument(

@@ -8,6 +8,7 @@ CSR matrix built directly from the interaction pairs; it is never densified.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -55,8 +56,12 @@ def normalized_adjacency(n_users: int, n_items: int, edges: Interactions) -> tor
     deg = torch.bincount(rows, minlength=n).double()
     inv_sqrt = torch.where(deg > 0, deg.rsqrt(), torch.zeros_like(deg))
     vals = (inv_sqrt[rows] * inv_sqrt[cols]).float()
-    coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (n, n)).coalesce()
-    return coo.to_sparse_csr()
+    with warnings.catch_warnings():  # torch flags sparse CSR as beta; it is what we want here
+        warnings.simplefilter("ignore", UserWarning)
+        coo = torch.sparse_coo_tensor(
+            torch.stack([rows, cols]), vals, (n, n), check_invariants=False
+        ).coalesce()
+        return coo.to_sparse_csr()
 
 
 class _SymmetricSpMM(torch.autograd.Function):

@@ -174,3 +174,31 @@ def test_random_unit_order_seeded_and_covering():
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
     np.testing.assert_array_equal(a[:4, 0], np.arange(4))
+
+
+def test_consistent_unit_order_ranks_blocks_once_for_all_groups():
+    from peel_fed.blocks import consistent_unit_order
+
+    # 3 item groups x 4 blocks. Item-weighted block scores (sizes 1, 1, 2):
+    # block 0: 1+1+2*1=4, block 1: 3+0+2*1=5, block 2: 0+4+2*0=4, block 3: 0+0+2*3=6
+    weights = np.array([[1.0, 3.0, 0.0, 0.0], [1.0, 0.0, 4.0, 0.0], [1.0, 1.0, 0.0, 3.0]])
+    order = consistent_unit_order(weights, np.array([1, 1, 2]))
+    expected_blocks = [3, 1, 0, 2]  # ties (0 and 2 at 4) broken by block id
+    expected = [(g, b) for b in expected_blocks for g in range(3)]
+    assert [tuple(u) for u in order] == expected
+
+
+def test_consistent_order_prefix_keeps_same_blocks_for_every_group():
+    from peel_fed.blocks import consistent_unit_order
+
+    rng = np.random.default_rng(3)
+    layout = BlockLayout(np.repeat(np.arange(5), [7, 7, 6, 6, 6]), dim=16, num_blocks=4)
+    order = consistent_unit_order(rng.random((5, 4)), layout.group_sizes)
+    for budget in range(layout.cover_bytes, layout.full_table_bytes + 1, 97):
+        kept = select_prefix(order, layout, budget)
+        blocks_per_group = [set(kept[kept[:, 0] == g, 1].tolist()) for g in range(5)]
+        sizes = sorted(len(b) for b in blocks_per_group)
+        assert sizes[-1] - sizes[0] <= 1  # whole block-ranks, plus a partial one
+        # every group's kept set is a prefix of the same block ranking
+        longest = max(blocks_per_group, key=len)
+        assert all(b <= longest for b in blocks_per_group)
