@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 BUNDLED_DATASETS = ("gowalla",)
+SYNTHETIC_DATASETS = ("checkerboard",)  # generated in memory (seeded), for tests and smoke runs
 
 
 class DataError(ValueError):
@@ -142,7 +143,8 @@ def bundled_path(name: str) -> Path:
     """Folder of a dataset shipped inside the package (``gowalla``)."""
     if name not in BUNDLED_DATASETS:
         raise DataError(
-            f"unknown dataset {name!r}: bundled datasets are {', '.join(BUNDLED_DATASETS)}; "
+            f"unknown dataset {name!r}: bundled datasets are {', '.join(BUNDLED_DATASETS)} "
+            f"(synthetic: {', '.join(SYNTHETIC_DATASETS)}); "
             "give other LightGCN-format folders with --data-dir"
         )
     return Path(str(resources.files("peel_fed") / "datasets" / name))
@@ -178,6 +180,10 @@ def load_dataset(
     DataError
         Missing folder or file, corrupt or truncated file, train/test overlap.
     """
+    if data_dir is None and name in SYNTHETIC_DATASETS:
+        from peel_fed.synthetic import checkerboard
+
+        return checkerboard(n_users=240, n_items=160, n_clusters=4, p_in=0.25, p_out=0.01, seed=1)
     if data_dir is None:
         folder = bundled_path(name)
         verify_checksums(folder)

@@ -1,0 +1,119 @@
+"""Federated pipeline in Flower's simulation runtime (Ray), on the synthetic checkerboard."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from peel_fed.data import load_dataset
+from peel_fed.fedconfig import ConfigError, FedConfig
+from peel_fed.partition import partition_users, user_rng
+from peel_fed.sparse import sparse_counts, sum_sparse
+
+
+def test_partitions_cover_all_users_once():
+    for n_parts in (1, 3, 7):
+        parts = [partition_users(20, n_parts, p) for p in range(n_parts)]
+        assert np.array_equal(np.concatenate(parts), np.arange(20))
+        assert max(p.size for p in parts) - min(p.size for p in parts) <= 1
+    with pytest.raises(ValueError, match="more partitions"):
+        partition_users(3, 4, 0)
+    with pytest.raises(ValueError, match="partition-id"):
+        partition_users(10, 2, 2)
+
+
+def test_user_rng_depends_only_on_seed_and_user():
+    a = user_rng(5, 17).random(4)
+    b = user_rng(5, 17).random(4)
+    c = user_rng(5, 18).random(4)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_sparse_counts_sum_to_dense_bincount():
+    rng = np.random.default_rng(0)
+    chunks = [rng.integers(0, 30, size=40) for _ in range(5)]
+    total = sum_sparse(30, [sparse_counts(c) for c in chunks])
+    assert np.array_equal(total, np.bincount(np.concatenate(chunks), minlength=30))
+    with pytest.raises(ValueError, match="out of range"):
+        sum_sparse(3, [(np.array([3]), np.array([1]))])
+
+
+def test_fedconfig_from_run_config_checks_keys_and_types():
+    cfg = FedConfig.from_run_config({"dataset": "checkerboard", "min-nodes": 3, "node-wait-s": 5})
+    assert cfg.min_nodes == 3 and cfg.node_wait_s == 5.0
+    assert FedConfig.from_run_config(cfg.to_run_config()) == cfg
+    with pytest.raises(ConfigError, match="unknown run-config key 'min_nodes'"):
+        FedConfig.from_run_config({"min_nodes": 3})
+    with pytest.raises(ConfigError, match="min-nodes must be int"):
+        FedConfig.from_run_config({"min-nodes": "three"})
+    with pytest.raises(ConfigError, match="min-nodes must be >= 1"):
+        FedConfig.from_run_config({"min-nodes": 0})
+
+
+FAILING_PARTITION = 1
+
+
+@pytest.fixture(scope="session")
+def simulated_stats(tmp_path_factory):
+    """One Ray-backed simulation of the pipeline with 4 nodes (shared: Ray starts cost ~12 s)."""
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from clients.client_app import make_client_app
+    from strategies.server_app import run_pipeline
+
+    def fail_on_partition_1(msg, context, call_next):
+        # a device that crashes in the statistics phase
+        if int(context.node_config["partition-id"]) == FAILING_PARTITION:
+            raise RuntimeError("injected device failure")
+        return call_next(msg, context)
+
+    out = tmp_path_factory.mktemp("fed")
+    captured: dict = {}
+    server = ServerApp()
+
+    @server.main()
+    def _main(grid, context):
+        cfg = FedConfig(dataset="checkerboard", min_nodes=4, out_dir=str(out))
+        captured["report"] = run_pipeline(grid, cfg)
+
+    run_simulation(
+        server_app=server,
+        client_app=make_client_app(mods=[fail_on_partition_1]),
+        num_supernodes=4,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": 2, "include_dashboard": False},
+        },
+    )
+    return captured["report"], out
+
+
+def test_stats_phase_survives_a_failing_device(simulated_stats):
+    report, out = simulated_stats
+    ds = load_dataset("checkerboard")
+    lost = partition_users(ds.n_users, 4, FAILING_PARTITION)
+    alive = ~np.isin(ds.train.users, lost)
+    assert report["users"] == ds.n_users - lost.size
+    expected = np.bincount(ds.train.items[alive], minlength=ds.n_items)
+    assert np.array_equal(np.array(report["popularity"]), expected)
+    stats = report["phases"][0]
+    assert stats["phase"] == "stats" and stats["nodes"] == 4
+    assert stats["replied"] == 3 and stats["failed"] == 1
+    assert "injected device failure" in next(iter(stats["failures"].values()))
+    assert stats["bytes_up_total"] > 0
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["popularity"] == report["popularity"]
+
+
+def test_run_config_defaults_match_fedconfig():
+    from pathlib import Path
+
+    import tomllib
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    defaults = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]
+    assert FedConfig.from_run_config(defaults) == FedConfig()
+    assert set(defaults) == set(FedConfig().to_run_config())
