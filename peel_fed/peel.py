@@ -190,14 +190,8 @@ def learn_group_pee(
             pos = weighted_pair_scores(uv, pv, alpha[item_groups_t[p]], n_blocks)
             neg = weighted_pair_scores(uv, nv, alpha[item_groups_t[n]], n_blocks)
             pair_loss = torch.nn.functional.softplus(neg - pos)
-            loss = pair_loss.mean()
-            loss = (
-                loss
-                + cfg.l2
-                * 0.5
-                * (uv.pow(2).sum() + pv.pow(2).sum() + nv.pow(2).sum())
-                / (u.shape[0])
-            )
+            sq_norms = uv.pow(2).sum() + pv.pow(2).sum() + nv.pow(2).sum()
+            loss = pair_loss.mean() + cfg.l2 * 0.5 * sq_norms / u.shape[0]
             if cfg.diversity_weight > 0:
                 loss = loss + cfg.diversity_weight * block_redundancy(torch.cat([pv, nv]), n_blocks)
             inner_opt.zero_grad(set_to_none=True)
