@@ -9,13 +9,14 @@ config (deployment: each SuperNode's own data) takes precedence.
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from peel_fed.data import Dataset, load_dataset
 from peel_fed.partition import partition_users
-from peel_fed.sparse import sparse_counts
+from peel_fed.secagg import SecAggClient
 
 _DATA_CACHE: dict[tuple[str, str], Dataset] = {}
 
@@ -47,27 +48,58 @@ def hosts(msg: Message, context: Context) -> Message:
     return Message(reply, reply_to=msg)
 
 
-def stats(msg: Message, context: Context) -> Message:
-    """Sparse training-item counts of the hosted users: (idx, count).
+def _secagg_client(context: Context) -> SecAggClient:
+    """This node's secure-aggregation identity, kept in ``context.state`` between messages."""
+    rec = context.state.config_records.get("secagg")
+    if rec is None:
+        raise RuntimeError("secure aggregation used before query.keys")
+    key = X25519PrivateKey.from_private_bytes(bytes(rec["private-key"]))
+    return SecAggClient(context.node_id, private_key=key)
 
-    Privacy: the row ids reveal which items the node's users interacted with (see the threat
-    model in docs/federated.md); counts are summed over the node's users.
+
+def _peer_keys(rec: ConfigRecord) -> dict[int, bytes]:
+    return {int(k[3:]): bytes(v) for k, v in rec.items() if k.startswith("pk-")}
+
+
+def keys(msg: Message, context: Context) -> Message:
+    """Start a secure-aggregation session: a fresh X25519 key pair; the public half goes up."""
+    private = X25519PrivateKey.generate()
+    context.state["secagg"] = ConfigRecord({"private-key": private.private_bytes_raw()})
+    public = SecAggClient(context.node_id, private_key=private).public_key()
+    return Message(RecordDict({"secagg": ConfigRecord({"public-key": public})}), reply_to=msg)
+
+
+def reveal(msg: Message, context: Context) -> Message:
+    """Round keys shared with peers that dropped out, so the server can remove their masks."""
+    rec = msg.content.config_records["secagg"]
+    dropped = [int(d) for d in rec["dropped"]]
+    revealed = _secagg_client(context).reveal_pair_seeds(
+        dropped, _peer_keys(rec), bytes(rec["round-tag"])
+    )
+    out = ConfigRecord({f"key-{j}": k for j, k in revealed.items()})
+    return Message(RecordDict({"secagg": out}), reply_to=msg)
+
+
+def stats(msg: Message, context: Context) -> Message:
+    """Training-item counts of the hosted users, and their number, securely aggregated.
+
+    The upload is the dense vector ``[count of item 0, ..., count of item I-1, users]`` plus
+    pairwise masks: the server learns only the sum over all nodes, never a node's items.
     """
     ds, users = _node_data(msg, context)
-    idx, cnt = sparse_counts(_hosted_train_items(ds, users))
-    reply = RecordDict(
-        {
-            "counts": ArrayRecord({"idx": Array(idx), "count": Array(cnt)}),
-            "meta": MetricRecord({"users": int(users.size), "n-items": int(ds.n_items)}),
-        }
-    )
-    return Message(reply, reply_to=msg)
+    counts = np.bincount(_hosted_train_items(ds, users), minlength=ds.n_items)
+    vector = np.concatenate([counts, [users.size]]).astype(np.float64)
+    rec = msg.content.config_records["secagg"]
+    masked = _secagg_client(context).masked(vector, _peer_keys(rec), bytes(rec["round-tag"]))
+    return Message(RecordDict({"secagg": ArrayRecord({"masked": Array(masked)})}), reply_to=msg)
 
 
 def make_client_app(mods: list[Mod] | None = None) -> ClientApp:
     """The device app; ``mods`` wrap every handler (tests use one to inject failures)."""
     client = ClientApp(mods=mods or [])
     client.query("hosts")(hosts)
+    client.query("keys")(keys)
+    client.query("reveal")(reveal)
     client.query("stats")(stats)
     return client
 

@@ -3,6 +3,7 @@ failures. Aggregation logic lives in ``peel_fed``; this module only moves record
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -10,7 +11,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from peel_fed.sparse import sum_sparse
+from peel_fed.secagg import FixedPoint, SecAggServer
 
 
 def _scalar_bytes(value) -> int:
@@ -99,7 +100,7 @@ def exchange(
     for reply in grid.send_and_receive(messages, timeout=timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
-            report.failed[node] = f"error: {reply.error.reason}"
+            report.failed[node] = f"error: {_last_line(reply.error.reason)}"
             continue
         good[node] = reply
         report.replied.append(node)
@@ -109,6 +110,12 @@ def exchange(
             report.failed[node] = "no reply (timeout or node gone)"
     report.seconds = time.perf_counter() - t0
     return good, report
+
+
+def _last_line(text: str) -> str:
+    """The last non-empty line of an error text (Ray wraps the device's exception in a trace)."""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    return lines[-1] if lines else str(text)
 
 
 def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float) -> list[int]:
@@ -128,15 +135,63 @@ def data_spec(dataset: str, data_dir: str, seed: int) -> ConfigRecord:
     return ConfigRecord({"dataset": dataset, "data-dir": data_dir, "seed": seed})
 
 
-def aggregate_item_counts(replies: dict[int, Message]) -> tuple[np.ndarray, int]:
-    """Sum the nodes' sparse item counts into a popularity vector; also the hosted user count."""
-    n_items = {int(r.content.metric_records["meta"]["n-items"]) for r in replies.values()}
-    if len(n_items) != 1:
-        raise ValueError(f"nodes disagree on the number of items: {sorted(n_items)}")
-    parts = []
-    users = 0
-    for r in replies.values():
-        rec = r.content.array_records["counts"]
-        parts.append((rec["idx"].numpy(), rec["count"].numpy()))
-        users += int(r.content.metric_records["meta"]["users"])
-    return sum_sparse(n_items.pop(), parts), users
+def secure_sum(
+    grid: Grid,
+    node_ids: list[int],
+    message_type: str,
+    content: RecordDict,
+    timeout: float,
+    phase: str,
+    round_: int = 0,
+) -> tuple[np.ndarray, list[int], list[PhaseReport]]:
+    """Sum of one vector per node, by pairwise-mask secure aggregation (``peel_fed.secagg``).
+
+    Three exchanges: ``query.keys`` (public keys up), ``message_type`` (the cohort's keys down,
+    masked vectors up; ``content`` goes along), and, only if nodes dropped out in between,
+    ``query.reveal`` (the survivors' round keys with the dropped nodes). Returns the sum over the
+    nodes whose vector arrived, those node ids, and a report per exchange. If a survivor fails to
+    reveal, its own vector cannot be unmasked and the phase raises.
+    """
+    reports: list[PhaseReport] = []
+    replies, rep = exchange(
+        grid, node_ids, "query.keys", RecordDict(), timeout, f"{phase}/keys", round_
+    )
+    reports.append(rep)
+    public = {
+        n: bytes(r.content.config_records["secagg"]["public-key"]) for n, r in replies.items()
+    }
+    cohort = sorted(public)
+    if len(cohort) < 2:
+        raise RuntimeError(f"{phase}: secure aggregation needs at least 2 nodes, got {len(cohort)}")
+    round_tag = os.urandom(16)
+    keys = ConfigRecord({f"pk-{n}": pk for n, pk in public.items()})
+    keys["round-tag"] = round_tag
+    down = RecordDict({name: rec for name, rec in content.items()})
+    down["secagg"] = keys
+    replies, rep = exchange(grid, cohort, message_type, down, timeout, phase, round_)
+    reports.append(rep)
+    masked = {n: r.content.array_records["secagg"]["masked"].numpy() for n, r in replies.items()}
+    if not masked:
+        reasons = "; ".join(sorted(set(rep.failed.values())))
+        raise RuntimeError(f"{phase}: no node sent its masked vector ({reasons})")
+    length = next(iter(masked.values())).shape[0]
+    dropped = [n for n in cohort if n not in masked]
+    revealed: dict[int, dict[int, bytes]] = {}
+    if dropped:
+        ask = ConfigRecord(dict(keys))
+        ask["dropped"] = dropped
+        replies, rep = exchange(
+            grid,
+            sorted(masked),
+            "query.reveal",
+            RecordDict({"secagg": ask}),
+            timeout,
+            f"{phase}/reveal",
+            round_,
+        )
+        reports.append(rep)
+        for n, r in replies.items():
+            rec = r.content.config_records["secagg"]
+            revealed[n] = {int(k[4:]): bytes(v) for k, v in rec.items() if k.startswith("key-")}
+    total = SecAggServer().unmask_sum(masked, cohort, revealed, length, FixedPoint())
+    return total, sorted(masked), reports

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from flwr.app import Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from peel_fed.atomic import write_json_atomic
 from peel_fed.fedconfig import FedConfig
-from strategies.phases import aggregate_item_counts, data_spec, exchange, wait_for_nodes
+from strategies.phases import data_spec, secure_sum, wait_for_nodes
 
 app = ServerApp()
 
@@ -24,18 +25,24 @@ def run_pipeline(grid: Grid, cfg: FedConfig) -> dict:
     print(f"[peel-fed] {len(nodes)} nodes connected", flush=True)
     spec = RecordDict({"data": data_spec(cfg.dataset, cfg.data_dir, cfg.seed)})
     phases = []
-    replies, rep = exchange(grid, nodes, "query.stats", spec, cfg.round_timeout_s, "stats")
-    phases.append(rep.summary())
-    popularity, users = aggregate_item_counts(replies)
+    total, contributed, reports = secure_sum(
+        grid, nodes, "query.stats", spec, cfg.round_timeout_s, "stats"
+    )
+    phases += [r.summary() for r in reports]
+    popularity = np.rint(total[:-1]).astype(np.int64)
+    users = int(round(total[-1]))
+    failed = sorted({n for r in reports for n in r.failed})
     print(
-        f"[peel-fed] stats: {len(replies)}/{len(nodes)} nodes, {users:,} users, "
-        f"{int(popularity.sum()):,} training interactions over {popularity.size:,} items; "
-        f"{len(rep.failed)} failed",
+        f"[peel-fed] stats (secure aggregation): {len(contributed)}/{len(nodes)} nodes, "
+        f"{users:,} users, {int(popularity.sum()):,} training interactions over "
+        f"{popularity.size:,} items; {len(failed)} failed",
         flush=True,
     )
     report = {
         "config": cfg.to_run_config(),
         "nodes": nodes,
+        "stats_nodes": contributed,
+        "failed_nodes": failed,
         "users": users,
         "popularity": popularity.tolist(),
         "phases": phases,

@@ -65,10 +65,25 @@ def simulated_stats(tmp_path_factory):
     from strategies.server_app import run_pipeline
 
     def fail_on_partition_1(msg, context, call_next):
-        # a device that crashes in the statistics phase
-        if int(context.node_config["partition-id"]) == FAILING_PARTITION:
+        # a device that crashes in the statistics phase, after the key exchange
+        failing = int(context.node_config["partition-id"]) == FAILING_PARTITION
+        if failing and msg.metadata.message_type == "query.stats":
             raise RuntimeError("injected device failure")
         return call_next(msg, context)
+
+    class AuditGrid:
+        """The real grid, recording every reply a device sends to the server."""
+
+        def __init__(self, grid):
+            self._grid = grid
+
+        def __getattr__(self, name):
+            return getattr(self._grid, name)
+
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+            captured.setdefault("uploads", []).extend(replies)
+            return replies
 
     out = tmp_path_factory.mktemp("fed")
     captured: dict = {}
@@ -77,7 +92,7 @@ def simulated_stats(tmp_path_factory):
     @server.main()
     def _main(grid, context):
         cfg = FedConfig(dataset="checkerboard", min_nodes=4, out_dir=str(out))
-        captured["report"] = run_pipeline(grid, cfg)
+        captured["report"] = run_pipeline(AuditGrid(grid), cfg)
 
     run_simulation(
         server_app=server,
@@ -88,24 +103,70 @@ def simulated_stats(tmp_path_factory):
             "init_args": {"num_cpus": 2, "include_dashboard": False},
         },
     )
-    return captured["report"], out
+    return captured["report"], out, captured["uploads"]
 
 
 def test_stats_phase_survives_a_failing_device(simulated_stats):
-    report, out = simulated_stats
+    report, out, _ = simulated_stats
     ds = load_dataset("checkerboard")
     lost = partition_users(ds.n_users, 4, FAILING_PARTITION)
     alive = ~np.isin(ds.train.users, lost)
     assert report["users"] == ds.n_users - lost.size
     expected = np.bincount(ds.train.items[alive], minlength=ds.n_items)
     assert np.array_equal(np.array(report["popularity"]), expected)
-    stats = report["phases"][0]
-    assert stats["phase"] == "stats" and stats["nodes"] == 4
-    assert stats["replied"] == 3 and stats["failed"] == 1
+    by_phase = {p["phase"]: p for p in report["phases"]}
+    assert by_phase["stats/keys"]["replied"] == 4
+    stats = by_phase["stats"]
+    assert stats["nodes"] == 4 and stats["replied"] == 3 and stats["failed"] == 1
     assert "injected device failure" in next(iter(stats["failures"].values()))
     assert stats["bytes_up_total"] > 0
+    assert by_phase["stats/reveal"]["replied"] == 3  # survivors unmasked the dropped node
+    assert len(report["failed_nodes"]) == 1 and len(report["stats_nodes"]) == 3
     saved = json.loads((out / "results.json").read_text())
     assert saved["popularity"] == report["popularity"]
+
+
+def _values(reply):
+    """Every array and config value in a reply, as numpy arrays (none for error replies)."""
+    out = []
+    if not reply.has_content():
+        return out
+    for rec in reply.content.values():
+        for value in rec.values():
+            if hasattr(value, "numpy"):
+                out.append(value.numpy())
+            elif isinstance(value, (bytes, str)):
+                out.append(
+                    np.frombuffer(
+                        value.encode() if isinstance(value, str) else value, dtype=np.uint8
+                    )
+                )
+            else:
+                out.append(np.atleast_1d(np.asarray(value)))
+    return out
+
+
+def test_no_upload_carries_a_nodes_items_or_counts(simulated_stats):
+    """Audit every message the devices sent: none may hold a node's item set or item counts."""
+    _, _, uploads = simulated_stats
+    ds = load_dataset("checkerboard")
+    private = []
+    for pid in range(4):
+        users = partition_users(ds.n_users, 4, pid)
+        items = ds.train.items[np.isin(ds.train.users, users)]
+        private.append(np.unique(items))
+        private.append(np.bincount(items, minlength=ds.n_items))
+    assert len(uploads) >= 4 + 3 + 3
+    for reply in uploads:
+        for value in _values(reply):
+            flat = value.ravel()
+            for secret in private:
+                assert not (flat.size == secret.size and np.array_equal(flat, secret))
+                assert not (
+                    flat.size > secret.size
+                    and np.isin(secret, flat).all()
+                    and flat.dtype != np.uint8
+                )
 
 
 def test_run_config_defaults_match_fedconfig():
