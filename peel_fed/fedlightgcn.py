@@ -138,17 +138,16 @@ class FedLightGCN:
         return [self.E0] + [self.S[k] * self.inv_sqrt_di[:, None] for k in range(self.cfg.layers)]
 
     def _norm_matrix(self, users: np.ndarray) -> torch.Tensor:
-        """Sparse (len(users) x n_items) matrix with 1 / sqrt(d_u d_i) at each interaction."""
+        """Sparse CSR (len(users) x n_items) matrix with 1 / sqrt(d_u d_i) at each interaction."""
         lo, hi = self.bounds[users], self.bounds[users + 1]
         counts = hi - lo
-        rows = np.repeat(np.arange(users.size), counts)
-        idx = _ranges(lo, hi)
-        cols = self.edges.items[idx]
+        crow = torch.from_numpy(np.concatenate([[0], np.cumsum(counts)]))
+        cols = self.edges.items[_ranges(lo, hi)]
         du = np.repeat(np.maximum(counts, 1), counts).astype(np.float32)
         vals = torch.from_numpy(1.0 / np.sqrt(du)) * self.inv_sqrt_di[torch.from_numpy(cols)]
-        return torch.sparse_coo_tensor(
-            torch.from_numpy(np.stack([rows, cols])), vals, (users.size, self.n_items)
-        ).coalesce()
+        return torch.sparse_csr_tensor(
+            crow, torch.from_numpy(cols), vals, (users.size, self.n_items)
+        )
 
     def user_layers(self, users: np.ndarray, u0: torch.Tensor, layers) -> list[torch.Tensor]:
         """[u_0, ..., u_K] of the given users from their u0 and the item layers."""
@@ -242,14 +241,15 @@ class FedLightGCN:
         ul = self.user_layers(users, self.U0[users], received)
         scale = torch.from_numpy(1.0 / np.sqrt(counts)).float()[:, None]
         item_of_pair = pos.numpy()
-        contrib_rows = np.unique(item_of_pair)
-        where = torch.from_numpy(np.searchsorted(contrib_rows, item_of_pair))
+        by_item = np.argsort(item_of_pair, kind="stable")  # sorted index_add_ is ~3x faster
+        contrib_rows, where = np.unique(item_of_pair[by_item], return_inverse=True)
+        where_t, owner_t = torch.from_numpy(where), pair_user[torch.from_numpy(by_item)]
         delta = torch.zeros(self.cfg.layers, contrib_rows.size, self.cfg.dim)
         for k in range(self.cfg.layers):
             new = ul[k].detach() * scale
             change = new - self.contrib[k, users]
             self.contrib[k, users] = new
-            delta[k].index_add_(0, where, change[pair_user])
+            delta[k].index_add_(0, where_t, change[owner_t])
         return DeviceUpdate(
             rows=rows,
             grad=grad_e0[torch.from_numpy(rows)],
