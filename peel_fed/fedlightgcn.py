@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from peel_fed.data import Interactions
+from peel_fed.lightgcn import NegativeSampler
 from peel_fed.partition import user_rng
 
 
@@ -129,7 +130,7 @@ class FedLightGCN:
         # server state
         self.S = torch.zeros(cfg.layers, n_items, cfg.dim)
         self.item_adam = _Adam((n_items, cfg.dim), cfg.server_lr)
-        self.known = np.unique(edges.users * n_items + edges.items)
+        self.sampler = NegativeSampler(edges, n_items)
         self.round = 0
 
     # --- shared tables ---------------------------------------------------------------------
@@ -177,19 +178,12 @@ class FedLightGCN:
     # --- one round ---------------------------------------------------------------------------
     def _negatives(self, users: np.ndarray) -> np.ndarray:
         """One negative per training pair, drawn by each user's own generator."""
-        out = []
-        for u in users:
-            rng = user_rng(self.seed, int(u), stream=self.round)
-            n = int(self.user_degree[u])
-            neg = rng.integers(0, self.n_items, size=n)
-            for _ in range(20):
-                keys = u * self.n_items + neg
-                pos = np.minimum(np.searchsorted(self.known, keys), self.known.size - 1)
-                bad = self.known[pos] == keys
-                if not bad.any():
-                    break
-                neg[bad] = rng.integers(0, self.n_items, size=int(bad.sum()))
-            out.append(neg)
+        out = [
+            self.sampler.sample(
+                np.full(int(self.user_degree[u]), u), user_rng(self.seed, int(u), self.round)
+            )
+            for u in users
+        ]
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
     def device_round(self, users: np.ndarray, layers: list[torch.Tensor]) -> DeviceUpdate:
