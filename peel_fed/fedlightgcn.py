@@ -43,7 +43,7 @@ class FedLightGCNConfig:
     layers: int = 3
     rounds: int = 50
     cohort_fraction: float = 1.0
-    local_steps: int = 1
+    local_steps: int = 20
     server_lr: float = 2e-2
     user_lr: float = 2e-2
     l2: float = 1e-4
@@ -207,23 +207,24 @@ class FedLightGCN:
         fixed = received[1:]
         n_layers = len(received)
         E0 = received[0].clone().requires_grad_(True)
-        grad_e0 = None
-        loss_sum = 0.0
-        for step in range(self.cfg.local_steps):
+        # step 0: gradient for u0 and for the received E0 rows (the upload)
+        u0 = self.U0[users].clone().requires_grad_(True)
+        ul = self.user_layers(users, u0, [E0] + fixed)
+        up = (E0[pos] + sum(f[pos] for f in fixed)) / n_layers
+        un = (E0[neg] + sum(f[neg] for f in fixed)) / n_layers
+        item_sq = E0[pos].pow(2).sum(-1) + E0[neg].pow(2).sum(-1)
+        loss = self._pair_loss(torch.stack(ul).mean(0), u0, up, un, item_sq, pair_user, weight)
+        g_u0, grad_e0 = torch.autograd.grad(loss, [u0, E0])
+        loss_sum = float(loss.detach())
+        self.user_adam.step(self.U0, torch.from_numpy(users), g_u0)
+        # further local steps move only u0; the propagated part u_1..u_K is fixed by the tables
+        propagated = sum(layer.detach() for layer in ul[1:])
+        up, un, item_sq = up.detach(), un.detach(), item_sq.detach()
+        for _ in range(self.cfg.local_steps - 1):
             u0 = self.U0[users].clone().requires_grad_(True)
-            uf = torch.stack(self.user_layers(users, u0, [E0] + fixed)).mean(0)
-            up = (E0[pos] + sum(f[pos] for f in fixed)) / n_layers
-            un = (E0[neg] + sum(f[neg] for f in fixed)) / n_layers
-            ue = uf[pair_user]
-            pair = torch.nn.functional.softplus((ue * un).sum(-1) - (ue * up).sum(-1))
-            reg = 0.5 * (
-                u0.pow(2).sum(-1)[pair_user] + E0[pos].pow(2).sum(-1) + E0[neg].pow(2).sum(-1)
-            )
-            loss = ((pair + self.cfg.l2 * reg) * weight).sum()
-            g_u0, g_e0 = torch.autograd.grad(loss, [u0, E0])
-            if step == 0:
-                grad_e0 = g_e0  # the item gradient at the tables the device received
-                loss_sum = float(loss.detach())
+            uf = (u0 + propagated) / n_layers
+            loss = self._pair_loss(uf, u0, up, un, item_sq, pair_user, weight)
+            (g_u0,) = torch.autograd.grad(loss, [u0])
             self.user_adam.step(self.U0, torch.from_numpy(users), g_u0)
         owner = pair_user.numpy()
         keys = np.unique(
@@ -253,6 +254,13 @@ class FedLightGCN:
             loss_sum=loss_sum,
             users=int(users.size),
         )
+
+    def _pair_loss(self, uf, u0, up, un, item_sq, pair_user, weight) -> torch.Tensor:
+        """Sum over users of their mean BPR + L2 over their (positive, negative) pairs."""
+        ue = uf[pair_user]
+        pair = torch.nn.functional.softplus((ue * un).sum(-1) - (ue * up).sum(-1))
+        reg = 0.5 * (u0.pow(2).sum(-1)[pair_user] + item_sq)
+        return ((pair + self.cfg.l2 * reg) * weight).sum()
 
     def server_apply(self, updates: list[DeviceUpdate]) -> dict[str, float]:
         """Average each touched ``E0`` row over the devices that touched it, take an Adam step,
