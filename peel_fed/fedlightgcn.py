@@ -26,6 +26,7 @@ computation.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -146,9 +147,15 @@ class FedLightGCN:
         cols = self.edges.items[_ranges(lo, hi)]
         du = np.repeat(np.maximum(counts, 1), counts).astype(np.float32)
         vals = torch.from_numpy(1.0 / np.sqrt(du)) * self.inv_sqrt_di[torch.from_numpy(cols)]
-        return torch.sparse_csr_tensor(
-            crow, torch.from_numpy(cols), vals, (users.size, self.n_items)
-        )
+        with warnings.catch_warnings():  # torch flags sparse CSR as beta
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(
+                crow,
+                torch.from_numpy(cols),
+                vals,
+                (users.size, self.n_items),
+                check_invariants=False,
+            )
 
     def user_layers(self, users: np.ndarray, u0: torch.Tensor, layers) -> list[torch.Tensor]:
         """[u_0, ..., u_K] of the given users from their u0 and the item layers."""
