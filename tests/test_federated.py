@@ -10,7 +10,6 @@ import pytest
 from peel_fed.data import load_dataset
 from peel_fed.fedconfig import ConfigError, FedConfig
 from peel_fed.partition import partition_users, user_rng
-from peel_fed.sparse import sparse_counts, sum_sparse
 
 
 def test_partitions_cover_all_users_once():
@@ -29,15 +28,6 @@ def test_user_rng_depends_only_on_seed_and_user():
     b = user_rng(5, 17).random(4)
     c = user_rng(5, 18).random(4)
     assert np.array_equal(a, b) and not np.array_equal(a, c)
-
-
-def test_sparse_counts_sum_to_dense_bincount():
-    rng = np.random.default_rng(0)
-    chunks = [rng.integers(0, 30, size=40) for _ in range(5)]
-    total = sum_sparse(30, [sparse_counts(c) for c in chunks])
-    assert np.array_equal(total, np.bincount(np.concatenate(chunks), minlength=30))
-    with pytest.raises(ValueError, match="out of range"):
-        sum_sparse(3, [(np.array([3]), np.array([1]))])
 
 
 def test_fedconfig_from_run_config_checks_keys_and_types():
