@@ -70,3 +70,36 @@ def cold_start_user_vector(
     d_i = np.maximum(item_degree[items], 1).astype(np.float64)
     w = 1.0 / np.sqrt(items.size * d_i)
     return (item_table[items] * w[:, None]).sum(axis=0)
+
+
+def kmeans_partial_sums(
+    user_vectors: np.ndarray, centroids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """A device's (or node's) share of one Lloyd step: per-centroid sums and counts.
+
+    Vectors are L2-normalised as in :func:`kmeans_user_groups`. Summed over all devices (by
+    secure aggregation, so no single vector is seen), they give the next centroids.
+    """
+    x = _normalise(np.atleast_2d(np.asarray(user_vectors, dtype=np.float64)))
+    k = centroids.shape[0]
+    labels = UserGroups(np.zeros(0, dtype=np.int64), centroids).nearest(x)
+    sums = np.zeros((k, x.shape[1]))
+    np.add.at(sums, labels, x)
+    return sums, np.bincount(labels, minlength=k).astype(np.float64)
+
+
+def kmeans_step(sums: np.ndarray, counts: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Next centroids from aggregated sums and counts; an empty cluster keeps its centroid."""
+    out = np.array(centroids, dtype=np.float64, copy=True)
+    full = counts > 0
+    out[full] = sums[full] / counts[full, None]
+    return out
+
+
+def initial_centroids(item_vectors: np.ndarray, num_groups: int, seed: int = 0) -> np.ndarray:
+    """Server-side start for federated K-Means from public data: K-Means on normalised item
+    vectors (users and items share one embedding space), so no user vector is needed."""
+    if num_groups > item_vectors.shape[0]:
+        raise GroupingError(f"more user groups ({num_groups}) than items to seed them")
+    x = _normalise(np.asarray(item_vectors, dtype=np.float64))
+    return KMeans(n_clusters=num_groups, n_init=1, random_state=seed).fit(x).cluster_centers_

@@ -276,3 +276,23 @@ def test_run_centralized_rejects_more_groups_than_users(tmp_path):
     with pytest.raises(ValueError, match="more user groups"):
         run_centralized(cfg, ds)
     assert not (tmp_path / "c").exists()
+
+
+def test_federated_kmeans_from_partial_sums_equals_lloyd_on_all_users():
+    from peel_fed.clustering import initial_centroids, kmeans_partial_sums, kmeans_step
+
+    rng = np.random.default_rng(4)
+    users = np.concatenate([rng.normal(c, 0.3, size=(40, 8)) for c in (-2.0, 0.0, 2.0)])
+    items = rng.normal(size=(30, 8))
+    centroids = initial_centroids(items, 3, seed=0)
+    reference = centroids.copy()
+    for _ in range(5):
+        parts = [kmeans_partial_sums(chunk, centroids) for chunk in np.array_split(users, 7)]
+        centroids = kmeans_step(sum(p[0] for p in parts), sum(p[1] for p in parts), centroids)
+        # plain Lloyd step on all users at once (normalised vectors, nearest centroid)
+        x = users / np.linalg.norm(users, axis=1, keepdims=True)
+        labels = np.argmin(((x[:, None] - reference[None]) ** 2).sum(-1), axis=1)
+        reference = np.stack(
+            [x[labels == g].mean(0) if (labels == g).any() else reference[g] for g in range(3)]
+        )
+        np.testing.assert_allclose(centroids, reference, atol=1e-12)
