@@ -57,7 +57,11 @@ class PipelineConfig:
     cache_dir: str = "runs/cache"
     progress: bool = True
     device: str = "cpu"
-    lightgcn: LightGCNConfig = field(default_factory=LightGCNConfig)
+    # pretraining uses the block-diversity regulariser too (same weight as PEE learning, and as
+    # the CLI's --diversity-weight)
+    lightgcn: LightGCNConfig = field(
+        default_factory=lambda: LightGCNConfig(diversity_weight=PEELConfig().diversity_weight)
+    )
     peel: PEELConfig = field(default_factory=PEELConfig)
 
     def __post_init__(self) -> None:
