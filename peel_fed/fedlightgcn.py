@@ -169,18 +169,35 @@ class FedLightGCN:
             for start in range(0, self.n_users, batch):
                 users = np.arange(start, min(start + batch, self.n_users))
                 ul = self.user_layers(users, self.U0[users], layers)
-                self._contribute_layer(users, k, ul[k])
+                self._add_contributions(*self._contribution_upload(users, {k: ul[k]}))
 
-    def _contribute_layer(self, users: np.ndarray, k: int, uk: torch.Tensor) -> None:
-        """Devices send the change of ``v_k = u_k / sqrt(d_u)``; the server adds it to S_k."""
-        scale = torch.from_numpy(1.0 / np.sqrt(np.maximum(self.user_degree[users], 1))).float()
+    def _contribution_upload(
+        self, users: np.ndarray, layer_vectors: dict[int, torch.Tensor]
+    ) -> tuple[np.ndarray, torch.Tensor]:
+        """The change of ``v_k = u_k / sqrt(d_u)`` on the users' item rows, summed over users.
+
+        ``layer_vectors[k]`` holds u_k of ``users``; the devices' last contributions are updated.
+        Returns the item rows (sorted) and a (layers, rows, dim) tensor, zero for absent k.
+        """
         lo, hi = self.bounds[users], self.bounds[users + 1]
-        rows = np.repeat(np.arange(users.size), hi - lo)
-        cols = torch.from_numpy(self.edges.items[_ranges(lo, hi)])
-        new = uk.detach() * scale[:, None]
-        delta = new - self.contrib[k, users]
-        self.contrib[k, users] = new
-        self.S[k].index_add_(0, cols, delta[torch.from_numpy(rows)])
+        counts = hi - lo
+        owner = np.repeat(np.arange(users.size), counts)
+        item_of_pair = self.edges.items[_ranges(lo, hi)]
+        by_item = np.argsort(item_of_pair, kind="stable")  # sorted index_add_ is ~3x faster
+        rows, where = np.unique(item_of_pair[by_item], return_inverse=True)
+        where_t, owner_t = torch.from_numpy(where), torch.from_numpy(owner[by_item])
+        scale = torch.from_numpy(1.0 / np.sqrt(np.maximum(counts, 1))).float()[:, None]
+        delta = torch.zeros(self.cfg.layers, rows.size, self.cfg.dim)
+        for k, uk in layer_vectors.items():
+            new = uk.detach() * scale
+            change = new - self.contrib[k, users]
+            self.contrib[k, users] = new
+            delta[k].index_add_(0, where_t, change[owner_t])
+        return rows, delta
+
+    def _add_contributions(self, rows: np.ndarray, delta: torch.Tensor) -> None:
+        for k in range(self.cfg.layers):
+            self.S[k].index_add_(0, torch.from_numpy(rows), delta[k])
 
     # --- one round ---------------------------------------------------------------------------
     def _negatives(self, users: np.ndarray) -> np.ndarray:
@@ -241,17 +258,9 @@ class FedLightGCN:
         rows = np.flatnonzero(row_devices_all)
         # contributions with the new u0 and the tables received
         ul = self.user_layers(users, self.U0[users], received)
-        scale = torch.from_numpy(1.0 / np.sqrt(counts)).float()[:, None]
-        item_of_pair = pos.numpy()
-        by_item = np.argsort(item_of_pair, kind="stable")  # sorted index_add_ is ~3x faster
-        contrib_rows, where = np.unique(item_of_pair[by_item], return_inverse=True)
-        where_t, owner_t = torch.from_numpy(where), pair_user[torch.from_numpy(by_item)]
-        delta = torch.zeros(self.cfg.layers, contrib_rows.size, self.cfg.dim)
-        for k in range(self.cfg.layers):
-            new = ul[k].detach() * scale
-            change = new - self.contrib[k, users]
-            self.contrib[k, users] = new
-            delta[k].index_add_(0, where_t, change[owner_t])
+        contrib_rows, delta = self._contribution_upload(
+            users, {k: ul[k] for k in range(self.cfg.layers)}
+        )
         return DeviceUpdate(
             rows=rows,
             grad=grad_e0[torch.from_numpy(rows)],
@@ -277,8 +286,7 @@ class FedLightGCN:
         for up in updates:
             grad.index_add_(0, torch.from_numpy(up.rows), up.grad)
             np.add.at(devices, up.rows, up.row_devices)
-            for k in range(self.cfg.layers):
-                self.S[k].index_add_(0, torch.from_numpy(up.contrib_rows), up.contrib_delta[k])
+            self._add_contributions(up.contrib_rows, up.contrib_delta)
         rows = np.flatnonzero(devices)
         if rows.size:
             g = grad[rows] / torch.from_numpy(devices[rows]).float()[:, None]
