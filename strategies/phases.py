@@ -174,6 +174,12 @@ def secure_sum(
     if not masked:
         reasons = "; ".join(sorted(set(rep.failed.values())))
         raise RuntimeError(f"{phase}: no node sent its masked vector ({reasons})")
+    if len(masked) < 2:
+        # unmasking one survivor's upload would hand the server that node's own vector
+        raise RuntimeError(
+            f"{phase}: only {len(masked)} node sent its masked vector; "
+            "secure aggregation needs at least 2 survivors"
+        )
     length = next(iter(masked.values())).shape[0]
     dropped = [n for n in cohort if n not in masked]
     revealed: dict[int, dict[int, bytes]] = {}
