@@ -225,7 +225,7 @@ def train_lightgcn(
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sampler = NegativeSampler(edges, n_items)
     n_batches = (len(edges) + cfg.batch_size - 1) // cfg.batch_size
-    bar = _progress(total=cfg.epochs * n_batches, desc="pretrain LightGCN", enabled=progress)
+    bar = progress_bar(total=cfg.epochs * n_batches, desc="pretrain LightGCN", enabled=progress)
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         total, count = 0.0, 0
@@ -246,7 +246,8 @@ def train_lightgcn(
     return model
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def progress_bar(total: int, desc: str, enabled: bool):
+    """The project's progress bar (tqdm, transient); a no-op bar when ``enabled`` is False."""
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)

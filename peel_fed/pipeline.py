@@ -30,7 +30,7 @@ from peel_fed.blocks import (
 )
 from peel_fed.clustering import UserGroups, kmeans_user_groups
 from peel_fed.data import Dataset, Interactions, load_dataset, split_validation
-from peel_fed.lightgcn import LightGCNConfig, train_lightgcn
+from peel_fed.lightgcn import LightGCNConfig, progress_bar, train_lightgcn
 from peel_fed.metrics import dot_score_fn, evaluate_ranking, per_user_metrics
 from peel_fed.peel import (
     GroupPEE,
@@ -257,11 +257,7 @@ def run_centralized(cfg: PipelineConfig, dataset: Dataset | None = None) -> dict
         )
     ]
     rows = []
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=len(methods) * len(budgets), desc="evaluate", disable=not cfg.progress, leave=False
-    )
+    bar = progress_bar(len(methods) * len(budgets), "evaluate", cfg.progress)
     for label, budget_bytes in budgets:
         for method, groups in methods.items():
             m = evaluate_units(ds, groups, layout, budget_bytes)
@@ -324,19 +320,12 @@ def learn_all_groups(
     layout: BlockLayout,
     cfg: PipelineConfig,
 ) -> list[GroupPEE]:
-    from tqdm.auto import tqdm
-
     fit_counts = np.bincount(split.fit.users, minlength=ds.n_users)
     steps = 0
     for g in range(ugroups.num_groups):
         n = int(fit_counts[ugroups.members(g)].sum())
         steps += cfg.peel.epochs * ((n + cfg.peel.batch_size - 1) // cfg.peel.batch_size)
-    bar = tqdm(
-        total=steps,
-        desc=f"PEE learning (G_u={ugroups.num_groups})",
-        disable=not cfg.progress,
-        leave=False,
-    )
+    bar = progress_bar(steps, f"PEE learning (G_u={ugroups.num_groups})", cfg.progress)
     pees = []
     for g in range(ugroups.num_groups):
         pees.append(
