@@ -35,7 +35,7 @@ import torch
 
 from peel_fed.data import Interactions
 from peel_fed.lightgcn import NegativeSampler
-from peel_fed.partition import user_rng
+from peel_fed.partition import user_rng, user_slots
 
 
 @dataclass
@@ -55,6 +55,11 @@ class FedLightGCNConfig:
             raise ValueError(f"cohort-fraction must be in (0, 1], got {self.cohort_fraction}")
         if self.rounds < 0 or self.local_steps < 1 or self.layers < 1:
             raise ValueError(f"invalid federated LightGCN config: {self}")
+
+
+def rounds_per_pass_for(cohort_fraction: float) -> int:
+    """Rounds in one pass over the users when each round samples ``cohort_fraction`` of them."""
+    return max(1, int(np.ceil(1.0 / cohort_fraction - 1e-9)))
 
 
 def _ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -103,42 +108,137 @@ class _Adam:
         table[rows] -= self.lr * m_hat / (v_hat.sqrt() + self.eps)
 
 
-class FedLightGCN:
-    """Server tables and device states of a federated LightGCN simulation."""
+INIT_STREAM = 1_000_003  # user_rng stream of a device's initial ego vector
+SLOT_STREAM = 2_000_003  # user_slots stream (plus the pass number) for client sampling
+
+
+def initial_user_vectors(seed: int, users: np.ndarray, dim: int, std: float) -> torch.Tensor:
+    """Each device's initial ego vector, from its own generator (independent of the packing)."""
+    out = (
+        np.stack([user_rng(seed, int(u), INIT_STREAM).normal(0.0, std, dim) for u in users])
+        if len(users)
+        else np.zeros((0, dim))
+    )
+    return torch.from_numpy(out.astype(np.float32))
+
+
+def round_participants(
+    seed: int, users: np.ndarray, round_no: int, rounds_per_pass: int
+) -> np.ndarray:
+    """The users (of ``users``) that take part in round ``round_no`` (1-based): every user takes
+    part in exactly one round of each pass of ``rounds_per_pass`` rounds."""
+    users = np.asarray(users, dtype=np.int64)
+    pass_no, slot = divmod(round_no - 1, rounds_per_pass)
+    return users[user_slots(seed, users, SLOT_STREAM + pass_no, rounds_per_pass) == slot]
+
+
+class PretrainServer:
+    """The server's side of federated LightGCN: ``E0`` and the item-side sums ``S_k``."""
+
+    def __init__(
+        self, n_items: int, item_degree: np.ndarray, cfg: FedLightGCNConfig, seed: int = 0
+    ) -> None:
+        self.n_items, self.cfg = n_items, cfg
+        self.inv_sqrt_di = inv_sqrt_degree(item_degree)
+        gen = torch.Generator().manual_seed(seed)
+        self.E0 = torch.randn(n_items, cfg.dim, generator=gen) * cfg.init_std
+        self.S = torch.zeros(cfg.layers, n_items, cfg.dim)
+        self.item_adam = _Adam((n_items, cfg.dim), cfg.server_lr)
+
+    def item_layers(self) -> list[torch.Tensor]:
+        """[E0, L_1, ..., L_K] as the server holds them."""
+        return [self.E0] + [self.S[k] * self.inv_sqrt_di[:, None] for k in range(self.cfg.layers)]
+
+    def final_item_table(self) -> np.ndarray:
+        return torch.stack(self.item_layers()).mean(0).numpy().copy()
+
+    def add_contributions(self, rows: np.ndarray, delta: torch.Tensor) -> None:
+        for k in range(self.cfg.layers):
+            self.S[k].index_add_(0, torch.from_numpy(np.asarray(rows)), delta[k])
+
+    def apply(self, updates: list[DeviceUpdate]) -> dict[str, float]:
+        """Average each touched ``E0`` row over the devices that touched it, take an Adam step,
+        and add the contribution changes to the item-side sums."""
+        grad = torch.zeros(self.n_items, self.cfg.dim)
+        devices = np.zeros(self.n_items, dtype=np.int64)
+        for up in updates:
+            grad.index_add_(0, torch.from_numpy(up.rows), up.grad)
+            np.add.at(devices, up.rows, up.row_devices)
+            self.add_contributions(up.contrib_rows, up.contrib_delta)
+        rows = np.flatnonzero(devices)
+        if rows.size:
+            g = grad[rows] / torch.from_numpy(devices[rows]).float()[:, None]
+            self.item_adam.step(self.E0, torch.from_numpy(rows), g)
+        users = sum(up.users for up in updates)
+        return {
+            "loss": sum(up.loss_sum for up in updates) / max(users, 1),
+            "users": users,
+            "rows": int(rows.size),
+        }
+
+
+def inv_sqrt_degree(item_degree: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(
+        1.0 / np.sqrt(np.maximum(np.asarray(item_degree, dtype=np.float64), 1))
+    ).float()
+
+
+class PretrainDevices:
+    """The device side for the users one node hosts: ego vectors, their Adam moments and last
+    contributions (a phone's state; a simulated node keeps it for all its users).
+
+    ``edges`` must hold at least the hosted users' (fit) interactions; ``users`` are global ids.
+    """
+
+    STATE = ("users", "U0", "m", "v", "t", "contrib")
 
     def __init__(
         self,
+        users: np.ndarray,
         n_users: int,
         n_items: int,
         edges: Interactions,
         item_degree: np.ndarray,
         cfg: FedLightGCNConfig,
         seed: int = 0,
+        sampler: NegativeSampler | None = None,
     ) -> None:
-        self.n_users, self.n_items, self.cfg, self.seed = n_users, n_items, cfg, seed
+        self.users = np.asarray(users, dtype=np.int64)
+        self.n_items, self.cfg, self.seed = n_items, cfg, seed
         self.bounds = edges.user_bounds(n_users)
         self.edges = edges
         self.user_degree = np.diff(self.bounds)
-        self.inv_sqrt_di = torch.from_numpy(
-            1.0 / np.sqrt(np.maximum(np.asarray(item_degree, dtype=np.float64), 1))
-        ).float()
-        gen = torch.Generator().manual_seed(seed)
-        self.E0 = torch.randn(n_items, cfg.dim, generator=gen) * cfg.init_std
-        # device state, one row per user (kept on the device in the federated runtime)
-        self.U0 = torch.randn(n_users, cfg.dim, generator=gen) * cfg.init_std
-        self.user_adam = _Adam((n_users, cfg.dim), cfg.user_lr)
-        self.contrib = torch.zeros(cfg.layers, n_users, cfg.dim)
-        # server state
-        self.S = torch.zeros(cfg.layers, n_items, cfg.dim)
-        self.item_adam = _Adam((n_items, cfg.dim), cfg.server_lr)
-        self.sampler = NegativeSampler(edges, n_items)
-        self.round = 0
+        self.inv_sqrt_di = inv_sqrt_degree(item_degree)
+        self.U0 = initial_user_vectors(seed, self.users, cfg.dim, cfg.init_std)
+        self.user_adam = _Adam((self.users.size, cfg.dim), cfg.user_lr)
+        self.contrib = torch.zeros(cfg.layers, self.users.size, cfg.dim)
+        self.sampler = sampler or NegativeSampler(edges, n_items)
 
-    # --- shared tables ---------------------------------------------------------------------
-    def item_layers(self) -> list[torch.Tensor]:
-        """[E0, L_1, ..., L_K] as the server holds them."""
-        return [self.E0] + [self.S[k] * self.inv_sqrt_di[:, None] for k in range(self.cfg.layers)]
+    # --- state kept between messages -----------------------------------------------------------
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        a = self.user_adam
+        return {
+            "users": self.users,
+            "U0": self.U0.numpy(),
+            "m": a.m.numpy(),
+            "v": a.v.numpy(),
+            "t": a.t.numpy(),
+            "contrib": self.contrib.numpy(),
+        }
 
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        if not np.array_equal(arrays["users"], self.users):
+            raise ValueError("device state belongs to other users")
+        self.U0 = torch.from_numpy(np.array(arrays["U0"]))
+        self.user_adam.m = torch.from_numpy(np.array(arrays["m"]))
+        self.user_adam.v = torch.from_numpy(np.array(arrays["v"]))
+        self.user_adam.t = torch.from_numpy(np.array(arrays["t"]))
+        self.contrib = torch.from_numpy(np.array(arrays["contrib"]))
+
+    def _local(self, users: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.users, users)
+
+    # --- propagation -----------------------------------------------------------------------------
     def _norm_matrix(self, users: np.ndarray) -> torch.Tensor:
         """Sparse CSR (len(users) x n_items) matrix with 1 / sqrt(d_u d_i) at each interaction."""
         lo, hi = self.bounds[users], self.bounds[users + 1]
@@ -162,16 +262,18 @@ class FedLightGCN:
         A = self._norm_matrix(users)
         return [u0] + [torch.sparse.mm(A, layers[k]) for k in range(self.cfg.layers)]
 
-    def initialise(self, batch: int = 4096) -> None:
-        """Round 0: every device sends its first contributions, layer by layer (K exchanges)."""
-        for k in range(self.cfg.layers):
-            layers = self.item_layers()
-            for start in range(0, self.n_users, batch):
-                users = np.arange(start, min(start + batch, self.n_users))
-                ul = self.user_layers(users, self.U0[users], layers)
-                self._add_contributions(*self._contribution_upload(users, {k: ul[k]}))
+    def final_user_vectors(self, layers: list[torch.Tensor], batch: int = 8192) -> np.ndarray:
+        """Final LightGCN vectors (mean of u_0 .. u_K) of all hosted users."""
+        out = np.zeros((self.users.size, self.cfg.dim), dtype=np.float32)
+        with torch.no_grad():
+            for start in range(0, self.users.size, batch):
+                sl = slice(start, start + batch)
+                ul = self.user_layers(self.users[sl], self.U0[sl], layers)
+                out[sl] = torch.stack(ul).mean(0).numpy()
+        return out
 
-    def _contribution_upload(
+    # --- uploads -------------------------------------------------------------------------------
+    def contribution_upload(
         self, users: np.ndarray, layer_vectors: dict[int, torch.Tensor]
     ) -> tuple[np.ndarray, torch.Tensor]:
         """The change of ``v_k = u_k / sqrt(d_u)`` on the users' item rows, summed over users.
@@ -179,6 +281,7 @@ class FedLightGCN:
         ``layer_vectors[k]`` holds u_k of ``users``; the devices' last contributions are updated.
         Returns the item rows (sorted) and a (layers, rows, dim) tensor, zero for absent k.
         """
+        local = torch.from_numpy(self._local(users))
         lo, hi = self.bounds[users], self.bounds[users + 1]
         counts = hi - lo
         owner = np.repeat(np.arange(users.size), counts)
@@ -190,28 +293,46 @@ class FedLightGCN:
         delta = torch.zeros(self.cfg.layers, rows.size, self.cfg.dim)
         for k, uk in layer_vectors.items():
             new = uk.detach() * scale
-            change = new - self.contrib[k, users]
-            self.contrib[k, users] = new
+            change = new - self.contrib[k, local]
+            self.contrib[k, local] = new
             delta[k].index_add_(0, where_t, change[owner_t])
         return rows, delta
 
-    def _add_contributions(self, rows: np.ndarray, delta: torch.Tensor) -> None:
-        for k in range(self.cfg.layers):
-            self.S[k].index_add_(0, torch.from_numpy(rows), delta[k])
+    def initial_contribution(
+        self, k: int, layers: list[torch.Tensor], batch: int = 4096
+    ) -> tuple[np.ndarray, torch.Tensor]:
+        """Round 0, layer ``k``: every hosted user's first contribution ``u_k / sqrt(d_u)``."""
+        users = self.users[self.user_degree[self.users] > 0]
+        rows_all, deltas = [], []
+        for start in range(0, users.size, batch):
+            chunk = users[start : start + batch]
+            ul = self.user_layers(chunk, self.U0[torch.from_numpy(self._local(chunk))], layers)
+            rows, delta = self.contribution_upload(chunk, {k: ul[k]})
+            rows_all.append(rows)
+            deltas.append(delta)
+        if not rows_all:
+            return np.zeros(0, dtype=np.int64), torch.zeros(self.cfg.layers, 0, self.cfg.dim)
+        rows = np.concatenate(rows_all)
+        uniq, where = np.unique(rows, return_inverse=True)
+        out = torch.zeros(self.cfg.layers, uniq.size, self.cfg.dim)
+        out.index_add_(1, torch.from_numpy(where), torch.cat(deltas, dim=1))
+        return uniq, out
 
-    # --- one round ---------------------------------------------------------------------------
-    def _negatives(self, users: np.ndarray) -> np.ndarray:
+    def _negatives(self, users: np.ndarray, round_no: int) -> np.ndarray:
         """One negative per training pair, drawn by each user's own generator."""
         out = [
             self.sampler.sample(
-                np.full(int(self.user_degree[u]), u), user_rng(self.seed, int(u), self.round)
+                np.full(int(self.user_degree[u]), u), user_rng(self.seed, int(u), round_no)
             )
             for u in users
         ]
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
-    def device_round(self, users: np.ndarray, layers: list[torch.Tensor]) -> DeviceUpdate:
-        """What one node computes for the users it hosts, from the tables it received.
+    def device_round(
+        self, users: np.ndarray, layers: list[torch.Tensor], round_no: int
+    ) -> DeviceUpdate:
+        """What one node computes in round ``round_no`` for the hosted ``users`` taking part,
+        from the tables it received.
 
         Updates those users' device state (u0, its Adam moments, last contributions) and returns
         the upload: the summed ``E0`` gradient on the touched rows with the number of hosted
@@ -221,18 +342,19 @@ class FedLightGCN:
         users = users[self.user_degree[users] > 0]
         if users.size == 0:
             return DeviceUpdate.empty(self.cfg)
+        local = torch.from_numpy(self._local(users))
         lo, hi = self.bounds[users], self.bounds[users + 1]
         counts = hi - lo
         pair_user = torch.from_numpy(np.repeat(np.arange(users.size), counts))
         pos = torch.from_numpy(self.edges.items[_ranges(lo, hi)])
-        neg = torch.from_numpy(self._negatives(users))
+        neg = torch.from_numpy(self._negatives(users, round_no))
         weight = torch.from_numpy(1.0 / np.repeat(counts, counts)).float()  # per-user mean
         received = [layer.detach() for layer in layers]
         fixed = received[1:]
         n_layers = len(received)
         E0 = received[0].clone().requires_grad_(True)
         # step 0: gradient for u0 and for the received E0 rows (the upload)
-        u0 = self.U0[users].clone().requires_grad_(True)
+        u0 = self.U0[local].clone().requires_grad_(True)
         ul = self.user_layers(users, u0, [E0] + fixed)
         up = (E0[pos] + sum(f[pos] for f in fixed)) / n_layers
         un = (E0[neg] + sum(f[neg] for f in fixed)) / n_layers
@@ -240,16 +362,16 @@ class FedLightGCN:
         loss = self._pair_loss(torch.stack(ul).mean(0), u0, up, un, item_sq, pair_user, weight)
         g_u0, grad_e0 = torch.autograd.grad(loss, [u0, E0])
         loss_sum = float(loss.detach())
-        self.user_adam.step(self.U0, torch.from_numpy(users), g_u0)
+        self.user_adam.step(self.U0, local, g_u0)
         # further local steps move only u0; the propagated part u_1..u_K is fixed by the tables
         propagated = sum(layer.detach() for layer in ul[1:])
         up, un, item_sq = up.detach(), un.detach(), item_sq.detach()
         for _ in range(self.cfg.local_steps - 1):
-            u0 = self.U0[users].clone().requires_grad_(True)
+            u0 = self.U0[local].clone().requires_grad_(True)
             uf = (u0 + propagated) / n_layers
             loss = self._pair_loss(uf, u0, up, un, item_sq, pair_user, weight)
             (g_u0,) = torch.autograd.grad(loss, [u0])
-            self.user_adam.step(self.U0, torch.from_numpy(users), g_u0)
+            self.user_adam.step(self.U0, local, g_u0)
         owner = pair_user.numpy()
         keys = np.unique(
             np.concatenate([owner * self.n_items + pos.numpy(), owner * self.n_items + neg.numpy()])
@@ -257,8 +379,8 @@ class FedLightGCN:
         row_devices_all = np.bincount(keys % self.n_items, minlength=self.n_items)
         rows = np.flatnonzero(row_devices_all)
         # contributions with the new u0 and the tables received
-        ul = self.user_layers(users, self.U0[users], received)
-        contrib_rows, delta = self._contribution_upload(
+        ul = self.user_layers(users, self.U0[local], received)
+        contrib_rows, delta = self.contribution_upload(
             users, {k: ul[k] for k in range(self.cfg.layers)}
         )
         return DeviceUpdate(
@@ -278,44 +400,65 @@ class FedLightGCN:
         reg = 0.5 * (u0.pow(2).sum(-1)[pair_user] + item_sq)
         return ((pair + self.cfg.l2 * reg) * weight).sum()
 
-    def server_apply(self, updates: list[DeviceUpdate]) -> dict[str, float]:
-        """Average each touched ``E0`` row over the devices that touched it, take an Adam step,
-        and add the contribution changes to the item-side sums."""
-        grad = torch.zeros(self.n_items, self.cfg.dim)
-        devices = np.zeros(self.n_items, dtype=np.int64)
-        for up in updates:
-            grad.index_add_(0, torch.from_numpy(up.rows), up.grad)
-            np.add.at(devices, up.rows, up.row_devices)
-            self._add_contributions(up.contrib_rows, up.contrib_delta)
-        rows = np.flatnonzero(devices)
-        if rows.size:
-            g = grad[rows] / torch.from_numpy(devices[rows]).float()[:, None]
-            self.item_adam.step(self.E0, torch.from_numpy(rows), g)
-        users = sum(up.users for up in updates)
-        return {
-            "loss": sum(up.loss_sum for up in updates) / max(users, 1),
-            "users": users,
-            "rows": int(rows.size),
-        }
+
+class FedLightGCN:
+    """A whole federation in one process: the server and every device (reference and tests)."""
+
+    def __init__(
+        self,
+        n_users: int,
+        n_items: int,
+        edges: Interactions,
+        item_degree: np.ndarray,
+        cfg: FedLightGCNConfig,
+        seed: int = 0,
+    ) -> None:
+        self.n_users, self.n_items, self.cfg, self.seed = n_users, n_items, cfg, seed
+        self.server = PretrainServer(n_items, item_degree, cfg, seed)
+        self.devices = PretrainDevices(
+            np.arange(n_users), n_users, n_items, edges, item_degree, cfg, seed
+        )
+        self.round = 0
+
+    @property
+    def E0(self) -> torch.Tensor:
+        return self.server.E0
+
+    @property
+    def S(self) -> torch.Tensor:
+        return self.server.S
+
+    @property
+    def U0(self) -> torch.Tensor:
+        return self.devices.U0
+
+    @property
+    def contrib(self) -> torch.Tensor:
+        return self.devices.contrib
+
+    def item_layers(self) -> list[torch.Tensor]:
+        return self.server.item_layers()
+
+    def initialise(self) -> None:
+        """Round 0: every device sends its first contributions, layer by layer (K exchanges)."""
+        for k in range(self.cfg.layers):
+            self.server.add_contributions(
+                *self.devices.initial_contribution(k, self.server.item_layers())
+            )
 
     def run_round(self, users: np.ndarray, num_nodes: int = 1) -> dict[str, float]:
         """One round: the cohort's users, packed into ``num_nodes`` nodes, against the same
         tables; then the server step. The packing does not change the result."""
         self.round += 1
-        layers = self.item_layers()
+        layers = self.server.item_layers()
         chunks = np.array_split(np.asarray(users, dtype=np.int64), num_nodes)
-        return self.server_apply([self.device_round(c, layers) for c in chunks])
+        updates = [self.devices.device_round(c, layers, self.round) for c in chunks]
+        return self.server.apply(updates)
 
-    # --- evaluation --------------------------------------------------------------------------
     @torch.no_grad()
-    def final_embeddings(self, batch: int = 8192) -> tuple[np.ndarray, np.ndarray]:
-        layers = self.item_layers()
-        items = torch.stack(layers).mean(0)
-        out = np.zeros((self.n_users, self.cfg.dim), dtype=np.float32)
-        for start in range(0, self.n_users, batch):
-            users = np.arange(start, min(start + batch, self.n_users))
-            out[users] = torch.stack(self.user_layers(users, self.U0[users], layers)).mean(0)
-        return out, items.numpy().copy()
+    def final_embeddings(self) -> tuple[np.ndarray, np.ndarray]:
+        layers = self.server.item_layers()
+        return self.devices.final_user_vectors(layers), self.server.final_item_table()
 
 
 def train_fed_lightgcn(
@@ -331,15 +474,12 @@ def train_fed_lightgcn(
     torch.manual_seed(seed)
     model = FedLightGCN(n_users, n_items, edges, item_degree, cfg, seed)
     model.initialise()
-    rng = np.random.default_rng(seed)
-    cohort = max(1, int(round(cfg.cohort_fraction * n_users)))
-    rounds_per_pass = int(np.ceil(n_users / cohort))
+    rounds_per_pass = rounds_per_pass_for(cfg.cohort_fraction)
+    all_users = np.arange(n_users)
     t0 = time.perf_counter()
     for r in range(cfg.rounds):
-        if r % rounds_per_pass == 0:
-            order = rng.permutation(n_users)
-        part = order[(r % rounds_per_pass) * cohort : (r % rounds_per_pass + 1) * cohort]
-        stats = model.run_round(np.sort(part))
+        part = round_participants(seed, all_users, r + 1, rounds_per_pass)
+        stats = model.run_round(part)
         if on_pass is not None and (r + 1) % rounds_per_pass == 0:
             on_pass(
                 model,

@@ -24,3 +24,20 @@ def partition_users(n_users: int, num_partitions: int, partition_id: int) -> np.
 def user_rng(seed: int, user_id: int, stream: int = 0) -> np.random.Generator:
     """The random generator of one user: the same whichever node hosts the user."""
     return np.random.default_rng([int(seed), int(user_id), int(stream)])
+
+
+def user_slots(seed: int, users: np.ndarray, stream: int, num_slots: int) -> np.ndarray:
+    """A slot in ``[0, num_slots)`` per user, from a hash of (seed, user, stream).
+
+    Vectorised and per-user: the same whichever node hosts the user. Federated rounds use it for
+    client sampling, so every user takes part in exactly one round of each pass over the data.
+    """
+    x = np.asarray(users, dtype=np.uint64).copy()
+    with np.errstate(over="ignore"):
+        x ^= np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+        x += np.uint64(stream) * np.uint64(0xD1B54A32D192ED03) + np.uint64(0x632BE59BD9B4E019)
+        for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):  # SplitMix64
+            x ^= x >> np.uint64(shift)
+            x *= np.uint64(mult)
+        x ^= x >> np.uint64(31)
+    return (x % np.uint64(num_slots)).astype(np.int64)
