@@ -3,49 +3,91 @@
 A node hosts the users of its partition (``partition-id`` / ``num-partitions`` from the node
 config). Each hosted user acts as if alone; the node only batches their work. The data to load
 comes from the server's message (dataset name, data folder, seed); a ``data-dir`` in the node
-config (deployment: each SuperNode's own data) takes precedence.
+config (deployment: each SuperNode's own data) takes precedence. Device state (user vectors,
+their optimiser moments, group, PEE user vectors) lives in ``context.state`` between messages.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from peel_fed.data import Dataset, load_dataset
+from peel_fed.blocks import BlockLayout
+from peel_fed.clustering import UserGroups, kmeans_partial_sums
+from peel_fed.data import Dataset, Interactions, TrainValSplit, load_dataset, split_validation
+from peel_fed.fedlightgcn import FedLightGCNConfig, PretrainDevices, round_participants
+from peel_fed.fedpee import PEE_SLOT_STREAM, EvalSpec, FedPEEConfig, PEEDevices, evaluation_vector
+from peel_fed.lightgcn import NegativeSampler
 from peel_fed.partition import partition_users
 from peel_fed.secagg import SecAggClient
 
-_DATA_CACHE: dict[tuple[str, str], Dataset] = {}
+torch.set_num_threads(1)
 
 
-def _node_data(msg: Message, context: Context) -> tuple[Dataset, np.ndarray]:
-    """The dataset and the ids of the users this node hosts."""
+@dataclass
+class NodeData:
+    ds: Dataset
+    users: np.ndarray
+    split: TrainValSplit
+    fit_sampler: NegativeSampler
+
+
+_DATA_CACHE: dict[tuple, NodeData] = {}
+
+
+def _node_data(msg: Message, context: Context) -> NodeData:
+    """The dataset, its fit/validation split and the ids of the users this node hosts.
+
+    Cached per process as a speed-up only: deployment starts a fresh process per message.
+    """
     spec = msg.content.config_records["data"]
     name = str(spec["dataset"])
     data_dir = str(context.node_config.get("data-dir", "") or spec.get("data-dir", ""))
-    key = (name, data_dir)
-    if key not in _DATA_CACHE:  # a speed cache only: deployment starts a fresh process per message
-        _DATA_CACHE.clear()
-        _DATA_CACHE[key] = load_dataset(name, data_dir or None)
-    ds = _DATA_CACHE[key]
+    seed = int(spec.get("seed", 0))
+    val_fraction = float(spec.get("val-fraction", 0.1))
     pid = int(context.node_config.get("partition-id", 0))
     num = int(context.node_config.get("num-partitions", 1))
-    return ds, partition_users(ds.n_users, num, pid)
+    key = (name, data_dir, seed, val_fraction, pid, num)
+    if key not in _DATA_CACHE:
+        _DATA_CACHE.clear()
+        ds = load_dataset(name, data_dir or None)
+        split = split_validation(ds.train, ds.n_users, val_fraction, seed=seed)
+        _DATA_CACHE[key] = NodeData(
+            ds, partition_users(ds.n_users, num, pid), split, NegativeSampler(split.fit, ds.n_items)
+        )
+    return _DATA_CACHE[key]
 
 
-def _hosted_train_items(ds: Dataset, users: np.ndarray) -> np.ndarray:
-    bounds = ds.train.user_bounds(ds.n_users)
-    return ds.train.items[bounds[users[0]] : bounds[users[-1] + 1]] if users.size else np.zeros(0)
+def _items_of(edges: Interactions, n_users: int, users: np.ndarray) -> np.ndarray:
+    bounds = edges.user_bounds(n_users)
+    if not users.size:
+        return np.zeros(0, dtype=np.int64)
+    return edges.items[bounds[users[0]] : bounds[users[-1] + 1]]
 
 
+def _reply(msg: Message, **records) -> Message:
+    return Message(RecordDict(records), reply_to=msg)
+
+
+def _arrays(rec: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in rec.items()}
+
+
+def _to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+# --- hosts and secure aggregation ---------------------------------------------------------------
 def hosts(msg: Message, context: Context) -> Message:
     """How many users this node hosts (the server cannot read node configs)."""
-    ds, users = _node_data(msg, context)
-    reply = RecordDict({"hosts": MetricRecord({"users": int(users.size)})})
-    return Message(reply, reply_to=msg)
+    node = _node_data(msg, context)
+    return _reply(msg, hosts=MetricRecord({"users": int(node.users.size)}))
 
 
 def _secagg_client(context: Context) -> SecAggClient:
@@ -61,12 +103,20 @@ def _peer_keys(rec: ConfigRecord) -> dict[int, bytes]:
     return {int(k[3:]): bytes(v) for k, v in rec.items() if k.startswith("pk-")}
 
 
+def _masked_reply(msg: Message, context: Context, vector: np.ndarray) -> Message:
+    rec = msg.content.config_records["secagg"]
+    masked = _secagg_client(context).masked(
+        np.asarray(vector, dtype=np.float64), _peer_keys(rec), bytes(rec["round-tag"])
+    )
+    return _reply(msg, secagg=ArrayRecord({"masked": Array(masked)}))
+
+
 def keys(msg: Message, context: Context) -> Message:
     """Start a secure-aggregation session: a fresh X25519 key pair; the public half goes up."""
     private = X25519PrivateKey.generate()
     context.state["secagg"] = ConfigRecord({"private-key": private.private_bytes_raw()})
     public = SecAggClient(context.node_id, private_key=private).public_key()
-    return Message(RecordDict({"secagg": ConfigRecord({"public-key": public})}), reply_to=msg)
+    return _reply(msg, secagg=ConfigRecord({"public-key": public}))
 
 
 def reveal(msg: Message, context: Context) -> Message:
@@ -76,22 +126,202 @@ def reveal(msg: Message, context: Context) -> Message:
     revealed = _secagg_client(context).reveal_pair_seeds(
         dropped, _peer_keys(rec), bytes(rec["round-tag"])
     )
-    out = ConfigRecord({f"key-{j}": k for j, k in revealed.items()})
-    return Message(RecordDict({"secagg": out}), reply_to=msg)
+    return _reply(msg, secagg=ConfigRecord({f"key-{j}": k for j, k in revealed.items()}))
 
 
+# --- statistics ---------------------------------------------------------------------------------
 def stats(msg: Message, context: Context) -> Message:
-    """Training-item counts of the hosted users, and their number, securely aggregated.
-
-    The upload is the dense vector ``[count of item 0, ..., count of item I-1, users]`` plus
-    pairwise masks: the server learns only the sum over all nodes, never a node's items.
+    """Item counts of the hosted users (all training items, and the fit split), and their number,
+    securely aggregated: ``[train counts | fit counts | users]`` plus pairwise masks, so the
+    server learns only the sums over all nodes, never a node's items.
     """
-    ds, users = _node_data(msg, context)
-    counts = np.bincount(_hosted_train_items(ds, users), minlength=ds.n_items)
-    vector = np.concatenate([counts, [users.size]]).astype(np.float64)
-    rec = msg.content.config_records["secagg"]
-    masked = _secagg_client(context).masked(vector, _peer_keys(rec), bytes(rec["round-tag"]))
-    return Message(RecordDict({"secagg": ArrayRecord({"masked": Array(masked)})}), reply_to=msg)
+    node = _node_data(msg, context)
+    n_items, n_users = node.ds.n_items, node.ds.n_users
+    train = np.bincount(_items_of(node.ds.train, n_users, node.users), minlength=n_items)
+    fit = np.bincount(_items_of(node.split.fit, n_users, node.users), minlength=n_items)
+    return _masked_reply(msg, context, np.concatenate([train, fit, [node.users.size]]))
+
+
+# --- pretraining --------------------------------------------------------------------------------
+def _pretrain_devices(msg: Message, context: Context) -> tuple[NodeData, PretrainDevices]:
+    node = _node_data(msg, context)
+    cfg_rec = msg.content.config_records["pretrain"]
+    cfg = FedLightGCNConfig(
+        dim=int(cfg_rec["dim"]),
+        layers=int(cfg_rec["layers"]),
+        local_steps=int(cfg_rec["local-steps"]),
+        user_lr=float(cfg_rec["user-lr"]),
+    )
+    degree = msg.content.array_records["degree"]["degree"].numpy()
+    seed = int(msg.content.config_records["data"]["seed"])
+    devices = PretrainDevices(
+        node.users,
+        node.ds.n_users,
+        node.ds.n_items,
+        node.split.fit,
+        degree,
+        cfg,
+        seed,
+        sampler=node.fit_sampler,
+    )
+    if "pretrain" in context.state.array_records:
+        devices.load_state(_arrays(context.state.array_records["pretrain"]))
+    return node, devices
+
+
+def pretrain(msg: Message, context: Context) -> Message:
+    """Federated LightGCN: ``step = init`` sends the first contributions of layer ``k``,
+    ``step = round`` trains the hosted users taking part in the round, ``step = final`` keeps the
+    final user vectors on the device for grouping and PEE learning (nothing goes up)."""
+    node, devices = _pretrain_devices(msg, context)
+    rec = msg.content.config_records["pretrain"]
+    tables = msg.content.array_records["tables"]
+    layers = [torch.from_numpy(tables[f"layer-{k}"].numpy()) for k in range(devices.cfg.layers + 1)]
+    step = str(rec["step"])
+    out: dict[str, np.ndarray] = {}
+    metrics: dict[str, float] = {}
+    if step == "init":
+        rows, delta = devices.initial_contribution(int(rec["k"]), layers)
+        out = {"contrib-rows": rows, "contrib-delta": delta.numpy()}
+        metrics = {"users": int(node.users.size)}
+    elif step == "round":
+        users = round_participants(
+            devices.seed, node.users, int(rec["round"]), int(rec["rounds-per-pass"])
+        )
+        up = devices.device_round(users, layers, int(rec["round"]))
+        out = {
+            "rows": up.rows,
+            "grad": up.grad.numpy(),
+            "row-devices": up.row_devices,
+            "contrib-rows": up.contrib_rows,
+            "contrib-delta": up.contrib_delta.numpy(),
+        }
+        metrics = {"users": up.users, "loss-sum": up.loss_sum}
+    elif step == "final":
+        context.state["user-vectors"] = ArrayRecord(
+            {"vectors": Array(devices.final_user_vectors(layers))}
+        )
+        metrics = {"users": int(node.users.size)}
+    else:
+        raise ValueError(f"unknown pretrain step {step!r}")
+    context.state["pretrain"] = _to_record(devices.state_arrays())
+    return _reply(msg, upload=_to_record(out), metrics=MetricRecord(metrics))
+
+
+# --- grouping -----------------------------------------------------------------------------------
+def _user_vectors(context: Context) -> np.ndarray:
+    if "user-vectors" not in context.state.array_records:
+        raise RuntimeError("grouping before pretraining finished on this node")
+    return context.state.array_records["user-vectors"]["vectors"].numpy()
+
+
+def kmeans(msg: Message, context: Context) -> Message:
+    """One Lloyd step's share, securely aggregated: per-centroid sums and counts."""
+    centroids = msg.content.array_records["kmeans"]["centroids"].numpy()
+    sums, counts = kmeans_partial_sums(_user_vectors(context), centroids)
+    return _masked_reply(msg, context, np.concatenate([sums.ravel(), counts]))
+
+
+def group(msg: Message, context: Context) -> Message:
+    """Join the nearest final centroid; the server learns how many hosted users joined each."""
+    node = _node_data(msg, context)
+    centroids = msg.content.array_records["kmeans"]["centroids"].numpy()
+    groups = UserGroups(np.zeros(0, dtype=np.int64), centroids).nearest(_user_vectors(context))
+    context.state["group"] = ArrayRecord({"group": Array(groups.astype(np.int64))})
+    counts = np.bincount(groups, minlength=centroids.shape[0])
+    return _reply(
+        msg,
+        groups=MetricRecord({f"g{g}": int(c) for g, c in enumerate(counts)}),
+        hosts=MetricRecord({"users": int(node.users.size)}),
+    )
+
+
+# --- PEE learning -------------------------------------------------------------------------------
+def _layout(msg: Message) -> BlockLayout:
+    rec = msg.content.array_records["layout"]
+    blocks = int(msg.content.config_records["pee"]["blocks"])
+    item_groups = rec["item-groups"].numpy()
+    dim = int(msg.content.config_records["pee"]["dim"])
+    return BlockLayout(item_groups, dim, blocks)
+
+
+def pee(msg: Message, context: Context) -> Message:
+    """Fine-tune the tables of the hosted users' groups; gradients and dL_val/d alpha go up."""
+    node = _node_data(msg, context)
+    rec = msg.content.config_records["pee"]
+    layout = _layout(msg)
+    cfg = FedPEEConfig(
+        local_steps=int(rec["local-steps"]), user_lr=float(rec["user-lr"]), elastic=True
+    )
+    seed = int(msg.content.config_records["data"]["seed"])
+    groups = context.state.array_records["group"]["group"].numpy()
+    devices = PEEDevices(
+        node.users,
+        _user_vectors(context),
+        node.ds.n_users,
+        node.split.fit,
+        node.split.val,
+        layout,
+        cfg,
+        seed,
+    )
+    if "pee" in context.state.array_records:
+        devices.load_state(_arrays(context.state.array_records["pee"]))
+    round_no, per_pass = int(rec["round"]), int(rec["rounds-per-pass"])
+    taking_part = np.isin(
+        node.users, round_participants(seed, node.users, round_no, per_pass, PEE_SLOT_STREAM)
+    )
+    tables = msg.content.array_records["tables"]
+    out: dict[str, np.ndarray] = {}
+    users_total = 0
+    for g in sorted(set(groups.tolist())):
+        users = node.users[(groups == g) & taking_part]
+        up = devices.device_round(
+            users, tables[f"table-{g}"].numpy(), tables[f"alpha-{g}"].numpy(), round_no
+        )
+        users_total += up.users
+        out.update(
+            {
+                f"g{g}-rows": up.rows,
+                f"g{g}-grad": up.grad,
+                f"g{g}-row-devices": up.row_devices,
+                f"g{g}-weight-grad": up.weight_grad,
+                f"g{g}-stats": np.concatenate(
+                    [[up.val_devices, up.users], up.loss_sum, up.loss_count]
+                ),
+            }
+        )
+    context.state["pee"] = _to_record(devices.state_arrays())
+    return _reply(msg, upload=_to_record(out), metrics=MetricRecord({"users": users_total}))
+
+
+# --- deployment and evaluation ------------------------------------------------------------------
+def evaluate(msg: Message, context: Context) -> Message:
+    """Keep the units that fit each budget, rank all items on the device, and send up Recall and
+    NDCG sums (securely aggregated) per method and budget level, per own-budget class, and after
+    each step of the dynamic-budget drill (shrinking with no server contact)."""
+    node = _node_data(msg, context)
+    layout = _layout(msg)
+    groups = context.state.array_records["group"]["group"].numpy()
+    pee_vecs = (
+        context.state.array_records["pee"]["vecs"].numpy()
+        if "pee" in context.state.array_records
+        else _user_vectors(context)
+    )
+    vector = evaluation_vector(
+        EvalSpec.from_config(msg.content.config_records["evaluate"]),
+        _arrays(msg.content.array_records["tables"]),
+        layout,
+        node.users,
+        groups,
+        pee_vecs,
+        _user_vectors(context),
+        node.ds.n_users,
+        node.ds.train,
+        node.ds.test,
+        int(msg.content.config_records["data"]["seed"]),
+    )
+    return _masked_reply(msg, context, vector)
 
 
 def make_client_app(mods: list[Mod] | None = None) -> ClientApp:
@@ -101,6 +331,11 @@ def make_client_app(mods: list[Mod] | None = None) -> ClientApp:
     client.query("keys")(keys)
     client.query("reveal")(reveal)
     client.query("stats")(stats)
+    client.train("pretrain")(pretrain)
+    client.query("kmeans")(kmeans)
+    client.query("group")(group)
+    client.train("pee")(pee)
+    client.evaluate("budgets")(evaluate)
     return client
 
 

@@ -21,12 +21,82 @@ class FedConfig:
     node_wait_s: float = 60.0
     round_timeout_s: float = 600.0
     out_dir: str = ""
+    progress: bool = True
+    # statistics and model shape
+    val_fraction: float = 0.1
+    item_groups: int = 20
+    blocks: int = 8
+    dim: int = 64
+    layers: int = 3
+    # client sampling: fraction of nodes asked per round (users are sampled by cohort fractions)
+    fraction_nodes: float = 1.0
+    # federated LightGCN pretraining
+    pretrain_passes: int = 20
+    cohort_fraction: float = 0.05
+    local_steps: int = 20
+    server_lr: float = 2e-2
+    user_lr: float = 2e-2
+    # grouping
+    user_groups: int = 4
+    kmeans_iters: int = 8
+    # PEE learning
+    pee_rounds: int = 25
+    pee_cohort_fraction: float = 0.2
+    pee_local_steps: int = 5
+    pee_server_lr: float = 2e-3
+    pee_user_lr: float = 5e-4
+    controller_lr: float = 1e-3
+    # deployment and evaluation: budget levels of the table, the distribution each simulated
+    # device draws its own budget from, and the dynamic-budget drill (fractions of its budget)
+    budgets: str = "10%,25%,50%,100%"
+    device_budgets: str = "10%,25%,50%,100%"
+    drill: str = "0.5,0.25"
 
     def __post_init__(self) -> None:
         if self.min_nodes < 1:
             raise ConfigError(f"min-nodes must be >= 1, got {self.min_nodes}")
         if self.round_timeout_s <= 0 or self.node_wait_s <= 0:
             raise ConfigError("round-timeout-s and node-wait-s must be positive")
+        for key in ("fraction_nodes", "cohort_fraction", "pee_cohort_fraction"):
+            if not 0 < getattr(self, key) <= 1:
+                raise ConfigError(
+                    f"{key.replace('_', '-')} must be in (0, 1], got {getattr(self, key)}"
+                )
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"val-fraction must be in (0, 1), got {self.val_fraction}")
+        for key in (
+            "item_groups",
+            "blocks",
+            "dim",
+            "layers",
+            "user_groups",
+            "local_steps",
+            "pee_local_steps",
+        ):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
+        for key in ("pretrain_passes", "kmeans_iters", "pee_rounds"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key.replace('_', '-')} must be >= 0, got {getattr(self, key)}")
+        if self.dim % self.blocks:
+            raise ConfigError(f"blocks ({self.blocks}) must divide dim ({self.dim})")
+        for key in ("budgets", "device_budgets"):
+            if not self.budget_list(key):
+                raise ConfigError(f"{key.replace('_', '-')} must list at least one budget")
+        try:
+            fracs = self.drill_fractions()
+        except ValueError:
+            raise ConfigError(
+                f"drill must be comma-separated fractions, got {self.drill!r}"
+            ) from None
+        if any(not 0 < f <= 1 for f in fracs):
+            raise ConfigError(f"drill fractions must be in (0, 1], got {self.drill!r}")
+
+    def budget_list(self, key: str = "budgets") -> list[str]:
+        return [b.strip() for b in str(getattr(self, key)).split(",") if b.strip()]
+
+    def drill_fractions(self) -> list[float]:
+        return [float(f) for f in self.drill.split(",") if f.strip()]
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> FedConfig:

@@ -123,13 +123,13 @@ def initial_user_vectors(seed: int, users: np.ndarray, dim: int, std: float) -> 
 
 
 def round_participants(
-    seed: int, users: np.ndarray, round_no: int, rounds_per_pass: int
+    seed: int, users: np.ndarray, round_no: int, rounds_per_pass: int, stream: int = SLOT_STREAM
 ) -> np.ndarray:
     """The users (of ``users``) that take part in round ``round_no`` (1-based): every user takes
     part in exactly one round of each pass of ``rounds_per_pass`` rounds."""
     users = np.asarray(users, dtype=np.int64)
     pass_no, slot = divmod(round_no - 1, rounds_per_pass)
-    return users[user_slots(seed, users, SLOT_STREAM + pass_no, rounds_per_pass) == slot]
+    return users[user_slots(seed, users, stream + pass_no, rounds_per_pass) == slot]
 
 
 class PretrainServer:

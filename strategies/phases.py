@@ -130,9 +130,11 @@ def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float) -> list[int]:
         time.sleep(0.5)
 
 
-def data_spec(dataset: str, data_dir: str, seed: int) -> ConfigRecord:
+def data_spec(dataset: str, data_dir: str, seed: int, val_fraction: float = 0.1) -> ConfigRecord:
     """What devices need to load their data (a node's own ``data-dir`` takes precedence)."""
-    return ConfigRecord({"dataset": dataset, "data-dir": data_dir, "seed": seed})
+    return ConfigRecord(
+        {"dataset": dataset, "data-dir": data_dir, "seed": seed, "val-fraction": val_fraction}
+    )
 
 
 def secure_sum(

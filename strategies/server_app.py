@@ -1,54 +1,86 @@
 """The server: a Flower ServerApp whose ``main`` runs the federated phases in order.
 
-Work in progress (issue 3): the statistics phase runs; pretraining, grouping, PEE learning,
-deployment and evaluation follow.
+statistics (secure aggregation) -> LightGCN pretraining (sparse item rows) -> K-Means grouping
+(secure aggregation) -> per-group PEE learning (all groups in the same rounds) -> deployment and
+on-device evaluation with the dynamic-budget drill (secure aggregation of metric sums).
+Each phase is a strategy class in :mod:`strategies.strategies`; this module composes them.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
-import numpy as np
 from flwr.app import Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from peel_fed.atomic import write_json_atomic
+from peel_fed.atomic import write_json_atomic, write_text_atomic
 from peel_fed.fedconfig import FedConfig
-from strategies.phases import data_spec, secure_sum, wait_for_nodes
+from strategies.phases import data_spec, wait_for_nodes
+from strategies.strategies import (
+    EvaluationStrategy,
+    GroupingStrategy,
+    PEEStrategy,
+    PhaseLog,
+    PretrainStrategy,
+    StatsStrategy,
+    results_markdown,
+)
 
 app = ServerApp()
 
 
+def _log(msg: str) -> None:
+    print(f"[peel-fed] {msg}", flush=True)
+
+
 def run_pipeline(grid: Grid, cfg: FedConfig) -> dict:
     """Run the federated phases with ``cfg``; returns (and, with ``out-dir``, saves) the report."""
+    t_start = time.perf_counter()
     nodes = wait_for_nodes(grid, cfg.min_nodes, cfg.node_wait_s)
-    print(f"[peel-fed] {len(nodes)} nodes connected", flush=True)
-    spec = RecordDict({"data": data_spec(cfg.dataset, cfg.data_dir, cfg.seed)})
-    phases = []
-    total, contributed, reports = secure_sum(
-        grid, nodes, "query.stats", spec, cfg.round_timeout_s, "stats"
-    )
-    phases += [r.summary() for r in reports]
-    popularity = np.rint(total[:-1]).astype(np.int64)
-    users = int(round(total[-1]))
-    failed = sorted({n for r in reports for n in r.failed})
-    print(
-        f"[peel-fed] stats (secure aggregation): {len(contributed)}/{len(nodes)} nodes, "
-        f"{users:,} users, {int(popularity.sum()):,} training interactions over "
-        f"{popularity.size:,} items; {len(failed)} failed",
-        flush=True,
+    _log(f"{len(nodes)} nodes connected")
+    spec = RecordDict({"data": data_spec(cfg.dataset, cfg.data_dir, cfg.seed, cfg.val_fraction)})
+    log = PhaseLog(cfg, nodes)
+    stats = StatsStrategy(cfg, log).run(grid, nodes, spec)
+    pretraining = PretrainStrategy(cfg, log)
+    pre = pretraining.run(grid, nodes, spec, stats)
+    groups = GroupingStrategy(cfg, log).run(grid, nodes, spec, pre.final_item_table())
+    pee = PEEStrategy(cfg, log).run(grid, nodes, spec, stats, pre.final_item_table(), groups)
+    evaluation = EvaluationStrategy(cfg, log).run(
+        grid, nodes, spec, stats, pre.final_item_table(), pee
     )
     report = {
         "config": cfg.to_run_config(),
         "nodes": nodes,
-        "stats_nodes": contributed,
-        "failed_nodes": failed,
-        "users": users,
-        "popularity": popularity.tolist(),
-        "phases": phases,
+        "dataset": {
+            "name": cfg.dataset,
+            "users": stats.users,
+            "items": stats.n_items,
+            "train": int(stats.train_popularity.sum()),
+            "fit": int(stats.fit_degree.sum()),
+        },
+        "layout": {
+            "full_table_bytes": stats.layout.full_table_bytes,
+            "num_item_groups": stats.layout.num_item_groups,
+            "num_blocks": stats.layout.num_blocks,
+        },
+        "user_group_sizes": groups.sizes,
+        "unit_weights": [s.weights().round(4).tolist() for s in pee.servers],
+        **evaluation,
+        "pretrain": pretraining.history,
+        "pee": pee.history,
+        "bytes": log.bytes_report(stats),
+        "failures": log.failures(),
+        "phases": log.summaries(),
+        "wall_seconds": time.perf_counter() - t_start,
     }
+    print(results_markdown(report), flush=True)
     if cfg.out_dir:
-        write_json_atomic(Path(cfg.out_dir) / "results.json", report)
+        out = Path(cfg.out_dir)
+        write_json_atomic(out / "results.json", report)
+        write_text_atomic(out / "results.md", results_markdown(report))
+        _log(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+    _log(f"done in {report['wall_seconds']:.0f} s")
     return report
 
 
