@@ -88,10 +88,74 @@ def _add_centralized(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _add_simulate(sub) -> None:
+    p = sub.add_parser(
+        "simulate",
+        help="federated PEEL in Flower's Ray simulation (the main job)",
+        description="Run the federated pipeline (statistics, LightGCN pretraining, K-Means "
+        "grouping, per-group PEE learning, on-device evaluation and the dynamic-budget drill) "
+        "with NUM_NODES simulated SuperNodes hosting all users. Defaults come from "
+        "[tool.flwr.app.config]; writes results.json, results.md and recall_vs_budget.png.",
+    )
+    p.add_argument("--num-nodes", type=int, default=4, help="simulated SuperNodes (default 4)")
+    p.add_argument("--dataset", default=None, help="bundled dataset name (default gowalla)")
+    p.add_argument("--data-dir", default=None, help="a LightGCN-format folder")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--run-config",
+        default="",
+        help='run-config overrides as for flwr run, e.g. "pretrain-passes=5 user-groups=2"',
+    )
+    p.add_argument("--out", default="runs/federated", help="output folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def parse_run_config(text: str) -> dict:
+    """``"key=value other='text'"`` -> dict, values parsed as TOML (as ``flwr run`` does)."""
+    import shlex
+
+    import tomllib
+
+    out = {}
+    for pair in shlex.split(text):
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"run-config entries must be key=value, got {pair!r}")
+        try:
+            out[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = value
+    return out
+
+
+def _simulate(args) -> None:
+    from pathlib import Path
+
+    from peel_fed.fedconfig import FedConfig
+
+    overrides = parse_run_config(args.run_config)
+    for key, value in (("dataset", args.dataset), ("seed", args.seed)):
+        if value is not None:
+            overrides[key] = value
+    if args.data_dir is not None:
+        overrides["data-dir"] = str(Path(args.data_dir).resolve())
+    overrides["out-dir"] = str(Path(args.out).resolve())
+    if args.no_progress:
+        overrides["progress"] = False
+    base = FedConfig().to_run_config()
+    cfg = FedConfig.from_run_config({**base, **overrides})
+    if args.num_nodes < cfg.min_nodes:
+        cfg = FedConfig.from_run_config({**cfg.to_run_config(), "min-nodes": args.num_nodes})
+    from sim.simulate import run_federated_simulation  # Flower and Ray load only here
+
+    run_federated_simulation(cfg, args.num_nodes)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="peel-fed", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_centralized(sub)
+    _add_simulate(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "centralized":
@@ -126,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
                 ),
             )
             run_centralized(cfg)
+        elif args.command == "simulate":
+            _simulate(args)
     except (DataError, BudgetError, GroupingError, ValueError) as exc:
         print(f"peel-fed: error: {exc}", file=sys.stderr)
         return 2

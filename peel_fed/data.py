@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 BUNDLED_DATASETS = ("gowalla",)
-SYNTHETIC_DATASETS = ("checkerboard",)  # generated in memory (seeded), for tests and smoke runs
+SYNTHETIC_DATASETS = ("checkerboard", "checkerboard-tiny")  # generated in memory (seeded), for tests and smoke runs
 
 
 class DataError(ValueError):
@@ -183,6 +183,8 @@ def load_dataset(
     if data_dir is None and name in SYNTHETIC_DATASETS:
         from peel_fed.synthetic import checkerboard
 
+        if name == "checkerboard-tiny":  # one node per user stays cheap in a simulation
+            return checkerboard(n_users=12, n_items=48, n_clusters=2, p_in=0.4, p_out=0.02, seed=2)
         return checkerboard(n_users=240, n_items=160, n_clusters=4, p_in=0.25, p_out=0.01, seed=1)
     if data_dir is None:
         folder = bundled_path(name)

@@ -32,9 +32,9 @@ class FedConfig:
     fraction_nodes: float = 1.0
     # federated LightGCN pretraining
     pretrain_passes: int = 20
-    cohort_fraction: float = 0.05
+    cohort_fraction: float = 0.25
     local_steps: int = 20
-    server_lr: float = 2e-2
+    server_lr: float = 5e-2
     user_lr: float = 2e-2
     # grouping
     user_groups: int = 4

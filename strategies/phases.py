@@ -164,7 +164,11 @@ def secure_sum(
     }
     cohort = sorted(public)
     if len(cohort) < 2:
-        raise RuntimeError(f"{phase}: secure aggregation needs at least 2 nodes, got {len(cohort)}")
+        reasons = "; ".join(sorted(set(rep.failed.values())))
+        raise RuntimeError(
+            f"{phase}: secure aggregation needs at least 2 nodes, got {len(cohort)}"
+            + (f" ({reasons})" if reasons else "")
+        )
     round_tag = os.urandom(16)
     keys = ConfigRecord({f"pk-{n}": pk for n, pk in public.items()})
     keys["round-tag"] = round_tag

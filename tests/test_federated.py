@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 
 import numpy as np
 import pytest
@@ -43,23 +44,59 @@ def test_fedconfig_from_run_config_checks_keys_and_types():
 
 
 FAILING_PARTITION = 1
+# every phase's device action fails once on partition 1 (pretraining: its first training round)
+FAIL_ONCE = ("query.stats", "train.pretrain", "query.kmeans", "train.pee", "evaluate.budgets")
+SMALL_RUN = dict(
+    pretrain_passes=4,
+    cohort_fraction=0.5,
+    local_steps=1,
+    user_groups=2,
+    kmeans_iters=3,
+    pee_rounds=4,
+    pee_cohort_fraction=0.5,
+    item_groups=4,
+    blocks=4,
+    dim=16,
+    budgets="25%,50%,100%",
+    device_budgets="50%,100%",
+    progress=False,
+    round_timeout_s=60.0,
+)
+
+
+def _state_arrays(context) -> dict[str, np.ndarray]:
+    out = {}
+    for name, rec in context.state.array_records.items():
+        for key, arr in rec.items():
+            out[f"{name}/{key}"] = arr.numpy()
+    return out
 
 
 @pytest.fixture(scope="session")
-def simulated_stats(tmp_path_factory):
-    """One Ray-backed simulation of the pipeline with 4 nodes (shared: Ray starts cost ~12 s)."""
-    from flwr.serverapp import ServerApp
-    from flwr.simulation import run_simulation
+def failing_run(tmp_path_factory):
+    """One Ray simulation of the whole pipeline, 4 nodes, partition 1 failing once per phase;
+    every reply is recorded, and every device state is snapshotted after every message."""
+    from sim.simulate import run_federated_simulation
 
-    from clients.client_app import make_client_app
-    from strategies.server_app import run_pipeline
+    marks = tmp_path_factory.mktemp("marks")
+    snaps = tmp_path_factory.mktemp("snapshots")
+    out = tmp_path_factory.mktemp("fed")
+    uploads: list = []
 
-    def fail_on_partition_1(msg, context, call_next):
-        # a device that crashes in the statistics phase, after the key exchange
-        failing = int(context.node_config["partition-id"]) == FAILING_PARTITION
-        if failing and msg.metadata.message_type == "query.stats":
-            raise RuntimeError("injected device failure")
-        return call_next(msg, context)
+    def fail_once_per_phase(msg, context, call_next):
+        pid = int(context.node_config["partition-id"])
+        kind = msg.metadata.message_type
+        step = ""
+        if kind == "train.pretrain":
+            step = str(msg.content.config_records["pretrain"]["step"])
+        mark = marks / f"{pid}-{kind}"
+        if pid == FAILING_PARTITION and kind in FAIL_ONCE and step in ("", "round"):
+            if not mark.exists():
+                mark.touch()
+                raise RuntimeError(f"injected device failure in {kind}")
+        reply = call_next(msg, context)
+        np.savez(snaps / f"{pid}-{uuid.uuid4().hex}.npz", **_state_arrays(context))
+        return reply
 
     class AuditGrid:
         """The real grid, recording every reply a device sends to the server."""
@@ -72,48 +109,54 @@ def simulated_stats(tmp_path_factory):
 
         def send_and_receive(self, messages, *, timeout=None):
             replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-            captured.setdefault("uploads", []).extend(replies)
+            uploads.extend(replies)
             return replies
 
-    out = tmp_path_factory.mktemp("fed")
-    captured: dict = {}
-    server = ServerApp()
-
-    @server.main()
-    def _main(grid, context):
-        cfg = FedConfig(dataset="checkerboard", min_nodes=4, out_dir=str(out))
-        captured["report"] = run_pipeline(AuditGrid(grid), cfg)
-
-    run_simulation(
-        server_app=server,
-        client_app=make_client_app(mods=[fail_on_partition_1]),
-        num_supernodes=4,
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": 2, "include_dashboard": False},
-        },
+    cfg = FedConfig(dataset="checkerboard", min_nodes=4, out_dir=str(out), **SMALL_RUN)
+    report = run_federated_simulation(
+        cfg, 4, mods=[fail_once_per_phase], wrap_grid=AuditGrid, num_cpus=2
     )
-    return captured["report"], out, captured["uploads"]
+    return report, out, uploads, snaps
 
 
-def test_stats_phase_survives_a_failing_device(simulated_stats):
-    report, out, _ = simulated_stats
+def test_full_run_survives_a_device_failing_in_every_phase(failing_run):
+    report, out, _, _ = failing_run
     ds = load_dataset("checkerboard")
     lost = partition_users(ds.n_users, 4, FAILING_PARTITION)
+    # statistics: the failing node's users are missing from the secure sums
+    assert report["dataset"]["users"] == ds.n_users - lost.size
     alive = ~np.isin(ds.train.users, lost)
-    assert report["users"] == ds.n_users - lost.size
-    expected = np.bincount(ds.train.items[alive], minlength=ds.n_items)
-    assert np.array_equal(np.array(report["popularity"]), expected)
-    by_phase = {p["phase"]: p for p in report["phases"]}
-    assert by_phase["stats/keys"]["replied"] == 4
-    stats = by_phase["stats"]
-    assert stats["nodes"] == 4 and stats["replied"] == 3 and stats["failed"] == 1
-    assert "injected device failure" in next(iter(stats["failures"].values()))
-    assert stats["bytes_up_total"] > 0
-    assert by_phase["stats/reveal"]["replied"] == 3  # survivors unmasked the dropped node
-    assert len(report["failed_nodes"]) == 1 and len(report["stats_nodes"]) == 3
+    assert report["dataset"]["train"] == int(alive.sum())
+    fails = report["failures"]
+    for phase in ("stats", "pretrain", "kmeans", "pee", "evaluate"):
+        assert fails[phase]["failed_replies"] == 1, phase
+        assert list(fails[phase]["by_node"].values()) == [1]
+    assert fails["group"]["failed_replies"] == 0 and fails["final"]["failed_replies"] == 0
+    failures = [f for p in report["phases"] for f in p["failures"].values()]
+    assert all("injected device failure" in f for f in failures) and len(failures) == 5
+    # evaluation: the failing node's users are not in the averages
+    has_test = np.bincount(ds.test.users, minlength=ds.n_users) > 0
+    counted = int(has_test.sum() - has_test[lost].sum())
+    assert {r["users"] for r in report["rows"]} == {counted}
+    assert sum(d["users"] for d in report["drill"] if d["fraction_of_own"] == 1.0) == counted
+    assert len(report["evaluated_nodes"]) == 3
     saved = json.loads((out / "results.json").read_text())
-    assert saved["popularity"] == report["popularity"]
+    assert saved["rows"] == report["rows"]
+    assert (out / "results.md").read_text().startswith("## Federated PEEL on checkerboard")
+    assert (out / "recall_vs_budget.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_federated_peel_ranks_the_checkerboard_well(failing_run):
+    report = failing_run[0]
+    ds = load_dataset("checkerboard")
+    full = {r["method"]: r for r in report["rows"] if r["budget_fraction"] == 1.0}
+    peel = full["PEEL (G_u=2)"]["recall@20"]
+    # a random ranking of the ~150 unseen items puts ~13% of test items in a top 20 (this short
+    # run reaches about twice that)
+    candidates = ds.n_items - np.bincount(ds.train.users, minlength=ds.n_users).mean()
+    assert peel > 1.5 * 20 / candidates
+    assert report["bytes"]["pretrain"]["sparse_over_dense"] < 1.0
+    assert sorted(report["user_group_sizes"]) and sum(report["user_group_sizes"]) == 180
 
 
 def _values(reply):
@@ -136,27 +179,78 @@ def _values(reply):
     return out
 
 
-def test_no_upload_carries_a_nodes_items_or_counts(simulated_stats):
-    """Audit every message the devices sent: none may hold a node's item set or item counts."""
-    _, _, uploads = simulated_stats
+def test_no_upload_carries_an_interaction_list_or_a_user_vector(failing_run):
+    """Audit every message the devices sent in the full run against every device's data and
+    every user vector any device ever held (ego vectors, final vectors, PEE vectors)."""
+    _, _, uploads, snaps = failing_run
     ds = load_dataset("checkerboard")
-    private = []
+    bounds = ds.train.user_bounds(ds.n_users)
+    lists, counts = [], []
+    for u in range(ds.n_users):
+        lists.append(np.sort(ds.train.items[bounds[u] : bounds[u + 1]]))
     for pid in range(4):
         users = partition_users(ds.n_users, 4, pid)
-        items = ds.train.items[np.isin(ds.train.users, users)]
-        private.append(np.unique(items))
-        private.append(np.bincount(items, minlength=ds.n_items))
-    assert len(uploads) >= 4 + 3 + 3
+        counts.append(
+            np.bincount(ds.train.items[np.isin(ds.train.users, users)], minlength=ds.n_items)
+        )
+        for u in users:
+            counts.append(np.bincount(lists[u], minlength=ds.n_items))
+    vectors = []
+    for f in snaps.glob("*.npz"):
+        with np.load(f) as z:
+            for key in ("pretrain/U0", "user-vectors/vectors", "pee/vecs"):
+                if key in z.files:
+                    vectors.append(z[key].reshape(-1, z[key].shape[-1]))
+    vectors = np.unique(np.concatenate(vectors), axis=0)
+    assert vectors.shape[0] >= 3 * ds.n_users  # the snapshots saw ego, final and PEE vectors
+    vec_set = {v.astype(np.float32).tobytes() for v in vectors}
+    checked = 0
     for reply in uploads:
         for value in _values(reply):
             flat = value.ravel()
-            for secret in private:
-                assert not (flat.size == secret.size and np.array_equal(flat, secret))
-                assert not (
-                    flat.size > secret.size
-                    and np.isin(secret, flat).all()
-                    and flat.dtype != np.uint8
-                )
+            if value.dtype.kind in "iu" and value.dtype != np.uint8:
+                srt = np.sort(flat)
+                for secret in lists:
+                    assert not np.array_equal(srt, secret), "an upload is a user's item list"
+            if flat.size == ds.n_items:
+                for secret in counts:
+                    assert not np.array_equal(flat, secret), "an upload is an item-count vector"
+            if value.dtype.kind == "f" and value.shape[-1:] == (16,):
+                rows = value.reshape(-1, 16).astype(np.float32)
+                assert not any(r.tobytes() in vec_set for r in rows), "an upload is a user vector"
+            checked += 1
+    assert checked > 50
+
+
+@pytest.fixture(scope="session")
+def packing_runs():
+    """The same tiny federation with one user per node and with four users per node."""
+    from sim.simulate import run_federated_simulation
+
+    cfg = FedConfig(dataset="checkerboard-tiny", min_nodes=3, **SMALL_RUN)
+    ds = load_dataset("checkerboard-tiny")
+    one_each = run_federated_simulation(
+        FedConfig.from_run_config({**cfg.to_run_config(), "min-nodes": ds.n_users}),
+        ds.n_users,
+        num_cpus=2,
+    )
+    packed = run_federated_simulation(cfg, 3, num_cpus=2)
+    return one_each, packed
+
+
+def test_packing_users_into_nodes_does_not_change_the_metrics(packing_runs):
+    one_each, packed = packing_runs
+    assert one_each["user_group_sizes"] == packed["user_group_sizes"]
+    for a, b in zip(one_each["rows"], packed["rows"], strict=True):
+        assert a["method"] == b["method"] and a["users"] == b["users"]
+        assert a["recall@20"] == pytest.approx(b["recall@20"], abs=1e-6)
+        assert a["ndcg@20"] == pytest.approx(b["ndcg@20"], abs=1e-5)
+    for a, b in zip(one_each["drill"], packed["drill"], strict=True):
+        assert a["recall@20"] == pytest.approx(b["recall@20"], abs=1e-6)
+    np.testing.assert_allclose(
+        np.array(one_each["unit_weights"]), np.array(packed["unit_weights"]), atol=1e-4
+    )
+    assert len(one_each["nodes"]) == 12 and len(packed["nodes"]) == 3
 
 
 def test_run_config_defaults_match_fedconfig():
