@@ -17,7 +17,10 @@ from pathlib import Path
 import numpy as np
 
 BUNDLED_DATASETS = ("gowalla",)
-SYNTHETIC_DATASETS = ("checkerboard", "checkerboard-tiny")  # generated in memory (seeded), for tests and smoke runs
+SYNTHETIC_DATASETS = (
+    "checkerboard",
+    "checkerboard-tiny",
+)  # generated in memory (seeded), for tests and smoke runs
 
 
 class DataError(ValueError):

@@ -534,3 +534,36 @@ def evaluation_table(total: np.ndarray, spec: EvalSpec) -> dict:
             i += 1
     assert i * 3 == a + b + spec.sizes()[2]
     return {"rows": rows, "drill": drill, "per_group": per_group}
+
+
+def train_fed_pee(
+    user_vectors: np.ndarray,
+    item_table: np.ndarray,
+    assignment: np.ndarray,
+    n_users: int,
+    fit: Interactions,
+    val: Interactions,
+    popularity: np.ndarray,
+    layout: BlockLayout,
+    cfg: FedPEEConfig,
+    seed: int = 0,
+) -> tuple[list[PEEGroupServer], PEEDevices]:
+    """Federated PEE learning in one process (reference for tests and tuning): every device in
+    one :class:`PEEDevices`, the same rounds and participation as the Flower strategy."""
+    from peel_fed.fedlightgcn import round_participants, rounds_per_pass_for
+
+    users = np.arange(n_users)
+    devices = PEEDevices(users, user_vectors, n_users, fit, val, layout, cfg, seed)
+    n_groups = int(assignment.max()) + 1
+    servers = [
+        PEEGroupServer(item_table, popularity, layout, cfg, seed * 1000 + g)
+        for g in range(n_groups)
+    ]
+    per_pass = rounds_per_pass_for(cfg.cohort_fraction)
+    for r in range(1, cfg.rounds + 1):
+        part = round_participants(seed, users, r, per_pass, PEE_SLOT_STREAM)
+        for g, server in enumerate(servers):
+            mine = part[assignment[part] == g]
+            up = devices.device_round(mine, server.table.numpy(), server.weights(), r)
+            server.apply([up])
+    return servers, devices
