@@ -196,7 +196,7 @@ def pretrain(msg: Message, context: Context) -> Message:
             "contrib-rows": up.contrib_rows,
             "contrib-delta": up.contrib_delta.numpy(),
         }
-        metrics = {"users": up.users, "loss-sum": up.loss_sum}
+        metrics = {"users": up.users, "loss-sum": up.loss_sum, "solo-bytes": up.solo_bytes}
     elif step == "final":
         context.state["user-vectors"] = ArrayRecord(
             {"vectors": Array(devices.final_user_vectors(layers))}
@@ -273,13 +273,14 @@ def pee(msg: Message, context: Context) -> Message:
     )
     tables = msg.content.array_records["tables"]
     out: dict[str, np.ndarray] = {}
-    users_total = 0
+    users_total, solo_total = 0, 0
     for g in sorted(set(groups.tolist())):
         users = node.users[(groups == g) & taking_part]
         up = devices.device_round(
             users, tables[f"table-{g}"].numpy(), tables[f"alpha-{g}"].numpy(), round_no
         )
         users_total += up.users
+        solo_total += up.solo_bytes
         out.update(
             {
                 f"g{g}-rows": up.rows,
@@ -292,7 +293,11 @@ def pee(msg: Message, context: Context) -> Message:
             }
         )
     context.state["pee"] = _to_record(devices.state_arrays())
-    return _reply(msg, upload=_to_record(out), metrics=MetricRecord({"users": users_total}))
+    return _reply(
+        msg,
+        upload=_to_record(out),
+        metrics=MetricRecord({"users": users_total, "solo-bytes": solo_total}),
+    )
 
 
 # --- deployment and evaluation ------------------------------------------------------------------

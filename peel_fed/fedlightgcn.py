@@ -82,6 +82,7 @@ class DeviceUpdate:
     contrib_delta: torch.Tensor
     loss_sum: float
     users: int
+    solo_bytes: int = 0  # what the users would upload if each were alone (same encoding)
 
     @classmethod
     def empty(cls, cfg: FedLightGCNConfig) -> DeviceUpdate:
@@ -378,6 +379,8 @@ class PretrainDevices:
         )
         row_devices_all = np.bincount(keys % self.n_items, minlength=self.n_items)
         rows = np.flatnonzero(row_devices_all)
+        d, k = self.cfg.dim, self.cfg.layers
+        solo = int(keys.size * (8 + 8 + 4 * d) + counts.sum() * (8 + 4 * k * d) + 16 * users.size)
         # contributions with the new u0 and the tables received
         ul = self.user_layers(users, self.U0[local], received)
         contrib_rows, delta = self.contribution_upload(
@@ -391,6 +394,7 @@ class PretrainDevices:
             contrib_delta=delta,
             loss_sum=loss_sum,
             users=int(users.size),
+            solo_bytes=solo,
         )
 
     def _pair_loss(self, uf, u0, up, un, item_sq, pair_user, weight) -> torch.Tensor:

@@ -80,6 +80,7 @@ class PEEUpload:
     loss_sum: np.ndarray  # (G_v,) pair-loss sums per item group
     loss_count: np.ndarray  # (G_v,)
     users: int
+    solo_bytes: int = 0  # what the users would upload if each were alone (same encoding)
 
 
 class PEEGroupServer:
@@ -283,6 +284,8 @@ class PEEDevices:
         keys = np.unique(np.concatenate([owner * T.shape[0] + pos, owner * T.shape[0] + neg]))
         row_devices = np.bincount(keys % T.shape[0], minlength=T.shape[0])
         rows = np.flatnonzero(row_devices)
+        per_user = (n_groups * n_blocks + 2 + 2 * n_groups) * 8
+        solo = int(keys.size * (8 + 8 + 4 * T.shape[1]) + per_user * users.size)
         # outer level: dL_val / d alpha of each device's mean validation loss, tables fixed
         wgrad, val_devices = self.validation_weight_grad(users, T, alpha, round_no)
         return PEEUpload(
@@ -294,6 +297,7 @@ class PEEDevices:
             loss_sum=loss_sum_g,
             loss_count=loss_cnt_g,
             users=int(users.size),
+            solo_bytes=solo,
         )
 
     def validation_weight_grad(

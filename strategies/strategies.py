@@ -48,7 +48,12 @@ class PhaseLog:
         self.reports: list[PhaseReport] = []
         self.users: list[dict[int, int]] = []
 
-    def add(self, reports: list[PhaseReport] | PhaseReport, users: dict[int, int] | None = None):
+    def add(
+        self,
+        reports: list[PhaseReport] | PhaseReport,
+        users: dict[int, tuple[int, int]] | None = None,
+    ) -> None:
+        """``users``: per replying node, (taking-part users, bytes they would send alone)."""
         for r in reports if isinstance(reports, list) else [reports]:
             self.reports.append(r)
             self.users.append(users or {})
@@ -70,7 +75,8 @@ class PhaseLog:
 
     def bytes_report(self, stats: StatsResult) -> dict[str, dict]:
         """Per phase: mean bytes per node per exchange down and up, and per taking-part device
-        (bytes of the replies over the users they covered) where devices are counted."""
+        where devices are counted: the bytes each taking-part user would upload alone (one user per
+        node, as in deployment; same encoding), averaged over users and rounds."""
         out: dict[str, dict] = {}
         for r, users in zip(self.reports, self.users, strict=True):
             phase = r.phase.split("/")[0]
@@ -81,10 +87,10 @@ class PhaseLog:
             e["down"] += sum(r.bytes_down.values())
             e["up"] += sum(r.bytes_up.values())
             e["replies"] += len(r.replied)
-            for node, n in users.items():
+            for node, (n, solo) in users.items():
                 if node in r.bytes_up and n:
                     e["devices"] += n
-                    e["up_dev"] += r.bytes_up[node]
+                    e["up_dev"] += solo
         cfg = self.cfg
         dense = (1 + cfg.layers) * stats.n_items * cfg.dim * 4
         report = {}
@@ -246,7 +252,7 @@ class PretrainStrategy:
             for node, reply in replies.items():
                 up = reply.content.array_records["upload"]
                 m = reply.content.metric_records["metrics"]
-                users[node] = int(m["users"])
+                users[node] = (int(m["users"]), int(m["solo-bytes"]))
                 updates.append(
                     DeviceUpdate(
                         rows=up["rows"].numpy(),
@@ -403,7 +409,8 @@ class PEEStrategy:
             n = layout.num_item_groups
             for node, reply in replies.items():
                 up = reply.content.array_records["upload"]
-                users[node] = int(reply.content.metric_records["metrics"]["users"])
+                m = reply.content.metric_records["metrics"]
+                users[node] = (int(m["users"]), int(m["solo-bytes"]))
                 for g in groups.node_groups[node]:
                     st = up[f"g{g}-stats"].numpy()
                     uploads[g].append(
@@ -521,7 +528,8 @@ def results_markdown(report: dict) -> str:
     if report.get("bytes"):
         lines += [
             "",
-            "| phase | exchanges | down B / node / exchange | up B / reply | up B / device / round |",
+            "| phase | exchanges | down B / node / exchange | up B / reply "
+            "| up B / device / round, alone |",
             "|---|---|---|---|---|",
         ]
         for phase, b in report["bytes"].items():
@@ -535,8 +543,10 @@ def results_markdown(report: dict) -> str:
         pre = report["bytes"].get("pretrain", {})
         if "sparse_over_dense" in pre:
             lines.append(
-                f"\nPretraining up-link per device per round: {pre['up_bytes_per_device_per_round']:,.0f} B, "
-                f"{100 * pre['sparse_over_dense']:.2f}% of a dense upload ({pre['dense_upload_bytes']:,} B)."
+                "\nPretraining up-link per device per round (as if alone): "
+                f"{pre['up_bytes_per_device_per_round']:,.0f} B, "
+                f"{100 * pre['sparse_over_dense']:.2f}% of a dense upload of the same tensors "
+                f"({pre['dense_upload_bytes']:,} B)."
             )
     fails = report.get("failures", {})
     total_failed = sum(f["failed_replies"] for f in fails.values())
