@@ -43,7 +43,7 @@ class FedConfig:
     pee_rounds: int = 25
     pee_cohort_fraction: float = 0.2
     pee_local_steps: int = 5
-    pee_server_lr: float = 2e-3
+    pee_server_lr: float = 5e-3
     pee_user_lr: float = 5e-4
     controller_lr: float = 1e-3
     # deployment and evaluation: budget levels of the table, the distribution each simulated

@@ -54,7 +54,7 @@ class FedPEEConfig:
     rounds: int = 25
     cohort_fraction: float = 0.2
     local_steps: int = 5
-    server_lr: float = 2e-3
+    server_lr: float = 5e-3
     user_lr: float = 5e-4
     l2: float = 1e-4
     elastic: bool = True

@@ -81,9 +81,20 @@ class PhaseLog:
         for r, users in zip(self.reports, self.users, strict=True):
             phase = r.phase.split("/")[0]
             e = out.setdefault(
-                phase, {"exchanges": 0, "down": 0, "up": 0, "replies": 0, "devices": 0, "up_dev": 0}
+                phase,
+                {
+                    "exchanges": 0,
+                    "down": 0,
+                    "up": 0,
+                    "replies": 0,
+                    "devices": 0,
+                    "up_dev": 0,
+                    "s": 0,
+                },
             )
             e["exchanges"] += 1
+            e["s"] += r.seconds
+            e["sent"] = e.get("sent", 0) + len(r.sent_to)
             e["down"] += sum(r.bytes_down.values())
             e["up"] += sum(r.bytes_up.values())
             e["replies"] += len(r.replied)
@@ -95,10 +106,10 @@ class PhaseLog:
         dense = (1 + cfg.layers) * stats.n_items * cfg.dim * 4
         report = {}
         for phase, e in out.items():
-            sent = max(sum(1 for r in self.reports if r.phase.split("/")[0] == phase), 1)
             row = {
                 "exchanges": e["exchanges"],
-                "down_bytes_per_node_per_exchange": e["down"] / max(len(self.nodes) * sent, 1),
+                "exchange_seconds": e["s"],
+                "down_bytes_per_node_per_exchange": e["down"] / max(e["sent"], 1),
                 "up_bytes_per_reply": e["up"] / max(e["replies"], 1),
                 "down_bytes_total": e["down"],
                 "up_bytes_total": e["up"],
@@ -528,14 +539,15 @@ def results_markdown(report: dict) -> str:
     if report.get("bytes"):
         lines += [
             "",
-            "| phase | exchanges | down B / node / exchange | up B / reply "
+            "| phase | exchanges | seconds | down B / node / exchange | up B / reply "
             "| up B / device / round, alone |",
-            "|---|---|---|---|---|",
+            "|---|---|---|---|---|---|",
         ]
         for phase, b in report["bytes"].items():
             per_dev = b.get("up_bytes_per_device_per_round")
             lines.append(
-                f"| {phase} | {b['exchanges']} | {b['down_bytes_per_node_per_exchange']:,.0f} | "
+                f"| {phase} | {b['exchanges']} | {b['exchange_seconds']:.0f} | "
+                f"{b['down_bytes_per_node_per_exchange']:,.0f} | "
                 f"{b['up_bytes_per_reply']:,.0f} | "
                 + (f"{per_dev:,.0f}" if per_dev is not None else "-")
                 + " |"
