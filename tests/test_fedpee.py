@@ -1,0 +1,128 @@
+"""Federated PEE learning and on-device evaluation (the algorithm, no transport)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from peel_fed.blocks import BlockLayout, first_blocks_order, parse_budget, popularity_item_groups
+from peel_fed.clustering import kmeans_user_groups
+from peel_fed.data import split_validation
+from peel_fed.fedlightgcn import round_participants
+from peel_fed.fedpee import (
+    EvalSpec,
+    FedPEEConfig,
+    evaluation_table,
+    evaluation_vector,
+    train_fed_pee,
+)
+from peel_fed.lightgcn import LightGCNConfig, train_lightgcn
+from peel_fed.partition import user_slots
+from peel_fed.pipeline import evaluate_units
+from peel_fed.synthetic import checkerboard
+
+
+def test_every_user_takes_part_once_per_pass():
+    users = np.arange(500)
+    for per_pass in (1, 4, 7):
+        rounds = [round_participants(3, users, r, per_pass) for r in range(1, per_pass + 1)]
+        assert np.array_equal(np.sort(np.concatenate(rounds)), users)
+    # per-user: the same slot whatever other users are asked with it
+    assert user_slots(3, np.array([17]), 5, 9)[0] == user_slots(3, users, 5, 9)[17]
+
+
+@pytest.fixture(scope="module")
+def board():
+    ds = checkerboard(n_users=80, n_items=64, n_clusters=2, p_in=0.35, p_out=0.02, seed=4)
+    split = split_validation(ds.train, ds.n_users, 0.2, seed=0)
+    model = train_lightgcn(
+        ds.n_users, ds.n_items, split.fit, LightGCNConfig(dim=16, epochs=20, batch_size=128)
+    )
+    users, items = model.final_embeddings()
+    layout = BlockLayout(popularity_item_groups(ds.item_popularity(), 4), 16, 4)
+    return ds, split, users, items, layout
+
+
+def test_on_device_evaluation_sums_equal_the_centralized_evaluation(board):
+    ds, _, users, items, layout = board
+    groups = kmeans_user_groups(users, 2, seed=0).assignment
+    order = first_blocks_order(layout.num_item_groups, layout.num_blocks)
+    ones = np.ones((layout.num_item_groups, layout.num_blocks))
+    spec = EvalSpec(
+        budget_bytes=tuple(parse_budget(b, layout.full_table_bytes) for b in ("25%", "100%")),
+        device_budgets=("50%", "100%"),
+        drill=(0.5,),
+        user_groups=2,
+        full_table_bytes=layout.full_table_bytes,
+    )
+    tables = {"pretrained": items, "order-first-k blocks": order, "order-random units": order}
+    for g in range(2):
+        tables.update({f"table-{g}": items, f"alpha-{g}": ones, f"order-{g}": order})
+    all_users = np.arange(ds.n_users)
+    # two "nodes": their summed vectors are what the server decodes
+    halves = np.array_split(all_users, 2)
+    total = sum(
+        evaluation_vector(
+            spec,
+            tables,
+            layout,
+            h,
+            groups[h],
+            users[h],
+            users[h],
+            ds.n_users,
+            ds.train,
+            ds.test,
+            seed=0,
+        )
+        for h in halves
+    )
+    table = evaluation_table(total, spec)
+    for row in table["rows"]:
+        ref = evaluate_units(
+            ds, [(all_users, users, items, ones, order)], layout, row["budget_bytes"]
+        )
+        assert row["recall@20"] == pytest.approx(ref["recall@20"], abs=1e-9)
+        assert row["ndcg@20"] == pytest.approx(ref["ndcg@20"], abs=1e-9)
+    # own-budget classes partition the users; each class at fraction 1 matches its level
+    ones_rows = [d for d in table["drill"] if d["fraction_of_own"] == 1.0]
+    assert sum(d["users"] for d in ones_rows) == table["rows"][0]["users"]
+    assert (
+        sum(p["users"] for p in table["per_group"] if p["budget_bytes"] == spec.budget_bytes[0])
+        == (table["rows"][0]["users"])
+    )
+
+
+def test_federated_pee_learning_keeps_the_checkerboard_ranking(board):
+    ds, split, users, items, layout = board
+    groups = kmeans_user_groups(users, 2, seed=0).assignment
+    cfg = FedPEEConfig(rounds=10, cohort_fraction=0.5, local_steps=2)
+    servers, devices = train_fed_pee(
+        users, items, groups, ds.n_users, split.fit, split.val, ds.item_popularity(), layout, cfg
+    )
+    full = layout.full_table_bytes
+    before = evaluate_units(
+        ds,
+        [(np.arange(ds.n_users), users, items, np.ones((4, 4)), first_blocks_order(4, 4))],
+        layout,
+        full,
+    )
+    after = evaluate_units(
+        ds,
+        [
+            (
+                np.flatnonzero(groups == g),
+                devices.vecs.numpy()[groups == g],
+                servers[g].table.numpy(),
+                servers[g].weights(),
+                servers[g].unit_order(),
+            )
+            for g in range(2)
+        ],
+        layout,
+        full,
+    )
+    assert after["recall@20"] >= 0.95 * before["recall@20"]
+    for s in servers:
+        w = s.weights()
+        assert w.shape == (4, 4) and np.isclose(w.mean(), 1.0) and not np.allclose(w, 1.0)
