@@ -97,7 +97,7 @@ def _add_simulate(sub) -> None:
         "with NUM_NODES simulated SuperNodes hosting all users. Defaults come from "
         "[tool.flwr.app.config]; writes results.json, results.md and recall_vs_budget.png.",
     )
-    p.add_argument("--num-nodes", type=int, default=4, help="simulated SuperNodes (default 4)")
+    p.add_argument("--num-nodes", type=int, default=2, help="simulated SuperNodes (default 2)")
     p.add_argument("--dataset", default=None, help="bundled dataset name (default gowalla)")
     p.add_argument("--data-dir", default=None, help="a LightGCN-format folder")
     p.add_argument("--seed", type=int, default=None)

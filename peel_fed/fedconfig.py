@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from peel_fed.blocks import BudgetError, parse_budget
+
 
 class ConfigError(ValueError):
     """An invalid run-config value."""
@@ -83,6 +85,11 @@ class FedConfig:
         for key in ("budgets", "device_budgets"):
             if not self.budget_list(key):
                 raise ConfigError(f"{key.replace('_', '-')} must list at least one budget")
+            for text in self.budget_list(key):
+                try:  # the format only; sizes are checked against the item table later
+                    parse_budget(text, 10**12)
+                except BudgetError as exc:
+                    raise ConfigError(f"{key.replace('_', '-')}: {exc}") from None
         try:
             fracs = self.drill_fractions()
         except ValueError:

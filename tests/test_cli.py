@@ -75,3 +75,36 @@ def test_zero_user_groups(capsys, tmp_path, tiny_dir):
 def test_more_user_groups_than_users(capsys, tmp_path, tiny_dir):
     line = _run(capsys, tmp_path, "--data-dir", str(tiny_dir), "--user-groups", "11")
     assert "more user groups" in line
+
+
+def _simulate(capsys, *args) -> tuple[int, str]:
+    from peel_fed.cli import main
+
+    rc = main(["simulate", *args])
+    return rc, capsys.readouterr().err.strip()
+
+
+def test_simulate_rejects_bad_run_config_in_one_line(capsys, tmp_path):
+    out = str(tmp_path / "out")
+    for args, expected in (
+        (["--run-config", "bogus=1"], "unknown run-config key 'bogus'"),
+        (["--run-config", "user-groups=0"], "user-groups must be >= 1"),
+        (["--run-config", "cohort-fraction=1.5"], "cohort-fraction must be in (0, 1]"),
+        (["--run-config", "budgets='10%,lots'"], "budgets: cannot parse budget 'lots'"),
+        (["--run-config", "drill='half'"], "drill must be comma-separated fractions"),
+        (["--run-config", "pretrain-passes"], "run-config entries must be key=value"),
+    ):
+        rc, err = _simulate(capsys, "--out", out, *args)
+        assert rc == 2 and err.count("\n") == 0 and expected in err, (args, err)
+
+
+def test_parse_run_config_reads_toml_values():
+    from peel_fed.cli import parse_run_config
+
+    got = parse_run_config("pretrain-passes=5 server-lr=0.1 dataset='checkerboard' progress=false")
+    assert got == {
+        "pretrain-passes": 5,
+        "server-lr": 0.1,
+        "dataset": "checkerboard",
+        "progress": False,
+    }
