@@ -12,7 +12,6 @@ import os
 import tempfile
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 from peel_fed.fedconfig import FedConfig
 
@@ -68,31 +67,4 @@ def run_federated_simulation(
         )
     if "report" not in captured:
         raise RuntimeError("the federated run did not finish; see the log above")
-    if cfg.out_dir:
-        plot_recall_vs_budget(captured["report"], Path(cfg.out_dir) / "recall_vs_budget.png")
     return captured["report"]
-
-
-def plot_recall_vs_budget(report: dict, path: Path) -> None:
-    """Recall@20 against budget (fraction of the full table), one line per method, as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from peel_fed.atomic import write_atomic
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in dict.fromkeys(r["method"] for r in report["rows"]):
-        pts = sorted(
-            (r["budget_fraction"], r["recall@20"]) for r in report["rows"] if r["method"] == method
-        )
-        ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
-    ax.set_xlabel("budget (% of the full item table)")
-    ax.set_ylabel("Recall@20")
-    ax.set_title(f"Federated PEEL on {report['dataset']['name']}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    write_atomic(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
-    plt.close(fig)

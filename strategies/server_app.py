@@ -17,6 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 from peel_fed.atomic import write_json_atomic, write_text_atomic
 from peel_fed.fedconfig import FedConfig
 from strategies.phases import data_spec, wait_for_nodes
+from strategies.report import plot_recall_vs_budget, results_markdown
 from strategies.strategies import (
     EvaluationStrategy,
     GroupingStrategy,
@@ -24,7 +25,6 @@ from strategies.strategies import (
     PhaseLog,
     PretrainStrategy,
     StatsStrategy,
-    results_markdown,
 )
 
 app = ServerApp()
@@ -41,14 +41,27 @@ def run_pipeline(grid: Grid, cfg: FedConfig) -> dict:
     _log(f"{len(nodes)} nodes connected")
     spec = RecordDict({"data": data_spec(cfg.dataset, cfg.data_dir, cfg.seed, cfg.val_fraction)})
     log = PhaseLog(cfg, nodes)
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+
+    def lap(phase: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        seconds[phase] = now - t
+        t = now
+
     stats = StatsStrategy(cfg, log).run(grid, nodes, spec)
+    lap("stats")
     pretraining = PretrainStrategy(cfg, log)
     pre = pretraining.run(grid, nodes, spec, stats)
-    groups = GroupingStrategy(cfg, log).run(grid, nodes, spec, pre.final_item_table())
-    pee = PEEStrategy(cfg, log).run(grid, nodes, spec, stats, pre.final_item_table(), groups)
-    evaluation = EvaluationStrategy(cfg, log).run(
-        grid, nodes, spec, stats, pre.final_item_table(), pee
-    )
+    items = pre.final_item_table()
+    lap("pretrain")
+    groups = GroupingStrategy(cfg, log).run(grid, nodes, spec, items)
+    lap("grouping")
+    pee = PEEStrategy(cfg, log).run(grid, nodes, spec, stats, items, groups)
+    lap("pee")
+    evaluation = EvaluationStrategy(cfg, log).run(grid, nodes, spec, stats, items, pee)
+    lap("evaluate")
     report = {
         "config": cfg.to_run_config(),
         "nodes": nodes,
@@ -71,6 +84,7 @@ def run_pipeline(grid: Grid, cfg: FedConfig) -> dict:
         "pee": pee.history,
         "bytes": log.bytes_report(stats),
         "failures": log.failures(),
+        "phase_seconds": seconds,
         "phases": log.summaries(),
         "wall_seconds": time.perf_counter() - t_start,
     }
@@ -79,7 +93,8 @@ def run_pipeline(grid: Grid, cfg: FedConfig) -> dict:
         out = Path(cfg.out_dir)
         write_json_atomic(out / "results.json", report)
         write_text_atomic(out / "results.md", results_markdown(report))
-        _log(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+        plot_recall_vs_budget(report, out / "recall_vs_budget.png")
+        _log(f"wrote results.json, results.md and recall_vs_budget.png in {out}")
     _log(f"done in {report['wall_seconds']:.0f} s")
     return report
 

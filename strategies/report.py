@@ -1,0 +1,95 @@
+"""Report artifacts of a federated run: the markdown summary and the budget plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_recall_vs_budget(report: dict, path: Path) -> None:
+    """Recall@20 against budget (fraction of the full table), one line per method, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from peel_fed.atomic import write_atomic
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r["method"] for r in report["rows"]):
+        pts = sorted(
+            (r["budget_fraction"], r["recall@20"]) for r in report["rows"] if r["method"] == method
+        )
+        ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+    ax.set_xlabel("budget (% of the full item table)")
+    ax.set_ylabel("Recall@20")
+    ax.set_title(f"Federated PEEL on {report['dataset']['name']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    write_atomic(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
+    plt.close(fig)
+
+
+def results_markdown(report: dict) -> str:
+    """The budget table, the drill and the bytes per phase, as markdown."""
+    rows = report.get("rows", [])
+    budgets = sorted({r["budget_bytes"] for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    full = report["layout"]["full_table_bytes"]
+    lines = [
+        f"## Federated PEEL on {report['dataset']['name']}: Recall@20 / NDCG@20 by budget",
+        "",
+        "| budget | " + " | ".join(methods) + " |",
+        "|---|" + "---|" * len(methods),
+    ]
+    for b in budgets:
+        cells = []
+        for m in methods:
+            r = next(x for x in rows if x["method"] == m and x["budget_bytes"] == b)
+            cells.append(f"{r['recall@20']:.4f} / {r['ndcg@20']:.4f}")
+        lines.append(f"| {100 * b / full:.0f}% ({b:,} B) | " + " | ".join(cells) + " |")
+    if report.get("drill"):
+        lines += [
+            "",
+            "Dynamic-budget drill (PEEL; each device cuts its own budget, no server contact):",
+            "",
+            "| own budget | fraction kept | budget | Recall@20 | NDCG@20 | devices |",
+            "|---|---|---|---|---|---|",
+        ]
+        for d in report["drill"]:
+            lines.append(
+                f"| {d['own_budget']} | {d['fraction_of_own']:g} | {d['budget_bytes']:,} B | "
+                f"{d['recall@20']:.4f} | {d['ndcg@20']:.4f} | {d['users']} |"
+            )
+    if report.get("bytes"):
+        lines += [
+            "",
+            "| phase | exchanges | seconds | down B / node / exchange | up B / reply "
+            "| up B / device / round, alone |",
+            "|---|---|---|---|---|---|",
+        ]
+        for phase, b in report["bytes"].items():
+            per_dev = b.get("up_bytes_per_device_per_round")
+            lines.append(
+                f"| {phase} | {b['exchanges']} | {b['exchange_seconds']:.0f} | "
+                f"{b['down_bytes_per_node_per_exchange']:,.0f} | "
+                f"{b['up_bytes_per_reply']:,.0f} | "
+                + (f"{per_dev:,.0f}" if per_dev is not None else "-")
+                + " |"
+            )
+        pre = report["bytes"].get("pretrain", {})
+        if "sparse_over_dense" in pre:
+            lines.append(
+                "\nPretraining up-link per device per round (as if alone): "
+                f"{pre['up_bytes_per_device_per_round']:,.0f} B, "
+                f"{100 * pre['sparse_over_dense']:.2f}% of a dense upload of the same tensors "
+                f"({pre['dense_upload_bytes']:,} B)."
+            )
+    fails = report.get("failures", {})
+    total_failed = sum(f["failed_replies"] for f in fails.values())
+    lines.append(
+        f"\nFailed node replies: {total_failed} ("
+        + ", ".join(f"{p}: {f['failed_replies']}" for p, f in fails.items() if f["failed_replies"])
+        + ")"
+    )
+    return "\n".join(lines) + "\n"
