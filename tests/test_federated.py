@@ -156,7 +156,8 @@ def test_federated_peel_ranks_the_checkerboard_well(failing_run):
     candidates = ds.n_items - np.bincount(ds.train.users, minlength=ds.n_users).mean()
     assert peel > 1.5 * 20 / candidates
     assert report["bytes"]["pretrain"]["sparse_over_dense"] < 1.0
-    assert sorted(report["user_group_sizes"]) and sum(report["user_group_sizes"]) == 180
+    # the node that failed the statistics phase still trains and joins a group
+    assert sum(report["user_group_sizes"]) == ds.n_users
 
 
 def _values(reply):
