@@ -307,7 +307,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     each step of the dynamic-budget drill (shrinking with no server contact)."""
     node = _node_data(msg, context)
     layout = _layout(msg)
-    groups = context.state.array_records["group"]["group"].numpy()
+    if "group" in context.state.array_records:
+        groups = context.state.array_records["group"]["group"].numpy()
+    else:  # missed the grouping round (late or timed out): join the nearest group now
+        centroids = msg.content.array_records["kmeans"]["centroids"].numpy()
+        groups = UserGroups(np.zeros(0, dtype=np.int64), centroids).nearest(_user_vectors(context))
     pee_vecs = (
         context.state.array_records["pee"]["vecs"].numpy()
         if "pee" in context.state.array_records

@@ -60,7 +60,9 @@ def run_pipeline(grid: Grid, cfg: FedConfig) -> dict:
     lap("grouping")
     pee = PEEStrategy(cfg, log).run(grid, nodes, spec, stats, items, groups)
     lap("pee")
-    evaluation = EvaluationStrategy(cfg, log).run(grid, nodes, spec, stats, items, pee)
+    evaluation = EvaluationStrategy(cfg, log).run(
+        grid, nodes, spec, stats, items, pee, groups.centroids
+    )
     lap("evaluate")
     report = {
         "config": cfg.to_run_config(),

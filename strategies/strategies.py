@@ -453,7 +453,7 @@ class PEEStrategy:
 class EvaluationStrategy:
     """Serve every group's units in weight order (and the baselines' tables); devices keep what
     fits each budget, rank on the device, run the dynamic-budget drill, and send up metric sums
-    by secure aggregation."""
+    by secure aggregation. A device that missed grouping joins the nearest centroid here."""
 
     def __init__(self, cfg: FedConfig, log: PhaseLog) -> None:
         self.cfg, self.log = cfg, log
@@ -466,6 +466,7 @@ class EvaluationStrategy:
         stats: StatsResult,
         item_table: np.ndarray,
         pee: PEEResult,
+        centroids: np.ndarray,
     ) -> dict:
         cfg = self.cfg
         layout = stats.layout
@@ -493,6 +494,7 @@ class EvaluationStrategy:
                 "evaluate": ConfigRecord(espec.to_config()),
                 "pee": ConfigRecord({"blocks": cfg.blocks, "dim": cfg.dim}),
                 "tables": _arrays(named),
+                "kmeans": _arrays({"centroids": centroids}),
                 **_layout_records(cfg, layout),
             }
         )
