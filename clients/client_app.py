@@ -204,8 +204,57 @@ def pretrain(msg: Message, context: Context) -> Message:
         metrics = {"users": int(node.users.size)}
     else:
         raise ValueError(f"unknown pretrain step {step!r}")
+    if bool(rec.get("secure", False)) and step != "final":
+        return _secure_pretrain_counts(msg, context, node, devices, out, metrics)
     context.state["pretrain"] = _to_record(devices.state_arrays())
     return _reply(msg, upload=_to_record(out), metrics=MetricRecord(metrics))
+
+
+def _secure_pretrain_counts(
+    msg: Message, context: Context, node: NodeData, devices, out: dict, metrics: dict
+) -> Message:
+    """Secure-rows mode, first half: keep the upload on the device and send only the masked
+    per-row device counts (``[counts, loss sum, users]``), from which the server learns the union
+    of the cohort's rows. The contribution change is committed only once its values have been
+    aggregated (``train.rows``), so a failure in between is resent in a later round."""
+    n_items = node.ds.n_items
+    rows = out.get("rows", out["contrib-rows"])
+    counts = np.zeros(n_items)
+    counts[rows] = out.get("row-devices", np.ones(rows.size))
+    pending = {k: v for k, v in out.items() if k not in ("row-devices",)}
+    pending["contrib-new"] = devices.contrib.numpy().copy()
+    context.state["pretrain-pending"] = _to_record(pending)
+    state = devices.state_arrays()
+    if "pretrain" in context.state.array_records:
+        state["contrib"] = context.state.array_records["pretrain"]["contrib"].numpy()
+    else:
+        state["contrib"] = np.zeros_like(state["contrib"])
+    context.state["pretrain"] = _to_record(state)
+    vector = np.concatenate([counts, [metrics.get("loss-sum", 0.0), metrics.get("users", 0)]])
+    return _masked_reply(msg, context, vector)
+
+
+def rows(msg: Message, context: Context) -> Message:
+    """Secure-rows mode, second half: the pending upload laid out densely over the cohort's row
+    union (``E0`` gradient rows, then the contribution change per layer), masked."""
+    if "pretrain-pending" not in context.state.array_records:
+        raise RuntimeError("train.rows without a pending pretraining upload")
+    pending = _arrays(context.state.array_records["pretrain-pending"])
+    union = msg.content.array_records["rows"]["rows"].numpy()
+    delta = pending["contrib-delta"]
+    dim = delta.shape[-1]
+    grad = np.zeros((union.size, dim))
+    if "rows" in pending and pending["rows"].size:
+        grad[np.searchsorted(union, pending["rows"])] = pending["grad"]
+    contrib = np.zeros((delta.shape[0], union.size, dim))
+    if pending["contrib-rows"].size:
+        contrib[:, np.searchsorted(union, pending["contrib-rows"])] = delta
+    reply = _masked_reply(msg, context, np.concatenate([grad.ravel(), contrib.ravel()]))
+    state = _arrays(context.state.array_records["pretrain"])
+    state["contrib"] = pending["contrib-new"]
+    context.state["pretrain"] = _to_record(state)
+    del context.state["pretrain-pending"]
+    return reply
 
 
 # --- grouping -----------------------------------------------------------------------------------
@@ -341,6 +390,7 @@ def make_client_app(mods: list[Mod] | None = None) -> ClientApp:
     client.query("reveal")(reveal)
     client.query("stats")(stats)
     client.train("pretrain")(pretrain)
+    client.train("rows")(rows)
     client.query("kmeans")(kmeans)
     client.query("group")(group)
     client.train("pee")(pee)

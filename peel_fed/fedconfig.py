@@ -38,6 +38,8 @@ class FedConfig:
     local_steps: int = 20
     server_lr: float = 5e-2
     user_lr: float = 2e-2
+    # pretraining row uploads by secure aggregation over the round's row union (costs bytes)
+    secure_rows: bool = False
     # grouping
     user_groups: int = 4
     kmeans_iters: int = 8

@@ -205,6 +205,7 @@ class PretrainStrategy:
                 "layers": cfg.layers,
                 "local-steps": cfg.local_steps,
                 "user-lr": cfg.user_lr,
+                "secure": cfg.secure_rows,
                 **step,
             }
         )
@@ -218,6 +219,47 @@ class PretrainStrategy:
                 "degree": _arrays({"degree": degree}),
             }
         )
+
+    def _secure_round(
+        self,
+        grid: Grid,
+        nodes: list[int],
+        spec: RecordDict,
+        content: RecordDict,
+        server: PretrainServer,
+        n_items: int,
+        round_: int,
+        has_grad: bool,
+    ) -> dict:
+        """Secure-rows mode: masked per-row device counts first (the server learns the cohort's
+        row union and how many devices touched each row), then the masked values laid out over
+        that union; the server only ever sees sums over the nodes."""
+        cfg = self.cfg
+        phase = "pretrain" if has_grad else "pretrain/init"
+        total, counted, reports = secure_sum(
+            grid, nodes, "train.pretrain", content, cfg.round_timeout_s, phase, round_
+        )
+        self.log.add(reports)
+        counts = np.rint(total[:n_items]).astype(np.int64)
+        union = np.flatnonzero(counts > 0)
+        down = RecordDict({"data": spec["data"], "rows": _arrays({"rows": union})})
+        values, _, reports = secure_sum(
+            grid, counted, "train.rows", down, cfg.round_timeout_s, f"{phase}/rows", round_
+        )
+        self.log.add(reports)
+        d = cfg.dim
+        grad = values[: union.size * d].reshape(union.size, d)
+        delta = values[union.size * d :].reshape(cfg.layers, union.size, d)
+        update = DeviceUpdate(
+            rows=union if has_grad else union[:0],
+            grad=torch.from_numpy(grad if has_grad else grad[:0]).float(),
+            row_devices=counts[union] if has_grad else counts[:0],
+            contrib_rows=union,
+            contrib_delta=torch.from_numpy(delta).float(),
+            loss_sum=float(total[n_items]),
+            users=int(round(total[n_items + 1])),
+        )
+        return server.apply([update])
 
     def run(
         self, grid: Grid, nodes: list[int], spec: RecordDict, stats: StatsResult
@@ -234,6 +276,9 @@ class PretrainStrategy:
         server = PretrainServer(stats.n_items, stats.fit_degree, fcfg, cfg.seed)
         for k in range(cfg.layers):
             content = self._content(spec, server, stats.fit_degree, step="init", k=k)
+            if cfg.secure_rows:
+                self._secure_round(grid, nodes, spec, content, server, stats.n_items, k, False)
+                continue
             replies, rep = exchange(
                 grid, nodes, "train.pretrain", content, cfg.round_timeout_s, "pretrain/init", k
             )
@@ -256,6 +301,11 @@ class PretrainStrategy:
                 round=r,
                 **{"rounds-per-pass": per_pass},
             )
+            if cfg.secure_rows:
+                s = self._secure_round(grid, sample, spec, content, server, stats.n_items, r, True)
+                self.history.append({"round": r, **s})
+                bar.update(1)
+                continue
             replies, rep = exchange(
                 grid, sample, "train.pretrain", content, cfg.round_timeout_s, "pretrain", r
             )

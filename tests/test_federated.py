@@ -125,6 +125,7 @@ def failing_run(tmp_path_factory):
                 dataset="checkerboard", min_nodes=4, out_dir=str(out), **SMALL_RUN
             ).to_run_config(),
             "round-timeout-s": SLOW_TIMEOUT_S,
+            "secure-rows": True,  # pretraining rows by secure aggregation (packing run: clear)
         }
     )
     report = run_federated_simulation(
@@ -174,7 +175,7 @@ def test_federated_peel_ranks_the_checkerboard_well(failing_run):
     # run reaches about twice that)
     candidates = ds.n_items - np.bincount(ds.train.users, minlength=ds.n_users).mean()
     assert peel > 1.5 * 20 / candidates
-    assert report["bytes"]["pretrain"]["sparse_over_dense"] < 1.0
+    assert report["bytes"]["pretrain"]["up_bytes_total"] > 0
     # the node that failed the statistics phase still trains and joins a group; the slow node's
     # group counts never arrived
     slow = partition_users(ds.n_users, 4, SLOW_PARTITION).size
@@ -226,9 +227,18 @@ def test_no_upload_carries_an_interaction_list_or_a_user_vector(failing_run):
     vectors = np.unique(np.concatenate(vectors), axis=0)
     assert vectors.shape[0] >= 3 * ds.n_users  # the snapshots saw ego, final and PEE vectors
     vec_set = {v.astype(np.float32).tobytes() for v in vectors}
+    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     checked = 0
     for reply in uploads:
+        kind = reply.metadata.message_type
         for value in _values(reply):
+            if kind in ("train.pretrain", "train.rows") and value.dtype.kind == "f":
+                # secure rows: no pretraining row may even be a scaled copy of a user vector
+                rows = value.reshape(-1, value.shape[-1]) if value.ndim else value.reshape(1, 1)
+                if rows.shape[1] == 16:
+                    norms = np.linalg.norm(rows, axis=1)
+                    cos = np.abs(rows[norms > 0] / norms[norms > 0, None] @ unit.T)
+                    assert not (cos > 0.99).any(), "a pretraining row is collinear with a vector"
             flat = value.ravel()
             if value.dtype.kind in "iu" and value.dtype != np.uint8:
                 srt = np.sort(flat)
@@ -273,6 +283,8 @@ def test_packing_users_into_nodes_does_not_change_the_metrics(packing_runs):
         np.array(one_each["unit_weights"]), np.array(packed["unit_weights"]), atol=1e-4
     )
     assert len(one_each["nodes"]) == 12 and len(packed["nodes"]) == 3
+    # clear row uploads: a lone device sends a small fraction of a dense upload
+    assert 0 < one_each["bytes"]["pretrain"]["sparse_over_dense"] < 0.5
 
 
 def test_run_config_defaults_match_fedconfig():
