@@ -342,11 +342,45 @@ def pee(msg: Message, context: Context) -> Message:
             }
         )
     context.state["pee"] = _to_record(devices.state_arrays())
+    if bool(rec.get("secure", False)):
+        # secure rows: keep the upload, send masked per-group row counts and the user count
+        context.state["pee-pending"] = _to_record(out)
+        counts = np.zeros((int(rec["user-groups"]), layout.n_items))
+        for g in sorted(set(groups.tolist())):
+            counts[g, out[f"g{g}-rows"]] = out[f"g{g}-row-devices"]
+        return _masked_reply(msg, context, np.concatenate([counts.ravel(), [users_total]]))
     return _reply(
         msg,
         upload=_to_record(out),
         metrics=MetricRecord({"users": users_total, "solo-bytes": solo_total}),
     )
+
+
+def pee_rows(msg: Message, context: Context) -> Message:
+    """Secure rows, second half of a PEE round: per user group, the pending table-row gradients
+    laid out over the group's row union, then dL_val/d alpha and the loss statistics, masked."""
+    if "pee-pending" not in context.state.array_records:
+        raise RuntimeError("train.peerows without a pending PEE upload")
+    pending = _arrays(context.state.array_records["pee-pending"])
+    unions = _arrays(msg.content.array_records["rows"])
+    rec = msg.content.config_records["pee"]
+    n_groups, n_blocks, dim = int(rec["item-groups"]), int(rec["blocks"]), int(rec["dim"])
+    parts = []
+    for g in range(int(rec["user-groups"])):
+        union = unions[f"union-{g}"]
+        grad = np.zeros((union.size, dim))
+        weight_grad = np.zeros(n_groups * n_blocks)
+        stats = np.zeros(2 + 2 * n_groups)
+        if f"g{g}-rows" in pending:
+            rows = pending[f"g{g}-rows"]
+            if rows.size:
+                grad[np.searchsorted(union, rows)] = pending[f"g{g}-grad"]
+            weight_grad = pending[f"g{g}-weight-grad"].ravel()
+            stats = pending[f"g{g}-stats"]
+        parts += [grad.ravel(), weight_grad, stats]
+    reply = _masked_reply(msg, context, np.concatenate(parts))
+    del context.state["pee-pending"]
+    return reply
 
 
 # --- deployment and evaluation ------------------------------------------------------------------
@@ -394,6 +428,7 @@ def make_client_app(mods: list[Mod] | None = None) -> ClientApp:
     client.query("kmeans")(kmeans)
     client.query("group")(group)
     client.train("pee")(pee)
+    client.train("peerows")(pee_rows)
     client.evaluate("budgets")(evaluate)
     return client
 

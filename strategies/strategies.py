@@ -409,6 +409,63 @@ class PEEStrategy:
     def __init__(self, cfg: FedConfig, log: PhaseLog) -> None:
         self.cfg, self.log = cfg, log
 
+    def _secure_round(
+        self,
+        grid: Grid,
+        nodes: list[int],
+        spec: RecordDict,
+        content: RecordDict,
+        pee_rec: dict,
+        layout: BlockLayout,
+        round_: int,
+    ) -> list[list[PEEUpload]]:
+        """Secure rows: masked per-group row counts, then per group the masked gradients over the
+        group's row union with dL_val/d alpha and loss statistics; only sums reach the server."""
+        cfg = self.cfg
+        n_items, n, k = layout.n_items, layout.num_item_groups, cfg.user_groups
+        total, counted, reports = secure_sum(
+            grid, nodes, "train.pee", content, cfg.round_timeout_s, "pee", round_
+        )
+        self.log.add(reports)
+        counts = np.rint(total[: k * n_items]).reshape(k, n_items).astype(np.int64)
+        unions = {f"union-{g}": np.flatnonzero(counts[g] > 0) for g in range(k)}
+        down = RecordDict(
+            {
+                "data": spec["data"],
+                "pee": ConfigRecord(dict(pee_rec)),
+                "rows": _arrays(unions),
+            }
+        )
+        values, _, reports = secure_sum(
+            grid, counted, "train.peerows", down, cfg.round_timeout_s, "pee/rows", round_
+        )
+        self.log.add(reports)
+        out, at = [], 0
+        wsize = n * layout.num_blocks
+        for g in range(k):
+            union = unions[f"union-{g}"]
+            grad = values[at : at + union.size * cfg.dim].reshape(union.size, cfg.dim)
+            at += union.size * cfg.dim
+            wgrad = values[at : at + wsize].reshape(n, layout.num_blocks)
+            at += wsize
+            st = values[at : at + 2 + 2 * n]
+            at += 2 + 2 * n
+            out.append(
+                [
+                    PEEUpload(
+                        rows=union,
+                        grad=grad.astype(np.float32),
+                        row_devices=counts[g, union],
+                        weight_grad=wgrad,
+                        val_devices=int(round(st[0])),
+                        loss_sum=st[2 : 2 + n],
+                        loss_count=np.rint(st[2 + n :]),
+                        users=int(round(st[1])),
+                    )
+                ]
+            )
+        return out
+
     def run(
         self,
         grid: Grid,
@@ -439,29 +496,40 @@ class PEEStrategy:
         members = [n for n in nodes if n in groups.node_groups]
         for r in range(1, cfg.pee_rounds + 1):
             sample = _node_sample(members, cfg.fraction_nodes, rng)
-            contents = {}
-            for node in sample:
+            pee_rec = {
+                "round": r,
+                "rounds-per-pass": per_pass,
+                "local-steps": cfg.pee_local_steps,
+                "user-lr": cfg.pee_user_lr,
+                "blocks": cfg.blocks,
+                "dim": cfg.dim,
+                "item-groups": layout.num_item_groups,
+                "user-groups": cfg.user_groups,
+                "secure": cfg.secure_rows,
+            }
+
+            def content_for(group_ids, pee_rec=pee_rec) -> RecordDict:
                 named = {}
-                for g in groups.node_groups[node]:
+                for g in group_ids:
                     named[f"table-{g}"] = servers[g].table.numpy()
                     named[f"alpha-{g}"] = servers[g].weights()
-                contents[node] = RecordDict(
+                return RecordDict(
                     {
                         "data": spec["data"],
-                        "pee": ConfigRecord(
-                            {
-                                "round": r,
-                                "rounds-per-pass": per_pass,
-                                "local-steps": cfg.pee_local_steps,
-                                "user-lr": cfg.pee_user_lr,
-                                "blocks": cfg.blocks,
-                                "dim": cfg.dim,
-                            }
-                        ),
+                        "pee": ConfigRecord(dict(pee_rec)),
                         "tables": _arrays(named),
                         **_layout_records(cfg, layout),
                     }
                 )
+
+            if cfg.secure_rows:  # one content for all: every group's table goes to every node
+                content = content_for(range(cfg.user_groups))
+                uploads_s = self._secure_round(grid, sample, spec, content, pee_rec, layout, r)
+                stats_r = [s.apply(u) for s, u in zip(servers, uploads_s, strict=True)]
+                history.append({"round": r, "groups": stats_r})
+                bar.update(1)
+                continue
+            contents = {node: content_for(groups.node_groups[node]) for node in sample}
             replies, rep = exchange(
                 grid, sample, "train.pee", contents, cfg.round_timeout_s, "pee", r
             )

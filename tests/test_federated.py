@@ -125,7 +125,7 @@ def failing_run(tmp_path_factory):
                 dataset="checkerboard", min_nodes=4, out_dir=str(out), **SMALL_RUN
             ).to_run_config(),
             "round-timeout-s": SLOW_TIMEOUT_S,
-            "secure-rows": True,  # pretraining rows by secure aggregation (packing run: clear)
+            "secure-rows": True,  # training rows by secure aggregation (packing run: clear)
         }
     )
     report = run_federated_simulation(
@@ -232,13 +232,13 @@ def test_no_upload_carries_an_interaction_list_or_a_user_vector(failing_run):
     for reply in uploads:
         kind = reply.metadata.message_type
         for value in _values(reply):
-            if kind in ("train.pretrain", "train.rows") and value.dtype.kind == "f":
-                # secure rows: no pretraining row may even be a scaled copy of a user vector
+            if kind.startswith("train.") and value.dtype.kind == "f":
+                # secure rows: no training row may even be a scaled copy of a user vector
                 rows = value.reshape(-1, value.shape[-1]) if value.ndim else value.reshape(1, 1)
                 if rows.shape[1] == 16:
                     norms = np.linalg.norm(rows, axis=1)
                     cos = np.abs(rows[norms > 0] / norms[norms > 0, None] @ unit.T)
-                    assert not (cos > 0.99).any(), "a pretraining row is collinear with a vector"
+                    assert not (cos > 0.99).any(), "a training row is collinear with a vector"
             flat = value.ravel()
             if value.dtype.kind in "iu" and value.dtype != np.uint8:
                 srt = np.sort(flat)
