@@ -99,6 +99,13 @@ class _Adam:
         self.t = torch.zeros(shape[0])
         self.lr, self.b1, self.b2, self.eps = lr, b1, b2, eps
 
+    def state(self) -> dict[str, np.ndarray]:
+        """The moments and step counts, to keep on a device between messages."""
+        return {"m": self.m.numpy(), "v": self.v.numpy(), "t": self.t.numpy()}
+
+    def load(self, arrays: dict[str, np.ndarray]) -> None:
+        self.m, self.v, self.t = (torch.from_numpy(np.array(arrays[k])) for k in ("m", "v", "t"))
+
     def step(self, table: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor) -> None:
         self.t[rows] += 1
         t = self.t[rows][:, None]
@@ -217,13 +224,10 @@ class PretrainDevices:
 
     # --- state kept between messages -----------------------------------------------------------
     def state_arrays(self) -> dict[str, np.ndarray]:
-        a = self.user_adam
         return {
             "users": self.users,
             "U0": self.U0.numpy(),
-            "m": a.m.numpy(),
-            "v": a.v.numpy(),
-            "t": a.t.numpy(),
+            **self.user_adam.state(),
             "contrib": self.contrib.numpy(),
         }
 
@@ -231,9 +235,7 @@ class PretrainDevices:
         if not np.array_equal(arrays["users"], self.users):
             raise ValueError("device state belongs to other users")
         self.U0 = torch.from_numpy(np.array(arrays["U0"]))
-        self.user_adam.m = torch.from_numpy(np.array(arrays["m"]))
-        self.user_adam.v = torch.from_numpy(np.array(arrays["v"]))
-        self.user_adam.t = torch.from_numpy(np.array(arrays["t"]))
+        self.user_adam.load(arrays)
         self.contrib = torch.from_numpy(np.array(arrays["contrib"]))
 
     def _local(self, users: np.ndarray) -> np.ndarray:

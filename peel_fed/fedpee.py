@@ -180,21 +180,13 @@ class PEEDevices:
         self.item_groups = torch.from_numpy(layout.item_groups)
 
     def state_arrays(self) -> dict[str, np.ndarray]:
-        return {
-            "users": self.users,
-            "vecs": self.vecs.numpy(),
-            "m": self.adam.m.numpy(),
-            "v": self.adam.v.numpy(),
-            "t": self.adam.t.numpy(),
-        }
+        return {"users": self.users, "vecs": self.vecs.numpy(), **self.adam.state()}
 
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:
         if not np.array_equal(arrays["users"], self.users):
             raise ValueError("device state belongs to other users")
         self.vecs = torch.from_numpy(np.array(arrays["vecs"]))
-        self.adam.m = torch.from_numpy(np.array(arrays["m"]))
-        self.adam.v = torch.from_numpy(np.array(arrays["v"]))
-        self.adam.t = torch.from_numpy(np.array(arrays["t"]))
+        self.adam.load(arrays)
 
     def _pairs(self, edges: Interactions, bounds: np.ndarray, users: np.ndarray, stream: int):
         lo, hi = bounds[users], bounds[users + 1]
