@@ -117,7 +117,7 @@ def parse_run_config(text: str) -> dict:
     import tomllib
 
     out = {}
-    for pair in shlex.split(text):
+    for pair in shlex.split(text, posix=False):  # keep quotes: TOML reads them
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"run-config entries must be key=value, got {pair!r}")

@@ -101,10 +101,13 @@ def test_simulate_rejects_bad_run_config_in_one_line(capsys, tmp_path):
 def test_parse_run_config_reads_toml_values():
     from peel_fed.cli import parse_run_config
 
-    got = parse_run_config("pretrain-passes=5 server-lr=0.1 dataset='checkerboard' progress=false")
+    got = parse_run_config(
+        "pretrain-passes=5 server-lr=0.1 dataset='checkerboard' progress=false drill='0.5'"
+    )
     assert got == {
         "pretrain-passes": 5,
         "server-lr": 0.1,
         "dataset": "checkerboard",
         "progress": False,
+        "drill": "0.5",
     }
