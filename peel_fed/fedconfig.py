@@ -6,6 +6,9 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from peel_fed.blocks import BudgetError, parse_budget
+from peel_fed.controller import ControllerConfig
+from peel_fed.fedlightgcn import FedLightGCNConfig
+from peel_fed.fedpee import FedPEEConfig
 
 
 class ConfigError(ValueError):
@@ -100,6 +103,28 @@ class FedConfig:
             ) from None
         if any(not 0 < f <= 1 for f in fracs):
             raise ConfigError(f"drill fractions must be in (0, 1], got {self.drill!r}")
+
+    def lightgcn(self) -> FedLightGCNConfig:
+        """The pretraining part of this config."""
+        return FedLightGCNConfig(
+            dim=self.dim,
+            layers=self.layers,
+            cohort_fraction=self.cohort_fraction,
+            local_steps=self.local_steps,
+            server_lr=self.server_lr,
+            user_lr=self.user_lr,
+        )
+
+    def pee(self) -> FedPEEConfig:
+        """The PEE-learning part of this config."""
+        return FedPEEConfig(
+            rounds=self.pee_rounds,
+            cohort_fraction=self.pee_cohort_fraction,
+            local_steps=self.pee_local_steps,
+            server_lr=self.pee_server_lr,
+            user_lr=self.pee_user_lr,
+            controller=ControllerConfig(lr=self.controller_lr),
+        )
 
     def budget_list(self, key: str = "budgets") -> list[str]:
         return [b.strip() for b in str(getattr(self, key)).split(",") if b.strip()]

@@ -23,15 +23,13 @@ from peel_fed.blocks import (
     random_unit_order,
 )
 from peel_fed.clustering import initial_centroids, kmeans_step
-from peel_fed.controller import ControllerConfig
 from peel_fed.fedconfig import ConfigError, FedConfig
 from peel_fed.fedlightgcn import (
     DeviceUpdate,
-    FedLightGCNConfig,
     PretrainServer,
     rounds_per_pass_for,
 )
-from peel_fed.fedpee import EvalSpec, FedPEEConfig, PEEGroupServer, PEEUpload, evaluation_table
+from peel_fed.fedpee import EvalSpec, PEEGroupServer, PEEUpload, evaluation_table
 from peel_fed.lightgcn import progress_bar
 from strategies.phases import PhaseReport, exchange, secure_sum
 
@@ -265,15 +263,7 @@ class PretrainStrategy:
         self, grid: Grid, nodes: list[int], spec: RecordDict, stats: StatsResult
     ) -> PretrainServer:
         cfg = self.cfg
-        fcfg = FedLightGCNConfig(
-            dim=cfg.dim,
-            layers=cfg.layers,
-            cohort_fraction=cfg.cohort_fraction,
-            local_steps=cfg.local_steps,
-            server_lr=cfg.server_lr,
-            user_lr=cfg.user_lr,
-        )
-        server = PretrainServer(stats.n_items, stats.fit_degree, fcfg, cfg.seed)
+        server = PretrainServer(stats.n_items, stats.fit_degree, cfg.lightgcn(), cfg.seed)
         for k in range(cfg.layers):
             content = self._content(spec, server, stats.fit_degree, step="init", k=k)
             if cfg.secure_rows:
@@ -476,14 +466,7 @@ class PEEStrategy:
         groups: GroupingResult,
     ) -> PEEResult:
         cfg = self.cfg
-        pcfg = FedPEEConfig(
-            rounds=cfg.pee_rounds,
-            cohort_fraction=cfg.pee_cohort_fraction,
-            local_steps=cfg.pee_local_steps,
-            server_lr=cfg.pee_server_lr,
-            user_lr=cfg.pee_user_lr,
-            controller=ControllerConfig(lr=cfg.controller_lr),
-        )
+        pcfg = cfg.pee()
         layout = stats.layout
         servers = [
             PEEGroupServer(item_table, stats.train_popularity, layout, pcfg, cfg.seed * 1000 + g)
