@@ -3,7 +3,9 @@
 A node hosts the users of its partition (``partition-id`` / ``num-partitions`` from the node
 config). Each hosted user acts as if alone; the node only batches their work. The data to load
 comes from the server's message (dataset name, data folder, seed); a ``data-dir`` in the node
-config (deployment: each SuperNode's own data) takes precedence. Device state (user vectors,
+config (deployment: each SuperNode's own data) takes precedence, and so does its ``budget-bytes``
+(the phone's memory budget; simulation draws one per user from ``device-budgets``). Device state
+(user vectors,
 their optimiser moments, group, PEE user vectors) lives in ``context.state`` between messages.
 """
 
@@ -412,6 +414,9 @@ def evaluate(msg: Message, context: Context) -> Message:
         node.ds.train,
         node.ds.test,
         int(msg.content.config_records["data"]["seed"]),
+        node_budget=str(context.node_config["budget-bytes"])
+        if "budget-bytes" in context.node_config
+        else None,
     )
     return _masked_reply(msg, context, vector)
 

@@ -422,16 +422,30 @@ def evaluation_vector(
     train: Interactions,
     test: Interactions,
     seed: int,
+    node_budget: str | None = None,
 ) -> np.ndarray:
     """A node's evaluation sums, to be summed over nodes (see :func:`evaluation_table`).
+
+    Each user's own budget is drawn from ``spec.device_budgets`` by its hash (simulation), or is
+    ``node_budget`` for all of the node's users (deployment: the SuperNode's ``budget-bytes``),
+    which must equal one of ``spec.device_budgets`` in bytes.
 
     ``tables`` holds, per user group g, ``table-g``, ``alpha-g``, ``order-g`` (the group's PEE),
     and ``pretrained``, ``order-first-k blocks``, ``order-random units`` for the baselines.
     Sums are (Recall@20, NDCG@20, users with test items) triples.
     """
     levels = np.array(spec.budget_bytes, dtype=np.int64)
-    own = device_budgets(seed, users, list(spec.device_budgets), spec.full_table_bytes)
     choice = np.array([parse_budget(c, spec.full_table_bytes) for c in spec.device_budgets])
+    if node_budget is None:
+        own = device_budgets(seed, users, list(spec.device_budgets), spec.full_table_bytes)
+    else:
+        mine = parse_budget(node_budget, spec.full_table_bytes)
+        if mine not in choice:
+            raise ValueError(
+                f"node budget-bytes {node_budget!r} ({mine} B) is not one of device-budgets "
+                f"{', '.join(spec.device_budgets)}"
+            )
+        own = np.full(users.size, mine, dtype=np.int64)
     ones = np.ones((layout.num_item_groups, layout.num_blocks))
     part_a, part_b, part_c = [], [], []
 

@@ -93,6 +93,23 @@ def test_on_device_evaluation_sums_equal_the_centralized_evaluation(board):
     )
 
 
+def test_a_node_budget_from_node_config_sets_every_hosted_users_class(board):
+    ds, _, users, items, layout = board
+    order = first_blocks_order(layout.num_item_groups, layout.num_blocks)
+    ones = np.ones((layout.num_item_groups, layout.num_blocks))
+    full = layout.full_table_bytes
+    spec = EvalSpec((full,), ("50%", "100%"), (0.5,), 1, full)
+    tables = {"pretrained": items, "order-first-k blocks": order, "order-random units": order}
+    tables.update({"table-0": items, "alpha-0": ones, "order-0": order})
+    mine = np.arange(ds.n_users)
+    args = (spec, tables, layout, mine, np.zeros(ds.n_users, dtype=np.int64), users, users)
+    vec = evaluation_vector(*args, ds.n_users, ds.train, ds.test, 0, node_budget=f"{full // 2}B")
+    drill = evaluation_table(vec, spec)["drill"]
+    assert drill[0]["users"] > 0 and drill[2]["users"] == 0  # all in the 50% class
+    with pytest.raises(ValueError, match="is not one of device-budgets 50%, 100%"):
+        evaluation_vector(*args, ds.n_users, ds.train, ds.test, 0, node_budget="10%")
+
+
 def test_federated_pee_learning_keeps_the_checkerboard_ranking(board):
     ds, split, users, items, layout = board
     groups = kmeans_user_groups(users, 2, seed=0).assignment
