@@ -133,11 +133,15 @@ class StatsResult:
     budget_bytes: list[int]
 
 
-class StatsStrategy:
-    """Item counts by secure aggregation -> degrees, popularity, item groups, block layout."""
+class PhaseStrategy:
+    """A phase of the pipeline: the run config, and the log every exchange is written to."""
 
     def __init__(self, cfg: FedConfig, log: PhaseLog) -> None:
         self.cfg, self.log = cfg, log
+
+
+class StatsStrategy(PhaseStrategy):
+    """Item counts by secure aggregation -> degrees, popularity, item groups, block layout."""
 
     def run(self, grid: Grid, nodes: list[int], spec: RecordDict) -> StatsResult:
         cfg = self.cfg
@@ -186,13 +190,13 @@ def _arrays(named: dict[str, np.ndarray]) -> ArrayRecord:
 
 
 # --- pretraining --------------------------------------------------------------------------------
-class PretrainStrategy:
+class PretrainStrategy(PhaseStrategy):
     """Federated LightGCN: round 0 collects first contributions layer by layer; each round sends
     the item layers, averages the sparse ``E0`` row gradients over the devices that touched each
     row and adds the contribution changes to the item-side sums."""
 
     def __init__(self, cfg: FedConfig, log: PhaseLog) -> None:
-        self.cfg, self.log = cfg, log
+        super().__init__(cfg, log)
         self.history: list[dict] = []
 
     def _content(self, spec: RecordDict, server: PretrainServer, degree, **step) -> RecordDict:
@@ -342,12 +346,9 @@ class GroupingResult:
     node_groups: dict[int, list[int]] = field(default_factory=dict)
 
 
-class GroupingStrategy:
+class GroupingStrategy(PhaseStrategy):
     """Federated K-Means: centroids down, per-centroid sums and counts up by secure aggregation;
     then every device joins its nearest centroid and the server learns the group sizes."""
-
-    def __init__(self, cfg: FedConfig, log: PhaseLog) -> None:
-        self.cfg, self.log = cfg, log
 
     def run(
         self, grid: Grid, nodes: list[int], spec: RecordDict, item_table: np.ndarray
@@ -387,17 +388,14 @@ class PEEResult:
     history: list[dict]
 
 
-def _layout_records(cfg: FedConfig, layout: BlockLayout) -> dict:
+def _layout_records(layout: BlockLayout) -> dict:
     return {"layout": _arrays({"item-groups": layout.item_groups})}
 
 
-class PEEStrategy:
+class PEEStrategy(PhaseStrategy):
     """All user groups in the same rounds: each node gets the tables and weights of its groups;
     per group, row gradients are averaged into the table and the mean dL_val/d alpha steps the
     group's controller."""
-
-    def __init__(self, cfg: FedConfig, log: PhaseLog) -> None:
-        self.cfg, self.log = cfg, log
 
     def _secure_round(
         self,
@@ -501,7 +499,7 @@ class PEEStrategy:
                         "data": spec["data"],
                         "pee": ConfigRecord(dict(pee_rec)),
                         "tables": _arrays(named),
-                        **_layout_records(cfg, layout),
+                        **_layout_records(layout),
                     }
                 )
 
@@ -551,13 +549,10 @@ class PEEStrategy:
 
 
 # --- deployment and evaluation ------------------------------------------------------------------
-class EvaluationStrategy:
+class EvaluationStrategy(PhaseStrategy):
     """Serve every group's units in weight order (and the baselines' tables); devices keep what
     fits each budget, rank on the device, run the dynamic-budget drill, and send up metric sums
     by secure aggregation. A device that missed grouping joins the nearest centroid here."""
-
-    def __init__(self, cfg: FedConfig, log: PhaseLog) -> None:
-        self.cfg, self.log = cfg, log
 
     def run(
         self,
@@ -596,7 +591,7 @@ class EvaluationStrategy:
                 "pee": ConfigRecord({"blocks": cfg.blocks, "dim": cfg.dim}),
                 "tables": _arrays(named),
                 "kmeans": _arrays({"centroids": centroids}),
-                **_layout_records(cfg, layout),
+                **_layout_records(layout),
             }
         )
         total, contributed, reports = secure_sum(
