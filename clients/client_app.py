@@ -11,10 +11,13 @@ their optimiser moments, group, PEE user vectors) lives in ``context.state`` bet
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -23,13 +26,24 @@ from flwr.clientapp.typing import Mod
 from peel_fed.blocks import BlockLayout
 from peel_fed.clustering import UserGroups, kmeans_partial_sums
 from peel_fed.data import Dataset, Interactions, TrainValSplit, load_dataset, split_validation
-from peel_fed.fedlightgcn import FedLightGCNConfig, PretrainDevices, round_participants
-from peel_fed.fedpee import PEE_SLOT_STREAM, EvalSpec, FedPEEConfig, PEEDevices, evaluation_vector
-from peel_fed.lightgcn import NegativeSampler
 from peel_fed.partition import partition_users
 from peel_fed.secagg import SecAggClient
 
-torch.set_num_threads(1)
+if TYPE_CHECKING:
+    from peel_fed.fedlightgcn import PretrainDevices
+    from peel_fed.lightgcn import NegativeSampler
+
+# Deployment starts a fresh process for every message, so imports are paid per message: torch
+# (about 1.5 s here) is imported only by the handlers that train or rank (``_torch``), not by
+# the secure-aggregation and grouping messages.
+_APP_LOADED_AT = time.time()
+
+
+def _torch():
+    import torch
+
+    torch.set_num_threads(1)
+    return torch
 
 
 @dataclass
@@ -37,7 +51,12 @@ class NodeData:
     ds: Dataset
     users: np.ndarray
     split: TrainValSplit
-    fit_sampler: NegativeSampler
+
+    @cached_property
+    def fit_sampler(self) -> NegativeSampler:
+        from peel_fed.lightgcn import NegativeSampler
+
+        return NegativeSampler(self.split.fit, self.ds.n_items)
 
 
 _DATA_CACHE: dict[tuple, NodeData] = {}
@@ -60,9 +79,7 @@ def _node_data(msg: Message, context: Context) -> NodeData:
         _DATA_CACHE.clear()
         ds = load_dataset(name, data_dir or None)
         split = split_validation(ds.train, ds.n_users, val_fraction, seed=seed)
-        _DATA_CACHE[key] = NodeData(
-            ds, partition_users(ds.n_users, num, pid), split, NegativeSampler(split.fit, ds.n_items)
-        )
+        _DATA_CACHE[key] = NodeData(ds, partition_users(ds.n_users, num, pid), split)
     return _DATA_CACHE[key]
 
 
@@ -146,6 +163,9 @@ def stats(msg: Message, context: Context) -> Message:
 
 # --- pretraining --------------------------------------------------------------------------------
 def _pretrain_devices(msg: Message, context: Context) -> tuple[NodeData, PretrainDevices]:
+    _torch()
+    from peel_fed.fedlightgcn import FedLightGCNConfig, PretrainDevices
+
     node = _node_data(msg, context)
     cfg_rec = msg.content.config_records["pretrain"]
     cfg = FedLightGCNConfig(
@@ -175,6 +195,9 @@ def pretrain(msg: Message, context: Context) -> Message:
     """Federated LightGCN: ``step = init`` sends the first contributions of layer ``k``,
     ``step = round`` trains the hosted users taking part in the round, ``step = final`` keeps the
     final user vectors on the device for grouping and PEE learning (nothing goes up)."""
+    from peel_fed.fedlightgcn import round_participants
+
+    torch = _torch()
     node, devices = _pretrain_devices(msg, context)
     rec = msg.content.config_records["pretrain"]
     tables = msg.content.array_records["tables"]
@@ -298,6 +321,10 @@ def _layout(msg: Message) -> BlockLayout:
 
 def pee(msg: Message, context: Context) -> Message:
     """Fine-tune the tables of the hosted users' groups; gradients and dL_val/d alpha go up."""
+    _torch()
+    from peel_fed.fedlightgcn import round_participants
+    from peel_fed.fedpee import PEE_SLOT_STREAM, FedPEEConfig, PEEDevices
+
     node = _node_data(msg, context)
     rec = msg.content.config_records["pee"]
     layout = _layout(msg)
@@ -390,6 +417,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Keep the units that fit each budget, rank all items on the device, and send up Recall and
     NDCG sums (securely aggregated) per method and budget level, per own-budget class, and after
     each step of the dynamic-budget drill (shrinking with no server contact)."""
+    _torch()
+    from peel_fed.fedpee import EvalSpec, evaluation_vector
+
     node = _node_data(msg, context)
     layout = _layout(msg)
     if "group" in context.state.array_records:
@@ -421,9 +451,41 @@ def evaluate(msg: Message, context: Context) -> Message:
     return _masked_reply(msg, context, vector)
 
 
+def _process_started_at() -> float:
+    """Wall-clock start of this process (Linux ``/proc``; else when this module was loaded)."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(ln.split()[1]) for ln in f if ln.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _APP_LOADED_AT
+
+
+def timing_mod(msg: Message, context: Context, call_next) -> Message:
+    """With run config ``timing = true``, add the device's wall-clock timestamps to the reply:
+    process start, handler start and end. The server subtracts them from its own push and
+    receive times to split an exchange into pickup (polls), process startup, handler and return
+    (meaningful where server and devices share a clock, as on one machine)."""
+    if not context.run_config.get("timing", False):
+        return call_next(msg, context)
+    start = time.time()
+    reply = call_next(msg, context)
+    if not reply.has_error():
+        reply.content["timing"] = ConfigRecord(
+            {
+                "process-start": _process_started_at(),
+                "handler-start": start,
+                "handler-end": time.time(),
+            }
+        )
+    return reply
+
+
 def make_client_app(mods: list[Mod] | None = None) -> ClientApp:
     """The device app; ``mods`` wrap every handler (tests use one to inject failures)."""
-    client = ClientApp(mods=mods or [])
+    client = ClientApp(mods=[timing_mod, *(mods or [])])
     client.query("hosts")(hosts)
     client.query("keys")(keys)
     client.query("reveal")(reveal)

@@ -98,6 +98,11 @@ def _add_simulate(sub) -> None:
         "[tool.flwr.app.config]; writes results.json, results.md and recall_vs_budget.png.",
     )
     p.add_argument("--num-nodes", type=int, default=2, help="simulated SuperNodes (default 2)")
+    _add_run_args(p, "runs/federated")
+
+
+def _add_run_args(p, out: str) -> None:
+    """Arguments of a federated run, shared by ``simulate`` and ``deploy local``."""
     p.add_argument("--dataset", default=None, help="bundled dataset name (default gowalla)")
     p.add_argument("--data-dir", default=None, help="a LightGCN-format folder")
     p.add_argument("--seed", type=int, default=None)
@@ -106,8 +111,66 @@ def _add_simulate(sub) -> None:
         default="",
         help='run-config overrides as for flwr run, e.g. "pretrain-passes=5 user-groups=2"',
     )
-    p.add_argument("--out", default="runs/federated", help="output folder")
+    p.add_argument("--out", default=out, help=f"output folder (default {out})")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_deploy(sub) -> None:
+    p = sub.add_parser(
+        "deploy",
+        help="real Flower processes: a local federation, or TLS certificates for one",
+        description="Run peel-fed on real Flower processes (see docs/deployment.md).",
+    )
+    dsub = p.add_subparsers(dest="deploy_command", required=True)
+    local = dsub.add_parser(
+        "local",
+        help="a SuperLink and NODES SuperNodes on 127.0.0.1 run the whole pipeline",
+        description="Start a SuperLink and NODES SuperNode processes on 127.0.0.1 (free ports, "
+        "TLS with a fresh test CA unless --insecure), run the pipeline with flwr run, stream "
+        "its progress, write results.json, results.md and recall_vs_budget.png, and stop every "
+        "process it started by PID (also on failure and Ctrl-C).",
+    )
+    local.add_argument("--nodes", type=int, default=4, help="SuperNode processes (default 4)")
+    _add_run_args(local, "runs/deployed")
+    local.add_argument(
+        "--insecure", action="store_true", help="no TLS (plain HTTP between the processes)"
+    )
+    local.add_argument(
+        "--certs",
+        default=None,
+        help="folder with ca.crt, server.pem, server.key (default: make a test CA for this run)",
+    )
+    local.add_argument(
+        "--node-budgets",
+        type=_str_list,
+        default=None,
+        help="each SuperNode's budget-bytes, cycled over the nodes, e.g. 10%%,25%%,50%%,100%% "
+        "(each must be one of the run config's device-budgets; default: every user draws one)",
+    )
+    local.add_argument(
+        "--timeout-s", type=float, default=None, help="stop everything after this many seconds"
+    )
+    local.add_argument(
+        "--keep-workdir",
+        action="store_true",
+        help="keep the processes' folders and logs after a successful run",
+    )
+    certs = dsub.add_parser(
+        "certs",
+        help="make a test CA and a SuperLink server certificate",
+        description="Write ca.crt, ca.key, server.pem and server.key into OUT. The server "
+        "certificate names every --host (IP or DNS name) plus 127.0.0.1 and localhost. "
+        "Give the SuperLink ca.crt, server.pem and server.key; give SuperNodes and flwr run "
+        "ca.crt.",
+    )
+    certs.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        help="a name or address the SuperNodes dial (repeat for several)",
+    )
+    certs.add_argument("--out", default="certs", help="output folder (default certs)")
+    certs.add_argument("--days", type=int, default=30, help="validity in days (default 30)")
 
 
 def parse_run_config(text: str) -> dict:
@@ -128,7 +191,9 @@ def parse_run_config(text: str) -> dict:
     return out
 
 
-def _simulate(args) -> None:
+def _fed_config(args, num_nodes: int):
+    """The run's FedConfig: defaults, then ``--run-config``, then the dedicated flags; min-nodes
+    is capped at the number of nodes started."""
     from pathlib import Path
 
     from peel_fed.fedconfig import FedConfig
@@ -144,11 +209,55 @@ def _simulate(args) -> None:
         overrides["progress"] = False
     base = FedConfig().to_run_config()
     cfg = FedConfig.from_run_config({**base, **overrides})
-    if args.num_nodes < cfg.min_nodes:
-        cfg = FedConfig.from_run_config({**cfg.to_run_config(), "min-nodes": args.num_nodes})
+    if num_nodes < cfg.min_nodes:
+        cfg = FedConfig.from_run_config({**cfg.to_run_config(), "min-nodes": num_nodes})
+    return cfg
+
+
+def _simulate(args) -> None:
+    cfg = _fed_config(args, args.num_nodes)
     from sim.simulate import run_federated_simulation  # Flower and Ray load only here
 
     run_federated_simulation(cfg, args.num_nodes)
+
+
+def _deploy(args) -> None:
+    import signal
+
+    if args.deploy_command == "certs":
+        from sim.certs import make_test_certificates
+
+        if not args.host:
+            raise ValueError("give at least one --host (the address the SuperNodes dial)")
+        c = make_test_certificates(args.out, args.host, args.days)
+        print(f"wrote {c.ca_cert}, {c.ca_cert.with_suffix('.key')}, {c.server_cert}, ")
+        print(f"      {c.server_key} (server certificate for {', '.join(args.host)})")
+        return
+    from sim.certs import Certificates
+    from sim.deploy import DeploymentError, run_local_deployment
+
+    if args.insecure and args.certs:
+        raise ValueError("--insecure and --certs exclude each other")
+    cfg = _fed_config(args, args.nodes)
+    if cfg.min_nodes < args.nodes and "min-nodes" not in parse_run_config(args.run_config):
+        cfg = type(cfg).from_run_config({**cfg.to_run_config(), "min-nodes": args.nodes})
+    certs = Certificates.in_dir(args.certs) if args.certs else None
+    # a SIGTERM to the launcher stops the federation as Ctrl-C does
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        result = run_local_deployment(
+            cfg,
+            args.nodes,
+            tls=not args.insecure,
+            certs=certs,
+            node_budgets=list(args.node_budgets) if args.node_budgets else None,
+            keep_workdir=args.keep_workdir,
+            timeout_s=args.timeout_s,
+        )
+    except DeploymentError as exc:
+        print(f"peel-fed: error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(f"[peel-fed] deployed run: {result.wall_seconds:.0f} s wall; results in {result.out_dir}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_centralized(sub)
     _add_simulate(sub)
+    _add_deploy(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "centralized":
@@ -192,7 +302,9 @@ def main(argv: list[str] | None = None) -> int:
             run_centralized(cfg)
         elif args.command == "simulate":
             _simulate(args)
-    except (DataError, BudgetError, GroupingError, ValueError) as exc:
+        elif args.command == "deploy":
+            _deploy(args)
+    except (DataError, BudgetError, GroupingError, ValueError, FileNotFoundError) as exc:
         print(f"peel-fed: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

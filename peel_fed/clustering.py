@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.cluster import KMeans
 
 
 class GroupingError(ValueError):
@@ -52,6 +51,8 @@ def kmeans_user_groups(user_emb: np.ndarray, num_groups: int, seed: int = 0) -> 
     x = _normalise(user_emb.astype(np.float64))
     if num_groups == 1:
         return UserGroups(np.zeros(n_users, dtype=np.int64), x.mean(axis=0, keepdims=True))
+    from sklearn.cluster import KMeans  # 1 s to import: devices never need it
+
     km = KMeans(n_clusters=num_groups, n_init=4, random_state=seed).fit(x)
     return UserGroups(km.labels_.astype(np.int64), km.cluster_centers_)
 
@@ -102,4 +103,6 @@ def initial_centroids(item_vectors: np.ndarray, num_groups: int, seed: int = 0) 
     if num_groups > item_vectors.shape[0]:
         raise GroupingError(f"more user groups ({num_groups}) than items to seed them")
     x = _normalise(np.asarray(item_vectors, dtype=np.float64))
+    from sklearn.cluster import KMeans
+
     return KMeans(n_clusters=num_groups, n_init=1, random_state=seed).fit(x).cluster_centers_

@@ -150,7 +150,35 @@ def bundled_path(name: str) -> Path:
             f"(synthetic: {', '.join(SYNTHETIC_DATASETS)}); "
             "give other LightGCN-format folders with --data-dir"
         )
-    return Path(str(resources.files("peel_fed") / "datasets" / name))
+    here = Path(str(resources.files("peel_fed") / "datasets" / name))
+    if (here / "SHA256SUMS").is_file():
+        return here
+    # A Flower app bundle (FAB) carries only code and text: when the apps run from one (``flwr
+    # run``), the data files come from the peel-fed installed next to Flower on that machine.
+    for root in _installed_package_dirs():
+        folder = root / "datasets" / name
+        if (folder / "SHA256SUMS").is_file():
+            return folder
+    return here
+
+
+def _installed_package_dirs() -> list[Path]:
+    """Every ``peel_fed`` folder the import system could find, in search order: each
+    ``sys.path`` entry, then meta-path finders such as an editable install's."""
+    import importlib.machinery
+    import sys
+
+    dirs = [Path(e) / "peel_fed" for e in sys.path if e and (Path(e) / "peel_fed").is_dir()]
+    for finder in sys.meta_path:
+        if isinstance(finder, type) and finder is importlib.machinery.PathFinder:
+            continue
+        try:
+            spec = finder.find_spec("peel_fed", None)
+        except (AttributeError, ImportError, TypeError, ValueError):
+            continue
+        if spec is not None and spec.submodule_search_locations:
+            dirs += [Path(p) for p in spec.submodule_search_locations]
+    return dirs
 
 
 def verify_checksums(folder: str | Path) -> None:

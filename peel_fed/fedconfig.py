@@ -27,6 +27,9 @@ class FedConfig:
     round_timeout_s: float = 600.0
     out_dir: str = ""
     progress: bool = True
+    # devices add wall-clock timestamps to their replies (process start, handler start and end),
+    # so a deployed run's report can say where the time goes; off by default
+    timing: bool = False
     # statistics and model shape
     val_fraction: float = 0.1
     item_groups: int = 20

@@ -85,6 +85,18 @@ def results_markdown(report: dict) -> str:
                 f"{100 * pre['sparse_over_dense']:.2f}% of a dense upload of the same tensors "
                 f"({pre['dense_upload_bytes']:,} B)."
             )
+    lines += _participation_lines(report.get("participation"))
+    timing = report.get("timing")
+    if timing:
+        lines.append(
+            f"\nWhere an exchange's time goes (medians over {timing['replies']} replies): "
+            f"{timing['median_exchange_s']:.2f} s per exchange: "
+            f"{timing['median_pickup_s']:.2f} s until the device's app process starts "
+            "(SuperNode and SuperExec polls, process spawn), "
+            f"{timing['median_startup_s']:.2f} s starting it (Python, Flower and app imports, "
+            f"message pull, app unpack), {timing['median_handler_s']:.2f} s in the handler, "
+            f"{timing['median_return_s']:.2f} s until the reply reaches the server."
+        )
     fails = report.get("failures", {})
     total_failed = sum(f["failed_replies"] for f in fails.values())
     lines.append(
@@ -93,3 +105,34 @@ def results_markdown(report: dict) -> str:
         + ")"
     )
     return "\n".join(lines) + "\n"
+
+
+MAX_NODE_ROWS = 40
+
+
+def _participation_lines(part: dict | None) -> list[str]:
+    """Per node and phase: answered / sent exchanges; late and gone nodes."""
+    if not part or not part.get("nodes"):
+        return []
+    phases = list(dict.fromkeys(p for per in part["nodes"].values() for p in per))
+    lines = [
+        "",
+        "Participation (exchanges answered / sent, per node and phase):",
+        "",
+        "| node | " + " | ".join(phases) + " |",
+        "|---|" + "---|" * len(phases),
+    ]
+    nodes = list(part["nodes"].items())
+    for node, per in nodes[:MAX_NODE_ROWS]:
+        cells = [f"{per[p]['replied']}/{per[p]['sent']}" if p in per else "-" for p in phases]
+        lines.append(f"| {node} | " + " | ".join(cells) + " |")
+    if len(nodes) > MAX_NODE_ROWS:
+        lines.append(f"\n({len(nodes) - MAX_NODE_ROWS} more nodes in results.json)")
+    for node, phase in part.get("late", {}).items():
+        lines.append(
+            f"\nNode {node} connected late (first seen in {phase}): not used, since the "
+            "federation's users are fixed when the statistics are taken."
+        )
+    for node, phase in part.get("gone", {}).items():
+        lines.append(f"\nNode {node} left the SuperLink's node list (missing from {phase} on).")
+    return lines

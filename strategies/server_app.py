@@ -86,6 +86,8 @@ def run_pipeline(grid: Grid, cfg: FedConfig) -> dict:
         "pee": pee.history,
         "bytes": log.bytes_report(stats),
         "failures": log.failures(),
+        "participation": log.participation(),
+        "timing": log.timing_report(),
         "phase_seconds": seconds,
         "phases": log.summaries(),
         "wall_seconds": time.perf_counter() - t_start,

@@ -71,6 +71,55 @@ class PhaseLog:
                 entry["by_node"][str(node)] = entry["by_node"].get(str(node), 0) + 1
         return out
 
+    def participation(self) -> dict:
+        """Which nodes took part in which phase: per node and phase, the exchanges sent to it,
+        answered and failed; the nodes that connected after the run started (``late``, with the
+        phase they were first seen in) and those that dropped off the SuperLink's list
+        (``gone``, with the phase they were first missing from)."""
+        start = set(self.nodes)
+        per_node: dict[str, dict[str, dict[str, int]]] = {str(n): {} for n in self.nodes}
+        late: dict[str, str] = {}
+        gone: dict[str, str] = {}
+        for r in self.reports:
+            phase = r.phase.split("/")[0]
+            online = set(r.online)
+            for n in online - start:
+                late.setdefault(str(n), phase)
+            for n in start - online if r.online else ():
+                gone.setdefault(str(n), phase)
+            for n in r.sent_to:
+                e = per_node.setdefault(str(n), {}).setdefault(
+                    phase, {"sent": 0, "replied": 0, "failed": 0}
+                )
+                e["sent"] += 1
+                e["replied"] += int(n in r.replied)
+                e["failed"] += int(n in r.failed)
+        return {"nodes": per_node, "late": late, "gone": gone}
+
+    def timing_report(self) -> dict[str, float] | None:
+        """Where an exchange's time goes, from the devices' ``timing`` timestamps (run config
+        ``timing = true``) and the server's push and receive times; medians over all replies,
+        in seconds. None when no reply carried timestamps (timing off, or simulation)."""
+        parts: dict[str, list[float]] = {
+            "exchange": [],
+            "pickup": [],
+            "startup": [],
+            "handler": [],
+            "return": [],
+        }
+        for r in self.reports:
+            for node, t in r.timing.items():
+                parts["exchange"].append(r.received_at[node] - r.pushed_at)
+                parts["pickup"].append(t["process-start"] - r.pushed_at)
+                parts["startup"].append(t["handler-start"] - t["process-start"])
+                parts["handler"].append(t["handler-end"] - t["handler-start"])
+                parts["return"].append(r.received_at[node] - t["handler-end"])
+        if not parts["exchange"]:
+            return None
+        out = {f"median_{k}_s": float(np.median(v)) for k, v in parts.items()}
+        out["replies"] = len(parts["exchange"])
+        return out
+
     def bytes_report(self, stats: StatsResult) -> dict[str, dict]:
         """Per phase: mean bytes per node per exchange down and up, and per taking-part device
         where devices are counted: the bytes each taking-part user would upload alone (one user per

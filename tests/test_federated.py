@@ -114,8 +114,8 @@ def failing_run(tmp_path_factory):
         def __getattr__(self, name):
             return getattr(self._grid, name)
 
-        def send_and_receive(self, messages, *, timeout=None):
-            replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        def pull_messages(self, message_ids):
+            replies = list(self._grid.pull_messages(message_ids))
             uploads.extend(replies)
             return replies
 
