@@ -230,20 +230,23 @@ def _deploy(args) -> None:
         if not args.host:
             raise ValueError("give at least one --host (the address the SuperNodes dial)")
         c = make_test_certificates(args.out, args.host, args.days)
-        print(f"wrote {c.ca_cert}, {c.ca_cert.with_suffix('.key')}, {c.server_cert}, ")
-        print(f"      {c.server_key} (server certificate for {', '.join(args.host)})")
+        print(
+            f"wrote ca.crt, ca.key, server.pem and server.key in {c.ca_cert.parent} "
+            f"(server certificate for {', '.join(args.host)}, 127.0.0.1 and localhost)"
+        )
         return
     from sim.certs import Certificates
     from sim.deploy import DeploymentError, run_local_deployment
 
     if args.insecure and args.certs:
         raise ValueError("--insecure and --certs exclude each other")
-    cfg = _fed_config(args, args.nodes)
-    if cfg.min_nodes < args.nodes and "min-nodes" not in parse_run_config(args.run_config):
-        cfg = type(cfg).from_run_config({**cfg.to_run_config(), "min-nodes": args.nodes})
+    cfg = _fed_config(args, args.nodes)  # all nodes connect before the run starts
     certs = Certificates.in_dir(args.certs) if args.certs else None
-    # a SIGTERM to the launcher stops the federation as Ctrl-C does
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+
+    def on_sigterm(*_) -> None:  # a SIGTERM to the launcher stops the federation as Ctrl-C does
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         result = run_local_deployment(
             cfg,
@@ -257,6 +260,8 @@ def _deploy(args) -> None:
     except DeploymentError as exc:
         print(f"peel-fed: error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"[peel-fed] deployed run: {result.wall_seconds:.0f} s wall; results in {result.out_dir}")
 
 

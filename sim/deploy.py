@@ -13,6 +13,7 @@ The same processes on several machines are described in ``docs/deployment.md``.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import ssl
@@ -118,6 +119,7 @@ class Process:
     log_path: Path
     port: int
     seen: set[int] = field(default_factory=set)
+    node_id: int | None = None
 
 
 class LocalFederation:
@@ -242,6 +244,27 @@ class LocalFederation:
         node = self._start(name, cmd, home, port)
         self.nodes.append(node)
         return node
+
+    def wait_for_nodes(self, nodes: list[Process] | None = None, wait_s: float = 60.0) -> None:
+        """Wait until every SuperNode has registered with the SuperLink (its log names the node
+        id it was given, which is kept in ``Process.node_id``)."""
+        todo = list(self.nodes if nodes is None else nodes)
+        deadline = time.monotonic() + wait_s
+        while todo:
+            for proc in list(todo):
+                match = re.search(r"SuperNode ID: (\d+)", proc.log_path.read_text(errors="replace"))
+                if match:
+                    proc.node_id = int(match.group(1))
+                    todo.remove(proc)
+                elif proc.popen.poll() is not None:
+                    raise DeploymentError(
+                        f"{proc.name} exited with code {proc.popen.returncode}; see {proc.log_path}"
+                    )
+            if todo and time.monotonic() > deadline:
+                names = ", ".join(p.name for p in todo)
+                raise DeploymentError(f"{names} did not connect within {wait_s:.0f} s")
+            if todo:
+                time.sleep(0.2)
 
     def kill(self, proc: Process, sig: int = signal.SIGKILL) -> None:
         """Kill one process and everything below it (a crashed SuperNode, say)."""
@@ -369,13 +392,35 @@ def _tool(name: str) -> str:
     return str(here) if here.exists() else name
 
 
+def _check_node_budget(budget: str, device_budgets: list[str]) -> None:
+    """A SuperNode's ``budget-bytes`` must be one of ``device-budgets`` (the evaluation reports
+    per own-budget class), for any table size: checked now rather than at the end of the run."""
+    from peel_fed.blocks import BudgetError, parse_budget
+
+    sizes = (10**9, 10**9 + 7)  # equal at two table sizes: the same budget at every size
+    try:
+        mine = [parse_budget(budget, f) for f in sizes]
+        if any(mine == [parse_budget(b, f) for f in sizes] for b in device_budgets):
+            return
+    except BudgetError as exc:
+        raise ValueError(f"node budget {budget!r}: {exc}") from None
+    raise ValueError(
+        f"node budget {budget!r} is not one of device-budgets ({', '.join(device_budgets)})"
+    )
+
+
 # --- the command ----------------------------------------------------------------------------------
 @dataclass
 class DeployResult:
+    """A finished deployed run: the ServerApp's report, and every PID and port the launcher
+    started or saw (all stopped by the time this is returned)."""
+
     report: dict
     out_dir: Path
     workdir: Path
     wall_seconds: float
+    pids: list[int]
+    ports: list[int]
 
 
 def run_local_deployment(
@@ -401,6 +446,8 @@ def run_local_deployment(
 
     if num_nodes < 1:
         raise ValueError(f"--nodes must be >= 1, got {num_nodes}")
+    for budget in node_budgets or []:
+        _check_node_budget(budget, cfg.budget_list("device_budgets"))
     if not cfg.out_dir:
         raise ValueError("the deployed run needs an out-dir for its results")
     out_dir = Path(cfg.out_dir)
@@ -422,7 +469,8 @@ def run_local_deployment(
             if node_budgets:
                 extra["budget-bytes"] = node_budgets[pid % len(node_budgets)]
             fed.add_node(pid, num_nodes, **extra)
-        on_line(f"{num_nodes} SuperNodes started; logs in {work / 'logs'}")
+        fed.wait_for_nodes()
+        on_line(f"{num_nodes} SuperNodes connected; logs in {work / 'logs'}")
         started = time.time()
         run = fed.start_run(cfg.to_run_config())
         code = fed.stream(run, on_line, timeout_s)
@@ -433,9 +481,10 @@ def run_local_deployment(
         ok = True
     finally:
         left = fed.stop()
+        pids, ports = sorted(fed.started_pids()), fed.ports()
         if left:
             on_line(f"warning: processes still alive after stopping: {left}")
         if ok and not keep_workdir:
             shutil.rmtree(work, ignore_errors=True)
     report = json.loads(results.read_text())
-    return DeployResult(report, out_dir, work, time.perf_counter() - t0)
+    return DeployResult(report, out_dir, work, time.perf_counter() - t0, pids, ports)

@@ -1,0 +1,214 @@
+"""Real deployment: a SuperLink and SuperNode processes on 127.0.0.1 (``sim.deploy``).
+
+Two end-to-end runs of the whole pipeline on ``checkerboard-tiny`` with few rounds: one with TLS
+and per-node memory budgets, one in which a SuperNode is killed mid-run and a replacement joins
+late. Both check the results and that no process or port is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from peel_fed.fedconfig import FedConfig
+from sim.certs import Certificates, make_test_certificates
+from sim.deploy import LocalFederation, pid_alive, port_in_use, run_local_deployment
+
+# 12 exchanges: stats 2, pretraining 3 (init, one round, final), K-Means 2, group 1, PEE 2,
+# evaluation 2; each costs a few seconds of Flower polling and process start (docs/deployment.md)
+DEPLOY_RUN = dict(
+    dataset="checkerboard-tiny",
+    layers=1,
+    pretrain_passes=1,
+    cohort_fraction=1.0,
+    local_steps=1,
+    user_groups=2,
+    kmeans_iters=1,
+    pee_rounds=2,
+    pee_cohort_fraction=1.0,
+    item_groups=4,
+    blocks=4,
+    dim=16,
+    budgets="25%,50%,100%",
+    device_budgets="50%,100%",
+    progress=False,
+    timing=True,
+)
+
+
+def _processes_using(folder: Path) -> list[int]:
+    """PIDs of live processes whose environment or command line names ``folder`` (Linux)."""
+    needle = str(folder).encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            blob = (entry / "environ").read_bytes() + (entry / "cmdline").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if needle in blob and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def _assert_nothing_left(pids: list[int], ports: list[int], folder: Path) -> None:
+    assert pids and ports
+    assert [p for p in pids if pid_alive(p)] == []
+    assert [p for p in ports if port_in_use(p)] == []
+    assert _processes_using(folder) == []
+
+
+def test_tls_deployment_runs_the_pipeline_and_leaves_nothing_behind(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "out"
+    cfg = FedConfig(**DEPLOY_RUN, min_nodes=3, out_dir=str(out))
+    probes: dict[str, object] = {}
+    lines: list[str] = []
+
+    def on_line(line: str) -> None:
+        lines.append(line)
+        if line.startswith("SuperLink on 127.0.0.1:"):
+            port = int(line.split(":")[1].split()[0])
+            ca = work / "certs" / "ca.crt"
+            with urllib.request.urlopen(
+                f"https://127.0.0.1:{port}/health",
+                timeout=5,
+                context=ssl.create_default_context(cafile=str(ca)),
+            ) as r:
+                probes["https"] = r.status
+            try:  # plain HTTP must not be served
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+                probes["http"] = "served"
+            except Exception:  # noqa: BLE001 (reset, bad status line: any failure will do)
+                probes["http"] = "refused"
+
+    result = run_local_deployment(
+        cfg, 3, tls=True, node_budgets=["50%", "100%"], workdir=work, on_line=on_line
+    )
+    assert probes == {"https": 200, "http": "refused"}
+    assert any("[peel-fed] evaluation" in ln for ln in lines)  # progress was streamed
+    report = result.report
+    assert json.loads((out / "results.json").read_text()) == report
+    assert (out / "results.md").is_file() and (out / "recall_vs_budget.png").is_file()
+    assert len(report["nodes"]) == 3 and sorted(report["evaluated_nodes"]) == report["nodes"]
+    assert report["dataset"]["users"] == 12
+    assert {r["budget_fraction"] for r in report["rows"]} == {0.25, 0.5, 1.0}
+    assert sum(f["failed_replies"] for f in report["failures"].values()) == 0
+    for per_phase in report["participation"]["nodes"].values():
+        assert all(p["replied"] == p["sent"] > 0 for p in per_phase.values())
+    # budget-bytes from each SuperNode's node config: nodes 0 and 2 (4 users each) at 50%,
+    # node 1 at 100%, whatever each user would have drawn
+    own = {d["own_budget"]: d["users"] for d in report["drill"] if d["fraction_of_own"] == 1}
+    assert own == {"50%": 8, "100%": 4}
+    assert report["timing"]["replies"] == 12 * 3
+    _assert_nothing_left(result.pids, result.ports, work)
+    assert not work.exists()  # a successful run removes its work folder
+
+
+def test_killed_supernode_and_late_joiner_do_not_stop_the_run(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "out"
+    cfg = FedConfig(**DEPLOY_RUN, min_nodes=2, round_timeout_s=20.0, out_dir=str(out))
+    events: dict = {}
+    with LocalFederation(work, certs=None, log=lambda _: None) as fed:
+        fed.start_superlink()
+        nodes = [fed.add_node(i, 3) for i in range(3)]
+        fed.wait_for_nodes()
+        run = fed.start_run(cfg.to_run_config())
+
+        def on_line(line: str) -> None:
+            if line.startswith("[peel-fed] stats") and "late" not in events:
+                fed.kill(nodes[2])  # SIGKILL, as a crash: no goodbye to the SuperLink
+                # the device comes back as a new SuperNode (a new node id) while the run goes on
+                events["late"] = fed.add_node(2, 3)
+
+        code = fed.stream(run, on_line, timeout_s=400)
+        fed.wait_for_nodes([events["late"]])
+        pids, ports = sorted(fed.started_pids()), fed.ports()
+    assert code == 0, (work / "logs" / "flwr-run.log").read_text()[-3000:]
+    report = json.loads((out / "results.json").read_text())
+    killed, late = nodes[2].node_id, events["late"].node_id
+    survivors = sorted(n.node_id for n in nodes[:2])
+    assert sorted(report["nodes"]) == sorted([*survivors, killed])
+    assert sorted(report["evaluated_nodes"]) == survivors
+    part = report["participation"]
+    assert str(late) in part["late"] and str(killed) in part["gone"]
+    assert part["nodes"][str(killed)]["stats"] == {"sent": 2, "replied": 2, "failed": 0}
+    assert part["nodes"][str(killed)]["pretrain"]["failed"] >= 1
+    for node in survivors:
+        assert all(p["failed"] == 0 for p in part["nodes"][str(node)].values())
+    failed_nodes = {n for f in report["failures"].values() for n in f["by_node"]}
+    assert failed_nodes == {str(killed)}
+    assert report["pretrain"] and len(report["pee"]) == cfg.pee_rounds  # rounds were not skipped
+    assert all(r["users"] == 8 for r in report["rows"])  # the killed node's 4 users are gone
+    md = (out / "results.md").read_text()
+    assert f"Node {late} connected late" in md and f"Node {killed} left" in md
+    _assert_nothing_left(pids, ports, work)
+
+
+def test_stop_ends_every_process_it_started_and_their_children(tmp_path):
+    fed = LocalFederation(tmp_path, certs=None, log=lambda _: None)
+    spawn = "import subprocess, time; subprocess.Popen(['sleep', '300']); time.sleep(300)"
+    proc = fed._start("parent", [sys.executable, "-c", spawn], tmp_path / "p", 0)
+    fed.nodes.append(proc)
+    for _ in range(100):
+        if fed.started_pids() - {proc.popen.pid}:
+            break
+        subprocess.run(["sleep", "0.05"])
+    pids = fed.started_pids()
+    assert len(pids) == 2
+    assert fed.stop(grace_s=5) == []
+    assert not any(pid_alive(p) for p in pids)
+
+
+def test_interrupt_mid_run_stops_every_process(tmp_path):
+    work = tmp_path / "work"
+    cfg = FedConfig(**DEPLOY_RUN, out_dir=str(tmp_path / "out"))
+
+    def on_line(line: str) -> None:
+        if "SuperNodes connected" in line:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_local_deployment(cfg, 2, tls=False, workdir=work, on_line=on_line)
+    assert _processes_using(work) == []
+    assert (work / "logs" / "superlink.log").is_file()  # logs are kept when a run fails
+
+
+def test_test_certificates_name_the_hosts_and_chain_to_the_ca(tmp_path):
+    from cryptography import x509
+
+    certs = make_test_certificates(tmp_path, ["10.1.2.3", "lab.example.org"], days=2)
+    assert Certificates.in_dir(tmp_path) == certs
+    ca = x509.load_pem_x509_certificate(certs.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(certs.server_cert.read_bytes())
+    server.verify_directly_issued_by(ca)
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    names = {str(v) for v in san.get_values_for_type(x509.IPAddress)}
+    names |= set(san.get_values_for_type(x509.DNSName))
+    assert names == {"10.1.2.3", "127.0.0.1", "lab.example.org", "localhost"}
+    assert oct(certs.server_key.stat().st_mode & 0o777) == "0o600"
+    with pytest.raises(ValueError, match="not a host name or IP address"):
+        make_test_certificates(tmp_path / "bad", ["two words"])
+    with pytest.raises(FileNotFoundError, match="TLS file missing"):
+        Certificates.in_dir(tmp_path / "none")
+
+
+def test_deploy_cli_errors_are_one_line(tmp_path, capsys):
+    from peel_fed.cli import main
+
+    assert main(["deploy", "certs", "--out", str(tmp_path)]) == 2
+    assert "give at least one --host" in capsys.readouterr().err
+    code = main(["deploy", "local", "--certs", str(tmp_path / "missing"), "--nodes", "2"])
+    assert code == 2 and "TLS file missing" in capsys.readouterr().err
+    assert main(["deploy", "certs", "--host", "127.0.0.1", "--out", str(tmp_path / "c")]) == 0
+    assert (tmp_path / "c" / "server.pem").is_file()
+    code = main(["deploy", "local", "--insecure", "--node-budgets", "30%", "--timeout-s", "5"])
+    assert code == 2 and "node budget '30%' is not one of device-budgets" in capsys.readouterr().err
