@@ -151,13 +151,17 @@ def bundled_path(name: str) -> Path:
             "give other LightGCN-format folders with --data-dir"
         )
     here = Path(str(resources.files("peel_fed") / "datasets" / name))
-    if (here / "SHA256SUMS").is_file():
+
+    def has_data(folder: Path) -> bool:
+        return any((folder / f).is_file() for f in ("train.txt.gz", "train.txt"))
+
+    if has_data(here):
         return here
     # A Flower app bundle (FAB) carries only code and text: when the apps run from one (``flwr
     # run``), the data files come from the peel-fed installed next to Flower on that machine.
     for root in _installed_package_dirs():
         folder = root / "datasets" / name
-        if (folder / "SHA256SUMS").is_file():
+        if has_data(folder):
             return folder
     return here
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -216,3 +217,32 @@ def test_item_popularity_hand_count():
 def test_from_pairs_range_check():
     with pytest.raises(DataError, match="train ids out of range"):
         from_pairs("t", 2, 3, np.array([(0, 3)]), np.zeros((0, 2)))
+
+
+def test_bundled_data_is_found_when_the_code_runs_from_a_flower_app_bundle(tmp_path):
+    """``flwr run`` ships only code (a FAB) and imports it ahead of the installed package; the
+    bundled Gowalla files must then come from the installed peel-fed."""
+    import shutil
+    import subprocess
+    import sys
+
+    import peel_fed
+
+    fab = tmp_path / "fab"
+    shutil.copytree(
+        Path(peel_fed.__file__).parent,
+        fab / "peel_fed",
+        ignore=lambda d, names: [
+            n for n in names if not (n.endswith(".py") or (Path(d) / n).is_dir())
+        ],
+    )
+    assert {f.suffix for f in (fab / "peel_fed").rglob("*") if f.is_file()} == {".py"}
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import peel_fed.data as d; "
+        "assert d.__file__.startswith(sys.argv[1]), d.__file__; "
+        "ds = d.load_dataset('gowalla'); print(ds.n_users, ds.n_items)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(fab)], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["29858", "40981"]
