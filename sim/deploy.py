@@ -41,6 +41,29 @@ FLOWER_ENV = {
 }
 
 
+SMOKE_RUN = dict(
+    dataset="checkerboard-tiny",
+    layers=1,
+    pretrain_passes=1,
+    cohort_fraction=1.0,
+    local_steps=1,
+    user_groups=2,
+    kmeans_iters=1,
+    pee_rounds=2,
+    pee_cohort_fraction=1.0,
+    item_groups=4,
+    blocks=4,
+    dim=16,
+    budgets="25%,50%,100%",
+    device_budgets="50%,100%",
+    progress=False,
+    timing=True,
+)
+"""The smallest full pipeline (FedConfig fields): 12 users, 12 exchanges (statistics 2,
+pretraining 3, K-Means 2, grouping 1, PEE learning 2, evaluation 2). The deployment tests and
+``sim.bench_deploy`` run it."""
+
+
 class DeploymentError(RuntimeError):
     """A deployed run could not start or did not finish."""
 

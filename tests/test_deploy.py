@@ -19,27 +19,12 @@ import pytest
 
 from peel_fed.fedconfig import FedConfig
 from sim.certs import Certificates, make_test_certificates
-from sim.deploy import LocalFederation, pid_alive, port_in_use, run_local_deployment
-
-# 12 exchanges: stats 2, pretraining 3 (init, one round, final), K-Means 2, group 1, PEE 2,
-# evaluation 2; each costs a few seconds of Flower polling and process start (docs/deployment.md)
-DEPLOY_RUN = dict(
-    dataset="checkerboard-tiny",
-    layers=1,
-    pretrain_passes=1,
-    cohort_fraction=1.0,
-    local_steps=1,
-    user_groups=2,
-    kmeans_iters=1,
-    pee_rounds=2,
-    pee_cohort_fraction=1.0,
-    item_groups=4,
-    blocks=4,
-    dim=16,
-    budgets="25%,50%,100%",
-    device_budgets="50%,100%",
-    progress=False,
-    timing=True,
+from sim.deploy import (
+    SMOKE_RUN,
+    LocalFederation,
+    pid_alive,
+    port_in_use,
+    run_local_deployment,
 )
 
 
@@ -69,7 +54,7 @@ def _assert_nothing_left(pids: list[int], ports: list[int], folder: Path) -> Non
 
 def test_tls_deployment_runs_the_pipeline_and_leaves_nothing_behind(tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
-    cfg = FedConfig(**DEPLOY_RUN, min_nodes=3, out_dir=str(out))
+    cfg = FedConfig(**SMOKE_RUN, min_nodes=3, out_dir=str(out))
     probes: dict[str, object] = {}
     lines: list[str] = []
 
@@ -115,7 +100,7 @@ def test_tls_deployment_runs_the_pipeline_and_leaves_nothing_behind(tmp_path):
 
 def test_killed_supernode_and_late_joiner_do_not_stop_the_run(tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
-    cfg = FedConfig(**DEPLOY_RUN, min_nodes=2, round_timeout_s=20.0, out_dir=str(out))
+    cfg = FedConfig(**SMOKE_RUN, min_nodes=2, round_timeout_s=20.0, out_dir=str(out))
     events: dict = {}
     with LocalFederation(work, certs=None, log=lambda _: None) as fed:
         fed.start_superlink()
@@ -170,7 +155,7 @@ def test_stop_ends_every_process_it_started_and_their_children(tmp_path):
 
 def test_interrupt_mid_run_stops_every_process(tmp_path):
     work = tmp_path / "work"
-    cfg = FedConfig(**DEPLOY_RUN, out_dir=str(tmp_path / "out"))
+    cfg = FedConfig(**SMOKE_RUN, out_dir=str(tmp_path / "out"))
 
     def on_line(line: str) -> None:
         if "SuperNodes connected" in line:
