@@ -36,9 +36,18 @@ FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    # the SuperExec asks for new work every second by default; ask every 0.1 s
-    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
 }
+
+
+def superexec_poll_interval(num_nodes: int) -> float:
+    """Seconds between a SuperExec's asks for new work (Flower's default is 1 s).
+
+    Shorter means messages start sooner, but every ask costs CPU: measured idle on 2 cores, a
+    SuperNode with its SuperExec uses 4.1% of a core at 0.1 s, 1.2% at 0.5 s and 1.0% at 1 s
+    (CPU times from ``/proc`` over 30 s). So 0.1 s up to 4 nodes on one machine, then longer
+    in proportion (1 s from 40 nodes), so that polling CPU grows slowly with the node count.
+    """
+    return min(1.0, max(0.1, 0.025 * num_nodes))
 
 
 SMOKE_RUN = dict(
@@ -171,6 +180,7 @@ class LocalFederation:
         self.nodes: list[Process] = []
         self.flwr_run: Process | None = None
         self.env = {**os.environ, **FLOWER_ENV}
+        self.env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
         self._last_scan = 0.0
 
     # --- processes ------------------------------------------------------------------------------
@@ -483,6 +493,8 @@ def run_local_deployment(
 
         certs = make_test_certificates(work / "certs", ["127.0.0.1"], days=1)
     fed = LocalFederation(work, certs if tls else None, log=on_line)
+    if "FLWR_SUPEREXEC_TASK_POLL_INTERVAL" not in os.environ:
+        fed.env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(superexec_poll_interval(num_nodes))
     try:
         fed.start_superlink()
         for pid in range(num_nodes):
