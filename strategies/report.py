@@ -57,9 +57,12 @@ def results_markdown(report: dict) -> str:
             "|---|---|---|---|---|---|",
         ]
         for d in report["drill"]:
+            metrics = (
+                f"{d['recall@20']:.4f} | {d['ndcg@20']:.4f}" if d["users"] else "- | -"
+            )  # no device had this own budget
             lines.append(
                 f"| {d['own_budget']} | {d['fraction_of_own']:g} | {d['budget_bytes']:,} B | "
-                f"{d['recall@20']:.4f} | {d['ndcg@20']:.4f} | {d['users']} |"
+                f"{metrics} | {d['users']} |"
             )
     if report.get("bytes"):
         lines += [
