@@ -111,3 +111,33 @@ def test_parse_run_config_reads_toml_values():
         "progress": False,
         "drill": "0.5",
     }
+
+
+def test_line_progress_prints_whole_lines_when_output_is_not_a_terminal(monkeypatch):
+    import io
+    import sys
+
+    from peel_fed.lightgcn import LineProgress, progress_bar
+
+    out = io.StringIO()
+    bar = LineProgress(3, "rounds", every_s=3600, file=out)
+    bar.update(1)
+    bar.update(1)
+    bar.set_postfix(loss="0.5", failed=0)
+    bar.update(1)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1 and "\r" not in out.getvalue()  # one line at the end, no bar
+    assert lines[0].startswith("[progress] rounds: 3/3 (loss=0.5, failed=0)")
+    chatty = io.StringIO()
+    bar = LineProgress(2, "steps", every_s=0, file=chatty)
+    bar.update(1)
+    bar.update(1)
+    bar.close()
+    assert [ln.split(",")[0] for ln in chatty.getvalue().splitlines()] == [
+        "[progress] steps: 1/2",
+        "[progress] steps: 2/2",
+        "[progress] steps: 2/2",
+    ]
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal
+    assert isinstance(progress_bar(2, "x", True), LineProgress)
