@@ -271,7 +271,16 @@ def main(argv: list[str] | None = None) -> int:
     _add_centralized(sub)
     _add_simulate(sub)
     _add_deploy(sub)
-    args = parser.parse_args(argv)
+    sub.add_parser(
+        "study",
+        help="every method at equal bytes, resumable, with a report (sim/study.py)",
+        add_help=False,
+    )
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["study"]:  # its own parser (sim/study.py) reads the rest
+        args = argparse.Namespace(command="study", study_args=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     try:
         if args.command == "centralized":
             from peel_fed.pipeline import run_centralized
@@ -309,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
             _simulate(args)
         elif args.command == "deploy":
             _deploy(args)
+        elif args.command == "study":
+            from sim.study import main as study_main
+
+            study_main(args.study_args, prog="peel-fed study")
     except (DataError, BudgetError, GroupingError, ValueError, FileNotFoundError) as exc:
         print(f"peel-fed: error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,442 @@
+"""The study: every method at equal device bytes, one resumable command per dataset.
+
+``peel-fed study`` (or ``python -m sim.study``) composes the core and the federated pipeline:
+
+1. ``centralized``: pretrain LightGCN, PEEL with G_u = 4 and G_u = 1, first-k blocks and random
+   units at every budget (``peel_fed.pipeline.run_centralized``);
+2. ``pruning``: magnitude pruning of the pretrained item table, stored sparsely
+   (``peel_fed.baselines``);
+3. ``retrained``: LightGCN retrained for each budget at the largest dimension that fits it;
+4. ``federated``: federated PEEL in Flower's simulation (``sim.simulate``), with heterogeneous
+   device budgets and the dynamic-budget drill.
+
+Each step's result is saved atomically under ``<out>/steps/`` with a key of its inputs. A rerun
+skips the steps whose saved key matches, so an interrupted study resumes where it stopped. The
+report (``README.md``, ``results.json``, PNG plots) is rebuilt from the saved steps every time.
+
+Not yet in the study (see issue 5): cold-start users, the ablations beyond G_u.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from peel_fed.atomic import write_atomic, write_json_atomic, write_text_atomic
+
+STUDY_BUDGETS = ("5%", "10%", "25%", "50%", "100%")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Inputs of a study run; ``quick`` shrinks every training for smoke runs and tests."""
+
+    dataset: str = "gowalla"
+    data_dir: str | None = None
+    seed: int = 0
+    budgets: tuple[str, ...] = STUDY_BUDGETS
+    out_dir: str = "docs/results/gowalla"
+    cache_dir: str = "runs/cache"
+    num_nodes: int = 2
+    quick: bool = False
+    progress: bool = True
+    fed_overrides: dict = field(default_factory=dict)
+
+    def key(self, step: str) -> str:
+        """What a step's result depends on (not where it is written, nor progress output)."""
+        inputs = {k: v for k, v in asdict(self).items() if k not in ("out_dir", "progress")}
+        blob = json.dumps({"step": step, **inputs}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _log(msg: str) -> None:
+    print(f"[study] {msg}", flush=True)
+
+
+def _pipeline_config(cfg: StudyConfig, out: Path):
+    from peel_fed.pipeline import PipelineConfig
+
+    base = PipelineConfig()
+    lightgcn, peel = base.lightgcn, base.peel
+    if cfg.quick:
+        lightgcn = replace(lightgcn, dim=16, epochs=5, batch_size=1024)
+        peel = replace(peel, num_item_groups=4, num_blocks=4, epochs=2, batch_size=256)
+    return PipelineConfig(
+        dataset=cfg.dataset,
+        data_dir=cfg.data_dir,
+        seed=cfg.seed,
+        user_groups=(4, 1),
+        budgets=tuple(cfg.budgets),
+        out_dir=str(out / "runs" / "centralized"),
+        cache_dir=cfg.cache_dir,
+        progress=cfg.progress,
+        lightgcn=lightgcn,
+        peel=peel,
+    )
+
+
+# --- steps --------------------------------------------------------------------------------------
+def step_centralized(cfg: StudyConfig, out: Path) -> dict:
+    from peel_fed.pipeline import run_centralized
+
+    res = run_centralized(_pipeline_config(cfg, out))
+    rows = [
+        {
+            **r,
+            "method": f"{r['method']} (centralized)"
+            if r["method"].startswith("PEEL")
+            else r["method"],
+        }
+        for r in res["rows"]
+    ]
+    full = res["pretrain"]["full_table"]
+    rows.append(
+        {
+            "method": "LightGCN (full table)",
+            "budget": "100%",
+            "budget_bytes": res["layout"]["full_table_bytes"],
+            "budget_fraction": 1.0,
+            "recall@20": full["recall@20"],
+            "ndcg@20": full["ndcg@20"],
+            "used_bytes": res["layout"]["full_table_bytes"],
+        }
+    )
+    return {
+        "rows": rows,
+        "layout": res["layout"],
+        "dataset": res["dataset"],
+        "pretrain_seconds": res["pretrain"]["seconds"],
+    }
+
+
+def _data_and_pretrained(cfg: StudyConfig, out: Path, pcfg=None):
+    from peel_fed.data import load_dataset, split_validation
+    from peel_fed.pipeline import pretrain
+
+    pcfg = pcfg or _pipeline_config(cfg, out)
+    ds = load_dataset(cfg.dataset, cfg.data_dir)
+    split = split_validation(ds.train, ds.n_users, pcfg.val_fraction, seed=cfg.seed)
+    return ds, split, pretrain(ds, split.fit, pcfg)
+
+
+def _budget_bytes(cfg: StudyConfig, full_table_bytes: int) -> list[tuple[str, int]]:
+    from peel_fed.blocks import parse_budget
+
+    return [(b, parse_budget(b, full_table_bytes)) for b in cfg.budgets]
+
+
+def step_pruning(cfg: StudyConfig, out: Path) -> dict:
+    from peel_fed.baselines import magnitude_prune
+    from peel_fed.metrics import dot_score_fn, evaluate_ranking
+
+    ds, _, pre = _data_and_pretrained(cfg, out)
+    full = pre.item_emb.size * 4
+    rows = []
+    for label, budget in _budget_bytes(cfg, full):
+        pruned, cap = magnitude_prune(pre.item_emb, budget)
+        m = evaluate_ranking(dot_score_fn(pre.user_emb, pruned), ds.n_users, ds.train, ds.test)
+        rows.append(
+            {
+                "method": "magnitude pruning",
+                "budget": label,
+                "budget_bytes": budget,
+                "budget_fraction": budget / full,
+                "recall@20": m["recall@20"],
+                "ndcg@20": m["ndcg@20"],
+                "used_bytes": cap.bytes,
+                "kept_values": cap.kept,
+                "storage": cap.storage,
+            }
+        )
+        _log(
+            f"magnitude pruning {label}: {cap.kept:,} values ({cap.storage}), "
+            f"Recall@20 {m['recall@20']:.4f}"
+        )
+    return {"rows": rows}
+
+
+def step_retrained(cfg: StudyConfig, out: Path) -> dict:
+    """One LightGCN per budget at the largest dimension whose item table fits it (no blocks and
+    no diversity regulariser: a plain, non-elastic model)."""
+    from peel_fed.baselines import affordable_dim
+    from peel_fed.metrics import dot_score_fn, evaluate_ranking
+
+    base = _pipeline_config(cfg, out)
+    ds, _, _ = _data_and_pretrained(cfg, out, base)
+    full = ds.n_items * base.lightgcn.dim * 4
+    rows = []
+    for label, budget in _budget_bytes(cfg, full):
+        dim = affordable_dim(budget, ds.n_items, base.lightgcn.dim)
+        pcfg = replace(
+            base,
+            lightgcn=replace(base.lightgcn, dim=dim, diversity_weight=0.0, num_blocks=1),
+            peel=replace(base.peel, num_blocks=1),
+        )
+        _, _, pre = _data_and_pretrained(cfg, out, pcfg)
+        m = evaluate_ranking(
+            dot_score_fn(pre.user_emb, pre.item_emb), ds.n_users, ds.train, ds.test
+        )
+        rows.append(
+            {
+                "method": "LightGCN retrained per budget",
+                "budget": label,
+                "budget_bytes": budget,
+                "budget_fraction": budget / full,
+                "recall@20": m["recall@20"],
+                "ndcg@20": m["ndcg@20"],
+                "used_bytes": ds.n_items * dim * 4,
+                "dim": dim,
+                "train_seconds": pre.seconds,
+            }
+        )
+        _log(f"retrained LightGCN d={dim} for {label}: Recall@20 {m['recall@20']:.4f}")
+    return {"rows": rows}
+
+
+def step_federated(cfg: StudyConfig, out: Path) -> dict:
+    from peel_fed.fedconfig import FedConfig
+    from sim.simulate import run_federated_simulation
+
+    budgets = ",".join(cfg.budgets)
+    values = {
+        "dataset": cfg.dataset,
+        "data-dir": cfg.data_dir or "",
+        "seed": cfg.seed,
+        "min-nodes": cfg.num_nodes,
+        "out-dir": str((out / "runs" / "federated").resolve()),
+        "progress": cfg.progress,
+        "budgets": budgets,
+        "device-budgets": budgets,
+    }
+    if cfg.quick:
+        values.update(
+            {
+                "device-budgets": "50%,100%",
+                "drill": "0.5",
+                "pretrain-passes": 2,
+                "cohort-fraction": 0.5,
+                "local-steps": 1,
+                "kmeans-iters": 2,
+                "pee-rounds": 3,
+                "pee-cohort-fraction": 0.5,
+                "item-groups": 4,
+                "blocks": 4,
+                "dim": 16,
+                "user-groups": 2,
+            }
+        )
+    values.update(cfg.fed_overrides)
+    fcfg = FedConfig.from_run_config({**FedConfig().to_run_config(), **values})
+    report = run_federated_simulation(fcfg, cfg.num_nodes)
+    g = fcfg.user_groups
+    label = {b: lbl for lbl, b in _budget_bytes(cfg, report["layout"]["full_table_bytes"])}
+    rows = []
+    for r in report["rows"]:
+        if r["method"].startswith("PEEL"):
+            rows.append(
+                {**r, "method": f"PEEL (G_u={g}, federated)", "budget": label[r["budget_bytes"]]}
+            )
+    return {
+        "rows": rows,
+        "drill": report["drill"],
+        "config": report["config"],
+        "wall_seconds": report["wall_seconds"],
+    }
+
+
+STEPS: dict[str, Callable[[StudyConfig, Path], dict]] = {
+    "centralized": step_centralized,
+    "pruning": step_pruning,
+    "retrained": step_retrained,
+    "federated": step_federated,
+}
+
+
+# --- the runner ---------------------------------------------------------------------------------
+def run_study(cfg: StudyConfig, steps: list[str] | None = None) -> dict:
+    """Run (or resume) the study's steps and rebuild the report; returns the report."""
+    out = Path(cfg.out_dir)
+    done: dict[str, dict] = {}
+    for name in steps or list(STEPS):
+        if name not in STEPS:
+            raise ValueError(f"unknown study step {name!r}: steps are {', '.join(STEPS)}")
+        path = out / "steps" / f"{name}.json"
+        key = cfg.key(name)
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved.get("key") == key:
+                _log(f"{name}: done earlier ({saved['seconds']:.0f} s), reusing {path}")
+                done[name] = saved
+                continue
+            _log(f"{name}: inputs changed since {path} was written; running it again")
+        _log(f"{name}: running")
+        t0 = time.perf_counter()
+        result = STEPS[name](cfg, out)
+        saved = {"key": key, "seconds": time.perf_counter() - t0, "result": result}
+        write_json_atomic(path, saved)
+        done[name] = saved
+        _log(f"{name}: done in {saved['seconds']:.0f} s")
+    report = json.loads(json.dumps(build_report(cfg, done)))  # as results.json holds it
+    write_json_atomic(out / "results.json", report)
+    write_text_atomic(out / "README.md", report_markdown(report))
+    plot_metric_vs_bytes(report, "recall@20", out / "recall_vs_bytes.png")
+    plot_metric_vs_bytes(report, "ndcg@20", out / "ndcg_vs_bytes.png")
+    if report.get("drill"):
+        plot_drill(report, out / "dynamic_budget.png")
+    _log(f"report: {out / 'README.md'}")
+    return report
+
+
+def build_report(cfg: StudyConfig, done: dict[str, dict]) -> dict:
+    rows = [r for step in done.values() for r in step["result"]["rows"]]
+    central = done.get("centralized", {}).get("result", {})
+    return {
+        "config": {k: v for k, v in asdict(cfg).items() if k != "progress"},
+        "dataset": central.get("dataset"),
+        "layout": central.get("layout"),
+        "rows": rows,
+        "drill": done.get("federated", {}).get("result", {}).get("drill", []),
+        "step_seconds": {name: step["seconds"] for name, step in done.items()},
+        "machine": f"{platform.machine()}, Python {platform.python_version()}",
+    }
+
+
+def report_markdown(report: dict) -> str:
+    rows = report["rows"]
+    budgets = sorted({(r["budget_fraction"], r["budget"]) for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    ds = report.get("dataset") or {}
+    cfg = report["config"]
+    lines = [
+        f"# The study on {ds.get('name', cfg['dataset'])}: Recall@20 / NDCG@20 at equal bytes",
+        "",
+        "Every method keeps at most the budget's bytes of item embeddings on the device "
+        "(a fraction of the full float32 item table). Magnitude pruning counts its sparse "
+        "storage; the retrained LightGCN is one model per budget, at the largest dimension "
+        "that fits.",
+        "",
+        "| method | " + " | ".join(label for _, label in budgets) + " |",
+        "|---|" + "---|" * len(budgets),
+    ]
+    for m in methods:
+        cells = []
+        for frac, _ in budgets:
+            r = next((x for x in rows if x["method"] == m and x["budget_fraction"] == frac), None)
+            cells.append(f"{r['recall@20']:.4f} / {r['ndcg@20']:.4f}" if r else "-")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if report.get("drill"):
+        lines += [
+            "",
+            "## Dynamic budgets (federated PEEL)",
+            "",
+            "Each device draws its own budget, then cuts it step by step with no server "
+            "contact (the drill); Recall@20 after each cut, per own-budget class:",
+            "",
+            "| own budget | kept fraction | bytes | Recall@20 | NDCG@20 | devices |",
+            "|---|---|---|---|---|---|",
+        ]
+        for d in report["drill"]:
+            lines.append(
+                f"| {d['own_budget']} | {d['fraction_of_own']:g} | {d['budget_bytes']:,} | "
+                f"{d['recall@20']:.4f} | {d['ndcg@20']:.4f} | {d['users']} |"
+            )
+    secs = report["step_seconds"]
+    lines += [
+        "",
+        "Step wall times: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in secs.items())
+        + f"; seed {cfg['seed']}; {report['machine']}.",
+        "",
+        f"Command: `peel-fed study --dataset {cfg['dataset']}"
+        + (f" --data-dir {cfg['data_dir']}" if cfg.get("data_dir") else "")
+        + f" --seed {cfg['seed']}"
+        + (" --quick" if cfg.get("quick") else "")
+        + "`",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot_metric_vs_bytes(report: dict, metric: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in dict.fromkeys(r["method"] for r in report["rows"]):
+        pts = sorted(
+            (r["budget_bytes"], r[metric]) for r in report["rows"] if r["method"] == method
+        )
+        ax.plot([p[0] / 1e6 for p in pts], [p[1] for p in pts], marker="o", label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("item-embedding bytes on the device (MB, log scale)")
+    ax.set_ylabel(
+        metric.replace("@", "@").upper().replace("RECALL", "Recall").replace("NDCG", "NDCG")
+    )
+    ax.set_title(f"{metric} against bytes")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    write_atomic(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
+    plt.close(fig)
+
+
+def plot_drill(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for own in dict.fromkeys(d["own_budget"] for d in report["drill"]):
+        pts = [d for d in report["drill"] if d["own_budget"] == own and d["users"]]
+        if pts:
+            ax.plot(
+                [d["budget_bytes"] / 1e6 for d in pts],
+                [d["recall@20"] for d in pts],
+                marker="o",
+                label=f"own budget {own}",
+            )
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes kept after each cut (MB, log scale)")
+    ax.set_ylabel("Recall@20")
+    ax.set_title("Dynamic budgets: cuts with no server contact")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    write_atomic(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default="gowalla")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="default docs/results/<dataset>")
+    p.add_argument("--cache-dir", default="runs/cache")
+    p.add_argument("--steps", default=None, help=f"comma-separated subset of {', '.join(STEPS)}")
+    p.add_argument("--quick", action="store_true", help="tiny trainings: a smoke run")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    name = Path(args.data_dir).name if args.data_dir else args.dataset
+    cfg = StudyConfig(
+        dataset=args.dataset,
+        data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None,
+        seed=args.seed,
+        out_dir=args.out or f"docs/results/{name}",
+        cache_dir=args.cache_dir,
+        quick=args.quick,
+        progress=not args.no_progress,
+    )
+    run_study(cfg, args.steps.split(",") if args.steps else None)
+
+
+if __name__ == "__main__":
+    main()
