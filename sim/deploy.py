@@ -483,6 +483,11 @@ def run_local_deployment(
         _check_node_budget(budget, cfg.budget_list("device_budgets"))
     if not cfg.out_dir:
         raise ValueError("the deployed run needs an out-dir for its results")
+    # the ServerApp and the SuperNodes run in their own folders: hand them absolute paths
+    paths = {"out-dir": str(Path(cfg.out_dir).resolve())}
+    if cfg.data_dir:
+        paths["data-dir"] = str(Path(cfg.data_dir).resolve())
+    cfg = FedConfig.from_run_config({**cfg.to_run_config(), **paths})
     out_dir = Path(cfg.out_dir)
     results = out_dir / "results.json"
     work = Path(workdir or tempfile.mkdtemp(prefix="peel-fed-deploy-"))
