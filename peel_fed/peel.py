@@ -43,6 +43,9 @@ class PEELConfig:
     val_batch_size: int = 4096
     outer_every: int = 1
     elastic: bool = True
+    # ablation: train the controller on the training batch (joint) instead of held-out validation
+    # interactions (bi-level, the method)
+    joint: bool = False
     unit_order: str = "consistent"
     controller: ControllerConfig = field(default_factory=ControllerConfig)
 
@@ -204,10 +207,13 @@ def learn_group_pee(
             epoch_loss += float(loss.detach())
             n_batches += 1
             step += 1
-            if len(val_g) and step % cfg.outer_every == 0:
-                vb = rng.integers(0, len(val_g), size=min(cfg.val_batch_size, len(val_g)))
-                vu, vp = val_g.users[vb], val_g.items[vb]
-                vn = sampler.sample(vu, rng)
+            if (len(val_g) or cfg.joint) and step % cfg.outer_every == 0:
+                if cfg.joint:  # the same batch the table just trained on
+                    vu, vp, vn = fit_g.users[sl], p.numpy(), n.numpy()
+                else:
+                    vb = rng.integers(0, len(val_g), size=min(cfg.val_batch_size, len(val_g)))
+                    vu, vp = val_g.users[vb], val_g.items[vb]
+                    vn = sampler.sample(vu, rng)
                 grad, vloss = validation_weight_grad(
                     user_vecs.detach()[torch.from_numpy(local[vu])],
                     items.detach(),

@@ -14,7 +14,10 @@ Each step's result is saved atomically under ``<out>/steps/`` with a key of its 
 skips the steps whose saved key matches, so an interrupted study resumes where it stopped. The
 report (``README.md``, ``results.json``, PNG plots) is rebuilt from the saved steps every time.
 
-Not yet in the study (see issue 5): cold-start users, the ablations beyond G_u.
+5. ablations, one step each: no diversity regulariser, uniform weights (controller off), joint
+   training instead of bi-level, G_u = 2 and 8, half and twice the blocks.
+
+Not yet in the study (see issue 5): cold-start users.
 """
 
 from __future__ import annotations
@@ -250,11 +253,68 @@ def step_federated(cfg: StudyConfig, out: Path) -> dict:
     }
 
 
+def _ablation(name: str, user_groups: tuple[int, ...], change: Callable) -> Callable:
+    """A study step: centralized PEEL with one thing changed (``change`` maps the pipeline
+    config); its PEEL rows go to the ablation table."""
+
+    def step(cfg: StudyConfig, out: Path) -> dict:
+        from peel_fed.pipeline import run_centralized
+
+        base = _pipeline_config(cfg, out)
+        pcfg = replace(
+            change(base), user_groups=user_groups, out_dir=str(out / "runs" / f"ablation-{name}")
+        )
+        res = run_centralized(pcfg)
+        rows = [
+            {**r, "method": f"{r['method']}, {name}" if name else r["method"]}
+            for r in res["rows"]
+            if r["method"].startswith("PEEL")
+        ]
+        return {"rows": [], "ablation_rows": rows}
+
+    return step
+
+
+def _blocks(pcfg, factor: float):
+    n = max(1, int(pcfg.peel.num_blocks * factor))
+    return replace(
+        pcfg,
+        lightgcn=replace(pcfg.lightgcn, num_blocks=n),
+        peel=replace(pcfg.peel, num_blocks=n),
+    )
+
+
+ABLATIONS: dict[str, Callable] = {
+    "ablation-no-diversity": _ablation(
+        "no diversity regulariser",
+        (4,),
+        lambda c: replace(
+            c,
+            lightgcn=replace(c.lightgcn, diversity_weight=0.0),
+            peel=replace(c.peel, diversity_weight=0.0),
+        ),
+    ),
+    "ablation-uniform-weights": _ablation(
+        "uniform weights (no controller)",
+        (4,),
+        lambda c: replace(c, peel=replace(c.peel, controller=replace(c.peel.controller, lr=0.0))),
+    ),
+    "ablation-joint": _ablation(
+        "joint training (not bi-level)",
+        (4,),
+        lambda c: replace(c, peel=replace(c.peel, joint=True)),
+    ),
+    "ablation-user-groups": _ablation("", (2, 8), lambda c: c),
+    "ablation-fewer-blocks": _ablation("half the blocks", (4,), lambda c: _blocks(c, 0.5)),
+    "ablation-more-blocks": _ablation("twice the blocks", (4,), lambda c: _blocks(c, 2.0)),
+}
+
 STEPS: dict[str, Callable[[StudyConfig, Path], dict]] = {
     "centralized": step_centralized,
     "pruning": step_pruning,
     "retrained": step_retrained,
     "federated": step_federated,
+    **ABLATIONS,
 }
 
 
@@ -295,8 +355,14 @@ def run_study(cfg: StudyConfig, steps: list[str] | None = None) -> dict:
 
 def build_report(cfg: StudyConfig, done: dict[str, dict]) -> dict:
     rows = [r for step in done.values() for r in step["result"]["rows"]]
+    ablation_rows = [r for step in done.values() for r in step["result"].get("ablation_rows", [])]
+    if ablation_rows:  # the reference: PEEL G_u = 4, centralized, as the method is
+        ablation_rows = [r for r in rows if r["method"] == "PEEL (G_u=4) (centralized)"] + [
+            r for r in ablation_rows
+        ]
     central = done.get("centralized", {}).get("result", {})
     return {
+        "ablation_rows": ablation_rows,
         "config": {k: v for k, v in asdict(cfg).items() if k != "progress"},
         "dataset": central.get("dataset"),
         "layout": central.get("layout"),
@@ -310,7 +376,6 @@ def build_report(cfg: StudyConfig, done: dict[str, dict]) -> dict:
 def report_markdown(report: dict) -> str:
     rows = report["rows"]
     budgets = sorted({(r["budget_fraction"], r["budget"]) for r in rows})
-    methods = list(dict.fromkeys(r["method"] for r in rows))
     ds = report.get("dataset") or {}
     cfg = report["config"]
     lines = [
@@ -321,15 +386,15 @@ def report_markdown(report: dict) -> str:
         "storage; the retrained LightGCN is one model per budget, at the largest dimension "
         "that fits.",
         "",
-        "| method | " + " | ".join(label for _, label in budgets) + " |",
-        "|---|" + "---|" * len(budgets),
+        *_metric_table(rows, budgets, "method"),
     ]
-    for m in methods:
-        cells = []
-        for frac, _ in budgets:
-            r = next((x for x in rows if x["method"] == m and x["budget_fraction"] == frac), None)
-            cells.append(f"{r['recall@20']:.4f} / {r['ndcg@20']:.4f}" if r else "-")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if report.get("ablation_rows"):
+        lines += [
+            "",
+            "## Ablations (centralized PEEL, Recall@20 / NDCG@20)",
+            "",
+            *_metric_table(report["ablation_rows"], budgets, "variant"),
+        ]
     if report.get("drill"):
         lines += [
             "",
@@ -360,6 +425,21 @@ def report_markdown(report: dict) -> str:
         + "`",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _metric_table(rows: list[dict], budgets: list[tuple], first: str) -> list[str]:
+    """Markdown rows: one line per method, Recall@20 / NDCG@20 per budget ('-' if not run)."""
+    lines = [
+        f"| {first} | " + " | ".join(label for _, label in budgets) + " |",
+        "|---|" + "---|" * len(budgets),
+    ]
+    for m in dict.fromkeys(r["method"] for r in rows):
+        cells = []
+        for frac, _ in budgets:
+            r = next((x for x in rows if x["method"] == m and x["budget_fraction"] == frac), None)
+            cells.append(f"{r['recall@20']:.4f} / {r['ndcg@20']:.4f}" if r else "-")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot_metric_vs_bytes(report: dict, metric: str, path: Path) -> None:

@@ -24,11 +24,13 @@ from peel_fed.synthetic import checkerboard
 # --- learn_group_pee on the shared checkerboard model ------------------------------------------
 
 
-def _learn(board, board_model, seed):
+def _learn(board, board_model, seed, val=None, **overrides):
     _, user_emb, item_emb = board_model
     layout = BlockLayout(popularity_item_groups(board.item_popularity(), 4), 16, 4)
     split = split_validation(board.train, board.n_users, 0.2, seed=0)
-    cfg = PEELConfig(num_item_groups=4, num_blocks=4, epochs=2, batch_size=128, lr=1e-2)
+    cfg = PEELConfig(
+        num_item_groups=4, num_blocks=4, epochs=2, batch_size=128, lr=1e-2, **overrides
+    )
     users = np.arange(0, 60)  # cluster 0
     return learn_group_pee(
         0,
@@ -36,7 +38,7 @@ def _learn(board, board_model, seed):
         item_emb,
         user_emb,
         split.fit,
-        split.val,
+        split.val if val is None else val,
         board.item_popularity(),
         layout,
         cfg,
@@ -62,6 +64,20 @@ def test_learn_group_pee_seeded_and_well_formed(board, board_model):
     assert len(a.history) == 2
     # the tables were fine-tuned, starting from the pretrained ones
     assert not np.array_equal(a.item_table, board_model[2])
+
+
+def test_joint_training_ablation_trains_the_controller_on_the_training_batch(board, board_model):
+    """Joint (ablation): the controller learns from the batch the table trains on, so it moves
+    even with no validation data; bi-level without validation data leaves it untrained."""
+    from peel_fed.data import Interactions
+
+    none = Interactions(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+    joint, _ = _learn(board, board_model, seed=3, val=none, joint=True)
+    bilevel_no_val, _ = _learn(board, board_model, seed=3, val=none)
+    bilevel, _ = _learn(board, board_model, seed=3)
+    assert not np.allclose(joint.unit_weights, 1.0)
+    np.testing.assert_allclose(bilevel_no_val.unit_weights, 1.0, rtol=1e-6)
+    assert not np.allclose(joint.unit_weights, bilevel.unit_weights)
 
 
 def test_learn_group_pee_takes_no_test_data():
