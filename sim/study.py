@@ -12,7 +12,7 @@
 
 Each step's result is saved atomically under ``<out>/steps/`` with a key of its inputs. A rerun
 skips the steps whose saved key matches, so an interrupted study resumes where it stopped. The
-report (``README.md``, ``results.json``, PNG plots) is rebuilt from the saved steps every time.
+report (``study.md``, ``results.json``, PNG plots) is rebuilt from the saved steps every time.
 
 5. ablations, one step each: no diversity regulariser, uniform weights (controller off), joint
    training instead of bi-level, G_u = 2 and 8, half and twice the blocks.
@@ -46,6 +46,7 @@ class StudyConfig:
     budgets: tuple[str, ...] = STUDY_BUDGETS
     out_dir: str = "docs/results/gowalla"
     cache_dir: str = "runs/cache"
+    work_dir: str = "runs/study"  # each step's own run folders (the report needs only steps/)
     num_nodes: int = 2
     quick: bool = False
     progress: bool = True
@@ -53,13 +54,18 @@ class StudyConfig:
 
     def key(self, step: str) -> str:
         """What a step's result depends on (not where it is written, nor progress output)."""
-        inputs = {k: v for k, v in asdict(self).items() if k not in ("out_dir", "progress")}
+        where = ("out_dir", "work_dir", "cache_dir", "progress")
+        inputs = {k: v for k, v in asdict(self).items() if k not in where}
         blob = json.dumps({"step": step, **inputs}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _log(msg: str) -> None:
     print(f"[study] {msg}", flush=True)
+
+
+def _work(cfg: StudyConfig) -> Path:
+    return Path(cfg.work_dir) / Path(cfg.out_dir).name
 
 
 def _pipeline_config(cfg: StudyConfig, out: Path):
@@ -76,7 +82,7 @@ def _pipeline_config(cfg: StudyConfig, out: Path):
         seed=cfg.seed,
         user_groups=(4, 1),
         budgets=tuple(cfg.budgets),
-        out_dir=str(out / "runs" / "centralized"),
+        out_dir=str(_work(cfg) / "centralized"),
         cache_dir=cfg.cache_dir,
         progress=cfg.progress,
         lightgcn=lightgcn,
@@ -212,7 +218,7 @@ def step_federated(cfg: StudyConfig, out: Path) -> dict:
         "data-dir": cfg.data_dir or "",
         "seed": cfg.seed,
         "min-nodes": cfg.num_nodes,
-        "out-dir": str((out / "runs" / "federated").resolve()),
+        "out-dir": str((_work(cfg) / "federated").resolve()),
         "progress": cfg.progress,
         "budgets": budgets,
         "device-budgets": budgets,
@@ -262,7 +268,7 @@ def _ablation(name: str, user_groups: tuple[int, ...], change: Callable) -> Call
 
         base = _pipeline_config(cfg, out)
         pcfg = replace(
-            change(base), user_groups=user_groups, out_dir=str(out / "runs" / f"ablation-{name}")
+            change(base), user_groups=user_groups, out_dir=str(_work(cfg) / f"ablation-{name}")
         )
         res = run_centralized(pcfg)
         rows = [
@@ -344,12 +350,12 @@ def run_study(cfg: StudyConfig, steps: list[str] | None = None) -> dict:
         _log(f"{name}: done in {saved['seconds']:.0f} s")
     report = json.loads(json.dumps(build_report(cfg, done)))  # as results.json holds it
     write_json_atomic(out / "results.json", report)
-    write_text_atomic(out / "README.md", report_markdown(report))
+    write_text_atomic(out / "study.md", report_markdown(report))
     plot_metric_vs_bytes(report, "recall@20", out / "recall_vs_bytes.png")
     plot_metric_vs_bytes(report, "ndcg@20", out / "ndcg_vs_bytes.png")
     if report.get("drill"):
         plot_drill(report, out / "dynamic_budget.png")
-    _log(f"report: {out / 'README.md'}")
+    _log(f"report: {out / 'study.md'}")
     return report
 
 

@@ -19,6 +19,7 @@ def quick_study(tmp_path_factory):
         budgets=QUICK_BUDGETS,
         out_dir=str(out / "report"),
         cache_dir=str(out / "cache"),
+        work_dir=str(out / "work"),
         quick=True,
         progress=False,
     )
@@ -69,7 +70,7 @@ def test_study_resumes_and_reports_every_method(quick_study):
     first_k = [r for r in report["rows"] if r["method"] == "first-k blocks"]
     assert len(uniform) == len(first_k) == len(QUICK_BUDGETS)
     assert json.loads((out / "results.json").read_text()) == report
-    md = (out / "README.md").read_text()
+    md = (out / "study.md").read_text()
     assert "magnitude pruning" in md and "Dynamic budgets" in md and "## Ablations" in md
     for png in ("recall_vs_bytes.png", "ndcg_vs_bytes.png", "dynamic_budget.png"):
         assert (out / png).stat().st_size > 1000
