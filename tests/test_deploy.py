@@ -197,3 +197,18 @@ def test_deploy_cli_errors_are_one_line(tmp_path, capsys):
     assert (tmp_path / "c" / "server.pem").is_file()
     code = main(["deploy", "local", "--insecure", "--node-budgets", "30%", "--timeout-s", "5"])
     assert code == 2 and "node budget '30%' is not one of device-budgets" in capsys.readouterr().err
+
+
+def test_failing_run_is_a_one_line_error_and_stops_every_process(tmp_path):
+    """The ServerApp refuses the config (more user groups than users) after the statistics:
+    the launcher reports a DeploymentError naming the logs and stops everything."""
+    from sim.deploy import DeploymentError
+
+    work = tmp_path / "work"
+    cfg = FedConfig(**{**SMOKE_RUN, "user_groups": 50}, out_dir=str(tmp_path / "out"))
+    lines: list[str] = []
+    with pytest.raises(DeploymentError, match="logs in"):
+        run_local_deployment(cfg, 2, tls=False, workdir=work, on_line=lines.append)
+    assert any("more user groups (50) than users (12)" in ln for ln in lines)
+    assert _processes_using(work) == []
+    assert not (tmp_path / "out" / "results.json").exists()
