@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from peel_fed.atomic import write_atomic, write_json_atomic, write_text_atomic
+from strategies.report import drill_lines
 
 STUDY_BUDGETS = ("5%", "10%", "25%", "50%", "100%")
 
@@ -68,7 +69,7 @@ def _work(cfg: StudyConfig) -> Path:
     return Path(cfg.work_dir) / Path(cfg.out_dir).name
 
 
-def _pipeline_config(cfg: StudyConfig, out: Path):
+def _pipeline_config(cfg: StudyConfig):
     from peel_fed.pipeline import PipelineConfig
 
     base = PipelineConfig()
@@ -91,10 +92,10 @@ def _pipeline_config(cfg: StudyConfig, out: Path):
 
 
 # --- steps --------------------------------------------------------------------------------------
-def step_centralized(cfg: StudyConfig, out: Path) -> dict:
+def step_centralized(cfg: StudyConfig) -> dict:
     from peel_fed.pipeline import run_centralized
 
-    res = run_centralized(_pipeline_config(cfg, out))
+    res = run_centralized(_pipeline_config(cfg))
     rows = [
         {
             **r,
@@ -124,11 +125,11 @@ def step_centralized(cfg: StudyConfig, out: Path) -> dict:
     }
 
 
-def _data_and_pretrained(cfg: StudyConfig, out: Path, pcfg=None):
+def _data_and_pretrained(cfg: StudyConfig, pcfg=None):
     from peel_fed.data import load_dataset, split_validation
     from peel_fed.pipeline import pretrain
 
-    pcfg = pcfg or _pipeline_config(cfg, out)
+    pcfg = pcfg or _pipeline_config(cfg)
     ds = load_dataset(cfg.dataset, cfg.data_dir)
     split = split_validation(ds.train, ds.n_users, pcfg.val_fraction, seed=cfg.seed)
     return ds, split, pretrain(ds, split.fit, pcfg)
@@ -140,11 +141,11 @@ def _budget_bytes(cfg: StudyConfig, full_table_bytes: int) -> list[tuple[str, in
     return [(b, parse_budget(b, full_table_bytes)) for b in cfg.budgets]
 
 
-def step_pruning(cfg: StudyConfig, out: Path) -> dict:
+def step_pruning(cfg: StudyConfig) -> dict:
     from peel_fed.baselines import magnitude_prune
     from peel_fed.metrics import dot_score_fn, evaluate_ranking
 
-    ds, _, pre = _data_and_pretrained(cfg, out)
+    ds, _, pre = _data_and_pretrained(cfg)
     full = pre.item_emb.size * 4
     rows = []
     for label, budget in _budget_bytes(cfg, full):
@@ -170,14 +171,15 @@ def step_pruning(cfg: StudyConfig, out: Path) -> dict:
     return {"rows": rows}
 
 
-def step_retrained(cfg: StudyConfig, out: Path) -> dict:
+def step_retrained(cfg: StudyConfig) -> dict:
     """One LightGCN per budget at the largest dimension whose item table fits it (no blocks and
     no diversity regulariser: a plain, non-elastic model)."""
     from peel_fed.baselines import affordable_dim
+    from peel_fed.data import load_dataset
     from peel_fed.metrics import dot_score_fn, evaluate_ranking
 
-    base = _pipeline_config(cfg, out)
-    ds, _, _ = _data_and_pretrained(cfg, out, base)
+    base = _pipeline_config(cfg)
+    ds = load_dataset(cfg.dataset, cfg.data_dir)
     full = ds.n_items * base.lightgcn.dim * 4
     rows = []
     for label, budget in _budget_bytes(cfg, full):
@@ -187,7 +189,7 @@ def step_retrained(cfg: StudyConfig, out: Path) -> dict:
             lightgcn=replace(base.lightgcn, dim=dim, diversity_weight=0.0, num_blocks=1),
             peel=replace(base.peel, num_blocks=1),
         )
-        _, _, pre = _data_and_pretrained(cfg, out, pcfg)
+        _, _, pre = _data_and_pretrained(cfg, pcfg)
         m = evaluate_ranking(
             dot_score_fn(pre.user_emb, pre.item_emb), ds.n_users, ds.train, ds.test
         )
@@ -208,7 +210,7 @@ def step_retrained(cfg: StudyConfig, out: Path) -> dict:
     return {"rows": rows}
 
 
-def step_federated(cfg: StudyConfig, out: Path) -> dict:
+def step_federated(cfg: StudyConfig) -> dict:
     from peel_fed.fedconfig import FedConfig
     from sim.simulate import run_federated_simulation
 
@@ -263,10 +265,10 @@ def _ablation(name: str, user_groups: tuple[int, ...], change: Callable) -> Call
     """A study step: centralized PEEL with one thing changed (``change`` maps the pipeline
     config); its PEEL rows go to the ablation table."""
 
-    def step(cfg: StudyConfig, out: Path) -> dict:
+    def step(cfg: StudyConfig) -> dict:
         from peel_fed.pipeline import run_centralized
 
-        base = _pipeline_config(cfg, out)
+        base = _pipeline_config(cfg)
         pcfg = replace(
             change(base), user_groups=user_groups, out_dir=str(_work(cfg) / f"ablation-{name}")
         )
@@ -315,7 +317,7 @@ ABLATIONS: dict[str, Callable] = {
     "ablation-more-blocks": _ablation("twice the blocks", (4,), lambda c: _blocks(c, 2.0)),
 }
 
-STEPS: dict[str, Callable[[StudyConfig, Path], dict]] = {
+STEPS: dict[str, Callable[[StudyConfig], dict]] = {
     "centralized": step_centralized,
     "pruning": step_pruning,
     "retrained": step_retrained,
@@ -343,7 +345,7 @@ def run_study(cfg: StudyConfig, steps: list[str] | None = None) -> dict:
             _log(f"{name}: inputs changed since {path} was written; running it again")
         _log(f"{name}: running")
         t0 = time.perf_counter()
-        result = STEPS[name](cfg, out)
+        result = STEPS[name](cfg)
         saved = {"key": key, "seconds": time.perf_counter() - t0, "result": result}
         write_json_atomic(path, saved)
         done[name] = saved
@@ -363,9 +365,8 @@ def build_report(cfg: StudyConfig, done: dict[str, dict]) -> dict:
     rows = [r for step in done.values() for r in step["result"]["rows"]]
     ablation_rows = [r for step in done.values() for r in step["result"].get("ablation_rows", [])]
     if ablation_rows:  # the reference: PEEL G_u = 4, centralized, as the method is
-        ablation_rows = [r for r in rows if r["method"] == "PEEL (G_u=4) (centralized)"] + [
-            r for r in ablation_rows
-        ]
+        reference = [r for r in rows if r["method"] == "PEEL (G_u=4) (centralized)"]
+        ablation_rows = reference + ablation_rows
     central = done.get("centralized", {}).get("result", {})
     return {
         "ablation_rows": ablation_rows,
@@ -409,14 +410,8 @@ def report_markdown(report: dict) -> str:
             "Each device draws its own budget, then cuts it step by step with no server "
             "contact (the drill); Recall@20 after each cut, per own-budget class:",
             "",
-            "| own budget | kept fraction | bytes | Recall@20 | NDCG@20 | devices |",
-            "|---|---|---|---|---|---|",
+            *drill_lines(report["drill"]),
         ]
-        for d in report["drill"]:
-            lines.append(
-                f"| {d['own_budget']} | {d['fraction_of_own']:g} | {d['budget_bytes']:,} | "
-                f"{d['recall@20']:.4f} | {d['ndcg@20']:.4f} | {d['users']} |"
-            )
     secs = report["step_seconds"]
     lines += [
         "",
@@ -462,9 +457,7 @@ def plot_metric_vs_bytes(report: dict, metric: str, path: Path) -> None:
         ax.plot([p[0] / 1e6 for p in pts], [p[1] for p in pts], marker="o", label=method)
     ax.set_xscale("log")
     ax.set_xlabel("item-embedding bytes on the device (MB, log scale)")
-    ax.set_ylabel(
-        metric.replace("@", "@").upper().replace("RECALL", "Recall").replace("NDCG", "NDCG")
-    )
+    ax.set_ylabel({"recall@20": "Recall@20", "ndcg@20": "NDCG@20"}[metric])
     ax.set_title(f"{metric} against bytes")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

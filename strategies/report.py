@@ -53,17 +53,8 @@ def results_markdown(report: dict) -> str:
             "",
             "Dynamic-budget drill (PEEL; each device cuts its own budget, no server contact):",
             "",
-            "| own budget | fraction kept | budget | Recall@20 | NDCG@20 | devices |",
-            "|---|---|---|---|---|---|",
+            *drill_lines(report["drill"]),
         ]
-        for d in report["drill"]:
-            metrics = (
-                f"{d['recall@20']:.4f} | {d['ndcg@20']:.4f}" if d["users"] else "- | -"
-            )  # no device had this own budget
-            lines.append(
-                f"| {d['own_budget']} | {d['fraction_of_own']:g} | {d['budget_bytes']:,} B | "
-                f"{metrics} | {d['users']} |"
-            )
     if report.get("bytes"):
         lines += [
             "",
@@ -138,4 +129,21 @@ def _participation_lines(part: dict | None) -> list[str]:
         )
     for node, phase in part.get("gone", {}).items():
         lines.append(f"\nNode {node} left the SuperLink's node list (missing from {phase} on).")
+    return lines
+
+
+def drill_lines(drill: list[dict]) -> list[str]:
+    """The dynamic-budget drill as a markdown table: per own-budget class and kept fraction."""
+    lines = [
+        "| own budget | fraction kept | budget | Recall@20 | NDCG@20 | devices |",
+        "|---|---|---|---|---|---|",
+    ]
+    for d in drill:
+        metrics = (
+            f"{d['recall@20']:.4f} | {d['ndcg@20']:.4f}" if d["users"] else "- | -"
+        )  # no device had this own budget
+        lines.append(
+            f"| {d['own_budget']} | {d['fraction_of_own']:g} | {d['budget_bytes']:,} B | "
+            f"{metrics} | {d['users']} |"
+        )
     return lines
