@@ -495,7 +495,11 @@ def evaluation_vector(
             at_own = peel_at(np.full(users.size, budget))
         part_b.append(_sums(at_own, mine))
         for f in spec.drill:
-            part_b.append(_sums(peel_at(np.full(users.size, int(budget * f))), mine))
+            cut = int(budget * f)
+            if cut < layout.min_budget_bytes:  # nothing fits: no device ranks at this cut
+                part_b.append(np.zeros(3))
+                continue
+            part_b.append(_sums(peel_at(np.full(users.size, cut)), mine))
     for g in range(spec.user_groups):
         for j in range(levels.size):
             part_c.append(_sums(peel_levels[j], groups == g))

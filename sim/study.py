@@ -8,16 +8,18 @@
    (``peel_fed.baselines``);
 3. ``retrained``: LightGCN retrained for each budget at the largest dimension that fits it;
 4. ``federated``: federated PEEL in Flower's simulation (``sim.simulate``), with heterogeneous
-   device budgets and the dynamic-budget drill.
+   device budgets and the dynamic-budget drill (a device at the largest budget cuts to each
+   smaller one);
+5. ``cold-start``: users held out of all training join the nearest group from their own items
+   (``peel_fed.coldstart``), evaluated per budget next to the same run's warm users;
+6. ablations, one step each: no diversity regulariser, uniform weights (controller off), joint
+   training instead of bi-level, G_u = 2 and 8, half and twice the blocks.
 
 Each step's result is saved atomically under ``<out>/steps/`` with a key of its inputs. A rerun
 skips the steps whose saved key matches, so an interrupted study resumes where it stopped. The
-report (``study.md``, ``results.json``, PNG plots) is rebuilt from the saved steps every time.
-
-5. ablations, one step each: no diversity regulariser, uniform weights (controller off), joint
-   training instead of bi-level, G_u = 2 and 8, half and twice the blocks.
-
-Not yet in the study (see issue 5): cold-start users.
+report (``study.md``, ``results.json``, PNG plots) is rebuilt from the saved steps every time; it
+includes the dynamic-budget trace: cut on the device (PEEL, magnitude pruning) against a
+retrained model per budget.
 """
 
 from __future__ import annotations
@@ -52,13 +54,27 @@ class StudyConfig:
     quick: bool = False
     progress: bool = True
     fed_overrides: dict = field(default_factory=dict)
+    cold_start_fraction: float = 0.1  # users held out of all training (the cold-start step)
 
     def key(self, step: str) -> str:
-        """What a step's result depends on (not where it is written, nor progress output)."""
+        """What a step's result depends on: the inputs it reads (not where it is written, nor
+        progress output) and its code version."""
         where = ("out_dir", "work_dir", "cache_dir", "progress")
-        inputs = {k: v for k, v in asdict(self).items() if k not in where}
+        inputs = {
+            k: v
+            for k, v in asdict(self).items()
+            if k not in where and step in STEP_ONLY_FIELDS.get(k, (step,))
+        }
+        if STEP_VERSIONS.get(step, 1) > 1:
+            inputs["version"] = STEP_VERSIONS[step]
         blob = json.dumps({"step": step, **inputs}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# Fields only some steps read (the others' keys, and so their saved results, ignore them).
+STEP_ONLY_FIELDS: dict[str, tuple[str, ...]] = {"cold_start_fraction": ("cold-start",)}
+# Bump a step's version when its code changes what it saves, so saved results are redone.
+STEP_VERSIONS: dict[str, int] = {"pruning": 2, "federated": 2}
 
 
 def _log(msg: str) -> None:
@@ -168,7 +184,24 @@ def step_pruning(cfg: StudyConfig) -> dict:
             f"magnitude pruning {label}: {cap.kept:,} values ({cap.storage}), "
             f"Recall@20 {m['recall@20']:.4f}"
         )
-    return {"rows": rows}
+    # the dynamic-budget trace: the device holds the largest budget's table and prunes what it
+    # holds at each drop (no server contact); nested, so each cut keeps a subset of the last
+    trace, held = [], pre.item_emb
+    for label, budget in sorted(_budget_bytes(cfg, full), key=lambda lb: -lb[1]):
+        held, cap = magnitude_prune(held, budget)
+        m = evaluate_ranking(dot_score_fn(pre.user_emb, held), ds.n_users, ds.train, ds.test)
+        trace.append(
+            {
+                "method": "magnitude pruning",
+                "budget": label,
+                "budget_bytes": budget,
+                "budget_fraction": budget / full,
+                "recall@20": m["recall@20"],
+                "ndcg@20": m["ndcg@20"],
+                "used_bytes": cap.bytes,
+            }
+        )
+    return {"rows": rows, "trace": trace}
 
 
 def step_retrained(cfg: StudyConfig) -> dict:
@@ -211,6 +244,8 @@ def step_retrained(cfg: StudyConfig) -> dict:
 
 
 def step_federated(cfg: StudyConfig) -> dict:
+    from peel_fed.blocks import parse_budget
+    from peel_fed.data import load_dataset
     from peel_fed.fedconfig import FedConfig
     from sim.simulate import run_federated_simulation
 
@@ -229,7 +264,6 @@ def step_federated(cfg: StudyConfig) -> dict:
         values.update(
             {
                 "device-budgets": "50%,100%",
-                "drill": "0.5",
                 "pretrain-passes": 2,
                 "cohort-fraction": 0.5,
                 "local-steps": 1,
@@ -244,6 +278,12 @@ def step_federated(cfg: StudyConfig) -> dict:
         )
     values.update(cfg.fed_overrides)
     fcfg = FedConfig.from_run_config({**FedConfig().to_run_config(), **values})
+    if "drill" not in cfg.fed_overrides:
+        # the drill: a device at the largest budget cuts to every smaller one (the trace)
+        full = load_dataset(cfg.dataset, cfg.data_dir).n_items * fcfg.dim * 4
+        sizes = sorted((parse_budget(b, full) for b in cfg.budgets), reverse=True)
+        values["drill"] = ",".join(f"{b / sizes[0]:.6g}" for b in sizes[1:]) or "1"
+        fcfg = FedConfig.from_run_config({**FedConfig().to_run_config(), **values})
     report = run_federated_simulation(fcfg, cfg.num_nodes)
     g = fcfg.user_groups
     label = {b: lbl for lbl, b in _budget_bytes(cfg, report["layout"]["full_table_bytes"])}
@@ -259,6 +299,16 @@ def step_federated(cfg: StudyConfig) -> dict:
         "config": report["config"],
         "wall_seconds": report["wall_seconds"],
     }
+
+
+def step_cold_start(cfg: StudyConfig) -> dict:
+    """Users held out of all training join a group from their own items (``peel_fed.coldstart``)."""
+    from peel_fed.coldstart import run_cold_start
+
+    pcfg = replace(_pipeline_config(cfg), out_dir=str(_work(cfg) / "cold-start"))
+    res = run_cold_start(pcfg, cfg.cold_start_fraction)
+    info = ("held_users", "warm_users", "held_fraction", "cold_users_per_group", "pretrain_seconds")
+    return {"rows": [], "cold_start_rows": res["rows"], "cold_start": {k: res[k] for k in info}}
 
 
 def _ablation(name: str, user_groups: tuple[int, ...], change: Callable) -> Callable:
@@ -322,6 +372,7 @@ STEPS: dict[str, Callable[[StudyConfig], dict]] = {
     "pruning": step_pruning,
     "retrained": step_retrained,
     "federated": step_federated,
+    "cold-start": step_cold_start,
     **ABLATIONS,
 }
 
@@ -355,8 +406,8 @@ def run_study(cfg: StudyConfig, steps: list[str] | None = None) -> dict:
     write_text_atomic(out / "study.md", report_markdown(report))
     plot_metric_vs_bytes(report, "recall@20", out / "recall_vs_bytes.png")
     plot_metric_vs_bytes(report, "ndcg@20", out / "ndcg_vs_bytes.png")
-    if report.get("drill"):
-        plot_drill(report, out / "dynamic_budget.png")
+    if report.get("drill") or report.get("trace"):
+        plot_dynamic_budgets(report, out / "dynamic_budget.png")
     _log(f"report: {out / 'study.md'}")
     return report
 
@@ -368,8 +419,12 @@ def build_report(cfg: StudyConfig, done: dict[str, dict]) -> dict:
         reference = [r for r in rows if r["method"] == "PEEL (G_u=4) (centralized)"]
         ablation_rows = reference + ablation_rows
     central = done.get("centralized", {}).get("result", {})
+    cold = done.get("cold-start", {}).get("result", {})
     return {
         "ablation_rows": ablation_rows,
+        "cold_start_rows": cold.get("cold_start_rows", []),
+        "cold_start": cold.get("cold_start"),
+        "trace": dynamic_trace(done),
         "config": {k: v for k, v in asdict(cfg).items() if k != "progress"},
         "dataset": central.get("dataset"),
         "layout": central.get("layout"),
@@ -378,6 +433,88 @@ def build_report(cfg: StudyConfig, done: dict[str, dict]) -> dict:
         "step_seconds": {name: step["seconds"] for name, step in done.items()},
         "machine": f"{platform.machine()}, Python {platform.python_version()}",
     }
+
+
+def dynamic_trace(done: dict[str, dict]) -> list[dict]:
+    """A device at the largest budget whose budget drops to each smaller one: Recall@20 and
+    NDCG@20 after each drop, per method, with what each drop asks of the server."""
+
+    def result(step: str) -> dict:
+        return done.get(step, {}).get("result", {})
+
+    trace = []
+    fed_rows, drill = result("federated").get("rows", []), result("federated").get("drill", [])
+    if fed_rows and drill:
+        top = max(fed_rows, key=lambda r: r["budget_bytes"])
+        for d in drill:
+            if d["own_budget"] == top["budget"] and d["users"]:
+                trace.append(
+                    {
+                        "method": f"{top['method']}: cut on the device",
+                        "budget_fraction": top["budget_fraction"] * d["fraction_of_own"],
+                        "recall@20": d["recall@20"],
+                        "ndcg@20": d["ndcg@20"],
+                        "contact": "none: it drops its lowest-priority units",
+                        "devices": d["users"],
+                    }
+                )
+    for r in result("centralized").get("rows", []):
+        if r["method"] == "PEEL (G_u=4) (centralized)":
+            trace.append(
+                {
+                    **_metrics(r),
+                    "method": "PEEL (G_u=4, centralized): cut on the device",
+                    "contact": "none: it drops its lowest-priority units",
+                }
+            )
+    for r in result("pruning").get("trace", []):
+        trace.append(
+            {
+                **_metrics(r),
+                "method": "magnitude pruning: cut on the device",
+                "contact": "none: it zeroes its smallest kept values",
+            }
+        )
+    for r in result("retrained").get("rows", []):
+        trace.append(
+            {
+                **_metrics(r),
+                "method": "LightGCN retrained per budget",
+                "contact": "downloads a new table, trained for the new budget",
+                "download_bytes": r["used_bytes"],
+                "train_seconds": r["train_seconds"],
+            }
+        )
+    return trace
+
+
+def _metrics(r: dict) -> dict:
+    return {k: r[k] for k in ("budget_fraction", "recall@20", "ndcg@20")}
+
+
+def trace_lines(trace: list[dict]) -> list[str]:
+    """The trace as markdown: one row per method, a column per budget after the drop."""
+    fracs = sorted({round(t["budget_fraction"], 4) for t in trace}, reverse=True)
+    lines = [
+        "| method | " + " | ".join(f"{100 * f:g}%" for f in fracs) + " | server contact per drop |",
+        "|---|" + "---|" * (len(fracs) + 1),
+    ]
+    for m in dict.fromkeys(t["method"] for t in trace):
+        mine = {round(t["budget_fraction"], 4): t for t in trace if t["method"] == m}
+        cells = [
+            f"{mine[f]['recall@20']:.4f} / {mine[f]['ndcg@20']:.4f}" if f in mine else "-"
+            for f in fracs
+        ]
+        contact = next(iter(mine.values()))["contact"]
+        down = [t["download_bytes"] for t in mine.values() if "download_bytes" in t]
+        if down:
+            secs = [t["train_seconds"] for t in mine.values()]
+            contact += (
+                f" ({_size(min(down))} to {_size(max(down))}; one training per budget, "
+                f"{min(secs):.0f}-{max(secs):.0f} s each)"
+            )
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {contact} |")
+    return lines
 
 
 def report_markdown(report: dict) -> str:
@@ -389,12 +526,56 @@ def report_markdown(report: dict) -> str:
         f"# The study on {ds.get('name', cfg['dataset'])}: Recall@20 / NDCG@20 at equal bytes",
         "",
         "Every method keeps at most the budget's bytes of item embeddings on the device "
-        "(a fraction of the full float32 item table). Magnitude pruning counts its sparse "
-        "storage; the retrained LightGCN is one model per budget, at the largest dimension "
-        "that fits.",
+        "(a fraction of the full float32 item table; the header gives the bytes too). Magnitude "
+        "pruning counts its sparse storage; the retrained LightGCN is one model per budget, at "
+        "the largest dimension that fits.",
         "",
         *_metric_table(rows, budgets, "method"),
     ]
+    if report.get("drill"):
+        lines += [
+            "",
+            "## Heterogeneous budgets (federated PEEL)",
+            "",
+            "Each device draws its own budget from the study's budgets (by a hash of its id) and "
+            "is served its group's units that fit it; Recall@20 per own-budget class (fraction "
+            "kept 1), then after each cut of that budget on the device (the drill, no server "
+            "contact):",
+            "",
+            *drill_lines(report["drill"]),
+        ]
+    if report.get("trace"):
+        lines += [
+            "",
+            "## Dynamic budgets against retraining",
+            "",
+            "A device holding the largest budget's embeddings sees its budget drop to each "
+            "smaller one in turn. Recall@20 / NDCG@20 after each drop. PEEL and magnitude "
+            "pruning cut what the device holds (federated PEEL: measured on the devices of the "
+            "largest own-budget class; centralized PEEL: a cut keeps the same units as being "
+            "served the smaller budget, as `tests/test_store.py` checks; magnitude pruning: each "
+            "cut prunes the previous cut's table). The retrained LightGCN cannot shrink: each "
+            "drop needs a new model from the server.",
+            "",
+            *trace_lines(report["trace"]),
+        ]
+    if report.get("cold_start_rows"):
+        info = report["cold_start"]
+        per_group = "; ".join(f"{k}: {v}" for k, v in info["cold_users_per_group"].items())
+        lines += [
+            "",
+            "## Cold-start users",
+            "",
+            f"{info['held_users']:,} users ({info['held_fraction']:.0%}, drawn by the seed among "
+            "users with training and test items) are held out of pretraining, grouping and PEE "
+            f"learning; the model is trained on the other {info['warm_users']:,}. Each held-out "
+            "device builds its vector from its own training items (one LightGCN propagation step "
+            "over the pretrained item table), joins the nearest group centroid and ranks with "
+            "that group's units within the budget. Warm users are the same run's trained users. "
+            f"Cold-start users per group: {per_group}.",
+            "",
+            *_metric_table(report["cold_start_rows"], budgets, "method, users"),
+        ]
     if report.get("ablation_rows"):
         lines += [
             "",
@@ -402,17 +583,8 @@ def report_markdown(report: dict) -> str:
             "",
             *_metric_table(report["ablation_rows"], budgets, "variant"),
         ]
-    if report.get("drill"):
-        lines += [
-            "",
-            "## Dynamic budgets (federated PEEL)",
-            "",
-            "Each device draws its own budget, then cuts it step by step with no server "
-            "contact (the drill); Recall@20 after each cut, per own-budget class:",
-            "",
-            *drill_lines(report["drill"]),
-        ]
     secs = report["step_seconds"]
+    default = StudyConfig()
     lines += [
         "",
         "Step wall times: "
@@ -422,16 +594,36 @@ def report_markdown(report: dict) -> str:
         f"Command: `peel-fed study --dataset {cfg['dataset']}"
         + (f" --data-dir {cfg['data_dir']}" if cfg.get("data_dir") else "")
         + f" --seed {cfg['seed']}"
+        + (
+            f" --budgets {','.join(cfg['budgets'])}"
+            if tuple(cfg["budgets"]) != default.budgets
+            else ""
+        )
+        + (
+            f" --cold-start-fraction {cfg['cold_start_fraction']:g}"
+            if cfg.get("cold_start_fraction", default.cold_start_fraction)
+            != default.cold_start_fraction
+            else ""
+        )
         + (" --quick" if cfg.get("quick") else "")
         + "`",
     ]
     return "\n".join(lines) + "\n"
 
 
+def _size(n_bytes: float) -> str:
+    return f"{n_bytes / 1e6:.3g} MB" if n_bytes >= 1e6 else f"{n_bytes / 1e3:.3g} KB"
+
+
 def _metric_table(rows: list[dict], budgets: list[tuple], first: str) -> list[str]:
     """Markdown rows: one line per method, Recall@20 / NDCG@20 per budget ('-' if not run)."""
+    size = {r["budget_fraction"]: r["budget_bytes"] for r in rows}
     lines = [
-        f"| {first} | " + " | ".join(label for _, label in budgets) + " |",
+        f"| {first} | "
+        + " | ".join(
+            f"{label} ({_size(size[frac])})" if frac in size else label for frac, label in budgets
+        )
+        + " |",
         "|---|" + "---|" * len(budgets),
     ]
     for m in dict.fromkeys(r["method"] for r in rows):
@@ -466,31 +658,56 @@ def plot_metric_vs_bytes(report: dict, metric: str, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_drill(report: dict, path: Path) -> None:
+def plot_dynamic_budgets(report: dict, path: Path) -> None:
+    """Left: the trace (a device at the largest budget dropping to each smaller one, per method);
+    right: the federated drill per own-budget class."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for own in dict.fromkeys(d["own_budget"] for d in report["drill"]):
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    trace = report.get("trace", [])
+    for method in dict.fromkeys(t["method"] for t in trace):
+        pts = sorted((t["budget_fraction"], t["recall@20"]) for t in trace if t["method"] == method)
+        left.plot([100 * f for f, _ in pts], [r for _, r in pts], marker="o", label=method)
+    left.set_title("Budget drops: cut on the device vs retrained")
+    left.set_xlabel("budget after the drop (% of the full table, log scale)")
+    for own in dict.fromkeys(d["own_budget"] for d in report.get("drill", [])):
         pts = [d for d in report["drill"] if d["own_budget"] == own and d["users"]]
         if pts:
-            ax.plot(
+            right.plot(
                 [d["budget_bytes"] / 1e6 for d in pts],
                 [d["recall@20"] for d in pts],
                 marker="o",
                 label=f"own budget {own}",
             )
-    ax.set_xscale("log")
-    ax.set_xlabel("bytes kept after each cut (MB, log scale)")
-    ax.set_ylabel("Recall@20")
-    ax.set_title("Dynamic budgets: cuts with no server contact")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    right.set_title("Federated PEEL: each own-budget class, cut on the device")
+    right.set_xlabel("bytes kept after each cut (MB, log scale)")
+    for ax in (left, right):
+        ax.set_xscale("log")
+        ax.set_ylabel("Recall@20")
+        ax.grid(alpha=0.3)
+        if ax.get_lines():
+            ax.legend(fontsize=7)
     fig.tight_layout()
     write_atomic(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
     plt.close(fig)
+
+
+def _parse_budgets(text: str, parser: argparse.ArgumentParser) -> tuple[str, ...]:
+    """Budgets as given, after checking each parses (as a share of a 1 GB table)."""
+    from peel_fed.blocks import BudgetError, parse_budget
+
+    budgets = tuple(b.strip() for b in text.split(",") if b.strip())
+    if not budgets:
+        parser.error("--budgets: give at least one budget")
+    for b in budgets:
+        try:
+            parse_budget(b, 10**9)
+        except BudgetError as exc:
+            parser.error(f"--budgets: {exc}")
+    return budgets
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
@@ -500,6 +717,19 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="default docs/results/<dataset>")
     p.add_argument("--cache-dir", default="runs/cache")
+    p.add_argument(
+        "--budgets",
+        default=",".join(STUDY_BUDGETS),
+        help="comma-separated device budgets: fractions of the full item table (25%%, 0.25) "
+        "or sizes (512KB, 2MB, 1.5MiB); default %(default)s",
+    )
+    p.add_argument(
+        "--cold-start-fraction",
+        type=float,
+        default=StudyConfig.cold_start_fraction,
+        help="share of users held out of all training for the cold-start step (default "
+        "%(default)s)",
+    )
     p.add_argument("--steps", default=None, help=f"comma-separated subset of {', '.join(STEPS)}")
     p.add_argument("--quick", action="store_true", help="tiny trainings: a smoke run")
     p.add_argument("--no-progress", action="store_true")
@@ -509,6 +739,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         dataset=args.dataset,
         data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None,
         seed=args.seed,
+        budgets=_parse_budgets(args.budgets, p),
+        cold_start_fraction=args.cold_start_fraction,
         out_dir=args.out or f"docs/results/{name}",
         cache_dir=args.cache_dir,
         quick=args.quick,

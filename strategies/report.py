@@ -139,9 +139,8 @@ def drill_lines(drill: list[dict]) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for d in drill:
-        metrics = (
-            f"{d['recall@20']:.4f} | {d['ndcg@20']:.4f}" if d["users"] else "- | -"
-        )  # no device had this own budget
+        # '-': no device had this own budget, or the cut is below one unit (nothing fits)
+        metrics = f"{d['recall@20']:.4f} | {d['ndcg@20']:.4f}" if d["users"] else "- | -"
         lines.append(
             f"| {d['own_budget']} | {d['fraction_of_own']:g} | {d['budget_bytes']:,} B | "
             f"{metrics} | {d['users']} |"

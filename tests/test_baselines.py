@@ -34,6 +34,19 @@ def test_magnitude_prune_keeps_the_largest_entries_within_budget():
     np.testing.assert_array_equal(tied, [[1, 1], [0, 0]])
 
 
+def test_magnitude_pruning_is_nested_so_a_device_can_cut_what_it_holds():
+    """Pruning the already pruned table to a smaller budget equals pruning the full table to it:
+    a device shrinks with no server contact, as PEEL does."""
+    table = np.random.default_rng(1).normal(size=(50, 16)).astype(np.float32)
+    table[3, :4] = 0.5  # ties at some cut
+    held = table
+    for budget in (2000, 1200, 700, 300, 120):
+        held, cap = magnitude_prune(held, budget)
+        fresh, _ = magnitude_prune(table, budget)
+        np.testing.assert_array_equal(held, fresh)
+        assert int((held != 0).sum()) == cap.kept
+
+
 def test_magnitude_pruning_keeps_a_checkerboard_ranking():
     """Items of cluster A load on dim 0, of cluster B on dim 1, plus small noise on the rest:
     pruning to the large entries keeps every user's right ranking (own cluster first)."""

@@ -110,6 +110,25 @@ def test_a_node_budget_from_node_config_sets_every_hosted_users_class(board):
         evaluation_vector(*args, ds.n_users, ds.train, ds.test, 0, node_budget="10%")
 
 
+def test_a_drill_cut_below_one_unit_counts_no_device_instead_of_failing(board):
+    ds, _, users, items, layout = board
+    order = first_blocks_order(layout.num_item_groups, layout.num_blocks)
+    ones = np.ones((layout.num_item_groups, layout.num_blocks))
+    full = layout.full_table_bytes
+    tiny = (layout.min_budget_bytes - 1) / full  # a cut of the full table below one unit
+    spec = EvalSpec((full,), ("100%",), (0.5, tiny), 1, full)
+    tables = {"pretrained": items, "order-first-k blocks": order, "order-random units": order}
+    tables.update({"table-0": items, "alpha-0": ones, "order-0": order})
+    mine = np.arange(ds.n_users)
+    args = (spec, tables, layout, mine, np.zeros(ds.n_users, dtype=np.int64), users, users)
+    drill = evaluation_table(evaluation_vector(*args, ds.n_users, ds.train, ds.test, 0), spec)[
+        "drill"
+    ]
+    assert [d["fraction_of_own"] for d in drill] == [1.0, 0.5, tiny]
+    assert drill[1]["users"] == drill[0]["users"] > 0
+    assert drill[2]["users"] == 0 and drill[2]["budget_bytes"] < layout.min_budget_bytes
+
+
 def test_federated_pee_learning_keeps_the_checkerboard_ranking(board):
     ds, split, users, items, layout = board
     groups = kmeans_user_groups(users, 2, seed=0).assignment

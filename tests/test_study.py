@@ -66,12 +66,53 @@ def test_study_resumes_and_reports_every_method(quick_study):
         "PEEL (G_u=4), half the blocks",
         "PEEL (G_u=4), twice the blocks",
     }
+    # the trace: a device at 100% dropping to each smaller budget, cut on the device or retrained
+    trace = report["trace"]
+    by_method = {}
+    for t in trace:
+        by_method.setdefault(t["method"], []).append(t)
+    assert set(by_method) == {
+        "PEEL (G_u=2, federated): cut on the device",
+        "PEEL (G_u=4, centralized): cut on the device",
+        "magnitude pruning: cut on the device",
+        "LightGCN retrained per budget",
+    }
+    for method, points in by_method.items():
+        fracs = sorted(t["budget_fraction"] for t in points)
+        assert fracs == pytest.approx([0.25, 0.5, 1.0], abs=1e-6), method
+    pruned = {r["budget_fraction"]: r for r in report["rows"] if r["method"] == "magnitude pruning"}
+    for t in by_method["magnitude pruning: cut on the device"]:  # successive cuts = fresh prunes
+        assert t["recall@20"] == pytest.approx(pruned[t["budget_fraction"]]["recall@20"])
+    assert all(
+        "downloads a new table" in t["contact"] for t in by_method["LightGCN retrained per budget"]
+    )
+    # cold-start users: held out of all training, ranked per budget next to the warm users
+    cold = report["cold_start_rows"]
+    assert report["cold_start"]["held_users"] == round(0.1 * 240)
+    assert {r["method"] for r in cold} == {
+        "PEEL (G_u=4), warm users",
+        "PEEL (G_u=4), cold-start users",
+        "PEEL (G_u=1), warm users",
+        "PEEL (G_u=1), cold-start users",
+        "first-k blocks, cold-start users",
+        "LightGCN (full table), cold-start users",
+        "LightGCN (full table), warm users",
+    }
+    for r in cold:
+        assert r["used_bytes"] <= r["budget_bytes"], r
     uniform = [r for r in report["ablation_rows"] if "uniform" in r["method"]]
     first_k = [r for r in report["rows"] if r["method"] == "first-k blocks"]
     assert len(uniform) == len(first_k) == len(QUICK_BUDGETS)
     assert json.loads((out / "results.json").read_text()) == report
     md = (out / "study.md").read_text()
-    assert "magnitude pruning" in md and "Dynamic budgets" in md and "## Ablations" in md
+    for section in (
+        "## Heterogeneous budgets",
+        "## Dynamic budgets against retraining",
+        "## Cold-start users",
+        "## Ablations",
+    ):
+        assert section in md
+    assert "| 25% (2.56 KB) |" in md  # budgets in bytes beside the fractions (16 x 160 x 4 B / 4)
     for png in ("recall_vs_bytes.png", "ndcg_vs_bytes.png", "dynamic_budget.png"):
         assert (out / png).stat().st_size > 1000
     assert {r["method"] for r in first["rows"]} < methods
@@ -89,3 +130,8 @@ def test_study_command_line(tmp_path, capsys):
 
     code = main(["study", "--dataset", "checkerboard", "--steps", "nope", "--out", str(tmp_path)])
     assert code == 2 and "unknown study step 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["study", "--dataset", "checkerboard", "--budgets", "5%,lots", "--out", str(tmp_path)])
+    assert (
+        exc.value.code == 2 and "--budgets: cannot parse budget 'lots'" in capsys.readouterr().err
+    )
