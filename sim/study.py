@@ -13,7 +13,8 @@
 5. ``cold-start``: users held out of all training join the nearest group from their own items
    (``peel_fed.coldstart``), evaluated per budget next to the same run's warm users;
 6. ablations, one step each: no diversity regulariser, uniform weights (controller off), joint
-   training instead of bi-level, G_u = 2 and 8, half and twice the blocks.
+   training instead of bi-level, G_u = 2 and 8, half and twice the blocks (in PEE learning and
+   pretraining's regulariser, or in PEE learning only, with the reference's pretrained model).
 
 Each step's result is saved atomically under ``<out>/steps/`` with a key of its inputs. A rerun
 skips the steps whose saved key matches, so an interrupted study resumes where it stopped. The
@@ -28,6 +29,7 @@ import argparse
 import hashlib
 import json
 import platform
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -315,12 +317,14 @@ def _ablation(name: str, user_groups: tuple[int, ...], change: Callable) -> Call
     """A study step: centralized PEEL with one thing changed (``change`` maps the pipeline
     config); its PEEL rows go to the ablation table."""
 
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "user-groups"
+
     def step(cfg: StudyConfig) -> dict:
         from peel_fed.pipeline import run_centralized
 
         base = _pipeline_config(cfg)
         pcfg = replace(
-            change(base), user_groups=user_groups, out_dir=str(_work(cfg) / f"ablation-{name}")
+            change(base), user_groups=user_groups, out_dir=str(_work(cfg) / f"ablation-{slug}")
         )
         res = run_centralized(pcfg)
         rows = [
@@ -333,13 +337,12 @@ def _ablation(name: str, user_groups: tuple[int, ...], change: Callable) -> Call
     return step
 
 
-def _blocks(pcfg, factor: float):
+def _blocks(pcfg, factor: float, pretrain_too: bool = True):
+    """``factor`` times the blocks in PEE learning, and in pretraining's diversity regulariser
+    too unless ``pretrain_too`` is off (then the pretrained model is the reference's)."""
     n = max(1, int(pcfg.peel.num_blocks * factor))
-    return replace(
-        pcfg,
-        lightgcn=replace(pcfg.lightgcn, num_blocks=n),
-        peel=replace(pcfg.peel, num_blocks=n),
-    )
+    lightgcn = replace(pcfg.lightgcn, num_blocks=n) if pretrain_too else pcfg.lightgcn
+    return replace(pcfg, lightgcn=lightgcn, peel=replace(pcfg.peel, num_blocks=n))
 
 
 ABLATIONS: dict[str, Callable] = {
@@ -365,6 +368,12 @@ ABLATIONS: dict[str, Callable] = {
     "ablation-user-groups": _ablation("", (2, 8), lambda c: c),
     "ablation-fewer-blocks": _ablation("half the blocks", (4,), lambda c: _blocks(c, 0.5)),
     "ablation-more-blocks": _ablation("twice the blocks", (4,), lambda c: _blocks(c, 2.0)),
+    "ablation-fewer-blocks-same-pretraining": _ablation(
+        "half the blocks, same pretraining", (4,), lambda c: _blocks(c, 0.5, pretrain_too=False)
+    ),
+    "ablation-more-blocks-same-pretraining": _ablation(
+        "twice the blocks, same pretraining", (4,), lambda c: _blocks(c, 2.0, pretrain_too=False)
+    ),
 }
 
 STEPS: dict[str, Callable[[StudyConfig], dict]] = {

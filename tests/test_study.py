@@ -65,6 +65,8 @@ def test_study_resumes_and_reports_every_method(quick_study):
         "PEEL (G_u=8)",
         "PEEL (G_u=4), half the blocks",
         "PEEL (G_u=4), twice the blocks",
+        "PEEL (G_u=4), half the blocks, same pretraining",
+        "PEEL (G_u=4), twice the blocks, same pretraining",
     }
     # the trace: a device at 100% dropping to each smaller budget, cut on the device or retrained
     trace = report["trace"]
@@ -135,3 +137,21 @@ def test_study_command_line(tmp_path, capsys):
     assert (
         exc.value.code == 2 and "--budgets: cannot parse budget 'lots'" in capsys.readouterr().err
     )
+
+
+def test_budgets_given_as_sizes_sit_beside_fractions(tmp_path):
+    cfg = StudyConfig(
+        dataset="checkerboard",
+        budgets=("2560B", "50%", "10.24KB"),  # the quick table is 160 items x 16 x 4 B = 10,240 B
+        out_dir=str(tmp_path / "report"),
+        cache_dir=str(tmp_path / "cache"),
+        work_dir=str(tmp_path / "work"),
+        quick=True,
+        progress=False,
+    )
+    report = run_study(cfg, ["pruning"])
+    got = sorted((r["budget"], r["budget_bytes"], r["budget_fraction"]) for r in report["rows"])
+    assert got == [("10.24KB", 10240, 1.0), ("2560B", 2560, 0.25), ("50%", 5120, 0.5)]
+    md = (tmp_path / "report" / "study.md").read_text()
+    assert "| 2560B (2.56 KB) | 50% (5.12 KB) | 10.24KB (10.2 KB) |" in md
+    assert "--budgets 2560B,50%,10.24KB" in md
