@@ -84,7 +84,8 @@ def _log(msg: str) -> None:
 
 
 def _work(cfg: StudyConfig) -> Path:
-    return Path(cfg.work_dir) / Path(cfg.out_dir).name
+    name = Path(cfg.data_dir).name if cfg.data_dir else cfg.dataset
+    return Path(cfg.work_dir) / name / f"seed-{cfg.seed}"
 
 
 def _pipeline_config(cfg: StudyConfig):
@@ -549,7 +550,7 @@ def report_markdown(report: dict) -> str:
             "Each device draws its own budget from the study's budgets (by a hash of its id) and "
             "is served its group's units that fit it; Recall@20 per own-budget class (fraction "
             "kept 1), then after each cut of that budget on the device (the drill, no server "
-            "contact):",
+            "contact). '-' with 0 devices: a cut below one unit, where nothing fits.",
             "",
             *drill_lines(report["drill"]),
         ]
@@ -724,7 +725,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     p.add_argument("--dataset", default="gowalla")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="default docs/results/<dataset>")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="default docs/results/<dataset>, and docs/results/<dataset>/seed-<n> for a seed "
+        "other than 0 (so another seed never replaces seed 0's saved steps)",
+    )
     p.add_argument("--cache-dir", default="runs/cache")
     p.add_argument(
         "--budgets",
@@ -750,7 +756,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         seed=args.seed,
         budgets=_parse_budgets(args.budgets, p),
         cold_start_fraction=args.cold_start_fraction,
-        out_dir=args.out or f"docs/results/{name}",
+        out_dir=args.out or f"docs/results/{name}" + (f"/seed-{args.seed}" if args.seed else ""),
         cache_dir=args.cache_dir,
         quick=args.quick,
         progress=not args.no_progress,
