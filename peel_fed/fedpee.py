@@ -329,7 +329,8 @@ def ranking_metric_sums(
     """Per-user Recall@20 and NDCG@20 when each user keeps the prefix of ``unit_order`` that
     fits its budget ``budgets[j]`` and ranks all items with it (on the device, no server).
 
-    Returns a (len(users), 3) array: recall, ndcg, has-test (users without test items get 0s).
+    Returns a (len(users), 3) array: recall, ndcg, has-test. Users without test items get 0s, and
+    so do users whose budget holds no unit of ``unit_order``'s prefix (they cannot rank at all).
     """
     out = np.zeros((users.size, 3))
     row_of = np.full(n_users, -1, dtype=np.int64)
@@ -337,7 +338,11 @@ def ranking_metric_sums(
     uvecs = torch.as_tensor(np.asarray(user_vectors, dtype=np.float32))
     for budget in np.unique(budgets):
         sel = users[budgets == budget]
+        if budget < layout.min_budget_bytes:
+            continue
         units = select_prefix(unit_order, layout, int(budget))
+        if not len(units):
+            continue
         mask = unit_mask(units, layout.num_item_groups, layout.num_blocks)
         eff, covered = budget_unit_weights(unit_weights, mask)
         table = torch.from_numpy(effective_item_table(item_table, layout.item_groups, eff))
@@ -357,6 +362,12 @@ def ranking_metric_sums(
 
 
 BASELINES = ("first-k blocks", "random units")
+
+
+def drill_cut(budget_bytes: int, fraction: float) -> int:
+    """Bytes a device keeps when it cuts its budget to ``fraction`` of it (floored, with a
+    tolerance so that a fraction written as a ratio of two budgets gives the smaller one)."""
+    return int(np.floor(budget_bytes * fraction + 1e-6))
 
 
 @dataclass(frozen=True)
@@ -494,12 +505,8 @@ def evaluation_vector(
         if at_own is None:
             at_own = peel_at(np.full(users.size, budget))
         part_b.append(_sums(at_own, mine))
-        for f in spec.drill:
-            cut = int(budget * f)
-            if cut < layout.min_budget_bytes:  # nothing fits: no device ranks at this cut
-                part_b.append(np.zeros(3))
-                continue
-            part_b.append(_sums(peel_at(np.full(users.size, cut)), mine))
+        for f in spec.drill:  # a cut where nothing fits counts no device (see ranking_metric_sums)
+            part_b.append(_sums(peel_at(np.full(users.size, drill_cut(budget, f))), mine))
     for g in range(spec.user_groups):
         for j in range(levels.size):
             part_c.append(_sums(peel_levels[j], groups == g))
@@ -537,7 +544,7 @@ def evaluation_table(total: np.ndarray, spec: EvalSpec) -> dict:
                 {
                     "own_budget": choice,
                     "fraction_of_own": f,
-                    "budget_bytes": int(full * f),
+                    "budget_bytes": drill_cut(full, f),
                     **mean(trip[i]),
                 }
             )

@@ -266,7 +266,6 @@ def step_federated(cfg: StudyConfig) -> dict:
     if cfg.quick:
         values.update(
             {
-                "device-budgets": "50%,100%",
                 "pretrain-passes": 2,
                 "cohort-fraction": 0.5,
                 "local-steps": 1,
@@ -285,7 +284,7 @@ def step_federated(cfg: StudyConfig) -> dict:
         # the drill: a device at the largest budget cuts to every smaller one (the trace)
         full = load_dataset(cfg.dataset, cfg.data_dir).n_items * fcfg.dim * 4
         sizes = sorted((parse_budget(b, full) for b in cfg.budgets), reverse=True)
-        values["drill"] = ",".join(f"{b / sizes[0]:.6g}" for b in sizes[1:]) or "1"
+        values["drill"] = ",".join(repr(b / sizes[0]) for b in sizes[1:]) or "1"
         fcfg = FedConfig.from_run_config({**FedConfig().to_run_config(), **values})
     report = run_federated_simulation(fcfg, cfg.num_nodes)
     g = fcfg.user_groups
@@ -456,8 +455,16 @@ def dynamic_trace(done: dict[str, dict]) -> list[dict]:
     fed_rows, drill = result("federated").get("rows", []), result("federated").get("drill", [])
     if fed_rows and drill:
         top = max(fed_rows, key=lambda r: r["budget_bytes"])
+        own = next(  # the own-budget class of the largest budget, matched by bytes
+            (
+                d["own_budget"]
+                for d in drill
+                if d["fraction_of_own"] == 1.0 and d["budget_bytes"] == top["budget_bytes"]
+            ),
+            None,
+        )
         for d in drill:
-            if d["own_budget"] == top["budget"] and d["users"]:
+            if d["own_budget"] == own and d["users"]:
                 trace.append(
                     {
                         "method": f"{top['method']}: cut on the device",
@@ -529,7 +536,8 @@ def trace_lines(trace: list[dict]) -> list[str]:
 
 def report_markdown(report: dict) -> str:
     rows = report["rows"]
-    budgets = sorted({(r["budget_fraction"], r["budget"]) for r in rows})
+    every = rows + report.get("cold_start_rows", []) + report.get("ablation_rows", [])
+    budgets = sorted({(r["budget_fraction"], r["budget"]) for r in every})
     ds = report.get("dataset") or {}
     cfg = report["config"]
     lines = [

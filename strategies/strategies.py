@@ -29,7 +29,7 @@ from peel_fed.fedlightgcn import (
     PretrainServer,
     rounds_per_pass_for,
 )
-from peel_fed.fedpee import EvalSpec, PEEGroupServer, PEEUpload, evaluation_table
+from peel_fed.fedpee import EvalSpec, PEEGroupServer, PEEUpload, drill_cut, evaluation_table
 from peel_fed.lightgcn import progress_bar
 from strategies.phases import PhaseReport, exchange, secure_sum
 
@@ -211,12 +211,24 @@ class StatsStrategy(PhaseStrategy):
             budget_bytes = [parse_budget(b, layout.full_table_bytes) for b in cfg.budget_list()]
             for b in budget_bytes:
                 check_budget(b, layout)
-            for choice in cfg.budget_list("device_budgets"):
-                own = parse_budget(choice, layout.full_table_bytes)
-                for f in cfg.drill_fractions():
-                    check_budget(int(own * f), layout)
+            own_budgets = [
+                parse_budget(choice, layout.full_table_bytes)
+                for choice in cfg.budget_list("device_budgets")
+            ]
+            for own in own_budgets:
+                check_budget(own, layout)
         except BudgetError as exc:
             raise ConfigError(f"budgets: {exc}") from None
+        empty = sorted(
+            {
+                drill_cut(own, f)
+                for own in own_budgets
+                for f in cfg.drill_fractions()
+                if drill_cut(own, f) < layout.min_budget_bytes
+            }
+        )
+        if empty:
+            _log(f"drill cuts below one unit (no device ranks there): {empty} B")
         failed = sorted({n for r in reports for n in r.failed})
         _log(
             f"stats (secure aggregation): {len(contributed)}/{len(nodes)} nodes, {users:,} users, "

@@ -8,7 +8,8 @@ import pytest
 
 from sim.study import STEPS, StudyConfig, run_study
 
-QUICK_BUDGETS = ("25%", "50%", "100%")  # half the blocks: a unit is 12.5% here
+# a unit is 6.25% of the quick table, so the 12.5% devices' deepest drill cut holds nothing
+QUICK_BUDGETS = ("12.5%", "25%", "50%", "100%")
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def test_study_resumes_and_reports_every_method(quick_study):
     }
     for method in methods - {"LightGCN (full table)"}:
         fracs = sorted(r["budget_fraction"] for r in report["rows"] if r["method"] == method)
-        assert fracs == [0.25, 0.5, 1.0], method
+        assert fracs == [0.125, 0.25, 0.5, 1.0], method
     for r in report["rows"]:  # equal bytes: nobody uses more than its budget
         if "used_bytes" in r:
             assert r["used_bytes"] <= r["budget_bytes"], r
@@ -81,7 +82,12 @@ def test_study_resumes_and_reports_every_method(quick_study):
     }
     for method, points in by_method.items():
         fracs = sorted(t["budget_fraction"] for t in points)
-        assert fracs == pytest.approx([0.25, 0.5, 1.0], abs=1e-6), method
+        assert fracs == pytest.approx([0.125, 0.25, 0.5, 1.0], abs=1e-6), method
+    # the drill: every own-budget class cut to each smaller budget; a cut below a unit counts
+    # no device (12.5% x 0.125) instead of failing the run
+    drill = {(d["own_budget"], d["fraction_of_own"]): d for d in report["drill"]}
+    assert drill[("12.5%", 0.125)]["users"] == 0 and drill[("12.5%", 0.5)]["users"] > 0
+    assert drill[("100%", 0.125)]["budget_bytes"] == drill[("12.5%", 1.0)]["budget_bytes"]
     pruned = {r["budget_fraction"]: r for r in report["rows"] if r["method"] == "magnitude pruning"}
     for t in by_method["magnitude pruning: cut on the device"]:  # successive cuts = fresh prunes
         assert t["recall@20"] == pytest.approx(pruned[t["budget_fraction"]]["recall@20"])
