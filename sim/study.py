@@ -684,15 +684,20 @@ def plot_dynamic_budgets(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    trace = report.get("trace", [])
+    trace, drill = report.get("trace", []), report.get("drill", [])
+    panels = [name for name, data in (("trace", trace), ("drill", drill)) if data]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    ax_of = dict(zip(panels, axes[0], strict=True))
+    left, right = ax_of.get("trace"), ax_of.get("drill")
     for method in dict.fromkeys(t["method"] for t in trace):
         pts = sorted((t["budget_fraction"], t["recall@20"]) for t in trace if t["method"] == method)
         left.plot([100 * f for f, _ in pts], [r for _, r in pts], marker="o", label=method)
-    left.set_title("Budget drops: cut on the device vs retrained")
-    left.set_xlabel("budget after the drop (% of the full table, log scale)")
-    for own in dict.fromkeys(d["own_budget"] for d in report.get("drill", [])):
-        pts = [d for d in report["drill"] if d["own_budget"] == own and d["users"]]
+    if left is not None:
+        retrained = any("download_bytes" in t for t in trace)
+        left.set_title("Budget drops: cut on the device" + (" vs retrained" if retrained else ""))
+        left.set_xlabel("budget after the drop (% of the full table, log scale)")
+    for own in dict.fromkeys(d["own_budget"] for d in drill):
+        pts = [d for d in drill if d["own_budget"] == own and d["users"]]
         if pts:
             right.plot(
                 [d["budget_bytes"] / 1e6 for d in pts],
@@ -700,9 +705,10 @@ def plot_dynamic_budgets(report: dict, path: Path) -> None:
                 marker="o",
                 label=f"own budget {own}",
             )
-    right.set_title("Federated PEEL: each own-budget class, cut on the device")
-    right.set_xlabel("bytes kept after each cut (MB, log scale)")
-    for ax in (left, right):
+    if right is not None:
+        right.set_title("Federated PEEL: each own-budget class, cut on the device")
+        right.set_xlabel("bytes kept after each cut (MB, log scale)")
+    for ax in axes[0]:
         ax.set_xscale("log")
         ax.set_ylabel("Recall@20")
         ax.grid(alpha=0.3)

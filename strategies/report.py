@@ -142,7 +142,7 @@ def drill_lines(drill: list[dict]) -> list[str]:
         # '-': no device had this own budget, or the cut is below one unit (nothing fits)
         metrics = f"{d['recall@20']:.4f} | {d['ndcg@20']:.4f}" if d["users"] else "- | -"
         lines.append(
-            f"| {d['own_budget']} | {d['fraction_of_own']:g} | {d['budget_bytes']:,} B | "
+            f"| {d['own_budget']} | {d['fraction_of_own']:.4g} | {d['budget_bytes']:,} B | "
             f"{metrics} | {d['users']} |"
         )
     return lines
