@@ -609,8 +609,12 @@ def report_markdown(report: dict) -> str:
         + ", ".join(f"{k} {v:.0f} s" for k, v in secs.items())
         + f"; seed {cfg['seed']}; {report['machine']}.",
         "",
-        f"Command: `peel-fed study --dataset {cfg['dataset']}"
-        + (f" --data-dir {cfg['data_dir']}" if cfg.get("data_dir") else "")
+        "Command: `peel-fed study"
+        + (
+            f" --data-dir {cfg['data_dir']}"
+            if cfg.get("data_dir")
+            else f" --dataset {cfg['dataset']}"
+        )
         + f" --seed {cfg['seed']}"
         + (
             f" --budgets {','.join(cfg['budgets'])}"
@@ -623,6 +627,7 @@ def report_markdown(report: dict) -> str:
             != default.cold_start_fraction
             else ""
         )
+        + (f" --steps {','.join(secs)}" if set(secs) != set(STEPS) else "")
         + (" --quick" if cfg.get("quick") else "")
         + "`",
     ]
