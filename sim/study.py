@@ -166,44 +166,36 @@ def step_pruning(cfg: StudyConfig) -> dict:
 
     ds, _, pre = _data_and_pretrained(cfg)
     full = pre.item_emb.size * 4
+
+    def prune(table, label: str, budget: int):
+        pruned, cap = magnitude_prune(table, budget)
+        m = evaluate_ranking(dot_score_fn(pre.user_emb, pruned), ds.n_users, ds.train, ds.test)
+        return pruned, {
+            "method": "magnitude pruning",
+            "budget": label,
+            "budget_bytes": budget,
+            "budget_fraction": budget / full,
+            "recall@20": m["recall@20"],
+            "ndcg@20": m["ndcg@20"],
+            "used_bytes": cap.bytes,
+            "kept_values": cap.kept,
+            "storage": cap.storage,
+        }
+
     rows = []
     for label, budget in _budget_bytes(cfg, full):
-        pruned, cap = magnitude_prune(pre.item_emb, budget)
-        m = evaluate_ranking(dot_score_fn(pre.user_emb, pruned), ds.n_users, ds.train, ds.test)
-        rows.append(
-            {
-                "method": "magnitude pruning",
-                "budget": label,
-                "budget_bytes": budget,
-                "budget_fraction": budget / full,
-                "recall@20": m["recall@20"],
-                "ndcg@20": m["ndcg@20"],
-                "used_bytes": cap.bytes,
-                "kept_values": cap.kept,
-                "storage": cap.storage,
-            }
-        )
+        rows.append(prune(pre.item_emb, label, budget)[1])
+        r = rows[-1]
         _log(
-            f"magnitude pruning {label}: {cap.kept:,} values ({cap.storage}), "
-            f"Recall@20 {m['recall@20']:.4f}"
+            f"magnitude pruning {label}: {r['kept_values']:,} values ({r['storage']}), "
+            f"Recall@20 {r['recall@20']:.4f}"
         )
     # the dynamic-budget trace: the device holds the largest budget's table and prunes what it
     # holds at each drop (no server contact); nested, so each cut keeps a subset of the last
     trace, held = [], pre.item_emb
     for label, budget in sorted(_budget_bytes(cfg, full), key=lambda lb: -lb[1]):
-        held, cap = magnitude_prune(held, budget)
-        m = evaluate_ranking(dot_score_fn(pre.user_emb, held), ds.n_users, ds.train, ds.test)
-        trace.append(
-            {
-                "method": "magnitude pruning",
-                "budget": label,
-                "budget_bytes": budget,
-                "budget_fraction": budget / full,
-                "recall@20": m["recall@20"],
-                "ndcg@20": m["ndcg@20"],
-                "used_bytes": cap.bytes,
-            }
-        )
+        held, r = prune(held, label, budget)
+        trace.append(r)
     return {"rows": rows, "trace": trace}
 
 
