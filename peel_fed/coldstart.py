@@ -67,7 +67,8 @@ def run_cold_start(
 ) -> dict:
     """Hold users out, train on the rest, and evaluate both kinds of user at every budget.
 
-    Returns ``{"rows": [...], "held_users": n, "warm_users": n, "assigned": {...}, ...}``; each
+    Returns ``{"rows": [...], "held_users": n, "warm_users": n, "cold_users_per_group": {...},
+    ...}``; each
     row is one (method, budget) with Recall@20, NDCG@20 and the bytes used. Methods: PEEL with
     each ``cfg.user_groups`` for cold-start and for warm users, first-k blocks for cold-start
     users, and the full pretrained table for both.
@@ -99,7 +100,7 @@ def run_cold_start(
 
     ones = np.ones((layout.num_item_groups, layout.num_blocks))
     first_k = first_blocks_order(layout.num_item_groups, layout.num_blocks)
-    full_order = [(held, cold_vecs, pre.item_emb, ones, first_k)]
+    cold_first_k = [(held, cold_vecs, pre.item_emb, ones, first_k)]
     methods: dict[str, list] = {}
     assigned: dict[str, list[int]] = {}
     for n_groups in cfg.user_groups:
@@ -127,14 +128,14 @@ def run_cold_start(
             for p in pees
             if (cold_group == p.group).any()
         ]
-    methods["first-k blocks, cold-start users"] = full_order
+    methods["first-k blocks, cold-start users"] = cold_first_k
     rows = []
     for label, budget_bytes in budgets:
         for method, groups in methods.items():
             rows.append(_row(method, label, budget_bytes, layout, ds, groups))
     full = layout.full_table_bytes
     rows.append(
-        _row("LightGCN (full table), cold-start users", "100%", full, layout, ds, full_order)
+        _row("LightGCN (full table), cold-start users", "100%", full, layout, ds, cold_first_k)
     )
     warm_full = [(warm_users, pre.user_emb[warm_users], pre.item_emb, ones, first_k)]
     rows.append(_row("LightGCN (full table), warm users", "100%", full, layout, ds, warm_full))
