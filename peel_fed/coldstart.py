@@ -68,10 +68,9 @@ def run_cold_start(
     """Hold users out, train on the rest, and evaluate both kinds of user at every budget.
 
     Returns ``{"rows": [...], "held_users": n, "warm_users": n, "cold_users_per_group": {...},
-    ...}``; each
-    row is one (method, budget) with Recall@20, NDCG@20 and the bytes used. Methods: PEEL with
-    each ``cfg.user_groups`` for cold-start and for warm users, first-k blocks for cold-start
-    users, and the full pretrained table for both.
+    ...}``; each row is one (method, budget) with Recall@20, NDCG@20 and the bytes used. Methods:
+    PEEL with each ``cfg.user_groups`` for cold-start and for warm users, first-k blocks for
+    cold-start users, and the full pretrained table for both.
     """
     t_start = time.perf_counter()
     ds = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_dir)
