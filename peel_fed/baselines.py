@@ -15,9 +15,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from peel_fed.blocks import BudgetError
-
-VALUE_BYTES = 4  # float32, as the dense table
+from peel_fed.blocks import (
+    BITS_PER_BYTE,
+    FLOAT32_BYTES,
+    INT16_BYTES,
+    INT32_BYTES,
+    UINT8_BYTES,
+    BudgetError,
+)
 
 
 @dataclass(frozen=True)
@@ -39,10 +44,10 @@ def sparse_capacity(budget_bytes: int, n_rows: int, dim: int) -> SparseCapacity:
 
     Raises ``BudgetError`` when the budget does not even hold either format's fixed part.
     """
-    index_bytes = 1 if dim <= 256 else 2
+    index_bytes = UINT8_BYTES if dim <= 256 else INT16_BYTES
     options = [
-        SparseCapacity(0, "csr", 4 * (n_rows + 1), VALUE_BYTES + index_bytes),
-        SparseCapacity(0, "bitmap", -(-n_rows * dim // 8), VALUE_BYTES),
+        SparseCapacity(0, "csr", INT32_BYTES * (n_rows + 1), FLOAT32_BYTES + index_bytes),
+        SparseCapacity(0, "bitmap", -(-n_rows * dim // BITS_PER_BYTE), FLOAT32_BYTES),
     ]
     best = None
     for opt in options:
@@ -80,10 +85,10 @@ def magnitude_prune(table: np.ndarray, budget_bytes: int) -> tuple[np.ndarray, S
 def affordable_dim(budget_bytes: int, n_items: int, full_dim: int) -> int:
     """The largest embedding size whose dense float32 item table fits ``budget_bytes`` (at most
     ``full_dim``): what a LightGCN retrained for this budget can use."""
-    dim = min(full_dim, budget_bytes // (n_items * VALUE_BYTES))
+    dim = min(full_dim, budget_bytes // (n_items * FLOAT32_BYTES))
     if dim < 1:
         raise BudgetError(
             f"budget {budget_bytes} B is below a 1-dimensional item table "
-            f"({n_items * VALUE_BYTES} B)"
+            f"({n_items * FLOAT32_BYTES} B)"
         )
     return int(dim)

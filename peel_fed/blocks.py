@@ -20,22 +20,31 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# Sizes of the stored types, for byte accounting here and wherever bytes are counted
+FLOAT32_BYTES = 4  # an embedding value, a unit weight, a gradient value
+FLOAT64_BYTES = 8  # a weight gradient or loss sum sent up
+INT64_BYTES = 8  # an item row id or a count sent up
+INT32_BYTES = 4  # a sparse-storage row pointer
+INT16_BYTES = 2  # an entry of a device's unit order, an item-group id past 256 groups
+UINT8_BYTES = 1  # an item-group id up to 256 groups, a sparse column index up to 256 columns
+BITS_PER_BYTE = 8
+
 
 class BudgetError(ValueError):
     """A budget that cannot be met or parsed."""
 
 
-def popularity_item_groups(popularity: np.ndarray, num_groups: int) -> np.ndarray:
+def popularity_item_groups(popularity: np.ndarray, num_item_groups: int) -> np.ndarray:
     """Group id per item: items sorted by popularity (descending, ties by id), equal-size groups.
 
     Group 0 holds the most popular items. Group sizes differ by at most one item.
     """
     n_items = popularity.shape[0]
-    if not 1 <= num_groups <= n_items:
-        raise ValueError(f"num_item_groups must be in [1, {n_items}], got {num_groups}")
+    if not 1 <= num_item_groups <= n_items:
+        raise ValueError(f"num_item_groups must be in [1, {n_items}], got {num_item_groups}")
     order = np.lexsort((np.arange(n_items), -popularity))
     groups = np.empty(n_items, dtype=np.int64)
-    for g, chunk in enumerate(np.array_split(order, num_groups)):
+    for g, chunk in enumerate(np.array_split(order, num_item_groups)):
         groups[chunk] = g
     return groups
 
@@ -53,7 +62,7 @@ class BlockLayout:
     item_groups: np.ndarray
     dim: int
     num_blocks: int
-    bytes_per_value: int = 4
+    bytes_per_value: int = FLOAT32_BYTES
 
     def __post_init__(self) -> None:
         if self.num_blocks < 1 or self.dim % self.num_blocks:
@@ -161,6 +170,18 @@ def parse_budget(text: str | float | int, full_table_bytes: int) -> int:
     return int(number * _UNITS[unit])
 
 
+def split_budget_list(text: str) -> list[str]:
+    """The items of a comma-separated budget list (``"10%, 25%,512KB"``), stripped, empty items
+    dropped; each item is parsed by :func:`parse_budget`.
+
+    Raises ``BudgetError`` when the list holds no budget at all.
+    """
+    items = [b.strip() for b in str(text).split(",") if b.strip()]
+    if not items:
+        raise BudgetError(f"give at least one budget, got {text!r}")
+    return items
+
+
 def check_budget(budget_bytes: int, layout: BlockLayout) -> None:
     if budget_bytes < layout.min_budget_bytes:
         raise BudgetError(
@@ -180,13 +201,13 @@ def weighted_unit_order(
     other units by descending weight (ties by group, then block).
     """
     weights = np.asarray(weights, dtype=np.float64)
-    n_groups, n_blocks = weights.shape
+    num_item_groups, n_blocks = weights.shape
     if group_priority is None:
-        group_priority = np.arange(n_groups)
+        group_priority = np.arange(num_item_groups)
     best = np.argmax(weights, axis=1)
     head = [(int(g), int(best[g])) for g in group_priority]
     taken = np.zeros_like(weights, dtype=bool)
-    taken[np.arange(n_groups), best] = True
+    taken[np.arange(num_item_groups), best] = True
     gg, nn = np.nonzero(~taken)
     rest_order = np.lexsort((nn, gg, -weights[gg, nn]))
     tail = list(zip(gg[rest_order].tolist(), nn[rest_order].tolist(), strict=True))
@@ -202,27 +223,27 @@ def consistent_unit_order(weights: np.ndarray, group_sizes: np.ndarray) -> np.nd
     item groups comparable (see docs/method.md, "Why unit order must be consistent").
     """
     weights = np.asarray(weights, dtype=np.float64)
-    n_groups, n_blocks = weights.shape
+    num_item_groups, n_blocks = weights.shape
     block_score = (weights * np.asarray(group_sizes, dtype=np.float64)[:, None]).sum(axis=0)
     ranked = np.lexsort((np.arange(n_blocks), -block_score))
-    g, j = np.meshgrid(np.arange(n_groups), np.arange(n_blocks))
+    g, j = np.meshgrid(np.arange(num_item_groups), np.arange(n_blocks))
     return np.stack([g.ravel(), ranked[j.ravel()]], axis=1).astype(np.int64)
 
 
-def first_blocks_order(num_groups: int, num_blocks: int) -> np.ndarray:
+def first_blocks_order(num_item_groups: int, num_blocks: int) -> np.ndarray:
     """Baseline order "first-k blocks for all items": block 0 of every group, then block 1, ...
 
     Within a block, groups go most popular first, so a budget between whole blocks spends its
     remainder on the most popular items.
     """
-    g, n = np.meshgrid(np.arange(num_groups), np.arange(num_blocks))
+    g, n = np.meshgrid(np.arange(num_item_groups), np.arange(num_blocks))
     return np.stack([g.ravel(), n.ravel()], axis=1).astype(np.int64)
 
 
-def random_unit_order(num_groups: int, num_blocks: int, seed: int) -> np.ndarray:
+def random_unit_order(num_item_groups: int, num_blocks: int, seed: int) -> np.ndarray:
     """Baseline order "random units": one random unit per group first (as PEEL), then random."""
     rng = np.random.default_rng(seed)
-    return weighted_unit_order(rng.random((num_groups, num_blocks)))
+    return weighted_unit_order(rng.random((num_item_groups, num_blocks)))
 
 
 def select_prefix(order: np.ndarray, layout: BlockLayout, budget_bytes: int) -> np.ndarray:
@@ -234,9 +255,9 @@ def select_prefix(order: np.ndarray, layout: BlockLayout, budget_bytes: int) -> 
     return order[:k]
 
 
-def unit_mask(units: np.ndarray, num_groups: int, num_blocks: int) -> np.ndarray:
+def unit_mask(units: np.ndarray, num_item_groups: int, num_blocks: int) -> np.ndarray:
     """Boolean (G_v, N) mask of the given units."""
-    mask = np.zeros((num_groups, num_blocks), dtype=bool)
+    mask = np.zeros((num_item_groups, num_blocks), dtype=bool)
     units = np.asarray(units, dtype=np.int64).reshape(-1, 2)
     mask[units[:, 0], units[:, 1]] = True
     return mask

@@ -29,7 +29,7 @@ class UserGroups:
     centroids: np.ndarray
 
     @property
-    def num_groups(self) -> int:
+    def num_user_groups(self) -> int:
         return int(self.centroids.shape[0])
 
     def members(self, group: int) -> np.ndarray:
@@ -42,18 +42,18 @@ class UserGroups:
         return np.argmin(d, axis=1)
 
 
-def kmeans_user_groups(user_emb: np.ndarray, num_groups: int, seed: int = 0) -> UserGroups:
+def kmeans_user_groups(user_emb: np.ndarray, num_user_groups: int, seed: int = 0) -> UserGroups:
     n_users = user_emb.shape[0]
-    if num_groups < 1:
-        raise GroupingError(f"num_user_groups must be >= 1, got {num_groups}")
-    if num_groups > n_users:
-        raise GroupingError(f"more user groups ({num_groups}) than users ({n_users})")
+    if num_user_groups < 1:
+        raise GroupingError(f"num_user_groups must be >= 1, got {num_user_groups}")
+    if num_user_groups > n_users:
+        raise GroupingError(f"more user groups ({num_user_groups}) than users ({n_users})")
     x = _normalise(user_emb.astype(np.float64))
-    if num_groups == 1:
+    if num_user_groups == 1:
         return UserGroups(np.zeros(n_users, dtype=np.int64), x.mean(axis=0, keepdims=True))
     from sklearn.cluster import KMeans  # 1 s to import: devices never need it
 
-    km = KMeans(n_clusters=num_groups, n_init=4, random_state=seed).fit(x)
+    km = KMeans(n_clusters=num_user_groups, n_init=4, random_state=seed).fit(x)
     return UserGroups(km.labels_.astype(np.int64), km.cluster_centers_)
 
 
@@ -97,12 +97,12 @@ def kmeans_step(sums: np.ndarray, counts: np.ndarray, centroids: np.ndarray) -> 
     return out
 
 
-def initial_centroids(item_vectors: np.ndarray, num_groups: int, seed: int = 0) -> np.ndarray:
+def initial_centroids(item_vectors: np.ndarray, num_user_groups: int, seed: int = 0) -> np.ndarray:
     """Server-side start for federated K-Means from public data: K-Means on normalised item
     vectors (users and items share one embedding space), so no user vector is needed."""
-    if num_groups > item_vectors.shape[0]:
-        raise GroupingError(f"more user groups ({num_groups}) than items to seed them")
+    if num_user_groups > item_vectors.shape[0]:
+        raise GroupingError(f"more user groups ({num_user_groups}) than items to seed them")
     x = _normalise(np.asarray(item_vectors, dtype=np.float64))
     from sklearn.cluster import KMeans
 
-    return KMeans(n_clusters=num_groups, n_init=1, random_state=seed).fit(x).cluster_centers_
+    return KMeans(n_clusters=num_user_groups, n_init=1, random_state=seed).fit(x).cluster_centers_

@@ -18,6 +18,7 @@ from dataclasses import asdict, replace
 
 import numpy as np
 
+from peel_fed.atomic import to_jsonable
 from peel_fed.blocks import (
     BlockLayout,
     check_budget,
@@ -26,15 +27,10 @@ from peel_fed.blocks import (
     popularity_item_groups,
 )
 from peel_fed.clustering import UserGroups, cold_start_user_vector, kmeans_user_groups
-from peel_fed.data import DataError, Dataset, Interactions, load_dataset, split_validation
-from peel_fed.pipeline import (
-    PipelineConfig,
-    _jsonable,
-    _log,
-    evaluate_units,
-    learn_all_groups,
-    pretrain,
-)
+from peel_fed.console import log
+from peel_fed.data import DataError, Dataset, Interactions, split_validation
+from peel_fed.loading import load_dataset
+from peel_fed.pipeline import PipelineConfig, evaluate_units, learn_all_groups, pretrain
 
 
 def hold_out_users(ds: Dataset, fraction: float, seed: int = 0) -> tuple[Dataset, np.ndarray]:
@@ -82,7 +78,7 @@ def run_cold_start(
         raise ValueError(
             f"more user groups ({max(cfg.user_groups)}) than warm users ({warm_users.size})"
         )
-    _log(f"cold start: {held.size:,} users held out of training, {warm_users.size:,} warm users")
+    log(f"cold start: {held.size:,} users held out of training, {warm_users.size:,} warm users")
     popularity = warm_ds.item_popularity()  # what the server knows: warm users' items only
     item_groups = popularity_item_groups(popularity, cfg.peel.num_item_groups)
     layout = BlockLayout(item_groups, cfg.lightgcn.dim, cfg.peel.num_blocks)
@@ -102,17 +98,17 @@ def run_cold_start(
     cold_first_k = [(held, cold_vecs, pre.item_emb, ones, first_k)]
     methods: dict[str, list] = {}
     assigned: dict[str, list[int]] = {}
-    for n_groups in cfg.user_groups:
-        name = f"PEEL (G_u={n_groups})"
-        km = kmeans_user_groups(pre.user_emb[warm_users], n_groups, seed=cfg.seed)
+    for num_user_groups in cfg.user_groups:
+        name = f"PEEL (G_u={num_user_groups})"
+        km = kmeans_user_groups(pre.user_emb[warm_users], num_user_groups, seed=cfg.seed)
         assignment = np.full(ds.n_users, -1, dtype=np.int64)
         assignment[warm_users] = km.assignment
         pees = learn_all_groups(
             ds, split, pre, UserGroups(assignment, km.centroids), popularity, layout, cfg
         )
         cold_group = km.nearest(cold_vecs)
-        assigned[name] = np.bincount(cold_group, minlength=n_groups).tolist()
-        _log(f"{name}: cold-start users per group {assigned[name]}")
+        assigned[name] = np.bincount(cold_group, minlength=num_user_groups).tolist()
+        log(f"{name}: cold-start users per group {assigned[name]}")
         methods[f"{name}, warm users"] = [
             (p.users, p.user_table, p.item_table, p.unit_weights, p.unit_order) for p in pees
         ]
@@ -138,7 +134,7 @@ def run_cold_start(
     )
     warm_full = [(warm_users, pre.user_emb[warm_users], pre.item_emb, ones, first_k)]
     rows.append(_row("LightGCN (full table), warm users", "100%", full, layout, ds, warm_full))
-    return _jsonable(
+    return to_jsonable(
         {
             "rows": rows,
             "held_users": int(held.size),
@@ -154,7 +150,7 @@ def run_cold_start(
 
 def _row(method: str, label: str, budget_bytes: int, layout, ds, groups) -> dict:
     m = evaluate_units(ds, groups, layout, budget_bytes)
-    _log(f"{method} at {label}: Recall@20 {m['recall@20']:.4f}")
+    log(f"{method} at {label}: Recall@20 {m['recall@20']:.4f}")
     return {
         "method": method,
         "budget": label,

@@ -28,9 +28,9 @@ class ControllerConfig:
 
 def controller_features(popularity: np.ndarray, item_groups: np.ndarray, group_loss: np.ndarray):
     """Feature vector (2 * G_v,): standardised log mean popularity and loss per item group."""
-    n_groups = int(item_groups.max()) + 1
-    counts = np.bincount(item_groups, weights=popularity, minlength=n_groups)
-    sizes = np.bincount(item_groups, minlength=n_groups)
+    num_item_groups = int(item_groups.max()) + 1
+    counts = np.bincount(item_groups, weights=popularity, minlength=num_item_groups)
+    sizes = np.bincount(item_groups, minlength=num_item_groups)
     pop = np.log1p(counts / np.maximum(sizes, 1))
     return np.concatenate([_standardise(pop), _standardise(np.asarray(group_loss, float))])
 

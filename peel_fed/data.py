@@ -1,4 +1,6 @@
-"""Interaction data in LightGCN format: loading, validation split, popularity, summary.
+"""Interaction data in LightGCN format: reading, validation split, popularity, summary.
+
+Datasets by name (bundled, synthetic) are resolved in :mod:`peel_fed.loading`.
 
 A LightGCN-format folder holds ``train.txt`` and ``test.txt`` (plain or gzip as ``.txt.gz``), one
 line per user: ``user_id item_id item_id ...`` with 0-based contiguous ids. Lines with a user id
@@ -11,16 +13,9 @@ import gzip
 import hashlib
 import zlib
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
-
-BUNDLED_DATASETS = ("gowalla",)
-SYNTHETIC_DATASETS = (
-    "checkerboard",
-    "checkerboard-tiny",
-)  # generated in memory (seeded), for tests and smoke runs
 
 
 class DataError(ValueError):
@@ -45,6 +40,16 @@ class Interactions:
     def user_bounds(self, n_users: int) -> np.ndarray:
         """CSR-style row pointer: user u's items are ``items[b[u]:b[u+1]]``."""
         return np.searchsorted(self.users, np.arange(n_users + 1))
+
+
+def concat_ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(lo[j], hi[j])``, vectorised: with ``lo, hi`` from
+    :meth:`Interactions.user_bounds`, the positions of some users' interactions."""
+    lens = hi - lo
+    if lens.sum() == 0:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.repeat(lo - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
+    return starts + np.arange(lens.sum())
 
 
 def _sorted_pairs(users: np.ndarray, items: np.ndarray) -> Interactions:
@@ -142,49 +147,6 @@ def _count_id_map(folder: Path, stem: str) -> int | None:
     return None
 
 
-def bundled_path(name: str) -> Path:
-    """Folder of a dataset shipped inside the package (``gowalla``)."""
-    if name not in BUNDLED_DATASETS:
-        raise DataError(
-            f"unknown dataset {name!r}: bundled datasets are {', '.join(BUNDLED_DATASETS)} "
-            f"(synthetic: {', '.join(SYNTHETIC_DATASETS)}); "
-            "give other LightGCN-format folders with --data-dir"
-        )
-    here = Path(str(resources.files("peel_fed") / "datasets" / name))
-
-    def has_data(folder: Path) -> bool:
-        return any((folder / f).is_file() for f in ("train.txt.gz", "train.txt"))
-
-    if has_data(here):
-        return here
-    # A Flower app bundle (FAB) carries only code and text: when the apps run from one (``flwr
-    # run``), the data files come from the peel-fed installed next to Flower on that machine.
-    for root in _installed_package_dirs():
-        folder = root / "datasets" / name
-        if has_data(folder):
-            return folder
-    return here
-
-
-def _installed_package_dirs() -> list[Path]:
-    """Every ``peel_fed`` folder the import system could find, in search order: each
-    ``sys.path`` entry, then meta-path finders such as an editable install's."""
-    import importlib.machinery
-    import sys
-
-    dirs = [Path(e) / "peel_fed" for e in sys.path if e and (Path(e) / "peel_fed").is_dir()]
-    for finder in sys.meta_path:
-        if isinstance(finder, type) and finder is importlib.machinery.PathFinder:
-            continue
-        try:
-            spec = finder.find_spec("peel_fed", None)
-        except (AttributeError, ImportError, TypeError, ValueError):
-            continue
-        if spec is not None and spec.submodule_search_locations:
-            dirs += [Path(p) for p in spec.submodule_search_locations]
-    return dirs
-
-
 def verify_checksums(folder: str | Path) -> None:
     """Check files against a ``SHA256SUMS`` file in the folder, if there is one."""
     folder = Path(folder)
@@ -205,30 +167,15 @@ def verify_checksums(folder: str | Path) -> None:
             )
 
 
-def load_dataset(
-    name: str = "gowalla", data_dir: str | Path | None = None, check_overlap: bool = True
-) -> Dataset:
-    """Load a bundled dataset by name, or any LightGCN-format folder from ``data_dir``.
+def read_lightgcn_folder(folder: Path, name: str, check_overlap: bool = True) -> Dataset:
+    """Read the LightGCN-format ``train``/``test`` files (and optional ``user_list``/``item_list``)
+    of ``folder`` as dataset ``name``.
 
     Raises
     ------
     DataError
-        Missing folder or file, corrupt or truncated file, train/test overlap.
+        Missing file, corrupt or truncated file, ids out of range, train/test overlap.
     """
-    if data_dir is None and name in SYNTHETIC_DATASETS:
-        from peel_fed.synthetic import checkerboard
-
-        if name == "checkerboard-tiny":  # one node per user stays cheap in a simulation
-            return checkerboard(n_users=12, n_items=48, n_clusters=2, p_in=0.4, p_out=0.02, seed=2)
-        return checkerboard(n_users=240, n_items=160, n_clusters=4, p_in=0.25, p_out=0.01, seed=1)
-    if data_dir is None:
-        folder = bundled_path(name)
-        verify_checksums(folder)
-    else:
-        folder = Path(data_dir).expanduser()
-        if not folder.is_dir():
-            raise DataError(f"dataset folder not found: {folder}")
-        name = folder.name if name == "gowalla" and folder.name != "gowalla" else name
     train_path, test_path = _find_file(folder, "train"), _find_file(folder, "test")
     train, max_user_train = read_lightgcn_file(train_path)
     test, max_user_test = read_lightgcn_file(test_path)

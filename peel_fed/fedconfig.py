@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from peel_fed.blocks import BudgetError, parse_budget
+from peel_fed.blocks import BudgetError, parse_budget, split_budget_list
 from peel_fed.controller import ControllerConfig
 from peel_fed.fedlightgcn import FedLightGCNConfig
 from peel_fed.fedpee import FedPEEConfig
@@ -91,9 +91,13 @@ class FedConfig:
         if self.dim % self.blocks:
             raise ConfigError(f"blocks ({self.blocks}) must divide dim ({self.dim})")
         for key in ("budgets", "device_budgets"):
-            if not self.budget_list(key):
-                raise ConfigError(f"{key.replace('_', '-')} must list at least one budget")
-            for text in self.budget_list(key):
+            try:
+                texts = self.budget_list(key)
+            except BudgetError:
+                raise ConfigError(
+                    f"{key.replace('_', '-')} must list at least one budget"
+                ) from None
+            for text in texts:
                 try:  # the format only; sizes are checked against the item table later
                     parse_budget(text, 10**12)
                 except BudgetError as exc:
@@ -121,8 +125,6 @@ class FedConfig:
     def pee(self) -> FedPEEConfig:
         """The PEE-learning part of this config."""
         return FedPEEConfig(
-            rounds=self.pee_rounds,
-            cohort_fraction=self.pee_cohort_fraction,
             local_steps=self.pee_local_steps,
             server_lr=self.pee_server_lr,
             user_lr=self.pee_user_lr,
@@ -130,10 +132,13 @@ class FedConfig:
         )
 
     def budget_list(self, key: str = "budgets") -> list[str]:
-        return [b.strip() for b in str(getattr(self, key)).split(",") if b.strip()]
+        """The budgets listed in ``key`` (``budgets`` or ``device_budgets``); ``BudgetError``
+        when it lists none."""
+        return split_budget_list(getattr(self, key))
 
     def drill_fractions(self) -> list[float]:
-        return [float(f) for f in self.drill.split(",") if f.strip()]
+        """The drill's fractions of a device's own budget (none for an empty ``drill``)."""
+        return [float(f) for f in split_budget_list(self.drill)] if self.drill.strip() else []
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> FedConfig:

@@ -33,9 +33,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from peel_fed.data import Interactions
+from peel_fed.blocks import FLOAT32_BYTES, FLOAT64_BYTES, INT64_BYTES
+from peel_fed.data import Interactions, concat_ranges
 from peel_fed.lightgcn import NegativeSampler
+from peel_fed.optim import RowAdam
 from peel_fed.partition import user_rng, user_slots
+from peel_fed.scoring import bpr_loss, pair_scores
 
 
 @dataclass
@@ -62,15 +65,6 @@ def rounds_per_pass_for(cohort_fraction: float) -> int:
     return max(1, int(np.ceil(1.0 / cohort_fraction - 1e-9)))
 
 
-def _ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """Concatenation of ``arange(lo[j], hi[j])``, vectorised."""
-    lens = hi - lo
-    if lens.sum() == 0:
-        return np.zeros(0, dtype=np.int64)
-    starts = np.repeat(lo - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
-    return starts + np.arange(lens.sum())
-
-
 @dataclass
 class DeviceUpdate:
     """A node's upload in one round (sums over the users it hosts)."""
@@ -88,32 +82,6 @@ class DeviceUpdate:
     def empty(cls, cfg: FedLightGCNConfig) -> DeviceUpdate:
         z = np.zeros(0, dtype=np.int64)
         return cls(z, torch.zeros(0, cfg.dim), z, z, torch.zeros(cfg.layers, 0, cfg.dim), 0.0, 0)
-
-
-class _Adam:
-    """Adam on rows of a table, with per-row step counts (rows are updated at different times)."""
-
-    def __init__(self, shape: tuple[int, int], lr: float, b1=0.9, b2=0.999, eps=1e-8) -> None:
-        self.m = torch.zeros(shape)
-        self.v = torch.zeros(shape)
-        self.t = torch.zeros(shape[0])
-        self.lr, self.b1, self.b2, self.eps = lr, b1, b2, eps
-
-    def state(self) -> dict[str, np.ndarray]:
-        """The moments and step counts, to keep on a device between messages."""
-        return {"m": self.m.numpy(), "v": self.v.numpy(), "t": self.t.numpy()}
-
-    def load(self, arrays: dict[str, np.ndarray]) -> None:
-        self.m, self.v, self.t = (torch.from_numpy(np.array(arrays[k])) for k in ("m", "v", "t"))
-
-    def step(self, table: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor) -> None:
-        self.t[rows] += 1
-        t = self.t[rows][:, None]
-        m = self.m[rows] = self.b1 * self.m[rows] + (1 - self.b1) * grad
-        v = self.v[rows] = self.b2 * self.v[rows] + (1 - self.b2) * grad * grad
-        m_hat = m / (1 - self.b1**t)
-        v_hat = v / (1 - self.b2**t)
-        table[rows] -= self.lr * m_hat / (v_hat.sqrt() + self.eps)
 
 
 INIT_STREAM = 1_000_003  # user_rng stream of a device's initial ego vector
@@ -151,7 +119,7 @@ class PretrainServer:
         gen = torch.Generator().manual_seed(seed)
         self.E0 = torch.randn(n_items, cfg.dim, generator=gen) * cfg.init_std
         self.S = torch.zeros(cfg.layers, n_items, cfg.dim)
-        self.item_adam = _Adam((n_items, cfg.dim), cfg.server_lr)
+        self.item_adam = RowAdam((n_items, cfg.dim), cfg.server_lr)
 
     def item_layers(self) -> list[torch.Tensor]:
         """[E0, L_1, ..., L_K] as the server holds them."""
@@ -198,8 +166,6 @@ class PretrainDevices:
     ``edges`` must hold at least the hosted users' (fit) interactions; ``users`` are global ids.
     """
 
-    STATE = ("users", "U0", "m", "v", "t", "contrib")
-
     def __init__(
         self,
         users: np.ndarray,
@@ -218,7 +184,7 @@ class PretrainDevices:
         self.user_degree = np.diff(self.bounds)
         self.inv_sqrt_di = inv_sqrt_degree(item_degree)
         self.U0 = initial_user_vectors(seed, self.users, cfg.dim, cfg.init_std)
-        self.user_adam = _Adam((self.users.size, cfg.dim), cfg.user_lr)
+        self.user_adam = RowAdam((self.users.size, cfg.dim), cfg.user_lr)
         self.contrib = torch.zeros(cfg.layers, self.users.size, cfg.dim)
         self.sampler = sampler or NegativeSampler(edges, n_items)
 
@@ -247,7 +213,7 @@ class PretrainDevices:
         lo, hi = self.bounds[users], self.bounds[users + 1]
         counts = hi - lo
         crow = torch.from_numpy(np.concatenate([[0], np.cumsum(counts)]))
-        cols = self.edges.items[_ranges(lo, hi)]
+        cols = self.edges.items[concat_ranges(lo, hi)]
         du = np.repeat(np.maximum(counts, 1), counts).astype(np.float32)
         vals = torch.from_numpy(1.0 / np.sqrt(du)) * self.inv_sqrt_di[torch.from_numpy(cols)]
         with warnings.catch_warnings():  # torch flags sparse CSR as beta
@@ -288,7 +254,7 @@ class PretrainDevices:
         lo, hi = self.bounds[users], self.bounds[users + 1]
         counts = hi - lo
         owner = np.repeat(np.arange(users.size), counts)
-        item_of_pair = self.edges.items[_ranges(lo, hi)]
+        item_of_pair = self.edges.items[concat_ranges(lo, hi)]
         by_item = np.argsort(item_of_pair, kind="stable")  # sorted index_add_ is ~3x faster
         rows, where = np.unique(item_of_pair[by_item], return_inverse=True)
         where_t, owner_t = torch.from_numpy(where), torch.from_numpy(owner[by_item])
@@ -349,7 +315,7 @@ class PretrainDevices:
         lo, hi = self.bounds[users], self.bounds[users + 1]
         counts = hi - lo
         pair_user = torch.from_numpy(np.repeat(np.arange(users.size), counts))
-        pos = torch.from_numpy(self.edges.items[_ranges(lo, hi)])
+        pos = torch.from_numpy(self.edges.items[concat_ranges(lo, hi)])
         neg = torch.from_numpy(self._negatives(users, round_no))
         weight = torch.from_numpy(1.0 / np.repeat(counts, counts)).float()  # per-user mean
         received = [layer.detach() for layer in layers]
@@ -382,7 +348,13 @@ class PretrainDevices:
         row_devices_all = np.bincount(keys % self.n_items, minlength=self.n_items)
         rows = np.flatnonzero(row_devices_all)
         d, k = self.cfg.dim, self.cfg.layers
-        solo = int(keys.size * (8 + 8 + 4 * d) + counts.sum() * (8 + 4 * k * d) + 16 * users.size)
+        # as if alone: per touched row its id, device count and gradient; per interaction its
+        # row id and K contributions; per user its loss sum and count
+        solo = int(
+            keys.size * (INT64_BYTES + INT64_BYTES + FLOAT32_BYTES * d)
+            + counts.sum() * (INT64_BYTES + FLOAT32_BYTES * k * d)
+            + (FLOAT64_BYTES + INT64_BYTES) * users.size
+        )
         # contributions with the new u0 and the tables received
         ul = self.user_layers(users, self.U0[local], received)
         contrib_rows, delta = self.contribution_upload(
@@ -402,7 +374,7 @@ class PretrainDevices:
     def _pair_loss(self, uf, u0, up, un, item_sq, pair_user, weight) -> torch.Tensor:
         """Sum over users of their mean BPR + L2 over their (positive, negative) pairs."""
         ue = uf[pair_user]
-        pair = torch.nn.functional.softplus((ue * un).sum(-1) - (ue * up).sum(-1))
+        pair = bpr_loss(pair_scores(ue, up), pair_scores(ue, un), reduction="none")
         reg = 0.5 * (u0.pow(2).sum(-1)[pair_user] + item_sq)
         return ((pair + self.cfg.l2 * reg) * weight).sum()
 

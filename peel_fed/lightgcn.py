@@ -16,7 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from peel_fed.console import progress_bar
 from peel_fed.data import Interactions
+from peel_fed.scoring import bpr_loss, pair_scores
 
 
 @dataclass
@@ -103,10 +105,6 @@ def block_redundancy(emb: torch.Tensor, num_blocks: int) -> torch.Tensor:
     return off.mean() / (num_blocks * (num_blocks - 1))
 
 
-def bpr_loss(pos_scores: torch.Tensor, neg_scores: torch.Tensor) -> torch.Tensor:
-    return nn.functional.softplus(neg_scores - pos_scores).mean()
-
-
 class LightGCN(nn.Module):
     """LightGCN with the project's model contract: ``loss(...)`` and ``full_sort_scores(users)``."""
 
@@ -128,7 +126,7 @@ class LightGCN(nn.Module):
         """BPR + L2 on the batch's layer-0 embeddings (+ optional diversity regulariser)."""
         user_final, item_final = self.propagated()
         u, p, n = user_final[users], item_final[pos], item_final[neg]
-        bpr = bpr_loss((u * p).sum(-1), (u * n).sum(-1))
+        bpr = bpr_loss(pair_scores(u, p), pair_scores(u, n))
         ego_u = self.embedding[users]
         ego_p = self.embedding[self.n_users + pos]
         ego_n = self.embedding[self.n_users + neg]
@@ -244,50 +242,3 @@ def train_lightgcn(
             on_epoch(model, log)
     bar.close()
     return model
-
-
-class LineProgress:
-    """Progress as whole lines, at most one per ``every_s`` seconds and one at the end: for
-    output that is not a terminal (a log file, Flower's log stream from a deployed ServerApp),
-    where a tqdm bar's carriage returns never complete a line."""
-
-    def __init__(self, total: int, desc: str, every_s: float = 15.0, file=None) -> None:
-        import sys
-
-        self.total, self.desc, self.every_s = total, desc, every_s
-        self.file = file or sys.stdout
-        self.n, self.postfix = 0, ""
-        self.t0 = self.last = time.monotonic()
-
-    def _line(self) -> None:
-        elapsed = time.monotonic() - self.t0
-        extra = f" ({self.postfix})" if self.postfix else ""
-        print(
-            f"[progress] {self.desc}: {self.n}/{self.total}{extra}, {elapsed:.0f} s",
-            file=self.file,
-            flush=True,
-        )
-        self.last = time.monotonic()
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        if time.monotonic() - self.last >= self.every_s:
-            self._line()
-
-    def set_postfix(self, **values) -> None:
-        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
-
-    def close(self) -> None:
-        self._line()
-
-
-def progress_bar(total: int, desc: str, enabled: bool):
-    """The project's progress bar: tqdm (transient) on a terminal, :class:`LineProgress` lines
-    otherwise, and a no-op bar when ``enabled`` is False."""
-    import sys
-
-    from tqdm.auto import tqdm
-
-    if enabled and not sys.stderr.isatty():
-        return LineProgress(total, desc)
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)

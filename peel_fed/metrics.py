@@ -47,7 +47,7 @@ def evaluate_ranking(
     ----------
     score_fn
         Maps a batch of user ids to a (batch, n_items) score tensor; higher is better. Items that
-        must never be recommended may score ``-inf``.
+        must never be recommended may score ``-inf``. See :mod:`peel_fed.scoring`.
     train
         Items excluded from each user's ranking (the user's known training interactions).
     users
@@ -99,14 +99,3 @@ def per_user_metrics(
     out = {key: np.concatenate(v) if v else np.zeros(0) for key, v in result.items()}
     out["user"] = users
     return out
-
-
-def dot_score_fn(user_emb: np.ndarray | torch.Tensor, item_emb: np.ndarray | torch.Tensor):
-    """Score function for plain inner-product models."""
-    u = torch.as_tensor(user_emb)
-    v = torch.as_tensor(item_emb)
-
-    def score(batch: np.ndarray) -> torch.Tensor:
-        return u[torch.from_numpy(batch)] @ v.T
-
-    return score

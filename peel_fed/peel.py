@@ -26,7 +26,8 @@ from peel_fed.blocks import (
 )
 from peel_fed.controller import Controller, ControllerConfig, controller_features
 from peel_fed.data import Interactions
-from peel_fed.lightgcn import NegativeSampler, block_redundancy, bpr_loss
+from peel_fed.lightgcn import NegativeSampler, block_redundancy
+from peel_fed.scoring import bpr_loss, budget_unit_weights, pair_scores
 
 
 @dataclass
@@ -73,41 +74,6 @@ def unit_order_for(weights: np.ndarray, layout: BlockLayout, policy: str) -> np.
     if policy == "consistent":
         return consistent_unit_order(weights, layout.group_sizes)
     return weighted_unit_order(weights)
-
-
-def weighted_pair_scores(
-    users: torch.Tensor, items: torch.Tensor, unit_weights: torch.Tensor, num_blocks: int
-) -> torch.Tensor:
-    """``sum_n w[n] * <u^n, e^n>`` per row; ``unit_weights`` is (batch, N)."""
-    b, d = users.shape
-    per_block = (users * items).reshape(b, num_blocks, d // num_blocks).sum(-1)
-    return (per_block * unit_weights).sum(-1)
-
-
-def budget_unit_weights(weights: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Weights a device ranks with when it keeps only ``mask`` units.
-
-    Dropped units get weight 0; the kept units of a partially kept item group are rescaled by
-    ``sum(alpha[g]) / sum(alpha[g, kept])`` so scores stay on one scale across groups. Returns the
-    (G_v, N) effective weights and a (G_v,) boolean "group has at least one unit".
-    """
-    weights = np.asarray(weights, dtype=np.float64)
-    kept = np.where(mask, weights, 0.0)
-    kept_sum = kept.sum(axis=1)
-    covered = mask.any(axis=1)
-    scale = np.divide(weights.sum(axis=1), kept_sum, out=np.zeros_like(kept_sum), where=covered)
-    return kept * scale[:, None], covered
-
-
-def effective_item_table(
-    item_table: np.ndarray, item_groups: np.ndarray, unit_weights: np.ndarray
-) -> np.ndarray:
-    """Item table with every block multiplied by its unit weight: scores are plain dot products."""
-    n_items, dim = item_table.shape
-    num_blocks = unit_weights.shape[1]
-    per_item = unit_weights[item_groups]  # (I, N)
-    blocks = item_table.reshape(n_items, num_blocks, dim // num_blocks) * per_item[:, :, None]
-    return blocks.reshape(n_items, dim).astype(np.float32)
 
 
 @dataclass
@@ -163,20 +129,20 @@ def learn_group_pee(
     )
     sampler = NegativeSampler(known, layout.n_items)
     item_groups_t = torch.from_numpy(layout.item_groups)
-    n_groups, n_blocks = layout.num_item_groups, layout.num_blocks
+    num_item_groups, n_blocks = layout.num_item_groups, layout.num_blocks
 
     items = torch.nn.Parameter(torch.tensor(item_table, dtype=torch.float32))
     user_vecs = torch.nn.Parameter(torch.tensor(user_table[users], dtype=torch.float32))
     inner_opt = torch.optim.Adam([items, user_vecs], lr=cfg.lr)
     torch.manual_seed(seed)
-    controller = Controller(n_groups, n_blocks, cfg.controller)
-    group_loss = np.zeros(n_groups)
+    controller = Controller(num_item_groups, n_blocks, cfg.controller)
+    group_loss = np.zeros(num_item_groups)
     features = controller_features(popularity, layout.item_groups, group_loss)
     history: list[dict] = []
     step = 0
     for epoch in range(1, cfg.epochs + 1):
-        loss_sum = np.zeros(n_groups)
-        loss_cnt = np.zeros(n_groups)
+        loss_sum = np.zeros(num_item_groups)
+        loss_cnt = np.zeros(num_item_groups)
         order = rng.permutation(len(fit_g))
         neg_all = sampler.sample(fit_g.users[order], rng)
         epoch_loss, epoch_val, n_batches = 0.0, 0.0, 0
@@ -187,12 +153,12 @@ def learn_group_pee(
             n = torch.from_numpy(neg_all[start : start + cfg.batch_size])
             alpha_np = controller.weights(features)
             if cfg.elastic:
-                alpha_np = _sampled_budget_weights(alpha_np, layout, cfg.unit_order, rng)
+                alpha_np = sampled_budget_weights(alpha_np, layout, cfg.unit_order, rng)
             alpha = torch.from_numpy(alpha_np).float()
             uv, pv, nv = user_vecs[u], items[p], items[n]
-            pos = weighted_pair_scores(uv, pv, alpha[item_groups_t[p]], n_blocks)
-            neg = weighted_pair_scores(uv, nv, alpha[item_groups_t[n]], n_blocks)
-            pair_loss = torch.nn.functional.softplus(neg - pos)
+            pos = pair_scores(uv, pv, alpha[item_groups_t[p]], n_blocks)
+            neg = pair_scores(uv, nv, alpha[item_groups_t[n]], n_blocks)
+            pair_loss = bpr_loss(pos, neg, reduction="none")
             sq_norms = uv.pow(2).sum() + pv.pow(2).sum() + nv.pow(2).sum()
             loss = pair_loss.mean() + cfg.l2 * 0.5 * sq_norms / u.shape[0]
             if cfg.diversity_weight > 0:
@@ -202,8 +168,8 @@ def learn_group_pee(
             inner_opt.step()
             pl = pair_loss.detach().numpy()
             pg = layout.item_groups[fit_g.items[sl]]
-            loss_sum += np.bincount(pg, weights=pl, minlength=n_groups)
-            loss_cnt += np.bincount(pg, minlength=n_groups)
+            loss_sum += np.bincount(pg, weights=pl, minlength=num_item_groups)
+            loss_cnt += np.bincount(pg, minlength=num_item_groups)
             epoch_loss += float(loss.detach())
             n_batches += 1
             step += 1
@@ -250,7 +216,7 @@ def learn_group_pee(
     )
 
 
-def _sampled_budget_weights(
+def sampled_budget_weights(
     weights: np.ndarray, layout: BlockLayout, policy: str, rng: np.random.Generator
 ) -> np.ndarray:
     """Elastic training [ours]: the weights a device would rank with at a random budget.
@@ -281,8 +247,8 @@ def validation_weight_grad(
     """
     alpha = torch.tensor(unit_weights, dtype=torch.float32, requires_grad=True)
     n_blocks = alpha.shape[1]
-    s_pos = weighted_pair_scores(user_vecs, item_table[pos], alpha[item_groups[pos]], n_blocks)
-    s_neg = weighted_pair_scores(user_vecs, item_table[neg], alpha[item_groups[neg]], n_blocks)
+    s_pos = pair_scores(user_vecs, item_table[pos], alpha[item_groups[pos]], n_blocks)
+    s_neg = pair_scores(user_vecs, item_table[neg], alpha[item_groups[neg]], n_blocks)
     loss = bpr_loss(s_pos, s_neg)
     (grad,) = torch.autograd.grad(loss, alpha)
     return grad.numpy().astype(np.float64), float(loss.detach())

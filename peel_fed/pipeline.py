@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from peel_fed.atomic import write_atomic, write_json_atomic, write_text_atomic
+from peel_fed.atomic import to_jsonable, write_atomic, write_json_atomic, write_text_atomic
 from peel_fed.blocks import (
     BlockLayout,
     check_budget,
@@ -26,19 +26,16 @@ from peel_fed.blocks import (
     popularity_item_groups,
     random_unit_order,
     select_prefix,
-    unit_mask,
 )
+from peel_fed.budget_table import budget_table_lines
 from peel_fed.clustering import UserGroups, kmeans_user_groups
-from peel_fed.data import Dataset, Interactions, load_dataset, split_validation
-from peel_fed.lightgcn import LightGCNConfig, progress_bar, train_lightgcn
-from peel_fed.metrics import dot_score_fn, evaluate_ranking, per_user_metrics
-from peel_fed.peel import (
-    GroupPEE,
-    PEELConfig,
-    budget_unit_weights,
-    effective_item_table,
-    learn_group_pee,
-)
+from peel_fed.console import log, progress_bar
+from peel_fed.data import Dataset, Interactions, split_validation
+from peel_fed.lightgcn import LightGCNConfig, train_lightgcn
+from peel_fed.loading import load_dataset
+from peel_fed.metrics import evaluate_ranking, per_user_metrics
+from peel_fed.peel import GroupPEE, PEELConfig, learn_group_pee
+from peel_fed.scoring import budget_score_fn, dot_score_fn
 
 DEFAULT_BUDGETS = ("10%", "25%", "50%", "100%")
 
@@ -85,10 +82,6 @@ class Pretrained:
     reused: bool
 
 
-def _log(msg: str) -> None:
-    print(f"[peel-fed] {msg}", flush=True)
-
-
 def _pretrain_key(ds: Dataset, split_fit: Interactions, cfg: PipelineConfig) -> str:
     h = hashlib.sha256()
     h.update(ds.name.encode())
@@ -106,7 +99,7 @@ def pretrain(ds: Dataset, fit: Interactions, cfg: PipelineConfig) -> Pretrained:
     if path.is_file():
         try:
             blob = torch.load(path, weights_only=True)
-            _log(f"reusing pretrained LightGCN from {path}")
+            log(f"reusing pretrained LightGCN from {path}")
             return Pretrained(
                 blob["user_emb"].numpy(),
                 blob["item_emb"].numpy(),
@@ -115,8 +108,8 @@ def pretrain(ds: Dataset, fit: Interactions, cfg: PipelineConfig) -> Pretrained:
                 True,
             )
         except Exception as exc:  # a corrupt cache file is retrained, not fatal
-            _log(f"ignoring unreadable cache file {path}: {exc}")
-    _log(f"pretraining LightGCN: {asdict(cfg.lightgcn)}")
+            log(f"ignoring unreadable cache file {path}: {exc}")
+    log(f"pretraining LightGCN: {asdict(cfg.lightgcn)}")
     t0 = time.perf_counter()
     model = train_lightgcn(
         ds.n_users,
@@ -142,7 +135,7 @@ def pretrain(ds: Dataset, fit: Interactions, cfg: PipelineConfig) -> Pretrained:
         fh.write(buf.getvalue())
 
     write_atomic(path, _save)
-    _log(f"pretrained in {seconds:.0f} s; saved {path}")
+    log(f"pretrained in {seconds:.0f} s; saved {path}")
     return Pretrained(user_emb, item_emb, seconds, path, False)
 
 
@@ -161,19 +154,9 @@ def evaluate_units(
     for users, user_vecs, item_table, weights, order in groups:
         units = select_prefix(order, layout, budget_bytes)
         used.append(layout.bytes_of(units))
-        mask = unit_mask(units, layout.num_item_groups, layout.num_blocks)
-        eff, covered = budget_unit_weights(weights, mask)
-        table = torch.from_numpy(effective_item_table(item_table, layout.item_groups, eff))
-        dead = torch.from_numpy(~covered[layout.item_groups])
         row_of = np.full(ds.n_users, -1, dtype=np.int64)
         row_of[users] = np.arange(users.size)
-        uvecs = torch.from_numpy(np.asarray(user_vecs, dtype=np.float32))
-
-        def score(batch: np.ndarray, uvecs=uvecs, table=table, dead=dead, row_of=row_of):
-            s = uvecs[torch.from_numpy(row_of[batch])] @ table.T
-            s[:, dead] = -torch.inf
-            return s
-
+        score = budget_score_fn(user_vecs, item_table, weights, units, layout, row_of)
         m = per_user_metrics(score, ds.n_users, ds.train, ds.test, ks=(20,), users=users)
         recalls.append(m["recall@20"])
         ndcgs.append(m["ndcg@20"])
@@ -192,7 +175,7 @@ def run_centralized(cfg: PipelineConfig, dataset: Dataset | None = None) -> dict
     """
     t_start = time.perf_counter()
     ds = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_dir)
-    _log(ds.summary())
+    log(ds.summary())
     if max(cfg.user_groups) > ds.n_users:
         raise ValueError(f"more user groups ({max(cfg.user_groups)}) than users ({ds.n_users})")
     popularity = ds.item_popularity()
@@ -201,31 +184,31 @@ def run_centralized(cfg: PipelineConfig, dataset: Dataset | None = None) -> dict
     budgets = [(b, parse_budget(b, layout.full_table_bytes)) for b in cfg.budgets]
     for _, b in budgets:
         check_budget(b, layout)
-    _log(
+    log(
         f"item table {layout.full_table_bytes:,} B; {layout.num_item_groups} item groups x "
         f"{layout.num_blocks} blocks; unit {layout.unit_bytes().min():,}-"
         f"{layout.unit_bytes().max():,} B; covering every group takes {layout.cover_bytes:,} B"
     )
     split = split_validation(ds.train, ds.n_users, cfg.val_fraction, seed=cfg.seed)
-    _log(f"validation split: {len(split.fit):,} fit / {len(split.val):,} validation interactions")
+    log(f"validation split: {len(split.fit):,} fit / {len(split.val):,} validation interactions")
     pre = pretrain(ds, split.fit, cfg)
     t0 = time.perf_counter()
     full = evaluate_ranking(
         dot_score_fn(pre.user_emb, pre.item_emb), ds.n_users, ds.train, ds.test, ks=(20,)
     )
-    _log(
+    log(
         f"pretrained LightGCN (full table): Recall@20 {full['recall@20']:.4f} "
         f"NDCG@20 {full['ndcg@20']:.4f} ({time.perf_counter() - t0:.0f} s to evaluate)"
     )
     all_users = np.arange(ds.n_users)
     methods: dict[str, list] = {}
     peel_info: dict[str, dict] = {}
-    for n_groups in cfg.user_groups:
-        name = f"PEEL (G_u={n_groups})"
+    for num_user_groups in cfg.user_groups:
+        name = f"PEEL (G_u={num_user_groups})"
         t0 = time.perf_counter()
-        ugroups = kmeans_user_groups(pre.user_emb, n_groups, seed=cfg.seed)
-        sizes = np.bincount(ugroups.assignment, minlength=n_groups).tolist()
-        _log(f"{name}: K-Means user groups of sizes {sizes}")
+        ugroups = kmeans_user_groups(pre.user_emb, num_user_groups, seed=cfg.seed)
+        sizes = np.bincount(ugroups.assignment, minlength=num_user_groups).tolist()
+        log(f"{name}: K-Means user groups of sizes {sizes}")
         pees = learn_all_groups(ds, split, pre, ugroups, popularity, layout, cfg)
         methods[name] = [
             (p.users, p.user_table, p.item_table, p.unit_weights, p.unit_order) for p in pees
@@ -236,7 +219,7 @@ def run_centralized(cfg: PipelineConfig, dataset: Dataset | None = None) -> dict
             "unit_weights": [p.unit_weights.round(4).tolist() for p in pees],
             "history": [p.history for p in pees],
         }
-        _log(f"{name}: PEE learning took {peel_info[name]['seconds']:.0f} s")
+        log(f"{name}: PEE learning took {peel_info[name]['seconds']:.0f} s")
     ones = np.ones((layout.num_item_groups, layout.num_blocks))
     methods["first-k blocks"] = [
         (
@@ -273,7 +256,7 @@ def run_centralized(cfg: PipelineConfig, dataset: Dataset | None = None) -> dict
             bar.update(1)
     bar.close()
     results = {
-        "config": _jsonable(asdict(cfg)),
+        "config": to_jsonable(asdict(cfg)),
         "dataset": {
             "name": ds.name,
             "summary": ds.summary(),
@@ -304,7 +287,7 @@ def run_centralized(cfg: PipelineConfig, dataset: Dataset | None = None) -> dict
     write_json_atomic(out / "results.json", results)
     write_text_atomic(out / "results.md", results_markdown(results))
     print(results_markdown(results), flush=True)
-    _log(
+    log(
         f"wrote {out / 'results.json'} and {out / 'results.md'} "
         f"({results['wall_seconds']:.0f} s in all)"
     )
@@ -322,12 +305,12 @@ def learn_all_groups(
 ) -> list[GroupPEE]:
     fit_counts = np.bincount(split.fit.users, minlength=ds.n_users)
     steps = 0
-    for g in range(ugroups.num_groups):
+    for g in range(ugroups.num_user_groups):
         n = int(fit_counts[ugroups.members(g)].sum())
         steps += cfg.peel.epochs * ((n + cfg.peel.batch_size - 1) // cfg.peel.batch_size)
-    bar = progress_bar(steps, f"PEE learning (G_u={ugroups.num_groups})", cfg.progress)
+    bar = progress_bar(steps, f"PEE learning (G_u={ugroups.num_user_groups})", cfg.progress)
     pees = []
-    for g in range(ugroups.num_groups):
+    for g in range(ugroups.num_user_groups):
         pees.append(
             learn_group_pee(
                 g,
@@ -349,9 +332,6 @@ def learn_all_groups(
 
 def results_markdown(results: dict) -> str:
     """The budget table: one row per budget, Recall@20 / NDCG@20 per method."""
-    rows = results["rows"]
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    budgets = list(dict.fromkeys(r["budget"] for r in rows))
     full = results["pretrain"]["full_table"]
     lines = [
         f"# Centralized PEEL on {results['dataset']['name']}",
@@ -363,26 +343,7 @@ def results_markdown(results: dict) -> str:
         "",
         "Cells: Recall@20 / NDCG@20. Bytes: the item-embedding budget (units only).",
         "",
-        "| budget | bytes | " + " | ".join(methods) + " |",
-        "|---|---:|" + "---:|" * len(methods),
+        *budget_table_lines(results["rows"]),
+        "",
     ]
-    for b in budgets:
-        cells = {r["method"]: r for r in rows if r["budget"] == b}
-        first = next(iter(cells.values()))
-        line = f"| {b} ({first['budget_fraction']:.1%}) | {first['budget_bytes']:,} |"
-        for m in methods:
-            r = cells[m]
-            line += f" {r['recall@20']:.4f} / {r['ndcg@20']:.4f} |"
-        lines.append(line)
-    lines.append("")
     return "\n".join(lines)
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj

@@ -11,8 +11,16 @@ from collections.abc import Callable
 
 import numpy as np
 
-from peel_fed.blocks import BlockLayout, BudgetError, check_budget, select_prefix, unit_mask
-from peel_fed.peel import budget_unit_weights
+from peel_fed.blocks import (
+    FLOAT32_BYTES,
+    INT16_BYTES,
+    UINT8_BYTES,
+    BlockLayout,
+    BudgetError,
+    check_budget,
+    select_prefix,
+)
+from peel_fed.scoring import budget_score_fn
 
 UnitFetcher = Callable[[int, int], np.ndarray]
 
@@ -75,12 +83,12 @@ class PEEStore:
     @property
     def overhead_bytes(self) -> int:
         """Bytes held besides units: user vector, unit weights, unit order, item-to-group map."""
-        group_map = self.layout.n_items * (1 if self.layout.num_item_groups <= 256 else 2)
+        group_id_bytes = UINT8_BYTES if self.layout.num_item_groups <= 256 else INT16_BYTES
         return int(
             self.user_vector.nbytes
-            + self.unit_weights.size * 4
-            + self.unit_order.size * 2
-            + group_map
+            + self.unit_weights.size * FLOAT32_BYTES
+            + self.unit_order.size * INT16_BYTES
+            + self.layout.n_items * group_id_bytes
         )
 
     # --- budget changes ---------------------------------------------------------------------
@@ -109,16 +117,20 @@ class PEEStore:
 
     # --- ranking ----------------------------------------------------------------------------
     def scores(self) -> np.ndarray:
-        """Score of every item; items of groups with no kept unit score ``-inf``."""
-        mask = unit_mask(self.kept_units, self.layout.num_item_groups, self.layout.num_blocks)
-        eff, covered = budget_unit_weights(self.unit_weights, mask)
-        bd = self.layout.block_dim
-        out = np.zeros(self.layout.n_items, dtype=np.float64)
+        """Score of every item; items of groups with no kept unit score ``-inf``.
+
+        The kept units are placed in an item table (zeros where a unit is not kept) and scored
+        as the evaluation scores a device at this budget (:func:`peel_fed.scoring.budget_score_fn`).
+        """
+        layout = self.layout
+        bd = layout.block_dim
+        table = np.zeros((layout.n_items, layout.dim), dtype=np.float32)
         for (g, n), block in self.units.items():
-            u_n = self.user_vector[n * bd : (n + 1) * bd].astype(np.float64)
-            out[self._members[g]] += eff[g, n] * (block.astype(np.float64) @ u_n)
-        out[~covered[self.layout.item_groups]] = -np.inf
-        return out
+            table[self._members[g], n * bd : (n + 1) * bd] = block
+        score = budget_score_fn(
+            self.user_vector[None, :], table, self.unit_weights, self.kept_units, layout
+        )
+        return score(np.zeros(1, dtype=np.int64))[0].numpy().astype(np.float64)
 
     def recommend(self, k: int = 20, exclude: np.ndarray | None = None) -> np.ndarray:
         """Top-k item ids, best first, never returning ``exclude`` (e.g. the user's own items)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from peel_fed.data import Dataset, from_pairs
+from peel_fed.data import DataError, Dataset, from_pairs
 
 
 def checkerboard(
@@ -35,3 +35,18 @@ def checkerboard(
         test += [(u, i) for i in items[:k]]
         train += [(u, i) for i in items[k:]]
     return from_pairs("checkerboard", n_users, n_items, np.array(train), np.array(test))
+
+
+SYNTHETIC_DATASETS = ("checkerboard", "checkerboard-tiny")  # by name (``--dataset``)
+
+
+def synthetic_dataset(name: str) -> Dataset:
+    """A named synthetic dataset, generated in memory (seeded): the same for every caller."""
+    if name == "checkerboard-tiny":  # one node per user stays cheap in a simulation
+        return checkerboard(n_users=12, n_items=48, n_clusters=2, p_in=0.4, p_out=0.02, seed=2)
+    if name == "checkerboard":
+        return checkerboard(n_users=240, n_items=160, n_clusters=4, p_in=0.25, p_out=0.01, seed=1)
+    raise DataError(
+        f"unknown synthetic dataset {name!r}: "
+        f"synthetic datasets are {', '.join(SYNTHETIC_DATASETS)}"
+    )

@@ -13,10 +13,10 @@ from peel_fed.data import (
     DataError,
     Interactions,
     from_pairs,
-    load_dataset,
     split_validation,
     verify_checksums,
 )
+from peel_fed.loading import load_dataset
 
 # A small, valid LightGCN dataset: user 3 has a line with no train items.
 TRAIN = {0: [0, 1, 2], 1: [2, 3], 2: [4], 3: []}
@@ -238,7 +238,7 @@ def test_bundled_data_is_found_when_the_code_runs_from_a_flower_app_bundle(tmp_p
     )
     assert {f.suffix for f in (fab / "peel_fed").rglob("*") if f.is_file()} == {".py"}
     code = (
-        "import sys; sys.path.insert(0, sys.argv[1]); import peel_fed.data as d; "
+        "import sys; sys.path.insert(0, sys.argv[1]); import peel_fed.loading as d; "
         "assert d.__file__.startswith(sys.argv[1]), d.__file__; "
         "ds = d.load_dataset('gowalla'); print(ds.n_users, ds.n_items)"
     )

@@ -7,7 +7,8 @@ import torch
 
 from peel_fed.fedlightgcn import FedLightGCN, FedLightGCNConfig, train_fed_lightgcn
 from peel_fed.lightgcn import LightGCNConfig, normalized_adjacency, propagate, train_lightgcn
-from peel_fed.metrics import dot_score_fn, evaluate_ranking
+from peel_fed.metrics import evaluate_ranking
+from peel_fed.scoring import dot_score_fn
 from peel_fed.synthetic import checkerboard
 
 CFG = FedLightGCNConfig(dim=16, layers=3, rounds=0, cohort_fraction=0.5)

@@ -8,14 +8,9 @@ import pytest
 from peel_fed.blocks import BlockLayout, first_blocks_order, parse_budget, popularity_item_groups
 from peel_fed.clustering import kmeans_user_groups
 from peel_fed.data import split_validation
+from peel_fed.fedeval import EvalSpec, evaluation_table, evaluation_vector
 from peel_fed.fedlightgcn import round_participants
-from peel_fed.fedpee import (
-    EvalSpec,
-    FedPEEConfig,
-    evaluation_table,
-    evaluation_vector,
-    train_fed_pee,
-)
+from peel_fed.fedpee import FedPEEConfig, train_fed_pee
 from peel_fed.lightgcn import LightGCNConfig, train_lightgcn
 from peel_fed.partition import user_slots
 from peel_fed.pipeline import evaluate_units
@@ -132,9 +127,19 @@ def test_a_drill_cut_below_one_unit_counts_no_device_instead_of_failing(board):
 def test_federated_pee_learning_keeps_the_checkerboard_ranking(board):
     ds, split, users, items, layout = board
     groups = kmeans_user_groups(users, 2, seed=0).assignment
-    cfg = FedPEEConfig(rounds=10, cohort_fraction=0.5, local_steps=2)
+    cfg = FedPEEConfig(local_steps=2)
     servers, devices = train_fed_pee(
-        users, items, groups, ds.n_users, split.fit, split.val, ds.item_popularity(), layout, cfg
+        users,
+        items,
+        groups,
+        ds.n_users,
+        split.fit,
+        split.val,
+        ds.item_popularity(),
+        layout,
+        cfg,
+        rounds=10,
+        cohort_fraction=0.5,
     )
     full = layout.full_table_bytes
     before = evaluate_units(

@@ -15,7 +15,8 @@ from peel_fed.lightgcn import (
     propagate,
     train_lightgcn,
 )
-from peel_fed.metrics import dot_score_fn, evaluate_ranking
+from peel_fed.metrics import evaluate_ranking
+from peel_fed.scoring import dot_score_fn
 
 # 3 users, 4 items; item 3 has no interactions (zero degree).
 N_USERS, N_ITEMS = 3, 4

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from peel_fed.data import from_pairs
-from peel_fed.metrics import dot_score_fn, evaluate_ranking, per_user_metrics
+from peel_fed.metrics import evaluate_ranking, per_user_metrics
+from peel_fed.scoring import dot_score_fn
 
 # 6 items, 3 users.
 # user 0: train {0}, test {2, 4}; item 0 (train) has the top score and must be skipped.

@@ -13,7 +13,7 @@ from peel_fed.blocks import (
     unit_mask,
     weighted_unit_order,
 )
-from peel_fed.peel import budget_unit_weights, effective_item_table
+from peel_fed.scoring import budget_unit_weights, effective_item_table
 from peel_fed.store import PEEStore, unit_slice
 
 N_ITEMS, DIM, BLOCKS, GROUPS = 23, 8, 4, 5  # group sizes 5,5,5,4,4: unequal unit sizes

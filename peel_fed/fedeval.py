@@ -1,0 +1,261 @@
+"""On-device evaluation of federated PEEL: what every node computes, and the server's table.
+
+Each node ranks all items for each of its users at every budget level of the table, at its own
+budget (drawn per device in simulation, or the SuperNode's in deployment) and at the drill's cuts
+of it, with PEEL and the baselines. It sends only sums of Recall@20, NDCG@20 and user counts
+(:func:`evaluation_vector`, laid out by :class:`EvalSpec`); summed over nodes, they give the means
+of :func:`evaluation_table`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from peel_fed.blocks import BlockLayout, parse_budget, select_prefix
+from peel_fed.data import Interactions
+from peel_fed.metrics import per_user_metrics
+from peel_fed.partition import user_slots
+from peel_fed.scoring import budget_score_fn
+
+BUDGET_STREAM = 5_000_003  # a device's own memory budget in simulation
+
+
+def device_budgets(seed: int, users: np.ndarray, choices: list[str], full_bytes: int) -> np.ndarray:
+    """Each device's memory budget in bytes, drawn uniformly from ``choices`` by its own hash."""
+    levels = np.array([parse_budget(c, full_bytes) for c in choices], dtype=np.int64)
+    return levels[user_slots(seed, users, BUDGET_STREAM, len(levels))]
+
+
+def ranking_metric_sums(
+    users: np.ndarray,
+    user_vectors: np.ndarray,
+    item_table: np.ndarray,
+    unit_weights: np.ndarray,
+    unit_order: np.ndarray,
+    layout: BlockLayout,
+    budgets: np.ndarray,
+    n_users: int,
+    train: Interactions,
+    test: Interactions,
+) -> np.ndarray:
+    """Per-user Recall@20 and NDCG@20 when each user keeps the prefix of ``unit_order`` that
+    fits its budget ``budgets[j]`` and ranks all items with it (on the device, no server).
+
+    Returns a (len(users), 3) array: recall, ndcg, has-test. Users without test items get 0s, and
+    so do users whose budget holds no unit of ``unit_order``'s prefix (they cannot rank at all).
+    """
+    out = np.zeros((users.size, 3))
+    row_of = np.full(n_users, -1, dtype=np.int64)
+    row_of[users] = np.arange(users.size)
+    for budget in np.unique(budgets):
+        sel = users[budgets == budget]
+        if budget < layout.min_budget_bytes:
+            continue
+        units = select_prefix(unit_order, layout, int(budget))
+        if not len(units):
+            continue
+        score = budget_score_fn(user_vectors, item_table, unit_weights, units, layout, row_of)
+        m = per_user_metrics(score, n_users, train, test, ks=(20,), users=sel)
+        rows = row_of[m["user"]]
+        out[rows, 0] = m["recall@20"]
+        out[rows, 1] = m["ndcg@20"]
+        out[rows, 2] = 1.0
+    return out
+
+
+BASELINES = ("first-k blocks", "random units")
+
+
+def drill_cut(budget_bytes: int, fraction: float) -> int:
+    """Bytes a device keeps when it cuts its budget to ``fraction`` of it (floored, with a
+    tolerance so that a fraction written as a ratio of two budgets gives the smaller one)."""
+    return int(np.floor(budget_bytes * fraction + 1e-6))
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """What every device evaluates: the budget levels of the table, the choices its own budget is
+    drawn from, the drill fractions of its own budget, and the number of user groups."""
+
+    budget_bytes: tuple[int, ...]
+    device_budgets: tuple[str, ...]
+    drill: tuple[float, ...]
+    user_groups: int
+    full_table_bytes: int
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return (f"PEEL (G_u={self.user_groups})",) + BASELINES
+
+    def to_config(self) -> dict:
+        return {
+            "budget-bytes": list(self.budget_bytes),
+            "device-budgets": list(self.device_budgets),
+            "drill": list(self.drill),
+            "user-groups": self.user_groups,
+            "full-table-bytes": self.full_table_bytes,
+        }
+
+    @classmethod
+    def from_config(cls, rec) -> EvalSpec:
+        return cls(
+            budget_bytes=tuple(int(b) for b in rec["budget-bytes"]),
+            device_budgets=tuple(str(b) for b in rec["device-budgets"]),
+            drill=tuple(float(f) for f in rec["drill"]),
+            user_groups=int(rec["user-groups"]),
+            full_table_bytes=int(rec["full-table-bytes"]),
+        )
+
+    def sizes(self) -> tuple[int, int, int]:
+        b = len(self.budget_bytes)
+        return (
+            len(self.methods) * b * 3,
+            len(self.device_budgets) * (1 + len(self.drill)) * 3,
+            self.user_groups * b * 3,
+        )
+
+    def length(self) -> int:
+        return sum(self.sizes())
+
+
+def _sums(per_user: np.ndarray, select: np.ndarray | None = None) -> np.ndarray:
+    rows = per_user if select is None else per_user[select]
+    return rows.sum(axis=0) if rows.size else np.zeros(3)
+
+
+def evaluation_vector(
+    spec: EvalSpec,
+    tables: dict[str, np.ndarray],
+    layout: BlockLayout,
+    users: np.ndarray,
+    groups: np.ndarray,
+    pee_vectors: np.ndarray,
+    pretrained_vectors: np.ndarray,
+    n_users: int,
+    train: Interactions,
+    test: Interactions,
+    seed: int,
+    node_budget: str | None = None,
+) -> np.ndarray:
+    """A node's evaluation sums, to be summed over nodes (see :func:`evaluation_table`).
+
+    Each user's own budget is drawn from ``spec.device_budgets`` by its hash (simulation), or is
+    ``node_budget`` for all of the node's users (deployment: the SuperNode's ``budget-bytes``),
+    which must equal one of ``spec.device_budgets`` in bytes.
+
+    ``tables`` holds, per user group g, ``table-g``, ``alpha-g``, ``order-g`` (the group's PEE),
+    and ``pretrained``, ``order-first-k blocks``, ``order-random units`` for the baselines.
+    Sums are (Recall@20, NDCG@20, users with test items) triples.
+    """
+    levels = np.array(spec.budget_bytes, dtype=np.int64)
+    choice = np.array([parse_budget(c, spec.full_table_bytes) for c in spec.device_budgets])
+    if node_budget is None:
+        own = device_budgets(seed, users, list(spec.device_budgets), spec.full_table_bytes)
+    else:
+        mine = parse_budget(node_budget, spec.full_table_bytes)
+        if mine not in choice:
+            raise ValueError(
+                f"node budget-bytes {node_budget!r} ({mine} B) is not one of device-budgets "
+                f"{', '.join(spec.device_budgets)}"
+            )
+        own = np.full(users.size, mine, dtype=np.int64)
+    ones = np.ones((layout.num_item_groups, layout.num_blocks))
+    part_a, part_b, part_c = [], [], []
+
+    def peel_at(budget_per_user: np.ndarray) -> np.ndarray:
+        out = np.zeros((users.size, 3))
+        for g in range(spec.user_groups):
+            sel = groups == g
+            if sel.any():
+                out[sel] = ranking_metric_sums(
+                    users[sel],
+                    pee_vectors[sel],
+                    tables[f"table-{g}"],
+                    tables[f"alpha-{g}"],
+                    tables[f"order-{g}"],
+                    layout,
+                    budget_per_user[sel],
+                    n_users,
+                    train,
+                    test,
+                )
+        return out
+
+    peel_levels = [peel_at(np.full(users.size, b)) for b in levels]
+    for j in range(levels.size):
+        part_a.append(_sums(peel_levels[j]))
+    for name in BASELINES:
+        for b in levels:
+            per_user = ranking_metric_sums(
+                users,
+                pretrained_vectors,
+                tables["pretrained"],
+                ones,
+                tables[f"order-{name}"],
+                layout,
+                np.full(users.size, b),
+                n_users,
+                train,
+                test,
+            )
+            part_a.append(_sums(per_user))
+    for budget in choice:
+        mine = own == budget
+        at_own = next(
+            (pl for lv, pl in zip(levels, peel_levels, strict=True) if lv == budget), None
+        )
+        if at_own is None:
+            at_own = peel_at(np.full(users.size, budget))
+        part_b.append(_sums(at_own, mine))
+        for f in spec.drill:  # a cut where nothing fits counts no device (see ranking_metric_sums)
+            part_b.append(_sums(peel_at(np.full(users.size, drill_cut(budget, f))), mine))
+    for g in range(spec.user_groups):
+        for j in range(levels.size):
+            part_c.append(_sums(peel_levels[j], groups == g))
+    return np.concatenate([np.concatenate(p) for p in (part_a, part_b, part_c)])
+
+
+def evaluation_table(total: np.ndarray, spec: EvalSpec) -> dict:
+    """Means from the summed evaluation vector: the budget table, own-budget classes with the
+    dynamic-budget drill, and PEEL per user group."""
+    a, b, _ = spec.sizes()
+    trip = total.reshape(-1, 3)
+
+    def mean(t: np.ndarray) -> dict:
+        n = max(t[2], 1.0)
+        return {"recall@20": float(t[0] / n), "ndcg@20": float(t[1] / n), "users": int(round(t[2]))}
+
+    rows, drill, per_group = [], [], []
+    i = 0
+    for method in spec.methods:
+        for budget in spec.budget_bytes:
+            rows.append(
+                {
+                    "method": method,
+                    "budget_bytes": int(budget),
+                    "budget_fraction": budget / spec.full_table_bytes,
+                    **mean(trip[i]),
+                }
+            )
+            i += 1
+    for choice in spec.device_budgets:
+        steps = [1.0, *spec.drill]
+        full = parse_budget(choice, spec.full_table_bytes)
+        for f in steps:
+            drill.append(
+                {
+                    "own_budget": choice,
+                    "fraction_of_own": f,
+                    "budget_bytes": drill_cut(full, f),
+                    **mean(trip[i]),
+                }
+            )
+            i += 1
+    for g in range(spec.user_groups):
+        for budget in spec.budget_bytes:
+            per_group.append({"group": g, "budget_bytes": int(budget), **mean(trip[i])})
+            i += 1
+    assert i * 3 == a + b + spec.sizes()[2]
+    return {"rows": rows, "drill": drill, "per_group": per_group}
