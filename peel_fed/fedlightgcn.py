@@ -21,6 +21,11 @@ item-side layers (they are other users' sums): that and the staleness of ``L_k``
 scheme gives up against centralized LightGCN. The cohort is computed in one vectorised batch; since
 every user's loss depends only on its own data and the shared tables, the result equals per-user
 computation.
+
+One module of about 470 lines, on purpose: the server (:class:`PretrainServer`), the devices
+(:class:`PretrainDevices`) and the in-process federation (:class:`FedLightGCN`) are the two halves
+of the equations above and their composition; each half is checked against the other (the
+contribution sums, the row gradients), so they are read together.
 """
 
 from __future__ import annotations
