@@ -1,4 +1,4 @@
-"""The algorithm core (``peel_fed``) never imports the Flower/Ray layers, and has no import cycle."""
+"""The algorithm core (``peel_fed``) never imports the Flower/Ray layers and has no import cycle."""
 
 from __future__ import annotations
 
