@@ -13,6 +13,7 @@ from peel_fed.blocks import (
     popularity_item_groups,
     random_unit_order,
     select_prefix,
+    split_budget_list,
     unit_mask,
     weighted_unit_order,
 )
@@ -104,6 +105,14 @@ def test_parse_budget(text, expected):
 def test_parse_budget_rejects(text):
     with pytest.raises(BudgetError):
         parse_budget(text, FULL)
+
+
+def test_split_budget_list():
+    assert split_budget_list(" 10%, 512KB ,,0.5,") == ["10%", "512KB", "0.5"]
+    assert split_budget_list("2MB") == ["2MB"]
+    for empty in ("", " , ,"):
+        with pytest.raises(BudgetError, match="at least one budget"):
+            split_budget_list(empty)
 
 
 def test_select_prefix_respects_budget_cover_and_maximality():
