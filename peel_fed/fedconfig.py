@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -13,6 +14,31 @@ from peel_fed.fedpee import FedPEEConfig
 
 class ConfigError(ValueError):
     """An invalid run-config value."""
+
+
+RENAMED_KEYS: dict[str, str] = {
+    "item-groups": "num-item-groups",
+    "blocks": "num-blocks",
+    "user-groups": "num-user-groups",
+    "cohort-fraction": "pretrain-cohort-fraction",
+    "local-steps": "pretrain-local-steps",
+    "server-lr": "pretrain-server-lr",
+    "user-lr": "pretrain-user-lr",
+}
+"""Run-config keys renamed in 0.2 (old -> new): the old names are accepted, with a warning,
+until 0.3. ``flwr run`` checks keys against ``pyproject.toml`` and so knows only the new ones."""
+
+
+def renamed_key(key: str, renamed: dict[str, str], what: str = "run-config key") -> str:
+    """The current name of ``key``; an old name gives a ``FutureWarning`` naming the new one."""
+    if key not in renamed:
+        return key
+    warnings.warn(
+        f"{what} {key!r} is renamed {renamed[key]!r}; the old name goes in 0.3",
+        FutureWarning,
+        stacklevel=3,
+    )
+    return renamed[key]
 
 
 @dataclass(frozen=True)
@@ -32,22 +58,22 @@ class FedConfig:
     timing: bool = False
     # statistics and model shape
     val_fraction: float = 0.1
-    item_groups: int = 20
-    blocks: int = 8
+    num_item_groups: int = 20
+    num_blocks: int = 8
     dim: int = 64
     layers: int = 3
     # client sampling: fraction of nodes asked per round (users are sampled by cohort fractions)
     fraction_nodes: float = 1.0
     # federated LightGCN pretraining
     pretrain_passes: int = 20
-    cohort_fraction: float = 0.25
-    local_steps: int = 20
-    server_lr: float = 5e-2
-    user_lr: float = 2e-2
+    pretrain_cohort_fraction: float = 0.25
+    pretrain_local_steps: int = 20
+    pretrain_server_lr: float = 5e-2
+    pretrain_user_lr: float = 2e-2
     # pretraining row uploads by secure aggregation over the round's row union (costs bytes)
     secure_rows: bool = False
     # grouping
-    user_groups: int = 4
+    num_user_groups: int = 4
     kmeans_iters: int = 8
     # PEE learning
     pee_rounds: int = 25
@@ -67,7 +93,7 @@ class FedConfig:
             raise ConfigError(f"min-nodes must be >= 1, got {self.min_nodes}")
         if self.round_timeout_s <= 0 or self.node_wait_s <= 0:
             raise ConfigError("round-timeout-s and node-wait-s must be positive")
-        for key in ("fraction_nodes", "cohort_fraction", "pee_cohort_fraction"):
+        for key in ("fraction_nodes", "pretrain_cohort_fraction", "pee_cohort_fraction"):
             if not 0 < getattr(self, key) <= 1:
                 raise ConfigError(
                     f"{key.replace('_', '-')} must be in (0, 1], got {getattr(self, key)}"
@@ -75,12 +101,12 @@ class FedConfig:
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val-fraction must be in (0, 1), got {self.val_fraction}")
         for key in (
-            "item_groups",
-            "blocks",
+            "num_item_groups",
+            "num_blocks",
             "dim",
             "layers",
-            "user_groups",
-            "local_steps",
+            "num_user_groups",
+            "pretrain_local_steps",
             "pee_local_steps",
         ):
             if getattr(self, key) < 1:
@@ -88,8 +114,8 @@ class FedConfig:
         for key in ("pretrain_passes", "kmeans_iters", "pee_rounds"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key.replace('_', '-')} must be >= 0, got {getattr(self, key)}")
-        if self.dim % self.blocks:
-            raise ConfigError(f"blocks ({self.blocks}) must divide dim ({self.dim})")
+        if self.dim % self.num_blocks:
+            raise ConfigError(f"num-blocks ({self.num_blocks}) must divide dim ({self.dim})")
         for key in ("budgets", "device_budgets"):
             try:
                 texts = self.budget_list(key)
@@ -116,10 +142,10 @@ class FedConfig:
         return FedLightGCNConfig(
             dim=self.dim,
             layers=self.layers,
-            cohort_fraction=self.cohort_fraction,
-            local_steps=self.local_steps,
-            server_lr=self.server_lr,
-            user_lr=self.user_lr,
+            cohort_fraction=self.pretrain_cohort_fraction,
+            local_steps=self.pretrain_local_steps,
+            server_lr=self.pretrain_server_lr,
+            user_lr=self.pretrain_user_lr,
         )
 
     def pee(self) -> FedPEEConfig:
@@ -142,10 +168,14 @@ class FedConfig:
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> FedConfig:
-        """Build from a Flower run config; unknown keys and wrong types are one-line errors."""
+        """Build from a Flower run config; unknown keys and wrong types are one-line errors.
+        Renamed keys (``RENAMED_KEYS``) are accepted with a warning."""
         known = {f.name.replace("_", "-"): f for f in fields(cls)}
         values: dict[str, Any] = {}
-        for key, value in run_config.items():
+        for given, value in run_config.items():
+            key = renamed_key(given, RENAMED_KEYS)
+            if key != given and key in run_config:
+                raise ConfigError(f"run-config gives both {given!r} and its new name {key!r}")
             if key not in known:
                 raise ConfigError(f"unknown run-config key {key!r}")
             f = known[key]
