@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from peel_fed.cli import main
+from sim.cli import main
 
 TRAIN = {u: [u % 8, (u + 3) % 8, (u + 5) % 8] for u in range(10)}
 TEST = {u: [(u + 1) % 8] for u in range(10)}
@@ -78,7 +78,7 @@ def test_more_user_groups_than_users(capsys, tmp_path, tiny_dir):
 
 
 def _simulate(capsys, *args) -> tuple[int, str]:
-    from peel_fed.cli import main
+    from sim.cli import main
 
     rc = main(["simulate", *args])
     return rc, capsys.readouterr().err.strip()
@@ -99,7 +99,7 @@ def test_simulate_rejects_bad_run_config_in_one_line(capsys, tmp_path):
 
 
 def test_parse_run_config_reads_toml_values():
-    from peel_fed.cli import parse_run_config
+    from sim.cli import parse_run_config
 
     got = parse_run_config(
         "pretrain-passes=5 server-lr=0.1 dataset='checkerboard' progress=false drill='0.5'"
