@@ -1,4 +1,9 @@
-"""``peel-fed`` command line."""
+"""``peel-fed`` command line.
+
+Every command's options (``centralized``, ``simulate``, ``deploy``, ``study``) are built here, in
+one parser; the commands' work is in ``peel_fed.pipeline`` and the other ``sim`` modules. A
+little over 400 lines because it is one argparse tree with its help texts.
+"""
 
 from __future__ import annotations
 
@@ -346,7 +351,7 @@ def _study(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="peel-fed", description=__doc__)
+    parser = argparse.ArgumentParser(prog="peel-fed", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_centralized(sub)
     _add_simulate(sub)

@@ -141,3 +141,51 @@ def test_line_progress_prints_whole_lines_when_output_is_not_a_terminal(monkeypa
     ]
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal
     assert isinstance(progress_bar(2, "x", True), LineProgress)
+
+
+def test_budget_lists_are_split_one_way():
+    from peel_fed.blocks import BudgetError
+    from sim.cli import split_budget_list
+
+    assert split_budget_list(" 10%, 2MB,,0.5 ") == ["10%", "2MB", "0.5"]
+    for empty in ("", " , ,"):
+        with pytest.raises(BudgetError, match="at least one budget"):
+            split_budget_list(empty)
+
+
+def test_study_options_are_a_subparser_of_the_main_command(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["study", "--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and out.startswith("usage: peel-fed study")
+    for option in (
+        "--dataset",
+        "--data-dir",
+        "--seed",
+        "--out",
+        "--cache-dir",
+        "--budgets",
+        "--cold-start-fraction",
+        "--steps",
+        "--quick",
+        "--no-progress",
+    ):
+        assert option in out
+    with pytest.raises(SystemExit) as exc:  # its options belong to study alone
+        main(["centralized", "--cold-start-fraction", "0.2"])
+    assert exc.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_python_dash_m_runs_the_command_line(capsys, monkeypatch):
+    import runpy
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "sim.cli", "study", "-h"], capture_output=True, text=True
+    )
+    assert done.returncode == 0 and done.stdout.startswith("usage: peel-fed study"), done.stderr
+    monkeypatch.setattr(sys, "argv", ["sim.study", "-h"])  # python -m sim.study -h, in-process
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_module("sim.study", run_name="__main__")
+    assert exc.value.code == 0 and capsys.readouterr().out.startswith("usage: peel-fed study")

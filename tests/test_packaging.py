@@ -103,3 +103,14 @@ def test_a_planted_distribution_and_a_stray_module_are_found(tmp_path, monkeypat
         "strategies": [str(tmp_path / "strategies.py")],
         "sim": ["distribution fake-sim", str(tmp_path / "sim")],
     }
+
+
+def test_every_console_script_names_a_function_of_this_repository():
+    import tomllib
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"peel-fed": "sim.cli:main"}  # the CLI is outside the core
+    for target in scripts.values():
+        module, _, attr = target.partition(":")
+        function = getattr(importlib.import_module(module), attr)
+        assert callable(function) and Path(function.__code__.co_filename).is_relative_to(REPO)
