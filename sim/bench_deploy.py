@@ -24,7 +24,8 @@ from pathlib import Path
 from peel_fed.atomic import write_json_atomic, write_text_atomic
 from peel_fed.fedconfig import FedConfig
 from sim.deploy import SMOKE_RUN, run_local_deployment
-from sim.simulate import flower_environment, run_federated_simulation
+from sim.flower_env import configure_flower_env
+from sim.simulate import run_federated_simulation
 
 MODES = ("simulation", "deployed", "deployed+TLS")
 
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--nodes", type=int, default=3)
     p.add_argument("--out", default="runs/bench-deploy", help="folder for bench.json and .md")
     args = p.parse_args(argv)
-    flower_environment()
+    configure_flower_env()
     t0 = time.perf_counter()
     runs = []
     for rep in range(args.repeats):

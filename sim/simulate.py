@@ -9,20 +9,11 @@ progress per phase and round, then the budget table; writes ``results.json``, ``
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from collections.abc import Callable
 
 from peel_fed.fedconfig import FedConfig
-
-
-def flower_environment() -> None:
-    """Flower settings for scripts: no telemetry, no update check, no dependency installs."""
-    os.environ.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="peel-fed-flwr-"))
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+from sim.flower_env import configure_flower_env
 
 
 def run_federated_simulation(
@@ -37,7 +28,7 @@ def run_federated_simulation(
     ``mods`` wrap every ClientApp handler and ``wrap_grid`` wraps the server's grid (tests use
     them to inject failures and to audit uploads).
     """
-    flower_environment()
+    configure_flower_env()
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import pytest
 import torch
 
 from peel_fed.lightgcn import LightGCNConfig, train_lightgcn
 from peel_fed.synthetic import checkerboard
+from sim.flower_env import configure_flower_env
 
 torch.set_num_threads(1)
 
 # Flower writes under FLWR_HOME even with telemetry off: keep it out of the user's home.
-os.environ.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="peel-fed-flwr-"))
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+configure_flower_env()
 
 
 def pytest_configure(config):

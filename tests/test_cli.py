@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from peel_fed.cli import main
+from sim.cli import main
 
 TRAIN = {u: [u % 8, (u + 3) % 8, (u + 5) % 8] for u in range(10)}
 TEST = {u: [(u + 1) % 8] for u in range(10)}
@@ -78,7 +78,7 @@ def test_more_user_groups_than_users(capsys, tmp_path, tiny_dir):
 
 
 def _simulate(capsys, *args) -> tuple[int, str]:
-    from peel_fed.cli import main
+    from sim.cli import main
 
     rc = main(["simulate", *args])
     return rc, capsys.readouterr().err.strip()
@@ -99,7 +99,7 @@ def test_simulate_rejects_bad_run_config_in_one_line(capsys, tmp_path):
 
 
 def test_parse_run_config_reads_toml_values():
-    from peel_fed.cli import parse_run_config
+    from sim.cli import parse_run_config
 
     got = parse_run_config(
         "pretrain-passes=5 server-lr=0.1 dataset='checkerboard' progress=false drill='0.5'"
@@ -141,3 +141,51 @@ def test_line_progress_prints_whole_lines_when_output_is_not_a_terminal(monkeypa
     ]
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal
     assert isinstance(progress_bar(2, "x", True), LineProgress)
+
+
+def test_budget_lists_are_split_one_way():
+    from peel_fed.blocks import BudgetError
+    from sim.cli import split_budget_list
+
+    assert split_budget_list(" 10%, 2MB,,0.5 ") == ["10%", "2MB", "0.5"]
+    for empty in ("", " , ,"):
+        with pytest.raises(BudgetError, match="at least one budget"):
+            split_budget_list(empty)
+
+
+def test_study_options_are_a_subparser_of_the_main_command(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["study", "--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and out.startswith("usage: peel-fed study")
+    for option in (
+        "--dataset",
+        "--data-dir",
+        "--seed",
+        "--out",
+        "--cache-dir",
+        "--budgets",
+        "--cold-start-fraction",
+        "--steps",
+        "--quick",
+        "--no-progress",
+    ):
+        assert option in out
+    with pytest.raises(SystemExit) as exc:  # its options belong to study alone
+        main(["centralized", "--cold-start-fraction", "0.2"])
+    assert exc.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_python_dash_m_runs_the_command_line(capsys, monkeypatch):
+    import runpy
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "sim.cli", "study", "-h"], capture_output=True, text=True
+    )
+    assert done.returncode == 0 and done.stdout.startswith("usage: peel-fed study"), done.stderr
+    monkeypatch.setattr(sys, "argv", ["sim.study", "-h"])  # python -m sim.study -h, in-process
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_module("sim.study", run_name="__main__")
+    assert exc.value.code == 0 and capsys.readouterr().out.startswith("usage: peel-fed study")

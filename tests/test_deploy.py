@@ -19,13 +19,8 @@ import pytest
 
 from peel_fed.fedconfig import FedConfig
 from sim.certs import Certificates, make_test_certificates
-from sim.deploy import (
-    SMOKE_RUN,
-    LocalFederation,
-    pid_alive,
-    port_in_use,
-    run_local_deployment,
-)
+from sim.deploy import SMOKE_RUN, run_local_deployment
+from sim.local_federation import LocalFederation, pid_alive, port_in_use
 
 
 def _processes_using(folder: Path) -> list[int]:
@@ -187,7 +182,7 @@ def test_test_certificates_name_the_hosts_and_chain_to_the_ca(tmp_path):
 
 
 def test_deploy_cli_errors_are_one_line(tmp_path, capsys):
-    from peel_fed.cli import main
+    from sim.cli import main
 
     assert main(["deploy", "certs", "--out", str(tmp_path)]) == 2
     assert "give at least one --host" in capsys.readouterr().err

@@ -134,7 +134,7 @@ def test_changed_inputs_change_the_step_key(quick_study):
 
 
 def test_study_command_line(tmp_path, capsys):
-    from peel_fed.cli import main
+    from sim.cli import main
 
     code = main(["study", "--dataset", "checkerboard", "--steps", "nope", "--out", str(tmp_path)])
     assert code == 2 and "unknown study step 'nope'" in capsys.readouterr().err

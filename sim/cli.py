@@ -1,16 +1,23 @@
-"""``peel-fed`` command line."""
+"""``peel-fed`` command line.
+
+Every command's options (``centralized``, ``simulate``, ``deploy``, ``study``) are built here, in
+one parser; the commands' work is in ``peel_fed.pipeline`` and the other ``sim`` modules. A
+little over 400 lines because it is one argparse tree with its help texts.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from peel_fed.blocks import BudgetError
+from peel_fed.blocks import BudgetError, parse_budget
 from peel_fed.clustering import GroupingError
 from peel_fed.data import DataError
 from peel_fed.lightgcn import LightGCNConfig
 from peel_fed.peel import PEELConfig
 from peel_fed.pipeline import DEFAULT_BUDGETS, PipelineConfig
+from sim import study
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -25,11 +32,38 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
-def _str_list(text: str) -> tuple[str, ...]:
-    values = tuple(v.strip() for v in text.split(",") if v.strip())
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one value")
-    return values
+def split_budget_list(text: str) -> list[str]:
+    """``"10%, 2MB,"`` -> ``["10%", "2MB"]``: the entries of a comma-separated budget list, each
+    as written (parsed later, against the table they budget).
+
+    Raises
+    ------
+    BudgetError
+        If the list has no entry.
+    """
+    budgets = [b.strip() for b in text.split(",") if b.strip()]
+    if not budgets:
+        raise BudgetError("give at least one budget")
+    return budgets
+
+
+def _budget_list(text: str) -> tuple[str, ...]:
+    """An argparse type: a budget list, unchecked (a run checks it against its table)."""
+    try:
+        return tuple(split_budget_list(text))
+    except BudgetError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _checked_budget_list(text: str) -> tuple[str, ...]:
+    """An argparse type: a budget list whose every budget parses (as a share of a 1 GB table)."""
+    budgets = _budget_list(text)
+    for b in budgets:
+        try:
+            parse_budget(b, 10**9)
+        except BudgetError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return budgets
 
 
 def _add_centralized(sub) -> None:
@@ -79,7 +113,7 @@ def _add_centralized(sub) -> None:
     )
     p.add_argument(
         "--budgets",
-        type=_str_list,
+        type=_budget_list,
         default=DEFAULT_BUDGETS,
         help="comma-separated budgets: fractions (0.1), percentages (10%%) or sizes (512KB, 2MB)",
     )
@@ -142,7 +176,7 @@ def _add_deploy(sub) -> None:
     )
     local.add_argument(
         "--node-budgets",
-        type=_str_list,
+        type=_budget_list,
         default=None,
         help="each SuperNode's budget-bytes, cycled over the nodes, e.g. 10%%,25%%,50%%,100%% "
         "(each must be one of the run config's device-budgets; default: every user draws one)",
@@ -173,6 +207,43 @@ def _add_deploy(sub) -> None:
     certs.add_argument("--days", type=int, default=30, help="validity in days (default 30)")
 
 
+def _add_study(sub) -> None:
+    p = sub.add_parser(
+        "study",
+        help="every method at equal bytes, resumable, with a report (sim/study/)",
+        description=study.__doc__.split("\n\n")[0],
+    )
+    p.add_argument("--dataset", default="gowalla")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--out",
+        default=None,
+        help="default docs/results/<dataset>, and docs/results/<dataset>/seed-<n> for a seed "
+        "other than 0 (so another seed never replaces seed 0's saved steps)",
+    )
+    p.add_argument("--cache-dir", default="runs/cache")
+    p.add_argument(
+        "--budgets",
+        type=_checked_budget_list,
+        default=",".join(study.STUDY_BUDGETS),
+        help="comma-separated device budgets: fractions of the full item table (25%%, 0.25) "
+        "or sizes (512KB, 2MB, 1.5MiB); default %(default)s",
+    )
+    p.add_argument(
+        "--cold-start-fraction",
+        type=float,
+        default=study.StudyConfig.cold_start_fraction,
+        help="share of users held out of all training for the cold-start step (default "
+        "%(default)s)",
+    )
+    p.add_argument(
+        "--steps", default=None, help=f"comma-separated subset of {', '.join(study.STEPS)}"
+    )
+    p.add_argument("--quick", action="store_true", help="tiny trainings: a smoke run")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def parse_run_config(text: str) -> dict:
     """``"key=value other='text'"`` -> dict, values parsed as TOML (as ``flwr run`` does)."""
     import shlex
@@ -194,8 +265,6 @@ def parse_run_config(text: str) -> dict:
 def _fed_config(args, num_nodes: int):
     """The run's FedConfig: defaults, then ``--run-config``, then the dedicated flags; min-nodes
     is capped at the number of nodes started."""
-    from pathlib import Path
-
     from peel_fed.fedconfig import FedConfig
 
     overrides = parse_run_config(args.run_config)
@@ -265,22 +334,30 @@ def _deploy(args) -> None:
     print(f"[peel-fed] deployed run: {result.wall_seconds:.0f} s wall; results in {result.out_dir}")
 
 
+def _study(args) -> None:
+    name = Path(args.data_dir).name if args.data_dir else args.dataset
+    cfg = study.StudyConfig(
+        dataset=args.dataset,
+        data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None,
+        seed=args.seed,
+        budgets=args.budgets,
+        cold_start_fraction=args.cold_start_fraction,
+        out_dir=args.out or f"docs/results/{name}" + (f"/seed-{args.seed}" if args.seed else ""),
+        cache_dir=args.cache_dir,
+        quick=args.quick,
+        progress=not args.no_progress,
+    )
+    study.run_study(cfg, args.steps.split(",") if args.steps else None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="peel-fed", description=__doc__)
+    parser = argparse.ArgumentParser(prog="peel-fed", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_centralized(sub)
     _add_simulate(sub)
     _add_deploy(sub)
-    sub.add_parser(
-        "study",
-        help="every method at equal bytes, resumable, with a report (sim/study.py)",
-        add_help=False,
-    )
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["study"]:  # its own parser (sim/study.py) reads the rest
-        args = argparse.Namespace(command="study", study_args=argv[1:])
-    else:
-        args = parser.parse_args(argv)
+    _add_study(sub)
+    args = parser.parse_args(argv)
     try:
         if args.command == "centralized":
             from peel_fed.pipeline import run_centralized
@@ -319,9 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "deploy":
             _deploy(args)
         elif args.command == "study":
-            from sim.study import main as study_main
-
-            study_main(args.study_args, prog="peel-fed study")
+            _study(args)
     except (DataError, BudgetError, GroupingError, ValueError, FileNotFoundError) as exc:
         print(f"peel-fed: error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,249 @@
+"""The study's report: ``results.json`` content and ``study.md``, built from the saved steps.
+
+Nothing here runs a step; the plots are in ``sim.study.plots``.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import asdict
+
+from sim.study.steps import STEPS, StudyConfig
+from strategies.report import drill_lines
+
+
+def build_report(cfg: StudyConfig, done: dict[str, dict]) -> dict:
+    rows = [r for step in done.values() for r in step["result"]["rows"]]
+    ablation_rows = [r for step in done.values() for r in step["result"].get("ablation_rows", [])]
+    if ablation_rows:  # the reference: PEEL G_u = 4, centralized, as the method is
+        reference = [r for r in rows if r["method"] == "PEEL (G_u=4) (centralized)"]
+        ablation_rows = reference + ablation_rows
+    central = done.get("centralized", {}).get("result", {})
+    cold = done.get("cold-start", {}).get("result", {})
+    return {
+        "ablation_rows": ablation_rows,
+        "cold_start_rows": cold.get("cold_start_rows", []),
+        "cold_start": cold.get("cold_start"),
+        "trace": dynamic_trace(done),
+        "config": {k: v for k, v in asdict(cfg).items() if k != "progress"},
+        "dataset": central.get("dataset"),
+        "layout": central.get("layout"),
+        "rows": rows,
+        "drill": done.get("federated", {}).get("result", {}).get("drill", []),
+        "step_seconds": {name: step["seconds"] for name, step in done.items()},
+        "machine": f"{platform.machine()}, Python {platform.python_version()}",
+    }
+
+
+def dynamic_trace(done: dict[str, dict]) -> list[dict]:
+    """A device at the largest budget whose budget drops to each smaller one: Recall@20 and
+    NDCG@20 after each drop, per method, with what each drop asks of the server."""
+
+    def result(step: str) -> dict:
+        return done.get(step, {}).get("result", {})
+
+    trace = []
+    fed_rows, drill = result("federated").get("rows", []), result("federated").get("drill", [])
+    if fed_rows and drill:
+        top = max(fed_rows, key=lambda r: r["budget_bytes"])
+        own = next(  # the own-budget class of the largest budget, matched by bytes
+            (
+                d["own_budget"]
+                for d in drill
+                if d["fraction_of_own"] == 1.0 and d["budget_bytes"] == top["budget_bytes"]
+            ),
+            None,
+        )
+        for d in drill:
+            if d["own_budget"] == own and d["users"]:
+                trace.append(
+                    {
+                        "method": f"{top['method']}: cut on the device",
+                        "budget_fraction": top["budget_fraction"] * d["fraction_of_own"],
+                        "recall@20": d["recall@20"],
+                        "ndcg@20": d["ndcg@20"],
+                        "contact": "none: it drops its lowest-priority units",
+                        "devices": d["users"],
+                    }
+                )
+    for r in result("centralized").get("rows", []):
+        if r["method"] == "PEEL (G_u=4) (centralized)":
+            trace.append(
+                {
+                    **_metrics(r),
+                    "method": "PEEL (G_u=4, centralized): cut on the device",
+                    "contact": "none: it drops its lowest-priority units",
+                }
+            )
+    for r in result("pruning").get("trace", []):
+        trace.append(
+            {
+                **_metrics(r),
+                "method": "magnitude pruning: cut on the device",
+                "contact": "none: it zeroes its smallest kept values",
+            }
+        )
+    for r in result("lightgcn-per-budget").get("rows", []):
+        trace.append(
+            {
+                **_metrics(r),
+                "method": "LightGCN retrained per budget",
+                "contact": "downloads a new table, trained for the new budget",
+                "download_bytes": r["used_bytes"],
+                "train_seconds": r["train_seconds"],
+            }
+        )
+    return trace
+
+
+def _metrics(r: dict) -> dict:
+    return {k: r[k] for k in ("budget_fraction", "recall@20", "ndcg@20")}
+
+
+def trace_lines(trace: list[dict]) -> list[str]:
+    """The trace as markdown: one row per method, a column per budget after the drop."""
+    fracs = sorted({round(t["budget_fraction"], 4) for t in trace}, reverse=True)
+    lines = [
+        "| method | " + " | ".join(f"{100 * f:g}%" for f in fracs) + " | server contact per drop |",
+        "|---|" + "---|" * (len(fracs) + 1),
+    ]
+    for m in dict.fromkeys(t["method"] for t in trace):
+        mine = {round(t["budget_fraction"], 4): t for t in trace if t["method"] == m}
+        cells = [
+            f"{mine[f]['recall@20']:.4f} / {mine[f]['ndcg@20']:.4f}" if f in mine else "-"
+            for f in fracs
+        ]
+        contact = next(iter(mine.values()))["contact"]
+        down = [t["download_bytes"] for t in mine.values() if "download_bytes" in t]
+        if down:
+            secs = [t["train_seconds"] for t in mine.values()]
+            contact += (
+                f" ({_size(min(down))} to {_size(max(down))}; one training per budget, "
+                f"{min(secs):.0f}-{max(secs):.0f} s each)"
+            )
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {contact} |")
+    return lines
+
+
+def report_markdown(report: dict) -> str:
+    rows = report["rows"]
+    every = rows + report.get("cold_start_rows", []) + report.get("ablation_rows", [])
+    budgets = sorted({(r["budget_fraction"], r["budget"]) for r in every})
+    ds = report.get("dataset") or {}
+    cfg = report["config"]
+    lines = [
+        f"# The study on {ds.get('name', cfg['dataset'])}: Recall@20 / NDCG@20 at equal bytes",
+        "",
+        "Every method keeps at most the budget's bytes of item embeddings on the device "
+        "(a fraction of the full float32 item table; the header gives the bytes too). Magnitude "
+        "pruning counts its sparse storage; the retrained LightGCN is one model per budget, at "
+        "the largest dimension that fits.",
+        "",
+        *_metric_table(rows, budgets, "method"),
+    ]
+    if report.get("drill"):
+        lines += [
+            "",
+            "## Heterogeneous budgets (federated PEEL)",
+            "",
+            "Each device draws its own budget from the study's budgets (by a hash of its id) and "
+            "is served its group's units that fit it; Recall@20 per own-budget class (fraction "
+            "kept 1), then after each cut of that budget on the device (the drill, no server "
+            "contact). '-' with 0 devices: a cut below one unit, where nothing fits.",
+            "",
+            *drill_lines(report["drill"]),
+        ]
+    if report.get("trace"):
+        lines += [
+            "",
+            "## Dynamic budgets against retraining",
+            "",
+            "A device holding the largest budget's embeddings sees its budget drop to each "
+            "smaller one in turn. Recall@20 / NDCG@20 after each drop. PEEL and magnitude "
+            "pruning cut what the device holds (federated PEEL: measured on the devices of the "
+            "largest own-budget class; centralized PEEL: a cut keeps the same units as being "
+            "served the smaller budget, as `tests/test_store.py` checks; magnitude pruning: each "
+            "cut prunes the previous cut's table). The retrained LightGCN cannot shrink: each "
+            "drop needs a new model from the server.",
+            "",
+            *trace_lines(report["trace"]),
+        ]
+    if report.get("cold_start_rows"):
+        info = report["cold_start"]
+        per_group = "; ".join(f"{k}: {v}" for k, v in info["cold_users_per_group"].items())
+        lines += [
+            "",
+            "## Cold-start users",
+            "",
+            f"{info['held_users']:,} users ({info['held_fraction']:.0%}, drawn by the seed among "
+            "users with training and test items) are held out of pretraining, grouping and PEE "
+            f"learning; the model is trained on the other {info['warm_users']:,}. Each held-out "
+            "device builds its vector from its own training items (one LightGCN propagation step "
+            "over the pretrained item table), joins the nearest group centroid and ranks with "
+            "that group's units within the budget. Warm users are the same run's trained users. "
+            f"Cold-start users per group: {per_group}.",
+            "",
+            *_metric_table(report["cold_start_rows"], budgets, "method, users"),
+        ]
+    if report.get("ablation_rows"):
+        lines += [
+            "",
+            "## Ablations (centralized PEEL, Recall@20 / NDCG@20)",
+            "",
+            *_metric_table(report["ablation_rows"], budgets, "variant"),
+        ]
+    secs = report["step_seconds"]
+    default = StudyConfig()
+    lines += [
+        "",
+        "Step wall times: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in secs.items())
+        + f"; seed {cfg['seed']}; {report['machine']}.",
+        "",
+        "Command: `peel-fed study"
+        + (
+            f" --data-dir {cfg['data_dir']}"
+            if cfg.get("data_dir")
+            else f" --dataset {cfg['dataset']}"
+        )
+        + f" --seed {cfg['seed']}"
+        + (
+            f" --budgets {','.join(cfg['budgets'])}"
+            if tuple(cfg["budgets"]) != default.budgets
+            else ""
+        )
+        + (
+            f" --cold-start-fraction {cfg['cold_start_fraction']:g}"
+            if cfg.get("cold_start_fraction", default.cold_start_fraction)
+            != default.cold_start_fraction
+            else ""
+        )
+        + (f" --steps {','.join(secs)}" if set(secs) != set(STEPS) else "")
+        + (" --quick" if cfg.get("quick") else "")
+        + "`",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _size(n_bytes: float) -> str:
+    return f"{n_bytes / 1e6:.3g} MB" if n_bytes >= 1e6 else f"{n_bytes / 1e3:.3g} KB"
+
+
+def _metric_table(rows: list[dict], budgets: list[tuple], first: str) -> list[str]:
+    """Markdown rows: one line per method, Recall@20 / NDCG@20 per budget ('-' if not run)."""
+    size = {r["budget_fraction"]: r["budget_bytes"] for r in rows}
+    lines = [
+        f"| {first} | "
+        + " | ".join(
+            f"{label} ({_size(size[frac])})" if frac in size else label for frac, label in budgets
+        )
+        + " |",
+        "|---|" + "---|" * len(budgets),
+    ]
+    for m in dict.fromkeys(r["method"] for r in rows):
+        cells = []
+        for frac, _ in budgets:
+            r = next((x for x in rows if x["method"] == m and x["budget_fraction"] == frac), None)
+            cells.append(f"{r['recall@20']:.4f} / {r['ndcg@20']:.4f}" if r else "-")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines

@@ -1,0 +1,68 @@
+"""Run (or resume) the study: reuse each step whose saved key matches, run the others, and
+rebuild the report from the saved steps."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from peel_fed.atomic import write_json_atomic, write_text_atomic
+from sim.study.plots import plot_dynamic_budgets, plot_metric_vs_bytes
+from sim.study.report import build_report, report_markdown
+from sim.study.steps import STEPS, StudyConfig, study_log
+
+
+def step_path(cfg: StudyConfig, name: str) -> Path:
+    """Where step ``name``'s result is saved: ``<out>/steps/<name>.json``."""
+    return Path(cfg.out_dir) / "steps" / f"{name}.json"
+
+
+def saved_step(cfg: StudyConfig, name: str) -> dict | None:
+    """Step ``name``'s saved ``{"key", "seconds", "result"}`` if its key matches ``cfg``'s
+    inputs, else ``None`` (not saved, or saved for other inputs)."""
+    path = step_path(cfg, name)
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if saved.get("key") == cfg.key(name):
+        study_log(f"{name}: done earlier ({saved['seconds']:.0f} s), reusing {path}")
+        return saved
+    study_log(f"{name}: inputs changed since {path} was written; running it again")
+    return None
+
+
+def run_step(cfg: StudyConfig, name: str) -> dict:
+    """Run step ``name`` and save its result atomically with its key and wall time."""
+    study_log(f"{name}: running")
+    t0 = time.perf_counter()
+    result = STEPS[name](cfg)
+    saved = {"key": cfg.key(name), "seconds": time.perf_counter() - t0, "result": result}
+    write_json_atomic(step_path(cfg, name), saved)
+    study_log(f"{name}: done in {saved['seconds']:.0f} s")
+    return saved
+
+
+def write_report(cfg: StudyConfig, done: dict[str, dict]) -> dict:
+    """Write ``results.json``, ``study.md`` and the plots under ``cfg.out_dir`` from the saved
+    steps ``done`` (name -> saved step, in run order); returns the report."""
+    out = Path(cfg.out_dir)
+    report = json.loads(json.dumps(build_report(cfg, done)))  # as results.json holds it
+    write_json_atomic(out / "results.json", report)
+    write_text_atomic(out / "study.md", report_markdown(report))
+    plot_metric_vs_bytes(report, "recall@20", out / "recall_vs_bytes.png")
+    plot_metric_vs_bytes(report, "ndcg@20", out / "ndcg_vs_bytes.png")
+    if report.get("drill") or report.get("trace"):
+        plot_dynamic_budgets(report, out / "dynamic_budget.png")
+    study_log(f"report: {out / 'study.md'}")
+    return report
+
+
+def run_study(cfg: StudyConfig, steps: list[str] | None = None) -> dict:
+    """Run (or resume) the study's steps and rebuild the report; returns the report."""
+    done: dict[str, dict] = {}
+    for name in steps or list(STEPS):
+        if name not in STEPS:
+            raise ValueError(f"unknown study step {name!r}: steps are {', '.join(STEPS)}")
+        done[name] = saved_step(cfg, name) or run_step(cfg, name)
+    return write_report(cfg, done)
