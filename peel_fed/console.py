@@ -7,9 +7,9 @@ import time
 from typing import IO
 
 
-def log(msg: str) -> None:
-    """Print ``[peel-fed] msg``, flushed so that it interleaves with Flower's and Ray's logs."""
-    print(f"[peel-fed] {msg}", flush=True)
+def log(msg: str, source: str = "peel-fed") -> None:
+    """Print ``[source] msg``, flushed so that it interleaves with Flower's and Ray's logs."""
+    print(f"[{source}] {msg}", flush=True)
 
 
 class LineProgress:

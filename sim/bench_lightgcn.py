@@ -18,9 +18,10 @@ import time
 import torch
 
 from peel_fed.atomic import write_json_atomic
-from peel_fed.data import load_dataset
 from peel_fed.lightgcn import EpochLog, LightGCN, LightGCNConfig, train_lightgcn
-from peel_fed.metrics import dot_score_fn, evaluate_ranking
+from peel_fed.loading import load_dataset
+from peel_fed.metrics import evaluate_ranking
+from peel_fed.scoring import dot_score_fn
 
 
 class _Stop(Exception):

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from peel_fed.blocks import BudgetError, parse_budget
+from peel_fed.blocks import BudgetError, parse_budget, split_budget_list
 from peel_fed.clustering import GroupingError
 from peel_fed.data import DataError
 from peel_fed.lightgcn import LightGCNConfig
@@ -30,21 +30,6 @@ def _int_list(text: str) -> tuple[int, ...]:
     if not values:
         raise argparse.ArgumentTypeError("expected at least one integer")
     return values
-
-
-def split_budget_list(text: str) -> list[str]:
-    """``"10%, 2MB,"`` -> ``["10%", "2MB"]``: the entries of a comma-separated budget list, each
-    as written (parsed later, against the table they budget).
-
-    Raises
-    ------
-    BudgetError
-        If the list has no entry.
-    """
-    budgets = [b.strip() for b in text.split(",") if b.strip()]
-    if not budgets:
-        raise BudgetError("give at least one budget")
-    return budgets
 
 
 def _budget_list(text: str) -> tuple[str, ...]:

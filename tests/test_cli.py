@@ -117,7 +117,7 @@ def test_line_progress_prints_whole_lines_when_output_is_not_a_terminal(monkeypa
     import io
     import sys
 
-    from peel_fed.lightgcn import LineProgress, progress_bar
+    from peel_fed.console import LineProgress, progress_bar
 
     out = io.StringIO()
     bar = LineProgress(3, "rounds", every_s=3600, file=out)
@@ -144,8 +144,7 @@ def test_line_progress_prints_whole_lines_when_output_is_not_a_terminal(monkeypa
 
 
 def test_budget_lists_are_split_one_way():
-    from peel_fed.blocks import BudgetError
-    from sim.cli import split_budget_list
+    from peel_fed.blocks import BudgetError, split_budget_list
 
     assert split_budget_list(" 10%, 2MB,,0.5 ") == ["10%", "2MB", "0.5"]
     for empty in ("", " , ,"):

@@ -9,8 +9,8 @@ import uuid
 import numpy as np
 import pytest
 
-from peel_fed.data import load_dataset
 from peel_fed.fedconfig import ConfigError, FedConfig
+from peel_fed.loading import load_dataset
 from peel_fed.partition import partition_users, user_rng
 
 

@@ -8,9 +8,10 @@ import time
 from pathlib import Path
 
 from peel_fed.atomic import write_json_atomic, write_text_atomic
+from peel_fed.console import log
 from sim.study.plots import plot_dynamic_budgets, plot_metric_vs_bytes
 from sim.study.report import build_report, report_markdown
-from sim.study.steps import STEPS, StudyConfig, study_log
+from sim.study.steps import STEPS, StudyConfig
 
 
 def step_path(cfg: StudyConfig, name: str) -> Path:
@@ -26,20 +27,20 @@ def saved_step(cfg: StudyConfig, name: str) -> dict | None:
         return None
     saved = json.loads(path.read_text())
     if saved.get("key") == cfg.key(name):
-        study_log(f"{name}: done earlier ({saved['seconds']:.0f} s), reusing {path}")
+        log(f"{name}: done earlier ({saved['seconds']:.0f} s), reusing {path}", source="study")
         return saved
-    study_log(f"{name}: inputs changed since {path} was written; running it again")
+    log(f"{name}: inputs changed since {path} was written; running it again", source="study")
     return None
 
 
 def run_step(cfg: StudyConfig, name: str) -> dict:
     """Run step ``name`` and save its result atomically with its key and wall time."""
-    study_log(f"{name}: running")
+    log(f"{name}: running", source="study")
     t0 = time.perf_counter()
     result = STEPS[name](cfg)
     saved = {"key": cfg.key(name), "seconds": time.perf_counter() - t0, "result": result}
     write_json_atomic(step_path(cfg, name), saved)
-    study_log(f"{name}: done in {saved['seconds']:.0f} s")
+    log(f"{name}: done in {saved['seconds']:.0f} s", source="study")
     return saved
 
 
@@ -54,7 +55,7 @@ def write_report(cfg: StudyConfig, done: dict[str, dict]) -> dict:
     plot_metric_vs_bytes(report, "ndcg@20", out / "ndcg_vs_bytes.png")
     if report.get("drill") or report.get("trace"):
         plot_dynamic_budgets(report, out / "dynamic_budget.png")
-    study_log(f"report: {out / 'study.md'}")
+    log(f"report: {out / 'study.md'}", source="study")
     return report
 
 

@@ -13,6 +13,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from peel_fed.blocks import FLOAT32_BYTES
+from peel_fed.console import log
+
 STUDY_BUDGETS = ("5%", "10%", "25%", "50%", "100%")
 
 
@@ -52,11 +55,6 @@ class StudyConfig:
 STEP_ONLY_FIELDS: dict[str, tuple[str, ...]] = {"cold_start_fraction": ("cold-start",)}
 # Bump a step's version when its code changes what it saves, so saved results are redone.
 STEP_VERSIONS: dict[str, int] = {"pruning": 2, "federated": 2}
-
-
-def study_log(msg: str) -> None:
-    """One progress line of the study."""
-    print(f"[study] {msg}", flush=True)
 
 
 def _work(cfg: StudyConfig) -> Path:
@@ -121,7 +119,8 @@ def step_centralized(cfg: StudyConfig) -> dict:
 
 
 def _data_and_pretrained(cfg: StudyConfig, pcfg=None):
-    from peel_fed.data import load_dataset, split_validation
+    from peel_fed.data import split_validation
+    from peel_fed.loading import load_dataset
     from peel_fed.pipeline import pretrain
 
     pcfg = pcfg or _pipeline_config(cfg)
@@ -138,10 +137,11 @@ def _budget_bytes(cfg: StudyConfig, full_table_bytes: int) -> list[tuple[str, in
 
 def step_pruning(cfg: StudyConfig) -> dict:
     from peel_fed.baselines import magnitude_prune
-    from peel_fed.metrics import dot_score_fn, evaluate_ranking
+    from peel_fed.metrics import evaluate_ranking
+    from peel_fed.scoring import dot_score_fn
 
     ds, _, pre = _data_and_pretrained(cfg)
-    full = pre.item_emb.size * 4
+    full = pre.item_emb.size * FLOAT32_BYTES
 
     def prune(table, label: str, budget: int):
         pruned, cap = magnitude_prune(table, budget)
@@ -162,9 +162,10 @@ def step_pruning(cfg: StudyConfig) -> dict:
     for label, budget in _budget_bytes(cfg, full):
         rows.append(prune(pre.item_emb, label, budget)[1])
         r = rows[-1]
-        study_log(
+        log(
             f"magnitude pruning {label}: {r['kept_values']:,} values ({r['storage']}), "
-            f"Recall@20 {r['recall@20']:.4f}"
+            f"Recall@20 {r['recall@20']:.4f}",
+            source="study",
         )
     # the dynamic-budget trace: the device holds the largest budget's table and prunes what it
     # holds at each drop (no server contact); nested, so each cut keeps a subset of the last
@@ -179,12 +180,13 @@ def step_lightgcn_per_budget(cfg: StudyConfig) -> dict:
     """One LightGCN per budget at the largest dimension whose item table fits it (no blocks and
     no diversity regulariser: a plain, non-elastic model)."""
     from peel_fed.baselines import affordable_dim
-    from peel_fed.data import load_dataset
-    from peel_fed.metrics import dot_score_fn, evaluate_ranking
+    from peel_fed.loading import load_dataset
+    from peel_fed.metrics import evaluate_ranking
+    from peel_fed.scoring import dot_score_fn
 
     base = _pipeline_config(cfg)
     ds = load_dataset(cfg.dataset, cfg.data_dir)
-    full = ds.n_items * base.lightgcn.dim * 4
+    full = ds.n_items * base.lightgcn.dim * FLOAT32_BYTES
     rows = []
     for label, budget in _budget_bytes(cfg, full):
         dim = affordable_dim(budget, ds.n_items, base.lightgcn.dim)
@@ -205,19 +207,22 @@ def step_lightgcn_per_budget(cfg: StudyConfig) -> dict:
                 "budget_fraction": budget / full,
                 "recall@20": m["recall@20"],
                 "ndcg@20": m["ndcg@20"],
-                "used_bytes": ds.n_items * dim * 4,
+                "used_bytes": ds.n_items * dim * FLOAT32_BYTES,
                 "dim": dim,
                 "train_seconds": pre.seconds,
             }
         )
-        study_log(f"retrained LightGCN d={dim} for {label}: Recall@20 {m['recall@20']:.4f}")
+        log(
+            f"retrained LightGCN d={dim} for {label}: Recall@20 {m['recall@20']:.4f}",
+            source="study",
+        )
     return {"rows": rows}
 
 
 def step_federated(cfg: StudyConfig) -> dict:
     from peel_fed.blocks import parse_budget
-    from peel_fed.data import load_dataset
     from peel_fed.fedconfig import FedConfig
+    from peel_fed.loading import load_dataset
     from sim.simulate import run_federated_simulation
 
     budgets = ",".join(cfg.budgets)
@@ -250,7 +255,7 @@ def step_federated(cfg: StudyConfig) -> dict:
     fcfg = FedConfig.from_run_config({**FedConfig().to_run_config(), **values})
     if "drill" not in cfg.fed_overrides:
         # the drill: a device at the largest budget cuts to every smaller one (the trace)
-        full = load_dataset(cfg.dataset, cfg.data_dir).n_items * fcfg.dim * 4
+        full = load_dataset(cfg.dataset, cfg.data_dir).n_items * fcfg.dim * FLOAT32_BYTES
         sizes = sorted((parse_budget(b, full) for b in cfg.budgets), reverse=True)
         values["drill"] = ",".join(repr(b / sizes[0]) for b in sizes[1:]) or "1"
         fcfg = FedConfig.from_run_config({**FedConfig().to_run_config(), **values})
