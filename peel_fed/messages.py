@@ -18,6 +18,9 @@ Where a core dataclass is the payload (``DeviceUpdate``, ``PEEUpload``, ``EvalSp
 encoded and decoded as is. Those live in modules that import torch; they are imported inside the
 functions that need them, so that the device's secure-aggregation and grouping messages (a fresh
 process per message in deployment) do not pay for torch.
+
+This module is longer than the project's ~400 lines on purpose: it is the whole protocol, one
+section per phase, and reads best in one place (each encode next to its decode).
 """
 
 from __future__ import annotations
