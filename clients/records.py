@@ -29,9 +29,12 @@ def to_record_dict(content: Content) -> RecordDict:
     return RecordDict(records)
 
 
-def from_record_dict(records: RecordDict) -> Content:
+def from_record_dict(records: RecordDict, with_arrays: bool = True) -> Content:
+    """The plain contents of ``records``; ``with_arrays=False`` leaves the arrays packed (for a
+    look at the metrics of a large upload)."""
+    arrays = records.array_records.items() if with_arrays else ()
     return Content(
-        arrays={name: from_array_record(r) for name, r in records.array_records.items()},
+        arrays={name: from_array_record(r) for name, r in arrays},
         configs={name: dict(r) for name, r in records.config_records.items()},
         metrics={name: dict(r) for name, r in records.metric_records.items()},
     )

@@ -41,4 +41,7 @@ def node_sample(nodes: list[int], fraction: float, rng: np.random.Generator) -> 
 def upload_users(replies: dict[int, RecordDict]) -> dict[int, tuple[int, int]]:
     """Per node of a clear training round: taking-part users and the bytes they would upload
     alone (for the bytes log)."""
-    return {node: decode_upload_users(from_record_dict(c)) for node, c in replies.items()}
+    return {
+        node: decode_upload_users(from_record_dict(c, with_arrays=False))
+        for node, c in replies.items()
+    }

@@ -150,6 +150,8 @@ def test_device_update_round_trip_and_bytes():
     # arrays: npy header + data + key, for rows, grad, row-devices, contrib-rows, contrib-delta
     arrays = (16 + 4) + (32 + 4) + (16 + 11) + (8 + 12) + (32 + 13) + 5 * NPY_HEADER
     assert record_bytes(records) == arrays + (5 + 8) + (8 + 8) + (10 + 8)
+    metrics_only = from_record_dict(records, with_arrays=False)
+    assert metrics_only.arrays == {} and metrics_only.metrics["metrics"]["solo-bytes"] == 99
     back = decode_device_update(from_record_dict(records))
     assert back.rows.tolist() == [0, 2] and back.row_devices.tolist() == [1, 2]
     assert torch.equal(back.grad, update.grad) and torch.equal(
