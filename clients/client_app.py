@@ -5,33 +5,59 @@ config). Each hosted user acts as if alone; the node only batches their work. Th
 comes from the server's message (dataset name, data folder, seed); a ``data-dir`` in the node
 config (deployment: each SuperNode's own data) takes precedence, and so does its ``budget-bytes``
 (the phone's memory budget; simulation draws one per user from ``device-budgets``). Device state
-(user vectors,
-their optimiser moments, group, PEE user vectors) lives in ``context.state`` between messages.
+(user vectors, their optimiser moments, group, PEE user vectors) lives in ``context.state``
+between messages (:mod:`clients.state`).
+
+Every handler decodes its message (:mod:`peel_fed.messages`), calls the core, and encodes the
+reply; secure-aggregation uploads go up masked (:func:`masked_reply`).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
-from functools import cached_property
 from typing import TYPE_CHECKING
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from peel_fed.blocks import BlockLayout
+from clients import state
+from clients.records import from_record_dict, to_record_dict
 from peel_fed.clustering import UserGroups, kmeans_partial_sums
-from peel_fed.data import Dataset, Interactions, TrainValSplit, load_dataset, split_validation
-from peel_fed.partition import partition_users
+from peel_fed.messages import (
+    Content,
+    decode_centroids,
+    decode_data,
+    decode_dropped,
+    decode_evaluate_down,
+    decode_pee_down,
+    decode_pee_rows_down,
+    decode_pee_uploads,
+    decode_peer_keys,
+    decode_pretrain_down,
+    decode_rows_down,
+    encode_contribution,
+    encode_device_update,
+    encode_final_reply,
+    encode_group_counts,
+    encode_kmeans_sums,
+    encode_masked,
+    encode_pee_reply,
+    encode_pee_row_counts,
+    encode_pee_rows,
+    encode_pee_uploads,
+    encode_pretrain_row_counts,
+    encode_pretrain_rows,
+    encode_public_key,
+    encode_revealed,
+    encode_stats,
+)
 from peel_fed.secagg import SecAggClient
 
 if TYPE_CHECKING:
     from peel_fed.fedlightgcn import PretrainDevices
-    from peel_fed.lightgcn import NegativeSampler
 
 # Deployment starts a fresh process for every message, so imports are paid per message: torch
 # (about 1.5 s here) is imported only by the handlers that train or rank (``_torch``), not by
@@ -46,369 +72,237 @@ def _torch():
     return torch
 
 
-@dataclass
-class NodeData:
-    ds: Dataset
-    users: np.ndarray
-    split: TrainValSplit
-
-    @cached_property
-    def fit_sampler(self) -> NegativeSampler:
-        from peel_fed.lightgcn import NegativeSampler
-
-        return NegativeSampler(self.split.fit, self.ds.n_items)
+def _reply(msg: Message, content: Content) -> Message:
+    return Message(to_record_dict(content), reply_to=msg)
 
 
-_DATA_CACHE: dict[tuple, NodeData] = {}
-
-
-def _node_data(msg: Message, context: Context) -> NodeData:
-    """The dataset, its fit/validation split and the ids of the users this node hosts.
-
-    Cached per process as a speed-up only: deployment starts a fresh process per message.
-    """
-    spec = msg.content.config_records["data"]
-    name = str(spec["dataset"])
-    data_dir = str(context.node_config.get("data-dir", "") or spec.get("data-dir", ""))
-    seed = int(spec.get("seed", 0))
-    val_fraction = float(spec.get("val-fraction", 0.1))
-    pid = int(context.node_config.get("partition-id", 0))
-    num = int(context.node_config.get("num-partitions", 1))
-    key = (name, data_dir, seed, val_fraction, pid, num)
-    if key not in _DATA_CACHE:
-        _DATA_CACHE.clear()
-        ds = load_dataset(name, data_dir or None)
-        split = split_validation(ds.train, ds.n_users, val_fraction, seed=seed)
-        _DATA_CACHE[key] = NodeData(ds, partition_users(ds.n_users, num, pid), split)
-    return _DATA_CACHE[key]
-
-
-def _items_of(edges: Interactions, n_users: int, users: np.ndarray) -> np.ndarray:
-    bounds = edges.user_bounds(n_users)
-    if not users.size:
-        return np.zeros(0, dtype=np.int64)
-    return edges.items[bounds[users[0]] : bounds[users[-1] + 1]]
-
-
-def _reply(msg: Message, **records) -> Message:
-    return Message(RecordDict(records), reply_to=msg)
-
-
-def _arrays(rec: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in rec.items()}
-
-
-def _to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
-
-
-# --- hosts and secure aggregation ---------------------------------------------------------------
-def hosts(msg: Message, context: Context) -> Message:
-    """How many users this node hosts (the server cannot read node configs)."""
-    node = _node_data(msg, context)
-    return _reply(msg, hosts=MetricRecord({"users": int(node.users.size)}))
-
-
-def _secagg_client(context: Context) -> SecAggClient:
-    """This node's secure-aggregation identity, kept in ``context.state`` between messages."""
-    rec = context.state.config_records.get("secagg")
-    if rec is None:
-        raise RuntimeError("secure aggregation used before query.keys")
-    key = X25519PrivateKey.from_private_bytes(bytes(rec["private-key"]))
-    return SecAggClient(context.node_id, private_key=key)
-
-
-def _peer_keys(rec: ConfigRecord) -> dict[int, bytes]:
-    return {int(k[3:]): bytes(v) for k, v in rec.items() if k.startswith("pk-")}
-
-
-def _masked_reply(msg: Message, context: Context, vector: np.ndarray) -> Message:
-    rec = msg.content.config_records["secagg"]
-    masked = _secagg_client(context).masked(
-        np.asarray(vector, dtype=np.float64), _peer_keys(rec), bytes(rec["round-tag"])
+def masked_reply(msg: Message, context: Context, content: Content, vector: np.ndarray) -> Message:
+    """``vector`` masked with this node's pairwise masks for the cohort named in ``content``
+    (the decoded contents of ``msg``)."""
+    peer_keys, round_tag = decode_peer_keys(content)
+    masked = state.secagg_client(context).masked(
+        np.asarray(vector, dtype=np.float64), peer_keys, round_tag
     )
-    return _reply(msg, secagg=ArrayRecord({"masked": Array(masked)}))
+    return _reply(msg, encode_masked(masked))
 
 
+# --- secure aggregation -------------------------------------------------------------------------
 def keys(msg: Message, context: Context) -> Message:
     """Start a secure-aggregation session: a fresh X25519 key pair; the public half goes up."""
-    private = X25519PrivateKey.generate()
-    context.state["secagg"] = ConfigRecord({"private-key": private.private_bytes_raw()})
+    private = state.new_secagg_key(context)
     public = SecAggClient(context.node_id, private_key=private).public_key()
-    return _reply(msg, secagg=ConfigRecord({"public-key": public}))
+    return _reply(msg, encode_public_key(public))
 
 
 def reveal(msg: Message, context: Context) -> Message:
     """Round keys shared with peers that dropped out, so the server can remove their masks."""
-    rec = msg.content.config_records["secagg"]
-    dropped = [int(d) for d in rec["dropped"]]
-    revealed = _secagg_client(context).reveal_pair_seeds(
-        dropped, _peer_keys(rec), bytes(rec["round-tag"])
+    content = from_record_dict(msg.content)
+    peer_keys, round_tag = decode_peer_keys(content)
+    revealed = state.secagg_client(context).reveal_pair_seeds(
+        decode_dropped(content), peer_keys, round_tag
     )
-    return _reply(msg, secagg=ConfigRecord({f"key-{j}": k for j, k in revealed.items()}))
+    return _reply(msg, encode_revealed(revealed))
 
 
 # --- statistics ---------------------------------------------------------------------------------
 def stats(msg: Message, context: Context) -> Message:
     """Item counts of the hosted users (all training items, and the fit split), and their number,
-    securely aggregated: ``[train counts | fit counts | users]`` plus pairwise masks, so the
-    server learns only the sums over all nodes, never a node's items.
+    securely aggregated, so the server learns only the sums over all nodes, never a node's items.
     """
-    node = _node_data(msg, context)
-    n_items, n_users = node.ds.n_items, node.ds.n_users
-    train = np.bincount(_items_of(node.ds.train, n_users, node.users), minlength=n_items)
-    fit = np.bincount(_items_of(node.split.fit, n_users, node.users), minlength=n_items)
-    return _masked_reply(msg, context, np.concatenate([train, fit, [node.users.size]]))
+    content = from_record_dict(msg.content)
+    node = state.node_data(decode_data(content), context)
+    n_items = node.ds.n_items
+    train = np.bincount(node.items_of(node.ds.train), minlength=n_items)
+    fit = np.bincount(node.items_of(node.split.fit), minlength=n_items)
+    return masked_reply(msg, context, content, encode_stats(train, fit, node.users.size))
 
 
 # --- pretraining --------------------------------------------------------------------------------
-def _pretrain_devices(msg: Message, context: Context) -> tuple[NodeData, PretrainDevices]:
-    _torch()
-    from peel_fed.fedlightgcn import FedLightGCNConfig, PretrainDevices
+def pretrain(msg: Message, context: Context) -> Message:
+    """Federated LightGCN: ``step = init`` sends the first contributions of layer ``k``,
+    ``step = round`` trains the hosted users taking part in the round, ``step = final`` keeps the
+    final user vectors on the device for grouping and PEE learning (nothing goes up)."""
+    torch = _torch()
+    from peel_fed.fedlightgcn import FedLightGCNConfig, PretrainDevices, round_participants
 
-    node = _node_data(msg, context)
-    cfg_rec = msg.content.config_records["pretrain"]
+    content = from_record_dict(msg.content)
+    down = decode_pretrain_down(content)
+    node = state.node_data(down.data, context)
+    step = down.step
     cfg = FedLightGCNConfig(
-        dim=int(cfg_rec["dim"]),
-        layers=int(cfg_rec["layers"]),
-        local_steps=int(cfg_rec["local-steps"]),
-        user_lr=float(cfg_rec["user-lr"]),
+        dim=step.dim, layers=step.layers, local_steps=step.local_steps, user_lr=step.user_lr
     )
-    degree = msg.content.array_records["degree"]["degree"].numpy()
-    seed = int(msg.content.config_records["data"]["seed"])
     devices = PretrainDevices(
         node.users,
         node.ds.n_users,
         node.ds.n_items,
         node.split.fit,
-        degree,
+        down.degree,
         cfg,
-        seed,
+        down.data.seed,
         sampler=node.fit_sampler,
     )
-    if "pretrain" in context.state.array_records:
-        devices.load_state(_arrays(context.state.array_records["pretrain"]))
-    return node, devices
-
-
-def pretrain(msg: Message, context: Context) -> Message:
-    """Federated LightGCN: ``step = init`` sends the first contributions of layer ``k``,
-    ``step = round`` trains the hosted users taking part in the round, ``step = final`` keeps the
-    final user vectors on the device for grouping and PEE learning (nothing goes up)."""
-    from peel_fed.fedlightgcn import round_participants
-
-    torch = _torch()
-    node, devices = _pretrain_devices(msg, context)
-    rec = msg.content.config_records["pretrain"]
-    tables = msg.content.array_records["tables"]
-    layers = [torch.from_numpy(tables[f"layer-{k}"].numpy()) for k in range(devices.cfg.layers + 1)]
-    step = str(rec["step"])
-    out: dict[str, np.ndarray] = {}
-    metrics: dict[str, float] = {}
-    if step == "init":
-        rows, delta = devices.initial_contribution(int(rec["k"]), layers)
-        out = {"contrib-rows": rows, "contrib-delta": delta.numpy()}
-        metrics = {"users": int(node.users.size)}
-    elif step == "round":
-        users = round_participants(
-            devices.seed, node.users, int(rec["round"]), int(rec["rounds-per-pass"])
-        )
-        up = devices.device_round(users, layers, int(rec["round"]))
-        out = {
+    saved = state.load_arrays(context, "pretrain")
+    if saved is not None:
+        devices.load_state(saved)
+    layers = [torch.from_numpy(layer) for layer in down.layers]
+    users = int(node.users.size)
+    if step.step == "final":
+        state.save_user_vectors(context, devices.final_user_vectors(layers))
+        state.save_arrays(context, "pretrain", devices.state_arrays())
+        return _reply(msg, encode_final_reply(users))
+    if step.step == "init":
+        rows, delta = devices.initial_contribution(step.k, layers)
+        if not step.secure:
+            state.save_arrays(context, "pretrain", devices.state_arrays())
+            return _reply(msg, encode_contribution(rows, delta.numpy(), users))
+        pending = {"contrib-rows": rows, "contrib-delta": delta.numpy()}
+        counts = encode_pretrain_row_counts(node.ds.n_items, rows, np.ones(rows.size), 0.0, users)
+    elif step.step == "round":
+        taking_part = round_participants(devices.seed, node.users, step.round, step.rounds_per_pass)
+        up = devices.device_round(taking_part, layers, step.round)
+        if not step.secure:
+            state.save_arrays(context, "pretrain", devices.state_arrays())
+            return _reply(msg, encode_device_update(up))
+        pending = {
             "rows": up.rows,
             "grad": up.grad.numpy(),
-            "row-devices": up.row_devices,
             "contrib-rows": up.contrib_rows,
             "contrib-delta": up.contrib_delta.numpy(),
         }
-        metrics = {"users": up.users, "loss-sum": up.loss_sum, "solo-bytes": up.solo_bytes}
-    elif step == "final":
-        context.state["user-vectors"] = ArrayRecord(
-            {"vectors": Array(devices.final_user_vectors(layers))}
+        counts = encode_pretrain_row_counts(
+            node.ds.n_items, up.rows, up.row_devices, up.loss_sum, up.users
         )
-        metrics = {"users": int(node.users.size)}
     else:
-        raise ValueError(f"unknown pretrain step {step!r}")
-    if bool(rec.get("secure", False)) and step != "final":
-        return _secure_pretrain_counts(msg, context, node, devices, out, metrics)
-    context.state["pretrain"] = _to_record(devices.state_arrays())
-    return _reply(msg, upload=_to_record(out), metrics=MetricRecord(metrics))
+        raise ValueError(f"unknown pretrain step {step.step!r}")
+    return _hold_pretrain_upload(msg, context, content, devices, pending, counts)
 
 
-def _secure_pretrain_counts(
-    msg: Message, context: Context, node: NodeData, devices, out: dict, metrics: dict
+def _hold_pretrain_upload(
+    msg: Message,
+    context: Context,
+    content: Content,
+    devices: PretrainDevices,
+    pending: dict[str, np.ndarray],
+    counts: np.ndarray,
 ) -> Message:
     """Secure-rows mode, first half: keep the upload on the device and send only the masked
-    per-row device counts (``[counts, loss sum, users]``), from which the server learns the union
-    of the cohort's rows. The contribution change is committed only once its values have been
-    aggregated (``train.rows``), so a failure in between is resent in a later round."""
-    n_items = node.ds.n_items
-    rows = out.get("rows", out["contrib-rows"])
-    counts = np.zeros(n_items)
-    counts[rows] = out.get("row-devices", np.ones(rows.size))
-    pending = {k: v for k, v in out.items() if k not in ("row-devices",)}
-    pending["contrib-new"] = devices.contrib.numpy().copy()
-    context.state["pretrain-pending"] = _to_record(pending)
-    state = devices.state_arrays()
-    if "pretrain" in context.state.array_records:
-        state["contrib"] = context.state.array_records["pretrain"]["contrib"].numpy()
+    per-row device counts, from which the server learns the union of the cohort's rows. The
+    contribution change is committed only once its values have been aggregated (``train.rows``),
+    so a failure in between is resent in a later round."""
+    state.save_arrays(
+        context, "pretrain-pending", {**pending, "contrib-new": devices.contrib.numpy().copy()}
+    )
+    device_state = devices.state_arrays()
+    saved = state.load_arrays(context, "pretrain")
+    if saved is not None:
+        device_state["contrib"] = saved["contrib"]
     else:
-        state["contrib"] = np.zeros_like(state["contrib"])
-    context.state["pretrain"] = _to_record(state)
-    vector = np.concatenate([counts, [metrics.get("loss-sum", 0.0), metrics.get("users", 0)]])
-    return _masked_reply(msg, context, vector)
+        device_state["contrib"] = np.zeros_like(device_state["contrib"])
+    state.save_arrays(context, "pretrain", device_state)
+    return masked_reply(msg, context, content, counts)
 
 
 def rows(msg: Message, context: Context) -> Message:
     """Secure-rows mode, second half: the pending upload laid out densely over the cohort's row
     union (``E0`` gradient rows, then the contribution change per layer), masked."""
-    if "pretrain-pending" not in context.state.array_records:
+    pending = state.load_arrays(context, "pretrain-pending")
+    if pending is None:
         raise RuntimeError("train.rows without a pending pretraining upload")
-    pending = _arrays(context.state.array_records["pretrain-pending"])
-    union = msg.content.array_records["rows"]["rows"].numpy()
-    delta = pending["contrib-delta"]
-    dim = delta.shape[-1]
-    grad = np.zeros((union.size, dim))
-    if "rows" in pending and pending["rows"].size:
-        grad[np.searchsorted(union, pending["rows"])] = pending["grad"]
-    contrib = np.zeros((delta.shape[0], union.size, dim))
-    if pending["contrib-rows"].size:
-        contrib[:, np.searchsorted(union, pending["contrib-rows"])] = delta
-    reply = _masked_reply(msg, context, np.concatenate([grad.ravel(), contrib.ravel()]))
-    state = _arrays(context.state.array_records["pretrain"])
-    state["contrib"] = pending["contrib-new"]
-    context.state["pretrain"] = _to_record(state)
-    del context.state["pretrain-pending"]
+    content = from_record_dict(msg.content)
+    union = decode_rows_down(content)
+    vector = encode_pretrain_rows(
+        union,
+        pending.get("rows"),
+        pending.get("grad"),
+        pending["contrib-rows"],
+        pending["contrib-delta"],
+    )
+    reply = masked_reply(msg, context, content, vector)
+    device_state = state.load_arrays(context, "pretrain")
+    device_state["contrib"] = pending["contrib-new"]
+    state.save_arrays(context, "pretrain", device_state)
+    state.drop(context, "pretrain-pending")
     return reply
 
 
 # --- grouping -----------------------------------------------------------------------------------
-def _user_vectors(context: Context) -> np.ndarray:
-    if "user-vectors" not in context.state.array_records:
-        raise RuntimeError("grouping before pretraining finished on this node")
-    return context.state.array_records["user-vectors"]["vectors"].numpy()
-
-
 def kmeans(msg: Message, context: Context) -> Message:
     """One Lloyd step's share, securely aggregated: per-centroid sums and counts."""
-    centroids = msg.content.array_records["kmeans"]["centroids"].numpy()
-    sums, counts = kmeans_partial_sums(_user_vectors(context), centroids)
-    return _masked_reply(msg, context, np.concatenate([sums.ravel(), counts]))
+    content = from_record_dict(msg.content)
+    centroids = decode_centroids(content)
+    sums, counts = kmeans_partial_sums(state.user_vectors(context), centroids)
+    return masked_reply(msg, context, content, encode_kmeans_sums(sums, counts))
+
+
+def _nearest_groups(context: Context, centroids: np.ndarray) -> np.ndarray:
+    return UserGroups(np.zeros(0, dtype=np.int64), centroids).nearest(state.user_vectors(context))
 
 
 def group(msg: Message, context: Context) -> Message:
     """Join the nearest final centroid; the server learns how many hosted users joined each."""
-    node = _node_data(msg, context)
-    centroids = msg.content.array_records["kmeans"]["centroids"].numpy()
-    groups = UserGroups(np.zeros(0, dtype=np.int64), centroids).nearest(_user_vectors(context))
-    context.state["group"] = ArrayRecord({"group": Array(groups.astype(np.int64))})
-    counts = np.bincount(groups, minlength=centroids.shape[0])
-    return _reply(
-        msg,
-        groups=MetricRecord({f"g{g}": int(c) for g, c in enumerate(counts)}),
-        hosts=MetricRecord({"users": int(node.users.size)}),
-    )
+    centroids = decode_centroids(from_record_dict(msg.content))
+    groups = _nearest_groups(context, centroids)
+    state.save_user_groups(context, groups)
+    return _reply(msg, encode_group_counts(np.bincount(groups, minlength=centroids.shape[0])))
 
 
 # --- PEE learning -------------------------------------------------------------------------------
-def _layout(msg: Message) -> BlockLayout:
-    rec = msg.content.array_records["layout"]
-    blocks = int(msg.content.config_records["pee"]["blocks"])
-    item_groups = rec["item-groups"].numpy()
-    dim = int(msg.content.config_records["pee"]["dim"])
-    return BlockLayout(item_groups, dim, blocks)
-
-
 def pee(msg: Message, context: Context) -> Message:
     """Fine-tune the tables of the hosted users' groups; gradients and dL_val/d alpha go up."""
     _torch()
     from peel_fed.fedlightgcn import round_participants
     from peel_fed.fedpee import PEE_SLOT_STREAM, FedPEEConfig, PEEDevices
 
-    node = _node_data(msg, context)
-    rec = msg.content.config_records["pee"]
-    layout = _layout(msg)
-    cfg = FedPEEConfig(
-        local_steps=int(rec["local-steps"]), user_lr=float(rec["user-lr"]), elastic=True
-    )
-    seed = int(msg.content.config_records["data"]["seed"])
-    groups = context.state.array_records["group"]["group"].numpy()
+    content = from_record_dict(msg.content)
+    down = decode_pee_down(content)
+    node = state.node_data(down.data, context)
+    round_, seed = down.round, down.data.seed
+    groups = state.user_groups(context)
+    if groups is None:
+        raise RuntimeError("PEE learning before grouping on this node")
+    cfg = FedPEEConfig(local_steps=round_.local_steps, user_lr=round_.user_lr, elastic=True)
     devices = PEEDevices(
         node.users,
-        _user_vectors(context),
+        state.user_vectors(context),
         node.ds.n_users,
         node.split.fit,
         node.split.val,
-        layout,
+        down.layout,
         cfg,
         seed,
     )
-    if "pee" in context.state.array_records:
-        devices.load_state(_arrays(context.state.array_records["pee"]))
-    round_no, per_pass = int(rec["round"]), int(rec["rounds-per-pass"])
+    saved = state.load_arrays(context, "pee")
+    if saved is not None:
+        devices.load_state(saved)
     taking_part = np.isin(
-        node.users, round_participants(seed, node.users, round_no, per_pass, PEE_SLOT_STREAM)
+        node.users,
+        round_participants(seed, node.users, round_.round, round_.rounds_per_pass, PEE_SLOT_STREAM),
     )
-    tables = msg.content.array_records["tables"]
-    out: dict[str, np.ndarray] = {}
-    users_total, solo_total = 0, 0
+    uploads = {}
     for g in sorted(set(groups.tolist())):
         users = node.users[(groups == g) & taking_part]
-        up = devices.device_round(
-            users, tables[f"table-{g}"].numpy(), tables[f"alpha-{g}"].numpy(), round_no
-        )
-        users_total += up.users
-        solo_total += up.solo_bytes
-        out.update(
-            {
-                f"g{g}-rows": up.rows,
-                f"g{g}-grad": up.grad,
-                f"g{g}-row-devices": up.row_devices,
-                f"g{g}-weight-grad": up.weight_grad,
-                f"g{g}-stats": np.concatenate(
-                    [[up.val_devices, up.users], up.loss_sum, up.loss_count]
-                ),
-            }
-        )
-    context.state["pee"] = _to_record(devices.state_arrays())
-    if bool(rec.get("secure", False)):
+        uploads[g] = devices.device_round(users, down.tables[g], down.alphas[g], round_.round)
+    state.save_arrays(context, "pee", devices.state_arrays())
+    if round_.secure:
         # secure rows: keep the upload, send masked per-group row counts and the user count
-        context.state["pee-pending"] = _to_record(out)
-        counts = np.zeros((int(rec["user-groups"]), layout.n_items))
-        for g in sorted(set(groups.tolist())):
-            counts[g, out[f"g{g}-rows"]] = out[f"g{g}-row-devices"]
-        return _masked_reply(msg, context, np.concatenate([counts.ravel(), [users_total]]))
-    return _reply(
-        msg,
-        upload=_to_record(out),
-        metrics=MetricRecord({"users": users_total, "solo-bytes": solo_total}),
-    )
+        state.save_arrays(context, "pee-pending", encode_pee_uploads(uploads))
+        counts = encode_pee_row_counts(uploads, round_.user_groups, down.layout.n_items)
+        return masked_reply(msg, context, content, counts)
+    return _reply(msg, encode_pee_reply(uploads))
 
 
 def pee_rows(msg: Message, context: Context) -> Message:
     """Secure rows, second half of a PEE round: per user group, the pending table-row gradients
     laid out over the group's row union, then dL_val/d alpha and the loss statistics, masked."""
-    if "pee-pending" not in context.state.array_records:
+    pending = state.load_arrays(context, "pee-pending")
+    if pending is None:
         raise RuntimeError("train.peerows without a pending PEE upload")
-    pending = _arrays(context.state.array_records["pee-pending"])
-    unions = _arrays(msg.content.array_records["rows"])
-    rec = msg.content.config_records["pee"]
-    n_groups, n_blocks, dim = int(rec["item-groups"]), int(rec["blocks"]), int(rec["dim"])
-    parts = []
-    for g in range(int(rec["user-groups"])):
-        union = unions[f"union-{g}"]
-        grad = np.zeros((union.size, dim))
-        weight_grad = np.zeros(n_groups * n_blocks)
-        stats = np.zeros(2 + 2 * n_groups)
-        if f"g{g}-rows" in pending:
-            rows = pending[f"g{g}-rows"]
-            if rows.size:
-                grad[np.searchsorted(union, rows)] = pending[f"g{g}-grad"]
-            weight_grad = pending[f"g{g}-weight-grad"].ravel()
-            stats = pending[f"g{g}-stats"]
-        parts += [grad.ravel(), weight_grad, stats]
-    reply = _masked_reply(msg, context, np.concatenate(parts))
-    del context.state["pee-pending"]
+    content = from_record_dict(msg.content)
+    round_, unions = decode_pee_rows_down(content)
+    uploads = decode_pee_uploads(pending, round_.item_groups)
+    reply = masked_reply(msg, context, content, encode_pee_rows(uploads, unions, round_))
+    state.drop(context, "pee-pending")
     return reply
 
 
@@ -418,37 +312,31 @@ def evaluate(msg: Message, context: Context) -> Message:
     NDCG sums (securely aggregated) per method and budget level, per own-budget class, and after
     each step of the dynamic-budget drill (shrinking with no server contact)."""
     _torch()
-    from peel_fed.fedpee import EvalSpec, evaluation_vector
+    from peel_fed.fedpee import evaluation_vector
 
-    node = _node_data(msg, context)
-    layout = _layout(msg)
-    if "group" in context.state.array_records:
-        groups = context.state.array_records["group"]["group"].numpy()
-    else:  # missed the grouping round (late or timed out): join the nearest group now
-        centroids = msg.content.array_records["kmeans"]["centroids"].numpy()
-        groups = UserGroups(np.zeros(0, dtype=np.int64), centroids).nearest(_user_vectors(context))
-    pee_vecs = (
-        context.state.array_records["pee"]["vecs"].numpy()
-        if "pee" in context.state.array_records
-        else _user_vectors(context)
-    )
+    content = from_record_dict(msg.content)
+    down = decode_evaluate_down(content)
+    node = state.node_data(down.data, context)
+    groups = state.user_groups(context)
+    if groups is None:  # missed the grouping round (late or timed out): join the nearest now
+        groups = _nearest_groups(context, down.centroids)
+    pee_state = state.load_arrays(context, "pee")
+    pretrained = state.user_vectors(context)
     vector = evaluation_vector(
-        EvalSpec.from_config(msg.content.config_records["evaluate"]),
-        _arrays(msg.content.array_records["tables"]),
-        layout,
+        down.spec,
+        down.tables,
+        down.layout,
         node.users,
         groups,
-        pee_vecs,
-        _user_vectors(context),
+        pee_state["vecs"] if pee_state is not None else pretrained,
+        pretrained,
         node.ds.n_users,
         node.ds.train,
         node.ds.test,
-        int(msg.content.config_records["data"]["seed"]),
-        node_budget=str(context.node_config["budget-bytes"])
-        if "budget-bytes" in context.node_config
-        else None,
+        down.data.seed,
+        node_budget=state.node_budget(context),
     )
-    return _masked_reply(msg, context, vector)
+    return masked_reply(msg, context, content, vector)
 
 
 def _process_started_at() -> float:
@@ -486,7 +374,6 @@ def timing_mod(msg: Message, context: Context, call_next) -> Message:
 def make_client_app(mods: list[Mod] | None = None) -> ClientApp:
     """The device app; ``mods`` wrap every handler (tests use one to inject failures)."""
     client = ClientApp(mods=[timing_mod, *(mods or [])])
-    client.query("hosts")(hosts)
     client.query("keys")(keys)
     client.query("reveal")(reveal)
     client.query("stats")(stats)

@@ -11,6 +11,8 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from clients.records import from_record_dict
+from peel_fed.messages import decode_masked, decode_public_key, decode_revealed, encode_peer_keys
 from peel_fed.secagg import FixedPoint, SecAggServer
 
 
@@ -167,13 +169,6 @@ def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float) -> list[int]:
         time.sleep(0.5)
 
 
-def data_spec(dataset: str, data_dir: str, seed: int, val_fraction: float = 0.1) -> ConfigRecord:
-    """What devices need to load their data (a node's own ``data-dir`` takes precedence)."""
-    return ConfigRecord(
-        {"dataset": dataset, "data-dir": data_dir, "seed": seed, "val-fraction": val_fraction}
-    )
-
-
 def secure_sum(
     grid: Grid,
     node_ids: list[int],
@@ -196,9 +191,7 @@ def secure_sum(
         grid, node_ids, "query.keys", RecordDict(), timeout, f"{phase}/keys", round_
     )
     reports.append(rep)
-    public = {
-        n: bytes(r.content.config_records["secagg"]["public-key"]) for n, r in replies.items()
-    }
+    public = {n: decode_public_key(from_record_dict(r.content)) for n, r in replies.items()}
     cohort = sorted(public)
     if len(cohort) < 2:
         reasons = "; ".join(sorted(set(rep.failed.values())))
@@ -207,13 +200,11 @@ def secure_sum(
             + (f" ({reasons})" if reasons else "")
         )
     round_tag = os.urandom(16)
-    keys = ConfigRecord({f"pk-{n}": pk for n, pk in public.items()})
-    keys["round-tag"] = round_tag
     down = RecordDict({name: rec for name, rec in content.items()})
-    down["secagg"] = keys
+    down["secagg"] = ConfigRecord(encode_peer_keys(public, round_tag))
     replies, rep = exchange(grid, cohort, message_type, down, timeout, phase, round_)
     reports.append(rep)
-    masked = {n: r.content.array_records["secagg"]["masked"].numpy() for n, r in replies.items()}
+    masked = {n: decode_masked(from_record_dict(r.content)) for n, r in replies.items()}
     if not masked:
         reasons = "; ".join(sorted(set(rep.failed.values())))
         raise RuntimeError(f"{phase}: no node sent its masked vector ({reasons})")
@@ -227,20 +218,11 @@ def secure_sum(
     dropped = [n for n in cohort if n not in masked]
     revealed: dict[int, dict[int, bytes]] = {}
     if dropped:
-        ask = ConfigRecord(dict(keys))
-        ask["dropped"] = dropped
+        ask = RecordDict({"secagg": ConfigRecord(encode_peer_keys(public, round_tag, dropped))})
         replies, rep = exchange(
-            grid,
-            sorted(masked),
-            "query.reveal",
-            RecordDict({"secagg": ask}),
-            timeout,
-            f"{phase}/reveal",
-            round_,
+            grid, sorted(masked), "query.reveal", ask, timeout, f"{phase}/reveal", round_
         )
         reports.append(rep)
-        for n, r in replies.items():
-            rec = r.content.config_records["secagg"]
-            revealed[n] = {int(k[4:]): bytes(v) for k, v in rec.items() if k.startswith("key-")}
+        revealed = {n: decode_revealed(from_record_dict(r.content)) for n, r in replies.items()}
     total = SecAggServer().unmask_sum(masked, cohort, revealed, length, FixedPoint())
     return total, sorted(masked), reports

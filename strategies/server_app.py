@@ -3,7 +3,8 @@
 statistics (secure aggregation) -> LightGCN pretraining (sparse item rows) -> K-Means grouping
 (secure aggregation) -> per-group PEE learning (all groups in the same rounds) -> deployment and
 on-device evaluation with the dynamic-budget drill (secure aggregation of metric sums).
-Each phase is a strategy class in :mod:`strategies.strategies`; this module composes them.
+Each phase is a strategy class in its own module (``strategies.stats``, ``.pretrain``,
+``.grouping``, ``.pee``, ``.evaluation``); this module composes them.
 """
 
 from __future__ import annotations
@@ -11,21 +12,20 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from flwr.app import Context, RecordDict
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from peel_fed.atomic import write_json_atomic, write_text_atomic
 from peel_fed.fedconfig import FedConfig
-from strategies.phases import data_spec, wait_for_nodes
+from peel_fed.messages import DataSpec
+from strategies.evaluation import EvaluationStrategy
+from strategies.grouping import GroupingStrategy
+from strategies.log import PhaseLog
+from strategies.pee import PEEStrategy
+from strategies.phases import wait_for_nodes
+from strategies.pretrain import PretrainStrategy
 from strategies.report import plot_recall_vs_budget, results_markdown
-from strategies.strategies import (
-    EvaluationStrategy,
-    GroupingStrategy,
-    PEEStrategy,
-    PhaseLog,
-    PretrainStrategy,
-    StatsStrategy,
-)
+from strategies.stats import StatsStrategy
 
 app = ServerApp()
 
@@ -39,7 +39,7 @@ def run_pipeline(grid: Grid, cfg: FedConfig) -> dict:
     t_start = time.perf_counter()
     nodes = wait_for_nodes(grid, cfg.min_nodes, cfg.node_wait_s)
     _log(f"{len(nodes)} nodes connected")
-    spec = RecordDict({"data": data_spec(cfg.dataset, cfg.data_dir, cfg.seed, cfg.val_fraction)})
+    data = DataSpec(cfg.dataset, cfg.data_dir, cfg.seed, cfg.val_fraction)
     log = PhaseLog(cfg, nodes)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
@@ -50,18 +50,17 @@ def run_pipeline(grid: Grid, cfg: FedConfig) -> dict:
         seconds[phase] = now - t
         t = now
 
-    stats = StatsStrategy(cfg, log).run(grid, nodes, spec)
+    stats = StatsStrategy(cfg, log, data).run(grid, nodes)
     lap("stats")
-    pretraining = PretrainStrategy(cfg, log)
-    pre = pretraining.run(grid, nodes, spec, stats)
-    items = pre.final_item_table()
+    pretraining = PretrainStrategy(cfg, log, data, stats)
+    items = pretraining.run(grid, nodes).final_item_table()
     lap("pretrain")
-    groups = GroupingStrategy(cfg, log).run(grid, nodes, spec, items)
+    groups = GroupingStrategy(cfg, log, data).run(grid, nodes, items)
     lap("grouping")
-    pee = PEEStrategy(cfg, log).run(grid, nodes, spec, stats, items, groups)
+    pee = PEEStrategy(cfg, log, data, stats, items, groups).run(grid, nodes)
     lap("pee")
-    evaluation = EvaluationStrategy(cfg, log).run(
-        grid, nodes, spec, stats, items, pee, groups.centroids
+    evaluation = EvaluationStrategy(cfg, log, data).run(
+        grid, nodes, stats, items, pee, groups.centroids
     )
     lap("evaluate")
     report = {

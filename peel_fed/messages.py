@@ -1,0 +1,697 @@
+"""The wire format of the federated protocol, without Flower: one encode/decode per download and
+upload, shared by the ClientApp (``clients``) and the ServerApp (``strategies``).
+
+A message's contents are a :class:`Content`: named records of arrays, of config values and of
+metrics, as plain dicts. The adapters turn a :class:`Content` into a Flower ``RecordDict`` and
+back with one helper (``clients.records``). Securely aggregated uploads are one flat float vector
+per node; the functions here write and read their layouts:
+
+- statistics: ``[train counts | fit counts | users]``
+- K-Means: ``[centroid sums (k x dim) | counts (k)]``
+- pretraining, secure rows: ``[row counts (items) | loss sum | users]``, then
+  ``[E0 gradient over the row union | contribution change per layer over the union]``
+- PEE learning, secure rows: ``[row counts (user groups x items) | users]``, then per user group
+  ``[gradient over the group's row union | dL_val/d alpha | loss statistics]``
+- evaluation: :func:`peel_fed.fedpee.evaluation_vector` (read by ``evaluation_table``)
+
+Where a core dataclass is the payload (``DeviceUpdate``, ``PEEUpload``, ``EvalSpec``) it is
+encoded and decoded as is. Those live in modules that import torch; they are imported inside the
+functions that need them, so that the device's secure-aggregation and grouping messages (a fresh
+process per message in deployment) do not pay for torch.
+
+This module is longer than the project's ~400 lines on purpose: it is the whole protocol, one
+section per phase, and reads best in one place (each encode next to its decode).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from peel_fed.blocks import BlockLayout
+
+if TYPE_CHECKING:
+    from peel_fed.fedlightgcn import DeviceUpdate
+    from peel_fed.fedpee import EvalSpec, PEEUpload
+
+Scalar = int | float | str | bool | bytes
+ConfigValue = Scalar | list[int] | list[float] | list[str] | list[bool] | list[bytes]
+Arrays = dict[str, np.ndarray]
+Config = dict[str, ConfigValue]
+Metrics = dict[str, int | float]
+
+
+@dataclass
+class Content:
+    """A message's contents: record name -> arrays, config values or metrics."""
+
+    arrays: dict[str, Arrays] = field(default_factory=dict)
+    configs: dict[str, Config] = field(default_factory=dict)
+    metrics: dict[str, Metrics] = field(default_factory=dict)
+
+
+# --- what every phase sends: the data to load ---------------------------------------------------
+@dataclass(frozen=True)
+class DataSpec:
+    """What devices need to load their data (a node's own ``data-dir`` takes precedence)."""
+
+    dataset: str
+    data_dir: str = ""
+    seed: int = 0
+    val_fraction: float = 0.1
+
+    def to_config(self) -> Config:
+        return {
+            "dataset": self.dataset,
+            "data-dir": self.data_dir,
+            "seed": self.seed,
+            "val-fraction": self.val_fraction,
+        }
+
+    @classmethod
+    def from_config(cls, rec: Config) -> DataSpec:
+        return cls(
+            dataset=str(rec["dataset"]),
+            data_dir=str(rec.get("data-dir", "")),
+            seed=int(rec.get("seed", 0)),
+            val_fraction=float(rec.get("val-fraction", 0.1)),
+        )
+
+
+def data_content(data: DataSpec) -> Content:
+    """A message that only names the data (the statistics download)."""
+    return Content(configs={"data": data.to_config()})
+
+
+def decode_data(content: Content) -> DataSpec:
+    return DataSpec.from_config(content.configs["data"])
+
+
+# --- secure aggregation -------------------------------------------------------------------------
+def encode_public_key(public_key: bytes) -> Content:
+    return Content(configs={"secagg": {"public-key": public_key}})
+
+
+def decode_public_key(content: Content) -> bytes:
+    return bytes(content.configs["secagg"]["public-key"])
+
+
+def encode_peer_keys(
+    public_keys: dict[int, bytes], round_tag: bytes, dropped: list[int] | None = None
+) -> Config:
+    """The cohort's public keys and the round tag (and, to ask for reveals, the dropped nodes)."""
+    rec: Config = {f"pk-{n}": pk for n, pk in public_keys.items()}
+    rec["round-tag"] = round_tag
+    if dropped is not None:
+        rec["dropped"] = list(dropped)
+    return rec
+
+
+def decode_peer_keys(content: Content) -> tuple[dict[int, bytes], bytes]:
+    """The cohort's public keys by node id, and the round tag."""
+    rec = content.configs["secagg"]
+    keys = {int(k[3:]): bytes(v) for k, v in rec.items() if k.startswith("pk-")}
+    return keys, bytes(rec["round-tag"])
+
+
+def decode_dropped(content: Content) -> list[int]:
+    return [int(d) for d in content.configs["secagg"]["dropped"]]
+
+
+def encode_masked(masked: np.ndarray) -> Content:
+    return Content(arrays={"secagg": {"masked": masked}})
+
+
+def decode_masked(content: Content) -> np.ndarray:
+    return content.arrays["secagg"]["masked"]
+
+
+def encode_revealed(revealed: dict[int, bytes]) -> Content:
+    return Content(configs={"secagg": {f"key-{j}": k for j, k in revealed.items()}})
+
+
+def decode_revealed(content: Content) -> dict[int, bytes]:
+    rec = content.configs["secagg"]
+    return {int(k[4:]): bytes(v) for k, v in rec.items() if k.startswith("key-")}
+
+
+# --- statistics ---------------------------------------------------------------------------------
+@dataclass
+class StatsSums:
+    """Item counts over all training interactions and over the fit split, and the users."""
+
+    train: np.ndarray
+    fit: np.ndarray
+    users: int
+
+
+def encode_stats(train: np.ndarray, fit: np.ndarray, users: int) -> np.ndarray:
+    return np.concatenate([train, fit, [users]])
+
+
+def decode_stats(total: np.ndarray) -> StatsSums:
+    n_items = (total.size - 1) // 2
+    return StatsSums(
+        train=np.rint(total[:n_items]).astype(np.int64),
+        fit=np.rint(total[n_items : 2 * n_items]).astype(np.int64),
+        users=int(round(total[-1])),
+    )
+
+
+# --- K-Means and grouping -----------------------------------------------------------------------
+def encode_centroids(data: DataSpec, centroids: np.ndarray) -> Content:
+    return Content(arrays={"kmeans": {"centroids": centroids}}, configs={"data": data.to_config()})
+
+
+def decode_centroids(content: Content) -> np.ndarray:
+    return content.arrays["kmeans"]["centroids"]
+
+
+def encode_kmeans_sums(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    return np.concatenate([sums.ravel(), counts])
+
+
+def decode_kmeans_sums(total: np.ndarray, k: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-centroid sums (k x dim) and member counts (rounded: masking adds float noise)."""
+    return total[: k * dim].reshape(k, dim), np.rint(total[k * dim :])
+
+
+def encode_group_counts(counts: np.ndarray) -> Content:
+    """How many hosted users joined each group."""
+    return Content(metrics={"groups": {f"g{g}": int(c) for g, c in enumerate(counts)}})
+
+
+def decode_group_counts(content: Content, k: int) -> np.ndarray:
+    rec = content.metrics["groups"]
+    return np.array([int(rec[f"g{g}"]) for g in range(k)])
+
+
+# --- the block layout (PEE learning and evaluation) ---------------------------------------------
+def encode_layout(layout: BlockLayout) -> Arrays:
+    return {"item-groups": layout.item_groups}
+
+
+def decode_layout(content: Content) -> BlockLayout:
+    """The layout from the ``layout`` arrays and the ``pee`` config's ``blocks`` and ``dim``."""
+    rec = content.configs["pee"]
+    item_groups = content.arrays["layout"]["item-groups"]
+    return BlockLayout(item_groups, int(rec["dim"]), int(rec["blocks"]))
+
+
+# --- pretraining --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PretrainStep:
+    """One pretraining message: ``step`` is ``init`` (first contributions of layer ``k``),
+    ``round`` (train the hosted users taking part in ``round``) or ``final`` (keep the final
+    user vectors on the device)."""
+
+    step: str
+    dim: int
+    layers: int
+    local_steps: int
+    user_lr: float
+    secure: bool
+    k: int | None = None
+    round: int | None = None
+    rounds_per_pass: int | None = None
+
+    def to_config(self) -> Config:
+        rec: Config = {
+            "dim": self.dim,
+            "layers": self.layers,
+            "local-steps": self.local_steps,
+            "user-lr": self.user_lr,
+            "secure": self.secure,
+            "step": self.step,
+        }
+        if self.k is not None:
+            rec["k"] = self.k
+        if self.round is not None:
+            rec["round"] = self.round
+        if self.rounds_per_pass is not None:
+            rec["rounds-per-pass"] = self.rounds_per_pass
+        return rec
+
+    @classmethod
+    def from_config(cls, rec: Config) -> PretrainStep:
+        def opt(key: str) -> int | None:
+            return int(rec[key]) if key in rec else None
+
+        return cls(
+            step=str(rec["step"]),
+            dim=int(rec["dim"]),
+            layers=int(rec["layers"]),
+            local_steps=int(rec["local-steps"]),
+            user_lr=float(rec["user-lr"]),
+            secure=bool(rec.get("secure", False)),
+            k=opt("k"),
+            round=opt("round"),
+            rounds_per_pass=opt("rounds-per-pass"),
+        )
+
+
+@dataclass
+class PretrainDown:
+    """A pretraining download: the step, the item layers ``E0..EK`` and the fit item degree."""
+
+    data: DataSpec
+    step: PretrainStep
+    layers: list[np.ndarray]
+    degree: np.ndarray
+
+
+def encode_pretrain_down(down: PretrainDown) -> Content:
+    return Content(
+        arrays={
+            "tables": {f"layer-{k}": layer for k, layer in enumerate(down.layers)},
+            "degree": {"degree": down.degree},
+        },
+        configs={"data": down.data.to_config(), "pretrain": down.step.to_config()},
+    )
+
+
+def decode_pretrain_down(content: Content) -> PretrainDown:
+    step = PretrainStep.from_config(content.configs["pretrain"])
+    tables = content.arrays["tables"]
+    return PretrainDown(
+        data=decode_data(content),
+        step=step,
+        layers=[tables[f"layer-{k}"] for k in range(step.layers + 1)],
+        degree=content.arrays["degree"]["degree"],
+    )
+
+
+def encode_contribution(rows: np.ndarray, delta: np.ndarray, users: int) -> Content:
+    """The first contributions of one layer (``init`` step) in the clear."""
+    return Content(
+        arrays={"upload": {"contrib-rows": rows, "contrib-delta": delta}},
+        metrics={"metrics": {"users": users}},
+    )
+
+
+def decode_contribution(content: Content) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and contribution change (layers x rows x dim) of an ``init`` upload."""
+    up = content.arrays["upload"]
+    return up["contrib-rows"], up["contrib-delta"]
+
+
+def encode_final_reply(users: int) -> Content:
+    """The ``final`` step's reply: nothing goes up but the number of hosted users."""
+    return Content(arrays={"upload": {}}, metrics={"metrics": {"users": users}})
+
+
+def encode_device_update(update: DeviceUpdate) -> Content:
+    """A pretraining round's upload in the clear."""
+    return Content(
+        arrays={"upload": _device_update_arrays(update)},
+        metrics={
+            "metrics": {
+                "users": update.users,
+                "loss-sum": update.loss_sum,
+                "solo-bytes": update.solo_bytes,
+            }
+        },
+    )
+
+
+def _device_update_arrays(update: DeviceUpdate) -> Arrays:
+    return {
+        "rows": update.rows,
+        "grad": update.grad.numpy(),
+        "row-devices": update.row_devices,
+        "contrib-rows": update.contrib_rows,
+        "contrib-delta": update.contrib_delta.numpy(),
+    }
+
+
+def decode_device_update(content: Content) -> DeviceUpdate:
+    import torch
+
+    from peel_fed.fedlightgcn import DeviceUpdate
+
+    up, m = content.arrays["upload"], content.metrics["metrics"]
+    return DeviceUpdate(
+        rows=up["rows"],
+        grad=torch.from_numpy(up["grad"]),
+        row_devices=up["row-devices"],
+        contrib_rows=up["contrib-rows"],
+        contrib_delta=torch.from_numpy(up["contrib-delta"]),
+        loss_sum=float(m["loss-sum"]),
+        users=int(m["users"]),
+        solo_bytes=int(m["solo-bytes"]),
+    )
+
+
+def decode_upload_users(content: Content) -> tuple[int, int]:
+    """A clear upload's taking-part users and the bytes they would upload alone."""
+    m = content.metrics["metrics"]
+    return int(m["users"]), int(m["solo-bytes"])
+
+
+def encode_pretrain_row_counts(
+    n_items: int, rows: np.ndarray, row_devices: np.ndarray, loss_sum: float, users: int
+) -> np.ndarray:
+    """Secure rows, first half: ``[devices per row (items) | loss sum | users]``."""
+    counts = np.zeros(n_items)
+    counts[rows] = row_devices
+    return np.concatenate([counts, [loss_sum, users]])
+
+
+@dataclass
+class RowCounts:
+    """The summed first half of a secure pretraining round."""
+
+    counts: np.ndarray  # devices per item row
+    loss_sum: float
+    users: int
+
+    @property
+    def union(self) -> np.ndarray:
+        """The rows any device of the cohort touched."""
+        return np.flatnonzero(self.counts > 0)
+
+
+def decode_pretrain_row_counts(total: np.ndarray, n_items: int) -> RowCounts:
+    return RowCounts(
+        counts=np.rint(total[:n_items]).astype(np.int64),
+        loss_sum=float(total[n_items]),
+        users=int(round(total[n_items + 1])),
+    )
+
+
+def encode_rows_down(data: DataSpec, union: np.ndarray) -> Content:
+    """Secure rows, second half (pretraining): the cohort's row union goes down."""
+    return Content(arrays={"rows": {"rows": union}}, configs={"data": data.to_config()})
+
+
+def decode_rows_down(content: Content) -> np.ndarray:
+    return content.arrays["rows"]["rows"]
+
+
+def encode_pretrain_rows(
+    union: np.ndarray,
+    rows: np.ndarray | None,
+    grad: np.ndarray | None,
+    contrib_rows: np.ndarray,
+    contrib_delta: np.ndarray,
+) -> np.ndarray:
+    """Secure rows, second half: ``[E0 gradient over union | contribution change per layer over
+    union]``, zero where this node did not touch a row; ``rows`` is None for an ``init`` step."""
+    dim = contrib_delta.shape[-1]
+    dense_grad = np.zeros((union.size, dim))
+    if rows is not None and rows.size:
+        dense_grad[np.searchsorted(union, rows)] = grad
+    contrib = np.zeros((contrib_delta.shape[0], union.size, dim))
+    if contrib_rows.size:
+        contrib[:, np.searchsorted(union, contrib_rows)] = contrib_delta
+    return np.concatenate([dense_grad.ravel(), contrib.ravel()])
+
+
+def decode_pretrain_rows(
+    values: np.ndarray, first: RowCounts, layers: int, dim: int, has_grad: bool
+) -> DeviceUpdate:
+    """The cohort's summed update from both halves; ``has_grad`` is False for an ``init`` step
+    (contributions only)."""
+    import torch
+
+    from peel_fed.fedlightgcn import DeviceUpdate
+
+    union, counts = first.union, first.counts
+    grad = values[: union.size * dim].reshape(union.size, dim)
+    delta = values[union.size * dim :].reshape(layers, union.size, dim)
+    return DeviceUpdate(
+        rows=union if has_grad else union[:0],
+        grad=torch.from_numpy(grad if has_grad else grad[:0]).float(),
+        row_devices=counts[union] if has_grad else counts[:0],
+        contrib_rows=union,
+        contrib_delta=torch.from_numpy(delta).float(),
+        loss_sum=first.loss_sum,
+        users=first.users,
+    )
+
+
+# --- PEE learning -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PEERound:
+    """One PEE learning round's settings, as every device of the round receives them."""
+
+    round: int
+    rounds_per_pass: int
+    local_steps: int
+    user_lr: float
+    blocks: int
+    dim: int
+    item_groups: int
+    user_groups: int
+    secure: bool
+
+    def to_config(self) -> Config:
+        return {
+            "round": self.round,
+            "rounds-per-pass": self.rounds_per_pass,
+            "local-steps": self.local_steps,
+            "user-lr": self.user_lr,
+            "blocks": self.blocks,
+            "dim": self.dim,
+            "item-groups": self.item_groups,
+            "user-groups": self.user_groups,
+            "secure": self.secure,
+        }
+
+    @classmethod
+    def from_config(cls, rec: Config) -> PEERound:
+        return cls(
+            round=int(rec["round"]),
+            rounds_per_pass=int(rec["rounds-per-pass"]),
+            local_steps=int(rec["local-steps"]),
+            user_lr=float(rec["user-lr"]),
+            blocks=int(rec["blocks"]),
+            dim=int(rec["dim"]),
+            item_groups=int(rec["item-groups"]),
+            user_groups=int(rec["user-groups"]),
+            secure=bool(rec.get("secure", False)),
+        )
+
+
+@dataclass
+class PEEDown:
+    """A PEE learning download: per user group sent, its table and unit weights (alpha)."""
+
+    data: DataSpec
+    round: PEERound
+    tables: dict[int, np.ndarray]
+    alphas: dict[int, np.ndarray]
+    layout: BlockLayout
+
+
+def encode_pee_down(down: PEEDown) -> Content:
+    tables: Arrays = {}
+    for g, table in down.tables.items():
+        tables[f"table-{g}"] = table
+        tables[f"alpha-{g}"] = down.alphas[g]
+    return Content(
+        arrays={"tables": tables, "layout": encode_layout(down.layout)},
+        configs={"data": down.data.to_config(), "pee": down.round.to_config()},
+    )
+
+
+def decode_pee_down(content: Content) -> PEEDown:
+    named = content.arrays["tables"]
+    groups = sorted(int(k[len("table-") :]) for k in named if k.startswith("table-"))
+    return PEEDown(
+        data=decode_data(content),
+        round=PEERound.from_config(content.configs["pee"]),
+        tables={g: named[f"table-{g}"] for g in groups},
+        alphas={g: named[f"alpha-{g}"] for g in groups},
+        layout=decode_layout(content),
+    )
+
+
+def _pee_stats(up: PEEUpload) -> np.ndarray:
+    """``[validation devices, users | loss sums per item group | loss counts per item group]``."""
+    return np.concatenate([[up.val_devices, up.users], up.loss_sum, up.loss_count])
+
+
+def _pee_upload_from(
+    rows: np.ndarray,
+    grad: np.ndarray,
+    row_devices: np.ndarray,
+    weight_grad: np.ndarray,
+    stats: np.ndarray,
+    n_item_groups: int,
+) -> PEEUpload:
+    from peel_fed.fedpee import PEEUpload
+
+    n = n_item_groups
+    return PEEUpload(
+        rows=rows,
+        grad=grad,
+        row_devices=row_devices,
+        weight_grad=weight_grad,
+        val_devices=int(round(stats[0])),
+        loss_sum=stats[2 : 2 + n],
+        loss_count=np.rint(stats[2 + n : 2 + 2 * n]),
+        users=int(round(stats[1])),
+    )
+
+
+def encode_pee_uploads(uploads: dict[int, PEEUpload]) -> Arrays:
+    """Per user group ``g`` the node hosts: ``g{g}-rows``, ``-grad``, ``-row-devices``,
+    ``-weight-grad`` and ``-stats``."""
+    out: Arrays = {}
+    for g, up in uploads.items():
+        out[f"g{g}-rows"] = up.rows
+        out[f"g{g}-grad"] = up.grad
+        out[f"g{g}-row-devices"] = up.row_devices
+        out[f"g{g}-weight-grad"] = up.weight_grad
+        out[f"g{g}-stats"] = _pee_stats(up)
+    return out
+
+
+def decode_pee_uploads(arrays: Arrays, n_item_groups: int) -> dict[int, PEEUpload]:
+    groups = sorted(int(k[1:].split("-")[0]) for k in arrays if k.endswith("-stats"))
+    return {
+        g: _pee_upload_from(
+            arrays[f"g{g}-rows"],
+            arrays[f"g{g}-grad"],
+            arrays[f"g{g}-row-devices"],
+            arrays[f"g{g}-weight-grad"],
+            arrays[f"g{g}-stats"],
+            n_item_groups,
+        )
+        for g in groups
+    }
+
+
+def encode_pee_reply(uploads: dict[int, PEEUpload]) -> Content:
+    """A PEE round's upload in the clear, with the node's users and solo bytes summed."""
+    return Content(
+        arrays={"upload": encode_pee_uploads(uploads)},
+        metrics={
+            "metrics": {
+                "users": sum(up.users for up in uploads.values()),
+                "solo-bytes": sum(up.solo_bytes for up in uploads.values()),
+            }
+        },
+    )
+
+
+def decode_pee_reply(content: Content, n_item_groups: int) -> dict[int, PEEUpload]:
+    return decode_pee_uploads(content.arrays["upload"], n_item_groups)
+
+
+def encode_pee_row_counts(
+    uploads: dict[int, PEEUpload], user_groups: int, n_items: int
+) -> np.ndarray:
+    """Secure rows, first half: ``[devices per row per user group (groups x items) | users]``."""
+    counts = np.zeros((user_groups, n_items))
+    for g, up in uploads.items():
+        counts[g, up.rows] = up.row_devices
+    users = sum(up.users for up in uploads.values())
+    return np.concatenate([counts.ravel(), [users]])
+
+
+def decode_pee_row_counts(total: np.ndarray, user_groups: int, n_items: int) -> np.ndarray:
+    """Devices per row per user group (the trailing user count is not needed)."""
+    return np.rint(total[: user_groups * n_items]).reshape(user_groups, n_items).astype(np.int64)
+
+
+def pee_row_unions(counts: np.ndarray) -> list[np.ndarray]:
+    """Per user group, the rows any device of the cohort touched."""
+    return [np.flatnonzero(c > 0) for c in counts]
+
+
+def encode_pee_rows_down(data: DataSpec, round_: PEERound, unions: list[np.ndarray]) -> Content:
+    return Content(
+        arrays={"rows": {f"union-{g}": u for g, u in enumerate(unions)}},
+        configs={"data": data.to_config(), "pee": round_.to_config()},
+    )
+
+
+def decode_pee_rows_down(content: Content) -> tuple[PEERound, list[np.ndarray]]:
+    round_ = PEERound.from_config(content.configs["pee"])
+    rows = content.arrays["rows"]
+    return round_, [rows[f"union-{g}"] for g in range(round_.user_groups)]
+
+
+def encode_pee_rows(
+    uploads: dict[int, PEEUpload], unions: list[np.ndarray], round_: PEERound
+) -> np.ndarray:
+    """Secure rows, second half: per user group ``[gradient over the group's row union |
+    dL_val/d alpha (item groups x blocks) | loss statistics]``, zeros for groups not hosted."""
+    n, dim = round_.item_groups, round_.dim
+    parts = []
+    for g, union in enumerate(unions):
+        grad = np.zeros((union.size, dim))
+        weight_grad = np.zeros(n * round_.blocks)
+        stats = np.zeros(2 + 2 * n)
+        if g in uploads:
+            up = uploads[g]
+            if up.rows.size:
+                grad[np.searchsorted(union, up.rows)] = up.grad
+            weight_grad = up.weight_grad.ravel()
+            stats = _pee_stats(up)
+        parts += [grad.ravel(), weight_grad, stats]
+    return np.concatenate(parts)
+
+
+def decode_pee_rows(
+    values: np.ndarray, counts: np.ndarray, unions: list[np.ndarray], layout: BlockLayout
+) -> list[PEEUpload]:
+    """The cohort's summed upload per user group from both halves."""
+    n, blocks, dim = layout.num_item_groups, layout.num_blocks, layout.dim
+    out, at = [], 0
+    for g, union in enumerate(unions):
+        grad = values[at : at + union.size * dim].reshape(union.size, dim)
+        at += union.size * dim
+        wgrad = values[at : at + n * blocks].reshape(n, blocks)
+        at += n * blocks
+        stats = values[at : at + 2 + 2 * n]
+        at += 2 + 2 * n
+        out.append(
+            _pee_upload_from(union, grad.astype(np.float32), counts[g, union], wgrad, stats, n)
+        )
+    return out
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+@dataclass
+class EvaluateDown:
+    """The evaluation download: what to evaluate, every group's table, unit weights and unit
+    order with the baselines' (see :func:`peel_fed.fedpee.evaluation_vector`), the final
+    centroids (for a device that missed grouping) and the block layout."""
+
+    data: DataSpec
+    spec: EvalSpec
+    tables: Arrays
+    centroids: np.ndarray
+    layout: BlockLayout
+
+
+def encode_evaluate_down(down: EvaluateDown) -> Content:
+    return Content(
+        arrays={
+            "tables": dict(down.tables),
+            "kmeans": {"centroids": down.centroids},
+            "layout": encode_layout(down.layout),
+        },
+        configs={
+            "data": down.data.to_config(),
+            "evaluate": down.spec.to_config(),
+            "pee": {"blocks": down.layout.num_blocks, "dim": down.layout.dim},
+        },
+    )
+
+
+def decode_evaluate_down(content: Content) -> EvaluateDown:
+    from peel_fed.fedpee import EvalSpec
+
+    return EvaluateDown(
+        data=decode_data(content),
+        spec=EvalSpec.from_config(content.configs["evaluate"]),
+        tables=dict(content.arrays["tables"]),
+        centroids=decode_centroids(content),
+        layout=decode_layout(content),
+    )

@@ -1,0 +1,47 @@
+"""What every phase strategy shares: the run config, the data to name, the log, client sampling.
+
+A phase strategy has ``configure`` steps (build a message's contents from the server state) and
+``aggregate`` steps (decode the reply contents, or a secure sum, and call the core); its ``run``
+only loops configure -> exchange -> aggregate. ``configure`` and ``aggregate`` take and return
+plain objects (``RecordDict`` contents, numpy arrays), so they are tested without a grid.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Message, RecordDict
+
+from clients.records import from_record_dict
+from peel_fed.fedconfig import FedConfig
+from peel_fed.messages import DataSpec, decode_upload_users
+from strategies.log import PhaseLog
+
+
+class PhaseStrategy:
+    """A phase of the pipeline: the run config, the data devices load, and the log every
+    exchange is written to."""
+
+    def __init__(self, cfg: FedConfig, log: PhaseLog, data: DataSpec) -> None:
+        self.cfg, self.log, self.data = cfg, log, data
+
+
+def reply_contents(replies: dict[int, Message]) -> dict[int, RecordDict]:
+    """The contents of good replies by node id (in the order they arrived)."""
+    return {node: reply.content for node, reply in replies.items()}
+
+
+def node_sample(nodes: list[int], fraction: float, rng: np.random.Generator) -> list[int]:
+    """Client sampling: a seeded ``fraction`` of the nodes (at least one)."""
+    if fraction >= 1.0:
+        return list(nodes)
+    k = max(1, int(round(fraction * len(nodes))))
+    return sorted(rng.choice(nodes, size=k, replace=False).tolist())
+
+
+def upload_users(replies: dict[int, RecordDict]) -> dict[int, tuple[int, int]]:
+    """Per node of a clear training round: taking-part users and the bytes they would upload
+    alone (for the bytes log)."""
+    return {
+        node: decode_upload_users(from_record_dict(c, with_arrays=False))
+        for node, c in replies.items()
+    }

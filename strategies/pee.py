@@ -1,0 +1,160 @@
+"""Per-group PEE learning: all user groups in the same rounds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import RecordDict
+from flwr.serverapp import Grid
+
+from clients.records import from_record_dict, to_record_dict
+from peel_fed.fedconfig import FedConfig
+from peel_fed.fedlightgcn import rounds_per_pass_for
+from peel_fed.fedpee import PEEGroupServer, PEEUpload
+from peel_fed.lightgcn import progress_bar
+from peel_fed.messages import (
+    DataSpec,
+    PEEDown,
+    PEERound,
+    decode_pee_reply,
+    decode_pee_row_counts,
+    decode_pee_rows,
+    encode_pee_down,
+    encode_pee_rows_down,
+    pee_row_unions,
+)
+from strategies.base import PhaseStrategy, node_sample, reply_contents, upload_users
+from strategies.grouping import GroupingResult
+from strategies.log import PhaseLog, _log
+from strategies.phases import exchange, secure_sum
+from strategies.stats import StatsResult
+
+
+@dataclass
+class PEEResult:
+    servers: list[PEEGroupServer]
+    history: list[dict]
+
+
+class PEEStrategy(PhaseStrategy):
+    """All user groups in the same rounds: each node gets the tables and weights of its groups;
+    per group, row gradients are averaged into the table and the mean dL_val/d alpha steps the
+    group's controller. ``servers`` holds one group server per user group."""
+
+    def __init__(
+        self,
+        cfg: FedConfig,
+        log: PhaseLog,
+        data: DataSpec,
+        stats: StatsResult,
+        item_table: np.ndarray,
+        groups: GroupingResult,
+    ) -> None:
+        super().__init__(cfg, log, data)
+        self.layout, self.groups = stats.layout, groups
+        pcfg = cfg.pee()
+        self.servers = [
+            PEEGroupServer(
+                item_table, stats.train_popularity, self.layout, pcfg, cfg.seed * 1000 + g
+            )
+            for g in range(cfg.user_groups)
+        ]
+
+    def round_settings(self, round_: int, rounds_per_pass: int) -> PEERound:
+        cfg = self.cfg
+        return PEERound(
+            round=round_,
+            rounds_per_pass=rounds_per_pass,
+            local_steps=cfg.pee_local_steps,
+            user_lr=cfg.pee_user_lr,
+            blocks=cfg.blocks,
+            dim=cfg.dim,
+            item_groups=self.layout.num_item_groups,
+            user_groups=cfg.user_groups,
+            secure=cfg.secure_rows,
+        )
+
+    def configure(self, round_: PEERound, group_ids) -> RecordDict:
+        """The tables and unit weights of the user groups ``group_ids``, and the layout."""
+        tables = {g: self.servers[g].table.numpy() for g in group_ids}
+        alphas = {g: self.servers[g].weights() for g in tables}
+        down = PEEDown(self.data, round_, tables, alphas, self.layout)
+        return to_record_dict(encode_pee_down(down))
+
+    def aggregate(self, replies: dict[int, RecordDict]) -> list[dict[str, float]]:
+        """A round in the clear: every node's upload of each of its groups goes to that group's
+        server (in arrival order); returns each group's round statistics."""
+        uploads: list[list[PEEUpload]] = [[] for _ in self.servers]
+        for node, content in replies.items():
+            per_group = decode_pee_reply(from_record_dict(content), self.layout.num_item_groups)
+            for g in self.groups.node_groups[node]:
+                uploads[g].append(per_group[g])
+        return [s.apply(u) for s, u in zip(self.servers, uploads, strict=True)]
+
+    def configure_rows(
+        self, total: np.ndarray, round_: PEERound
+    ) -> tuple[np.ndarray, list[np.ndarray], RecordDict]:
+        """Secure rows, between the halves: the summed per-group row counts, each group's row
+        union, and the message that sends the unions."""
+        counts = decode_pee_row_counts(total, self.cfg.user_groups, self.layout.n_items)
+        unions = pee_row_unions(counts)
+        return counts, unions, to_record_dict(encode_pee_rows_down(self.data, round_, unions))
+
+    def aggregate_rows(
+        self, values: np.ndarray, counts: np.ndarray, unions: list[np.ndarray]
+    ) -> list[dict[str, float]]:
+        """Secure rows: apply each group's summed upload."""
+        uploads = decode_pee_rows(values, counts, unions, self.layout)
+        return [s.apply([u]) for s, u in zip(self.servers, uploads, strict=True)]
+
+    def _secure_round(
+        self, grid: Grid, nodes: list[int], round_: PEERound
+    ) -> list[dict[str, float]]:
+        """Secure rows: masked per-group row counts, then per group the masked gradients over the
+        group's row union with dL_val/d alpha and loss statistics; only sums reach the server.
+        Every group's table goes to every node (one content for all)."""
+        timeout, r = self.cfg.round_timeout_s, round_.round
+        content = self.configure(round_, range(self.cfg.user_groups))
+        total, counted, reports = secure_sum(grid, nodes, "train.pee", content, timeout, "pee", r)
+        self.log.add(reports)
+        counts, unions, down = self.configure_rows(total, round_)
+        values, _, reports = secure_sum(
+            grid, counted, "train.peerows", down, timeout, "pee/rows", r
+        )
+        self.log.add(reports)
+        return self.aggregate_rows(values, counts, unions)
+
+    def run(self, grid: Grid, nodes: list[int]) -> PEEResult:
+        cfg = self.cfg
+        per_pass = rounds_per_pass_for(cfg.pee_cohort_fraction)
+        rng = np.random.default_rng([cfg.seed, 13])
+        history = []
+        bar = progress_bar(cfg.pee_rounds, "PEE learning (rounds)", cfg.progress)
+        members = [n for n in nodes if n in self.groups.node_groups]
+        for r in range(1, cfg.pee_rounds + 1):
+            sample = node_sample(members, cfg.fraction_nodes, rng)
+            round_ = self.round_settings(r, per_pass)
+            if cfg.secure_rows:
+                history.append({"round": r, "groups": self._secure_round(grid, sample, round_)})
+                bar.update(1)
+                continue
+            contents = {
+                node: self.configure(round_, self.groups.node_groups[node]) for node in sample
+            }
+            replies, rep = exchange(
+                grid, sample, "train.pee", contents, cfg.round_timeout_s, "pee", r
+            )
+            answered = reply_contents(replies)
+            self.log.add(rep, upload_users(answered))
+            if len(replies) < min(cfg.min_nodes, len(sample)):
+                _log(f"PEE round {r}: {len(replies)} replies < min-nodes; round skipped")
+                continue
+            history.append(
+                {"round": r, "groups": self.aggregate(answered), "failed": len(rep.failed)}
+            )
+            bar.update(1)
+            bar.set_postfix(failed=len(rep.failed))
+        bar.close()
+        _log(f"PEE learning: {cfg.pee_rounds} rounds for {cfg.user_groups} user groups")
+        return PEEResult(self.servers, history)

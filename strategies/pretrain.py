@@ -1,0 +1,142 @@
+"""Federated LightGCN pretraining: round 0 collects first contributions layer by layer; each
+round sends the item layers, averages the sparse ``E0`` row gradients over the devices that
+touched each row and adds the contribution changes to the item-side sums."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import RecordDict
+from flwr.serverapp import Grid
+
+from clients.records import from_record_dict, to_record_dict
+from peel_fed.fedconfig import FedConfig
+from peel_fed.fedlightgcn import PretrainServer, rounds_per_pass_for
+from peel_fed.lightgcn import progress_bar
+from peel_fed.messages import (
+    DataSpec,
+    PretrainDown,
+    PretrainStep,
+    RowCounts,
+    decode_contribution,
+    decode_device_update,
+    decode_pretrain_row_counts,
+    decode_pretrain_rows,
+    encode_pretrain_down,
+    encode_rows_down,
+)
+from strategies.base import PhaseStrategy, node_sample, reply_contents, upload_users
+from strategies.log import PhaseLog, _log
+from strategies.phases import exchange, secure_sum
+from strategies.stats import StatsResult
+
+
+class PretrainStrategy(PhaseStrategy):
+    """Federated LightGCN on the server side; ``server`` holds the item tables, ``history`` one
+    entry per applied round."""
+
+    def __init__(self, cfg: FedConfig, log: PhaseLog, data: DataSpec, stats: StatsResult) -> None:
+        super().__init__(cfg, log, data)
+        self.stats = stats
+        self.server = PretrainServer(stats.n_items, stats.fit_degree, cfg.lightgcn(), cfg.seed)
+        self.history: list[dict] = []
+
+    def step(self, step: str, **at: int) -> PretrainStep:
+        """The settings of a ``step`` message (``k`` for init, ``round``/``rounds_per_pass``)."""
+        cfg = self.cfg
+        return PretrainStep(
+            step, cfg.dim, cfg.layers, cfg.local_steps, cfg.user_lr, cfg.secure_rows, **at
+        )
+
+    def configure(self, step: PretrainStep) -> RecordDict:
+        """The item layers as they are now, the fit item degree and the step's settings."""
+        layers = [layer.numpy() for layer in self.server.item_layers()]
+        down = PretrainDown(self.data, step, layers, self.stats.fit_degree)
+        return to_record_dict(encode_pretrain_down(down))
+
+    def aggregate_contributions(self, replies: dict[int, RecordDict]) -> None:
+        """An ``init`` step in the clear: add every node's first contributions."""
+        for content in replies.values():
+            rows, delta = decode_contribution(from_record_dict(content))
+            self.server.add_contributions(rows, torch.from_numpy(delta))
+
+    def aggregate_round(self, replies: dict[int, RecordDict]) -> dict[str, float]:
+        """A training round in the clear: apply every node's upload, in arrival order."""
+        updates = [decode_device_update(from_record_dict(c)) for c in replies.values()]
+        return self.server.apply(updates)
+
+    def configure_rows(self, total: np.ndarray) -> tuple[RowCounts, RecordDict]:
+        """Secure rows, between the halves: the summed row counts, and the row union to send."""
+        first = decode_pretrain_row_counts(total, self.stats.n_items)
+        return first, to_record_dict(encode_rows_down(self.data, first.union))
+
+    def aggregate_rows(self, values: np.ndarray, first: RowCounts, has_grad: bool) -> dict:
+        """Secure rows: apply the cohort's summed update (``has_grad`` False for ``init``)."""
+        cfg = self.cfg
+        return self.server.apply(
+            [decode_pretrain_rows(values, first, cfg.layers, cfg.dim, has_grad)]
+        )
+
+    def _secure_round(
+        self, grid: Grid, nodes: list[int], content: RecordDict, round_: int, has_grad: bool
+    ) -> dict:
+        """Secure-rows mode: masked per-row device counts first (the server learns the cohort's
+        row union and how many devices touched each row), then the masked values laid out over
+        that union; the server only ever sees sums over the nodes."""
+        timeout = self.cfg.round_timeout_s
+        phase = "pretrain" if has_grad else "pretrain/init"
+        total, counted, reports = secure_sum(
+            grid, nodes, "train.pretrain", content, timeout, phase, round_
+        )
+        self.log.add(reports)
+        first, down = self.configure_rows(total)
+        values, _, reports = secure_sum(
+            grid, counted, "train.rows", down, timeout, f"{phase}/rows", round_
+        )
+        self.log.add(reports)
+        return self.aggregate_rows(values, first, has_grad)
+
+    def run(self, grid: Grid, nodes: list[int]) -> PretrainServer:
+        cfg = self.cfg
+        timeout = cfg.round_timeout_s
+        for k in range(cfg.layers):
+            content = self.configure(self.step("init", k=k))
+            if cfg.secure_rows:
+                self._secure_round(grid, nodes, content, k, False)
+                continue
+            replies, rep = exchange(
+                grid, nodes, "train.pretrain", content, timeout, "pretrain/init", k
+            )
+            self.log.add(rep)
+            self.aggregate_contributions(reply_contents(replies))
+        per_pass = rounds_per_pass_for(cfg.cohort_fraction)
+        rounds = cfg.pretrain_passes * per_pass
+        rng = np.random.default_rng([cfg.seed, 11])
+        bar = progress_bar(rounds, "federated pretraining (rounds)", cfg.progress)
+        for r in range(1, rounds + 1):
+            sample = node_sample(nodes, cfg.fraction_nodes, rng)
+            content = self.configure(self.step("round", round=r, rounds_per_pass=per_pass))
+            if cfg.secure_rows:
+                s = self._secure_round(grid, sample, content, r, True)
+                self.history.append({"round": r, **s})
+                bar.update(1)
+                continue
+            replies, rep = exchange(grid, sample, "train.pretrain", content, timeout, "pretrain", r)
+            contents = reply_contents(replies)
+            self.log.add(rep, upload_users(contents))
+            if len(replies) < min(cfg.min_nodes, len(sample)):
+                _log(f"pretrain round {r}: {len(replies)} replies < min-nodes; round skipped")
+                continue
+            s = self.aggregate_round(contents)
+            self.history.append({"round": r, **s, "failed": len(rep.failed)})
+            bar.update(1)
+            bar.set_postfix(loss=f"{s['loss']:.4f}", failed=len(rep.failed))
+        bar.close()
+        content = self.configure(self.step("final"))
+        _, rep = exchange(grid, nodes, "train.pretrain", content, timeout, "final")
+        self.log.add(rep)
+        _log(
+            f"pretraining: {rounds} rounds ({cfg.pretrain_passes} passes); final vectors kept on "
+            f"{len(rep.replied)}/{len(nodes)} nodes"
+        )
+        return self.server

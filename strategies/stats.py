@@ -1,0 +1,92 @@
+"""Statistics: item counts by secure aggregation -> degrees, popularity, item groups, layout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import RecordDict
+from flwr.serverapp import Grid
+
+from clients.records import to_record_dict
+from peel_fed.blocks import (
+    BlockLayout,
+    BudgetError,
+    check_budget,
+    parse_budget,
+    popularity_item_groups,
+)
+from peel_fed.fedconfig import ConfigError
+from peel_fed.fedpee import drill_cut
+from peel_fed.messages import data_content, decode_stats
+from strategies.base import PhaseStrategy
+from strategies.log import _log
+from strategies.phases import secure_sum
+
+
+@dataclass
+class StatsResult:
+    train_popularity: np.ndarray
+    fit_degree: np.ndarray
+    users: int
+    n_items: int
+    layout: BlockLayout
+    budget_bytes: list[int]
+
+
+class StatsStrategy(PhaseStrategy):
+    """Item counts by secure aggregation -> degrees, popularity, item groups, block layout."""
+
+    def configure(self) -> RecordDict:
+        return to_record_dict(data_content(self.data))
+
+    def aggregate(self, total: np.ndarray) -> StatsResult:
+        """The statistics from the summed ``[train counts | fit counts | users]``; checks the
+        run config against them (user and item groups, budgets)."""
+        cfg = self.cfg
+        sums = decode_stats(total)
+        n_items = sums.train.size
+        if cfg.user_groups > sums.users:
+            raise ConfigError(f"more user groups ({cfg.user_groups}) than users ({sums.users})")
+        if cfg.item_groups > n_items:
+            raise ConfigError(f"more item groups ({cfg.item_groups}) than items ({n_items})")
+        layout = BlockLayout(
+            popularity_item_groups(sums.train, cfg.item_groups), cfg.dim, cfg.blocks
+        )
+        try:
+            budget_bytes = [parse_budget(b, layout.full_table_bytes) for b in cfg.budget_list()]
+            for b in budget_bytes:
+                check_budget(b, layout)
+            own_budgets = [
+                parse_budget(choice, layout.full_table_bytes)
+                for choice in cfg.budget_list("device_budgets")
+            ]
+            for own in own_budgets:
+                check_budget(own, layout)
+        except BudgetError as exc:
+            raise ConfigError(f"budgets: {exc}") from None
+        empty = sorted(
+            {
+                drill_cut(own, f)
+                for own in own_budgets
+                for f in cfg.drill_fractions()
+                if drill_cut(own, f) < layout.min_budget_bytes
+            }
+        )
+        if empty:
+            _log(f"drill cuts below one unit (no device ranks there): {empty} B")
+        return StatsResult(sums.train, sums.fit, sums.users, n_items, layout, budget_bytes)
+
+    def run(self, grid: Grid, nodes: list[int]) -> StatsResult:
+        total, contributed, reports = secure_sum(
+            grid, nodes, "query.stats", self.configure(), self.cfg.round_timeout_s, "stats"
+        )
+        self.log.add(reports)
+        result = self.aggregate(total)
+        failed = sorted({n for r in reports for n in r.failed})
+        _log(
+            f"stats (secure aggregation): {len(contributed)}/{len(nodes)} nodes, "
+            f"{result.users:,} users, {int(result.train_popularity.sum()):,} training "
+            f"interactions over {result.n_items:,} items; {len(failed)} failed"
+        )
+        return result
