@@ -3,7 +3,7 @@
 A node hosts the users of its partition (``partition-id`` / ``num-partitions`` from the node
 config). Each hosted user acts as if alone; the node only batches their work. The data to load
 comes from the server's message (dataset name, data folder, seed); a ``data-dir`` in the node
-config (deployment: each SuperNode's own data) takes precedence, and so does its ``budget-bytes``
+config (deployment: each SuperNode's own data) takes precedence, and so does its ``device-budget``
 (the phone's memory budget; simulation draws one per user from ``device-budgets``). Device state
 (user vectors, their optimiser moments, group, PEE user vectors) lives in ``context.state``
 between messages (:mod:`clients.state`).
@@ -287,7 +287,7 @@ def pee(msg: Message, context: Context) -> Message:
     if round_.secure:
         # secure rows: keep the upload, send masked per-group row counts and the user count
         state.save_arrays(context, "pee-pending", encode_pee_uploads(uploads))
-        counts = encode_pee_row_counts(uploads, round_.user_groups, down.layout.n_items)
+        counts = encode_pee_row_counts(uploads, round_.num_user_groups, down.layout.n_items)
         return masked_reply(msg, context, content, counts)
     return _reply(msg, encode_pee_reply(uploads))
 
@@ -300,7 +300,7 @@ def pee_rows(msg: Message, context: Context) -> Message:
         raise RuntimeError("train.peerows without a pending PEE upload")
     content = from_record_dict(msg.content)
     round_, unions = decode_pee_rows_down(content)
-    uploads = decode_pee_uploads(pending, round_.item_groups)
+    uploads = decode_pee_uploads(pending, round_.num_item_groups)
     reply = masked_reply(msg, context, content, encode_pee_rows(uploads, unions, round_))
     state.drop(context, "pee-pending")
     return reply
@@ -312,7 +312,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     NDCG sums (securely aggregated) per method and budget level, per own-budget class, and after
     each step of the dynamic-budget drill (shrinking with no server contact)."""
     _torch()
-    from peel_fed.fedpee import evaluation_vector
+    from peel_fed.fedeval import evaluation_vector
 
     content = from_record_dict(msg.content)
     down = decode_evaluate_down(content)

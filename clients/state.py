@@ -20,9 +20,11 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from flwr.app import ConfigRecord, Context
 
 from clients.records import from_array_record, to_array_record
-from peel_fed.data import Dataset, Interactions, TrainValSplit, load_dataset, split_validation
+from peel_fed.data import Dataset, Interactions, TrainValSplit, split_validation
+from peel_fed.loading import load_dataset
 from peel_fed.messages import Arrays, DataSpec
 from peel_fed.partition import partition_users
+from peel_fed.renames import RENAMED_NODE_CONFIG_KEYS, renamed_key
 from peel_fed.secagg import SecAggClient
 
 if TYPE_CHECKING:
@@ -70,9 +72,12 @@ def node_data(data: DataSpec, context: Context) -> NodeData:
 
 
 def node_budget(context: Context) -> str | None:
-    """The SuperNode's own memory budget (deployment), or None (simulation draws one per user)."""
-    if "budget-bytes" in context.node_config:
-        return str(context.node_config["budget-bytes"])
+    """The SuperNode's own memory budget (node config ``device-budget``; deployment), or None
+    (simulation draws one per user). The old key ``budget-bytes`` is accepted until 0.3."""
+    for given in ("device-budget", "budget-bytes"):
+        if given in context.node_config:
+            renamed_key(given, RENAMED_NODE_CONFIG_KEYS, "node-config key")
+            return str(context.node_config[given])
     return None
 
 

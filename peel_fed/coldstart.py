@@ -65,7 +65,7 @@ def run_cold_start(
 
     Returns ``{"rows": [...], "held_users": n, "warm_users": n, "cold_users_per_group": {...},
     ...}``; each row is one (method, budget) with Recall@20, NDCG@20 and the bytes used. Methods:
-    PEEL with each ``cfg.user_groups`` for cold-start and for warm users, first-k blocks for
+    PEEL with each ``cfg.num_user_groups`` for cold-start and for warm users, first-k blocks for
     cold-start users, and the full pretrained table for both.
     """
     t_start = time.perf_counter()
@@ -74,9 +74,9 @@ def run_cold_start(
     warm_users = np.setdiff1d(
         np.flatnonzero(np.bincount(warm_ds.train.users, minlength=ds.n_users)), held
     )
-    if max(cfg.user_groups) > warm_users.size:
+    if max(cfg.num_user_groups) > warm_users.size:
         raise ValueError(
-            f"more user groups ({max(cfg.user_groups)}) than warm users ({warm_users.size})"
+            f"more user groups ({max(cfg.num_user_groups)}) than warm users ({warm_users.size})"
         )
     log(f"cold start: {held.size:,} users held out of training, {warm_users.size:,} warm users")
     popularity = warm_ds.item_popularity()  # what the server knows: warm users' items only
@@ -98,7 +98,7 @@ def run_cold_start(
     cold_first_k = [(held, cold_vecs, pre.item_emb, ones, first_k)]
     methods: dict[str, list] = {}
     assigned: dict[str, list[int]] = {}
-    for num_user_groups in cfg.user_groups:
+    for num_user_groups in cfg.num_user_groups:
         name = f"PEEL (G_u={num_user_groups})"
         km = kmeans_user_groups(pre.user_emb[warm_users], num_user_groups, seed=cfg.seed)
         assignment = np.full(ds.n_users, -1, dtype=np.int64)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -10,35 +9,11 @@ from peel_fed.blocks import BudgetError, parse_budget, split_budget_list
 from peel_fed.controller import ControllerConfig
 from peel_fed.fedlightgcn import FedLightGCNConfig
 from peel_fed.fedpee import FedPEEConfig
+from peel_fed.renames import RENAMED_RUN_CONFIG_KEYS, with_current_keys
 
 
 class ConfigError(ValueError):
     """An invalid run-config value."""
-
-
-RENAMED_KEYS: dict[str, str] = {
-    "item-groups": "num-item-groups",
-    "blocks": "num-blocks",
-    "user-groups": "num-user-groups",
-    "cohort-fraction": "pretrain-cohort-fraction",
-    "local-steps": "pretrain-local-steps",
-    "server-lr": "pretrain-server-lr",
-    "user-lr": "pretrain-user-lr",
-}
-"""Run-config keys renamed in 0.2 (old -> new): the old names are accepted, with a warning,
-until 0.3. ``flwr run`` checks keys against ``pyproject.toml`` and so knows only the new ones."""
-
-
-def renamed_key(key: str, renamed: dict[str, str], what: str = "run-config key") -> str:
-    """The current name of ``key``; an old name gives a ``FutureWarning`` naming the new one."""
-    if key not in renamed:
-        return key
-    warnings.warn(
-        f"{what} {key!r} is renamed {renamed[key]!r}; the old name goes in 0.3",
-        FutureWarning,
-        stacklevel=3,
-    )
-    return renamed[key]
 
 
 @dataclass(frozen=True)
@@ -169,13 +144,14 @@ class FedConfig:
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> FedConfig:
         """Build from a Flower run config; unknown keys and wrong types are one-line errors.
-        Renamed keys (``RENAMED_KEYS``) are accepted with a warning."""
+        Renamed keys (``peel_fed.renames``) are accepted with a warning."""
         known = {f.name.replace("_", "-"): f for f in fields(cls)}
         values: dict[str, Any] = {}
-        for given, value in run_config.items():
-            key = renamed_key(given, RENAMED_KEYS)
-            if key != given and key in run_config:
-                raise ConfigError(f"run-config gives both {given!r} and its new name {key!r}")
+        try:
+            run_config = with_current_keys(run_config, RENAMED_RUN_CONFIG_KEYS, "run-config key")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        for key, value in run_config.items():
             if key not in known:
                 raise ConfigError(f"unknown run-config key {key!r}")
             f = known[key]

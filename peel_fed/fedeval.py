@@ -82,19 +82,19 @@ class EvalSpec:
     budget_bytes: tuple[int, ...]
     device_budgets: tuple[str, ...]
     drill: tuple[float, ...]
-    user_groups: int
+    num_user_groups: int
     full_table_bytes: int
 
     @property
     def methods(self) -> tuple[str, ...]:
-        return (f"PEEL (G_u={self.user_groups})",) + BASELINES
+        return (f"PEEL (G_u={self.num_user_groups})",) + BASELINES
 
     def to_config(self) -> dict:
         return {
             "budget-bytes": list(self.budget_bytes),
             "device-budgets": list(self.device_budgets),
             "drill": list(self.drill),
-            "user-groups": self.user_groups,
+            "num-user-groups": self.num_user_groups,
             "full-table-bytes": self.full_table_bytes,
         }
 
@@ -104,7 +104,7 @@ class EvalSpec:
             budget_bytes=tuple(int(b) for b in rec["budget-bytes"]),
             device_budgets=tuple(str(b) for b in rec["device-budgets"]),
             drill=tuple(float(f) for f in rec["drill"]),
-            user_groups=int(rec["user-groups"]),
+            num_user_groups=int(rec["num-user-groups"]),
             full_table_bytes=int(rec["full-table-bytes"]),
         )
 
@@ -113,7 +113,7 @@ class EvalSpec:
         return (
             len(self.methods) * b * 3,
             len(self.device_budgets) * (1 + len(self.drill)) * 3,
-            self.user_groups * b * 3,
+            self.num_user_groups * b * 3,
         )
 
     def length(self) -> int:
@@ -142,7 +142,7 @@ def evaluation_vector(
     """A node's evaluation sums, to be summed over nodes (see :func:`evaluation_table`).
 
     Each user's own budget is drawn from ``spec.device_budgets`` by its hash (simulation), or is
-    ``node_budget`` for all of the node's users (deployment: the SuperNode's ``budget-bytes``),
+    ``node_budget`` for all of the node's users (deployment: the SuperNode's ``device-budget``),
     which must equal one of ``spec.device_budgets`` in bytes.
 
     ``tables`` holds, per user group g, ``table-g``, ``alpha-g``, ``order-g`` (the group's PEE),
@@ -157,7 +157,7 @@ def evaluation_vector(
         mine = parse_budget(node_budget, spec.full_table_bytes)
         if mine not in choice:
             raise ValueError(
-                f"node budget-bytes {node_budget!r} ({mine} B) is not one of device-budgets "
+                f"node device-budget {node_budget!r} ({mine} B) is not one of device-budgets "
                 f"{', '.join(spec.device_budgets)}"
             )
         own = np.full(users.size, mine, dtype=np.int64)
@@ -166,7 +166,7 @@ def evaluation_vector(
 
     def peel_at(budget_per_user: np.ndarray) -> np.ndarray:
         out = np.zeros((users.size, 3))
-        for g in range(spec.user_groups):
+        for g in range(spec.num_user_groups):
             sel = groups == g
             if sel.any():
                 out[sel] = ranking_metric_sums(
@@ -211,7 +211,7 @@ def evaluation_vector(
         part_b.append(_sums(at_own, mine))
         for f in spec.drill:  # a cut where nothing fits counts no device (see ranking_metric_sums)
             part_b.append(_sums(peel_at(np.full(users.size, drill_cut(budget, f))), mine))
-    for g in range(spec.user_groups):
+    for g in range(spec.num_user_groups):
         for j in range(levels.size):
             part_c.append(_sums(peel_levels[j], groups == g))
     return np.concatenate([np.concatenate(p) for p in (part_a, part_b, part_c)])
@@ -253,7 +253,7 @@ def evaluation_table(total: np.ndarray, spec: EvalSpec) -> dict:
                 }
             )
             i += 1
-    for g in range(spec.user_groups):
+    for g in range(spec.num_user_groups):
         for budget in spec.budget_bytes:
             per_group.append({"group": g, "budget_bytes": int(budget), **mean(trip[i])})
             i += 1

@@ -19,7 +19,7 @@ encoded and decoded as is. Those live in modules that import torch; they are imp
 functions that need them, so that the device's secure-aggregation and grouping messages (a fresh
 process per message in deployment) do not pay for torch.
 
-This module is longer than the project's ~400 lines on purpose: it is the whole protocol, one
+Long file: over the project's ~400 lines on purpose, as it is the whole protocol, one
 section per phase, and reads best in one place (each encode next to its decode).
 """
 
@@ -33,8 +33,9 @@ import numpy as np
 from peel_fed.blocks import BlockLayout
 
 if TYPE_CHECKING:
+    from peel_fed.fedeval import EvalSpec
     from peel_fed.fedlightgcn import DeviceUpdate
-    from peel_fed.fedpee import EvalSpec, PEEUpload
+    from peel_fed.fedpee import PEEUpload
 
 Scalar = int | float | str | bool | bytes
 ConfigValue = Scalar | list[int] | list[float] | list[str] | list[bool] | list[bytes]
@@ -194,10 +195,10 @@ def encode_layout(layout: BlockLayout) -> Arrays:
 
 
 def decode_layout(content: Content) -> BlockLayout:
-    """The layout from the ``layout`` arrays and the ``pee`` config's ``blocks`` and ``dim``."""
+    """The layout from the ``layout`` arrays and the ``pee`` config's ``num-blocks`` and ``dim``."""
     rec = content.configs["pee"]
     item_groups = content.arrays["layout"]["item-groups"]
-    return BlockLayout(item_groups, int(rec["dim"]), int(rec["blocks"]))
+    return BlockLayout(item_groups, int(rec["dim"]), int(rec["num-blocks"]))
 
 
 # --- pretraining --------------------------------------------------------------------------------
@@ -441,10 +442,10 @@ class PEERound:
     rounds_per_pass: int
     local_steps: int
     user_lr: float
-    blocks: int
+    num_blocks: int
     dim: int
-    item_groups: int
-    user_groups: int
+    num_item_groups: int
+    num_user_groups: int
     secure: bool
 
     def to_config(self) -> Config:
@@ -453,10 +454,10 @@ class PEERound:
             "rounds-per-pass": self.rounds_per_pass,
             "local-steps": self.local_steps,
             "user-lr": self.user_lr,
-            "blocks": self.blocks,
+            "num-blocks": self.num_blocks,
             "dim": self.dim,
-            "item-groups": self.item_groups,
-            "user-groups": self.user_groups,
+            "num-item-groups": self.num_item_groups,
+            "num-user-groups": self.num_user_groups,
             "secure": self.secure,
         }
 
@@ -467,10 +468,10 @@ class PEERound:
             rounds_per_pass=int(rec["rounds-per-pass"]),
             local_steps=int(rec["local-steps"]),
             user_lr=float(rec["user-lr"]),
-            blocks=int(rec["blocks"]),
+            num_blocks=int(rec["num-blocks"]),
             dim=int(rec["dim"]),
-            item_groups=int(rec["item-groups"]),
-            user_groups=int(rec["user-groups"]),
+            num_item_groups=int(rec["num-item-groups"]),
+            num_user_groups=int(rec["num-user-groups"]),
             secure=bool(rec.get("secure", False)),
         )
 
@@ -613,7 +614,7 @@ def encode_pee_rows_down(data: DataSpec, round_: PEERound, unions: list[np.ndarr
 def decode_pee_rows_down(content: Content) -> tuple[PEERound, list[np.ndarray]]:
     round_ = PEERound.from_config(content.configs["pee"])
     rows = content.arrays["rows"]
-    return round_, [rows[f"union-{g}"] for g in range(round_.user_groups)]
+    return round_, [rows[f"union-{g}"] for g in range(round_.num_user_groups)]
 
 
 def encode_pee_rows(
@@ -621,11 +622,11 @@ def encode_pee_rows(
 ) -> np.ndarray:
     """Secure rows, second half: per user group ``[gradient over the group's row union |
     dL_val/d alpha (item groups x blocks) | loss statistics]``, zeros for groups not hosted."""
-    n, dim = round_.item_groups, round_.dim
+    n, dim = round_.num_item_groups, round_.dim
     parts = []
     for g, union in enumerate(unions):
         grad = np.zeros((union.size, dim))
-        weight_grad = np.zeros(n * round_.blocks)
+        weight_grad = np.zeros(n * round_.num_blocks)
         stats = np.zeros(2 + 2 * n)
         if g in uploads:
             up = uploads[g]
@@ -680,13 +681,13 @@ def encode_evaluate_down(down: EvaluateDown) -> Content:
         configs={
             "data": down.data.to_config(),
             "evaluate": down.spec.to_config(),
-            "pee": {"blocks": down.layout.num_blocks, "dim": down.layout.dim},
+            "pee": {"num-blocks": down.layout.num_blocks, "dim": down.layout.dim},
         },
     )
 
 
 def decode_evaluate_down(content: Content) -> EvaluateDown:
-    from peel_fed.fedpee import EvalSpec
+    from peel_fed.fedeval import EvalSpec
 
     return EvaluateDown(
         data=decode_data(content),

@@ -48,7 +48,7 @@ class PipelineConfig:
     data_dir: str | None = None
     seed: int = 0
     val_fraction: float = 0.1
-    user_groups: tuple[int, ...] = (4, 1)
+    num_user_groups: tuple[int, ...] = (4, 1)
     budgets: tuple[str, ...] = DEFAULT_BUDGETS
     out_dir: str = "runs/centralized"
     cache_dir: str = "runs/cache"
@@ -62,8 +62,10 @@ class PipelineConfig:
     peel: PEELConfig = field(default_factory=PEELConfig)
 
     def __post_init__(self) -> None:
-        if not self.user_groups or min(self.user_groups) < 1:
-            raise ValueError(f"user-groups must be positive integers, got {self.user_groups}")
+        if not self.num_user_groups or min(self.num_user_groups) < 1:
+            raise ValueError(
+                f"num-user-groups must be positive integers, got {self.num_user_groups}"
+            )
         if not self.budgets:
             raise ValueError("give at least one budget")
         if self.lightgcn.dim % self.peel.num_blocks:
@@ -176,8 +178,8 @@ def run_centralized(cfg: PipelineConfig, dataset: Dataset | None = None) -> dict
     t_start = time.perf_counter()
     ds = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_dir)
     log(ds.summary())
-    if max(cfg.user_groups) > ds.n_users:
-        raise ValueError(f"more user groups ({max(cfg.user_groups)}) than users ({ds.n_users})")
+    if max(cfg.num_user_groups) > ds.n_users:
+        raise ValueError(f"more user groups ({max(cfg.num_user_groups)}) than users ({ds.n_users})")
     popularity = ds.item_popularity()
     item_groups = popularity_item_groups(popularity, cfg.peel.num_item_groups)
     layout = BlockLayout(item_groups, cfg.lightgcn.dim, cfg.peel.num_blocks)
@@ -203,7 +205,7 @@ def run_centralized(cfg: PipelineConfig, dataset: Dataset | None = None) -> dict
     all_users = np.arange(ds.n_users)
     methods: dict[str, list] = {}
     peel_info: dict[str, dict] = {}
-    for num_user_groups in cfg.user_groups:
+    for num_user_groups in cfg.num_user_groups:
         name = f"PEEL (G_u={num_user_groups})"
         t0 = time.perf_counter()
         ugroups = kmeans_user_groups(pre.user_emb, num_user_groups, seed=cfg.seed)

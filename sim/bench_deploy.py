@@ -112,7 +112,7 @@ def bench_markdown(report: dict) -> str:
         f"{s['max_recall_difference']:.2e}."
     )
     lines.append(
-        f"\nCommand: `python -m sim.bench_deploy --repeats {report['repeats']} --nodes "
+        f"\nCommand: `python -m sim.bench_deploy --repeats {report['repeats']} --num-nodes "
         f"{report['nodes']}`; machine: {report['machine']}; total {report['wall_s']:.0f} s."
     )
     return "\n".join(lines) + "\n"
@@ -121,7 +121,7 @@ def bench_markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--nodes", type=int, default=3)
+    p.add_argument("--num-nodes", type=int, default=3)
     p.add_argument("--out", default="runs/bench-deploy", help="folder for bench.json and .md")
     args = p.parse_args(argv)
     configure_flower_env()
@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     for rep in range(args.repeats):
         for mode in MODES:
             out_dir = tempfile.mkdtemp(prefix="peel-fed-bench-")
-            cfg = FedConfig(**SMOKE_RUN, min_nodes=args.nodes, out_dir=out_dir)
-            run = _run(mode, cfg, args.nodes)
+            cfg = FedConfig(**SMOKE_RUN, min_nodes=args.num_nodes, out_dir=out_dir)
+            run = _run(mode, cfg, args.num_nodes)
             runs.append(run)
             print(
                 f"repeat {rep + 1}/{args.repeats} {mode}: pipeline {run['pipeline_s']:.1f} s, "
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
             )
     report = {
         "config": FedConfig(**SMOKE_RUN).to_run_config(),
-        "nodes": args.nodes,
+        "nodes": args.num_nodes,
         "repeats": args.repeats,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "
         f"{platform.python_version()}",

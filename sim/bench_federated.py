@@ -30,7 +30,7 @@ def _table(rows: list[dict]) -> dict[tuple[str, int], dict]:
 
 def comparison_markdown(report: dict) -> str:
     fed, cen = report["federated"], report["centralized"]
-    g = fed["config"]["user-groups"]
+    g = fed["config"]["num-user-groups"]
     f_rows, c_rows = _table(fed["rows"]), _table(cen["rows"])
     budgets = sorted({b for _, b in f_rows})
     full = fed["layout"]["full_table_bytes"]
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
         data_dir=args.data_dir or None,
         seed=args.seed,
         val_fraction=fcfg.val_fraction,
-        user_groups=(fcfg.user_groups,),
+        num_user_groups=(fcfg.num_user_groups,),
         budgets=tuple(fcfg.budget_list()),
         out_dir=str(Path(args.out).resolve().parent / "centralized-run"),
         cache_dir="runs/cache",

@@ -1,8 +1,8 @@
 """``peel-fed`` command line.
 
 Every command's options (``centralized``, ``simulate``, ``deploy``, ``study``) are built here, in
-one parser; the commands' work is in ``peel_fed.pipeline`` and the other ``sim`` modules. A
-little over 400 lines because it is one argparse tree with its help texts.
+one parser; the commands' work is in ``peel_fed.pipeline`` and the other ``sim`` modules.
+Long file: a little over 400 lines because it is one argparse tree with its help texts.
 """
 
 from __future__ import annotations
@@ -30,6 +30,36 @@ def _int_list(text: str) -> tuple[int, ...]:
     if not values:
         raise argparse.ArgumentTypeError("expected at least one integer")
     return values
+
+
+class _RenamedOption(argparse.Action):
+    """An option's old name, accepted until 0.3 with a warning that names the new one."""
+
+    def __init__(self, option_strings, dest, new_name: str, **kwargs) -> None:
+        self.new_name = new_name
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(
+            f"peel-fed: warning: {option_string} is renamed {self.new_name}; "
+            "the old name goes in 0.3",
+            file=sys.stderr,
+        )
+        setattr(namespace, self.dest, values)
+
+
+def _add_renamed(p: argparse.ArgumentParser, name: str, old_name: str, **kwargs) -> None:
+    """Option ``name``, plus its hidden old name ``old_name`` (same value, with a warning)."""
+    p.add_argument(name, **kwargs)
+    p.add_argument(
+        old_name,
+        dest=name.lstrip("-").replace("-", "_"),
+        action=_RenamedOption,
+        new_name=name,
+        type=kwargs.get("type"),
+        default=argparse.SUPPRESS,
+        help=argparse.SUPPRESS,
+    )
 
 
 def _budget_list(text: str) -> tuple[str, ...]:
@@ -69,16 +99,36 @@ def _add_centralized(sub) -> None:
     p.add_argument("--epochs", type=int, default=lg.epochs, help="LightGCN pretraining epochs")
     p.add_argument("--batch-size", type=int, default=lg.batch_size)
     p.add_argument("--lr", type=float, default=lg.lr)
-    p.add_argument("--blocks", type=int, default=pe.num_blocks, help="blocks per embedding N")
-    p.add_argument("--item-groups", type=int, default=pe.num_item_groups, help="item groups G_v")
-    p.add_argument(
+    _add_renamed(
+        p,
+        "--num-blocks",
+        "--blocks",
+        type=int,
+        default=pe.num_blocks,
+        help="blocks per embedding N",
+    )
+    _add_renamed(
+        p,
+        "--num-item-groups",
+        "--item-groups",
+        type=int,
+        default=pe.num_item_groups,
+        help="item groups G_v",
+    )
+    _add_renamed(
+        p,
+        "--num-user-groups",
         "--user-groups",
         type=_int_list,
         default=(4, 1),
         help="user groups G_u; a list runs PEEL once per value (default 4,1)",
     )
-    p.add_argument("--peel-epochs", type=int, default=pe.epochs, help="PEE learning epochs")
-    p.add_argument("--peel-lr", type=float, default=pe.lr, help="PEE learning (inner) rate")
+    _add_renamed(
+        p, "--pee-epochs", "--peel-epochs", type=int, default=pe.epochs, help="PEE learning epochs"
+    )
+    _add_renamed(
+        p, "--pee-lr", "--peel-lr", type=float, default=pe.lr, help="PEE learning (inner) rate"
+    )
     p.add_argument(
         "--unit-order",
         choices=("consistent", "per-group"),
@@ -128,7 +178,7 @@ def _add_run_args(p, out: str) -> None:
     p.add_argument(
         "--run-config",
         default="",
-        help='run-config overrides as for flwr run, e.g. "pretrain-passes=5 user-groups=2"',
+        help='run-config overrides as for flwr run, e.g. "pretrain-passes=5 num-user-groups=2"',
     )
     p.add_argument("--out", default=out, help=f"output folder (default {out})")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -149,7 +199,9 @@ def _add_deploy(sub) -> None:
         "its progress, write results.json, results.md and recall_vs_budget.png, and stop every "
         "process it started by PID (also on failure and Ctrl-C).",
     )
-    local.add_argument("--nodes", type=int, default=4, help="SuperNode processes (default 4)")
+    _add_renamed(
+        local, "--num-nodes", "--nodes", type=int, default=4, help="SuperNode processes (default 4)"
+    )
     _add_run_args(local, "runs/deployed")
     local.add_argument(
         "--insecure", action="store_true", help="no TLS (plain HTTP between the processes)"
@@ -163,7 +215,7 @@ def _add_deploy(sub) -> None:
         "--node-budgets",
         type=_budget_list,
         default=None,
-        help="each SuperNode's budget-bytes, cycled over the nodes, e.g. 10%%,25%%,50%%,100%% "
+        help="each SuperNode's device-budget, cycled over the nodes, e.g. 10%%,25%%,50%%,100%% "
         "(each must be one of the run config's device-budgets; default: every user draws one)",
     )
     local.add_argument(
@@ -261,8 +313,7 @@ def _fed_config(args, num_nodes: int):
     overrides["out-dir"] = str(Path(args.out).resolve())
     if args.no_progress:
         overrides["progress"] = False
-    base = FedConfig().to_run_config()
-    cfg = FedConfig.from_run_config({**base, **overrides})
+    cfg = FedConfig.from_run_config(overrides)
     if num_nodes < cfg.min_nodes:
         cfg = FedConfig.from_run_config({**cfg.to_run_config(), "min-nodes": num_nodes})
     return cfg
@@ -294,7 +345,7 @@ def _deploy(args) -> None:
 
     if args.insecure and args.certs:
         raise ValueError("--insecure and --certs exclude each other")
-    cfg = _fed_config(args, args.nodes)  # all nodes connect before the run starts
+    cfg = _fed_config(args, args.num_nodes)  # all nodes connect before the run starts
     certs = Certificates.in_dir(args.certs) if args.certs else None
 
     def on_sigterm(*_) -> None:  # a SIGTERM to the launcher stops the federation as Ctrl-C does
@@ -304,7 +355,7 @@ def _deploy(args) -> None:
     try:
         result = run_local_deployment(
             cfg,
-            args.nodes,
+            args.num_nodes,
             tls=not args.insecure,
             certs=certs,
             node_budgets=list(args.node_budgets) if args.node_budgets else None,
@@ -351,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
                 dataset=args.dataset,
                 data_dir=args.data_dir,
                 seed=args.seed,
-                user_groups=args.user_groups,
+                num_user_groups=args.num_user_groups,
                 budgets=args.budgets,
                 out_dir=args.out,
                 cache_dir=args.cache_dir,
@@ -362,15 +413,15 @@ def main(argv: list[str] | None = None) -> int:
                     epochs=args.epochs,
                     batch_size=args.batch_size,
                     lr=args.lr,
-                    num_blocks=args.blocks,
+                    num_blocks=args.num_blocks,
                     diversity_weight=args.diversity_weight,
                 ),
                 peel=PEELConfig(
-                    num_item_groups=args.item_groups,
-                    num_blocks=args.blocks,
-                    epochs=args.peel_epochs,
+                    num_item_groups=args.num_item_groups,
+                    num_blocks=args.num_blocks,
+                    epochs=args.pee_epochs,
                     diversity_weight=args.diversity_weight,
-                    lr=args.peel_lr,
+                    lr=args.pee_lr,
                     unit_order=args.unit_order,
                     elastic=not args.no_elastic,
                 ),

@@ -40,14 +40,14 @@ SMOKE_RUN = dict(
     dataset="checkerboard-tiny",
     layers=1,
     pretrain_passes=1,
-    cohort_fraction=1.0,
-    local_steps=1,
-    user_groups=2,
+    pretrain_cohort_fraction=1.0,
+    pretrain_local_steps=1,
+    num_user_groups=2,
     kmeans_iters=1,
     pee_rounds=2,
     pee_cohort_fraction=1.0,
-    item_groups=4,
-    blocks=4,
+    num_item_groups=4,
+    num_blocks=4,
     dim=16,
     budgets="25%,50%,100%",
     device_budgets="50%,100%",
@@ -60,7 +60,7 @@ pretraining 3, K-Means 2, grouping 1, PEE learning 2, evaluation 2). The deploym
 
 
 def _check_node_budget(budget: str, device_budgets: list[str]) -> None:
-    """A SuperNode's ``budget-bytes`` must be one of ``device-budgets`` (the evaluation reports
+    """A SuperNode's ``device-budget`` must be one of ``device-budgets`` (the evaluation reports
     per own-budget class), for any table size: checked now rather than at the end of the run."""
     from peel_fed.blocks import BudgetError, parse_budget
 
@@ -104,7 +104,7 @@ def run_local_deployment(
     """Run the whole pipeline on a SuperLink and ``num_nodes`` SuperNodes on this machine.
 
     With ``tls`` and no ``certs``, a test CA and certificate for 127.0.0.1 are made in the work
-    folder; ``node_budgets`` (cycled) sets each SuperNode's ``budget-bytes``. Returns the
+    folder; ``node_budgets`` (cycled) sets each SuperNode's ``device-budget``. Returns the
     report the ServerApp wrote; raises ``DeploymentError`` (naming the log folder) if the run
     fails. Every process is stopped before returning.
     """
@@ -141,7 +141,7 @@ def run_local_deployment(
             if cfg.data_dir:
                 extra["data-dir"] = cfg.data_dir
             if node_budgets:
-                extra["budget-bytes"] = node_budgets[pid % len(node_budgets)]
+                extra["device-budget"] = node_budgets[pid % len(node_budgets)]
             fed.add_node(pid, num_nodes, **extra)
         fed.wait_for_nodes()
         on_line(f"{num_nodes} SuperNodes connected; logs in {work / 'logs'}")

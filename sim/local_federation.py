@@ -209,7 +209,7 @@ class LocalFederation:
     def add_node(self, partition_id: int, num_partitions: int, **node_config) -> Process:
         """Start a SuperNode hosting partition ``partition_id`` of ``num_partitions``.
 
-        Further node config (``data-dir``, ``budget-bytes``) is passed as given.
+        Further node config (``data-dir``, ``device-budget``) is passed as given.
         """
         if self.superlink is None:
             raise DeploymentError("start the SuperLink before the SuperNodes")

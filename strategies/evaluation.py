@@ -8,10 +8,10 @@ from flwr.serverapp import Grid
 
 from clients.records import to_record_dict
 from peel_fed.blocks import first_blocks_order, random_unit_order
-from peel_fed.fedpee import EvalSpec, evaluation_table
+from peel_fed.console import log
+from peel_fed.fedeval import EvalSpec, evaluation_table
 from peel_fed.messages import EvaluateDown, encode_evaluate_down
 from strategies.base import PhaseStrategy
-from strategies.log import _log
 from strategies.pee import PEEResult
 from strategies.phases import secure_sum
 from strategies.stats import StatsResult
@@ -28,7 +28,7 @@ class EvaluationStrategy(PhaseStrategy):
             budget_bytes=tuple(stats.budget_bytes),
             device_budgets=tuple(cfg.budget_list("device_budgets")),
             drill=tuple(cfg.drill_fractions()),
-            user_groups=cfg.user_groups,
+            num_user_groups=cfg.num_user_groups,
             full_table_bytes=stats.layout.full_table_bytes,
         )
 
@@ -75,5 +75,5 @@ class EvaluationStrategy(PhaseStrategy):
         )
         self.log.add(reports)
         table = self.aggregate(total, spec)
-        _log(f"evaluation (secure aggregation): {len(contributed)}/{len(nodes)} nodes")
+        log(f"evaluation (secure aggregation): {len(contributed)}/{len(nodes)} nodes")
         return {"evaluated_nodes": contributed, **table}

@@ -10,9 +10,9 @@ from flwr.serverapp import Grid
 
 from clients.records import from_record_dict, to_record_dict
 from peel_fed.clustering import initial_centroids, kmeans_step
+from peel_fed.console import log
 from peel_fed.messages import decode_group_counts, decode_kmeans_sums, encode_centroids
 from strategies.base import PhaseStrategy, reply_contents
-from strategies.log import _log
 from strategies.phases import exchange, secure_sum
 
 
@@ -40,7 +40,7 @@ class GroupingStrategy(PhaseStrategy):
         self, replies: dict[int, RecordDict], centroids: np.ndarray
     ) -> GroupingResult:
         """Group sizes, and per replying node the groups its users joined."""
-        k = self.cfg.user_groups
+        k = self.cfg.num_user_groups
         sizes = np.zeros(k, dtype=np.int64)
         node_groups = {}
         for node, content in replies.items():
@@ -51,7 +51,7 @@ class GroupingStrategy(PhaseStrategy):
 
     def run(self, grid: Grid, nodes: list[int], item_table: np.ndarray) -> GroupingResult:
         cfg = self.cfg
-        k = cfg.user_groups
+        k = cfg.num_user_groups
         centroids = initial_centroids(item_table, k, seed=cfg.seed)
         for it in range(cfg.kmeans_iters if k > 1 else 0):
             total, _, reports = secure_sum(
@@ -70,5 +70,5 @@ class GroupingStrategy(PhaseStrategy):
         )
         self.log.add(rep)
         result = self.aggregate_groups(reply_contents(replies), centroids)
-        _log(f"grouping: K-Means ({cfg.kmeans_iters} secure rounds), group sizes {result.sizes}")
+        log(f"grouping: K-Means ({cfg.kmeans_iters} secure rounds), group sizes {result.sizes}")
         return result

@@ -6,15 +6,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from peel_fed.blocks import FLOAT32_BYTES
 from peel_fed.fedconfig import FedConfig
 from strategies.phases import PhaseReport
 
 if TYPE_CHECKING:
     from strategies.stats import StatsResult
-
-
-def _log(msg: str) -> None:
-    print(f"[peel-fed] {msg}", flush=True)
 
 
 class PhaseLog:
@@ -129,7 +126,7 @@ class PhaseLog:
                     e["devices"] += n
                     e["up_dev"] += solo
         cfg = self.cfg
-        dense = (1 + cfg.layers) * stats.n_items * cfg.dim * 4
+        dense = (1 + cfg.layers) * stats.n_items * cfg.dim * FLOAT32_BYTES
         report = {}
         for phase, e in out.items():
             row = {

@@ -9,10 +9,10 @@ from flwr.app import RecordDict
 from flwr.serverapp import Grid
 
 from clients.records import from_record_dict, to_record_dict
+from peel_fed.console import log, progress_bar
 from peel_fed.fedconfig import FedConfig
 from peel_fed.fedlightgcn import rounds_per_pass_for
 from peel_fed.fedpee import PEEGroupServer, PEEUpload
-from peel_fed.lightgcn import progress_bar
 from peel_fed.messages import (
     DataSpec,
     PEEDown,
@@ -26,7 +26,7 @@ from peel_fed.messages import (
 )
 from strategies.base import PhaseStrategy, node_sample, reply_contents, upload_users
 from strategies.grouping import GroupingResult
-from strategies.log import PhaseLog, _log
+from strategies.log import PhaseLog
 from strategies.phases import exchange, secure_sum
 from strategies.stats import StatsResult
 
@@ -58,7 +58,7 @@ class PEEStrategy(PhaseStrategy):
             PEEGroupServer(
                 item_table, stats.train_popularity, self.layout, pcfg, cfg.seed * 1000 + g
             )
-            for g in range(cfg.user_groups)
+            for g in range(cfg.num_user_groups)
         ]
 
     def round_settings(self, round_: int, rounds_per_pass: int) -> PEERound:
@@ -68,10 +68,10 @@ class PEEStrategy(PhaseStrategy):
             rounds_per_pass=rounds_per_pass,
             local_steps=cfg.pee_local_steps,
             user_lr=cfg.pee_user_lr,
-            blocks=cfg.blocks,
+            num_blocks=cfg.num_blocks,
             dim=cfg.dim,
-            item_groups=self.layout.num_item_groups,
-            user_groups=cfg.user_groups,
+            num_item_groups=self.layout.num_item_groups,
+            num_user_groups=cfg.num_user_groups,
             secure=cfg.secure_rows,
         )
 
@@ -97,7 +97,7 @@ class PEEStrategy(PhaseStrategy):
     ) -> tuple[np.ndarray, list[np.ndarray], RecordDict]:
         """Secure rows, between the halves: the summed per-group row counts, each group's row
         union, and the message that sends the unions."""
-        counts = decode_pee_row_counts(total, self.cfg.user_groups, self.layout.n_items)
+        counts = decode_pee_row_counts(total, self.cfg.num_user_groups, self.layout.n_items)
         unions = pee_row_unions(counts)
         return counts, unions, to_record_dict(encode_pee_rows_down(self.data, round_, unions))
 
@@ -115,7 +115,7 @@ class PEEStrategy(PhaseStrategy):
         group's row union with dL_val/d alpha and loss statistics; only sums reach the server.
         Every group's table goes to every node (one content for all)."""
         timeout, r = self.cfg.round_timeout_s, round_.round
-        content = self.configure(round_, range(self.cfg.user_groups))
+        content = self.configure(round_, range(self.cfg.num_user_groups))
         total, counted, reports = secure_sum(grid, nodes, "train.pee", content, timeout, "pee", r)
         self.log.add(reports)
         counts, unions, down = self.configure_rows(total, round_)
@@ -148,7 +148,7 @@ class PEEStrategy(PhaseStrategy):
             answered = reply_contents(replies)
             self.log.add(rep, upload_users(answered))
             if len(replies) < min(cfg.min_nodes, len(sample)):
-                _log(f"PEE round {r}: {len(replies)} replies < min-nodes; round skipped")
+                log(f"PEE round {r}: {len(replies)} replies < min-nodes; round skipped")
                 continue
             history.append(
                 {"round": r, "groups": self.aggregate(answered), "failed": len(rep.failed)}
@@ -156,5 +156,5 @@ class PEEStrategy(PhaseStrategy):
             bar.update(1)
             bar.set_postfix(failed=len(rep.failed))
         bar.close()
-        _log(f"PEE learning: {cfg.pee_rounds} rounds for {cfg.user_groups} user groups")
+        log(f"PEE learning: {cfg.pee_rounds} rounds for {cfg.num_user_groups} user groups")
         return PEEResult(self.servers, history)

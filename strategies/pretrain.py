@@ -10,9 +10,9 @@ from flwr.app import RecordDict
 from flwr.serverapp import Grid
 
 from clients.records import from_record_dict, to_record_dict
+from peel_fed.console import log, progress_bar
 from peel_fed.fedconfig import FedConfig
 from peel_fed.fedlightgcn import PretrainServer, rounds_per_pass_for
-from peel_fed.lightgcn import progress_bar
 from peel_fed.messages import (
     DataSpec,
     PretrainDown,
@@ -26,7 +26,7 @@ from peel_fed.messages import (
     encode_rows_down,
 )
 from strategies.base import PhaseStrategy, node_sample, reply_contents, upload_users
-from strategies.log import PhaseLog, _log
+from strategies.log import PhaseLog
 from strategies.phases import exchange, secure_sum
 from strategies.stats import StatsResult
 
@@ -45,7 +45,13 @@ class PretrainStrategy(PhaseStrategy):
         """The settings of a ``step`` message (``k`` for init, ``round``/``rounds_per_pass``)."""
         cfg = self.cfg
         return PretrainStep(
-            step, cfg.dim, cfg.layers, cfg.local_steps, cfg.user_lr, cfg.secure_rows, **at
+            step,
+            cfg.dim,
+            cfg.layers,
+            cfg.pretrain_local_steps,
+            cfg.pretrain_user_lr,
+            cfg.secure_rows,
+            **at,
         )
 
     def configure(self, step: PretrainStep) -> RecordDict:
@@ -109,7 +115,7 @@ class PretrainStrategy(PhaseStrategy):
             )
             self.log.add(rep)
             self.aggregate_contributions(reply_contents(replies))
-        per_pass = rounds_per_pass_for(cfg.cohort_fraction)
+        per_pass = rounds_per_pass_for(cfg.pretrain_cohort_fraction)
         rounds = cfg.pretrain_passes * per_pass
         rng = np.random.default_rng([cfg.seed, 11])
         bar = progress_bar(rounds, "federated pretraining (rounds)", cfg.progress)
@@ -125,7 +131,7 @@ class PretrainStrategy(PhaseStrategy):
             contents = reply_contents(replies)
             self.log.add(rep, upload_users(contents))
             if len(replies) < min(cfg.min_nodes, len(sample)):
-                _log(f"pretrain round {r}: {len(replies)} replies < min-nodes; round skipped")
+                log(f"pretrain round {r}: {len(replies)} replies < min-nodes; round skipped")
                 continue
             s = self.aggregate_round(contents)
             self.history.append({"round": r, **s, "failed": len(rep.failed)})
@@ -135,7 +141,7 @@ class PretrainStrategy(PhaseStrategy):
         content = self.configure(self.step("final"))
         _, rep = exchange(grid, nodes, "train.pretrain", content, timeout, "final")
         self.log.add(rep)
-        _log(
+        log(
             f"pretraining: {rounds} rounds ({cfg.pretrain_passes} passes); final vectors kept on "
             f"{len(rep.replied)}/{len(nodes)} nodes"
         )

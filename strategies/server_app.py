@@ -16,6 +16,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from peel_fed.atomic import write_json_atomic, write_text_atomic
+from peel_fed.console import log
 from peel_fed.fedconfig import FedConfig
 from peel_fed.messages import DataSpec
 from strategies.evaluation import EvaluationStrategy
@@ -30,17 +31,13 @@ from strategies.stats import StatsStrategy
 app = ServerApp()
 
 
-def _log(msg: str) -> None:
-    print(f"[peel-fed] {msg}", flush=True)
-
-
 def run_pipeline(grid: Grid, cfg: FedConfig) -> dict:
     """Run the federated phases with ``cfg``; returns (and, with ``out-dir``, saves) the report."""
     t_start = time.perf_counter()
     nodes = wait_for_nodes(grid, cfg.min_nodes, cfg.node_wait_s)
-    _log(f"{len(nodes)} nodes connected")
+    log(f"{len(nodes)} nodes connected")
     data = DataSpec(cfg.dataset, cfg.data_dir, cfg.seed, cfg.val_fraction)
-    log = PhaseLog(cfg, nodes)
+    phase_log = PhaseLog(cfg, nodes)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
 
@@ -50,16 +47,16 @@ def run_pipeline(grid: Grid, cfg: FedConfig) -> dict:
         seconds[phase] = now - t
         t = now
 
-    stats = StatsStrategy(cfg, log, data).run(grid, nodes)
+    stats = StatsStrategy(cfg, phase_log, data).run(grid, nodes)
     lap("stats")
-    pretraining = PretrainStrategy(cfg, log, data, stats)
+    pretraining = PretrainStrategy(cfg, phase_log, data, stats)
     items = pretraining.run(grid, nodes).final_item_table()
     lap("pretrain")
-    groups = GroupingStrategy(cfg, log, data).run(grid, nodes, items)
+    groups = GroupingStrategy(cfg, phase_log, data).run(grid, nodes, items)
     lap("grouping")
-    pee = PEEStrategy(cfg, log, data, stats, items, groups).run(grid, nodes)
+    pee = PEEStrategy(cfg, phase_log, data, stats, items, groups).run(grid, nodes)
     lap("pee")
-    evaluation = EvaluationStrategy(cfg, log, data).run(
+    evaluation = EvaluationStrategy(cfg, phase_log, data).run(
         grid, nodes, stats, items, pee, groups.centroids
     )
     lap("evaluate")
@@ -83,12 +80,12 @@ def run_pipeline(grid: Grid, cfg: FedConfig) -> dict:
         **evaluation,
         "pretrain": pretraining.history,
         "pee": pee.history,
-        "bytes": log.bytes_report(stats),
-        "failures": log.failures(),
-        "participation": log.participation(),
-        "timing": log.timing_report(),
+        "bytes": phase_log.bytes_report(stats),
+        "failures": phase_log.failures(),
+        "participation": phase_log.participation(),
+        "timing": phase_log.timing_report(),
         "phase_seconds": seconds,
-        "phases": log.summaries(),
+        "phases": phase_log.summaries(),
         "wall_seconds": time.perf_counter() - t_start,
     }
     print(results_markdown(report), flush=True)
@@ -97,8 +94,8 @@ def run_pipeline(grid: Grid, cfg: FedConfig) -> dict:
         write_json_atomic(out / "results.json", report)
         write_text_atomic(out / "results.md", results_markdown(report))
         plot_recall_vs_budget(report, out / "recall_vs_budget.png")
-        _log(f"wrote results.json, results.md and recall_vs_budget.png in {out}")
-    _log(f"done in {report['wall_seconds']:.0f} s")
+        log(f"wrote results.json, results.md and recall_vs_budget.png in {out}")
+    log(f"done in {report['wall_seconds']:.0f} s")
     return report
 
 

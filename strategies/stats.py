@@ -16,11 +16,11 @@ from peel_fed.blocks import (
     parse_budget,
     popularity_item_groups,
 )
+from peel_fed.console import log
 from peel_fed.fedconfig import ConfigError
-from peel_fed.fedpee import drill_cut
+from peel_fed.fedeval import drill_cut
 from peel_fed.messages import data_content, decode_stats
 from strategies.base import PhaseStrategy
-from strategies.log import _log
 from strategies.phases import secure_sum
 
 
@@ -46,12 +46,12 @@ class StatsStrategy(PhaseStrategy):
         cfg = self.cfg
         sums = decode_stats(total)
         n_items = sums.train.size
-        if cfg.user_groups > sums.users:
-            raise ConfigError(f"more user groups ({cfg.user_groups}) than users ({sums.users})")
-        if cfg.item_groups > n_items:
-            raise ConfigError(f"more item groups ({cfg.item_groups}) than items ({n_items})")
+        if cfg.num_user_groups > sums.users:
+            raise ConfigError(f"more user groups ({cfg.num_user_groups}) than users ({sums.users})")
+        if cfg.num_item_groups > n_items:
+            raise ConfigError(f"more item groups ({cfg.num_item_groups}) than items ({n_items})")
         layout = BlockLayout(
-            popularity_item_groups(sums.train, cfg.item_groups), cfg.dim, cfg.blocks
+            popularity_item_groups(sums.train, cfg.num_item_groups), cfg.dim, cfg.num_blocks
         )
         try:
             budget_bytes = [parse_budget(b, layout.full_table_bytes) for b in cfg.budget_list()]
@@ -74,7 +74,7 @@ class StatsStrategy(PhaseStrategy):
             }
         )
         if empty:
-            _log(f"drill cuts below one unit (no device ranks there): {empty} B")
+            log(f"drill cuts below one unit (no device ranks there): {empty} B")
         return StatsResult(sums.train, sums.fit, sums.users, n_items, layout, budget_bytes)
 
     def run(self, grid: Grid, nodes: list[int]) -> StatsResult:
@@ -84,7 +84,7 @@ class StatsStrategy(PhaseStrategy):
         self.log.add(reports)
         result = self.aggregate(total)
         failed = sorted({n for r in reports for n in r.failed})
-        _log(
+        log(
             f"stats (secure aggregation): {len(contributed)}/{len(nodes)} nodes, "
             f"{result.users:,} users, {int(result.train_popularity.sum()):,} training "
             f"interactions over {result.n_items:,} items; {len(failed)} failed"

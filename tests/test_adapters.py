@@ -13,10 +13,10 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from clients.client_app import group, keys, make_client_app, stats
 from clients.records import from_record_dict, to_array_record, to_record_dict
-from peel_fed.data import load_dataset
 from peel_fed.fedconfig import FedConfig
 from peel_fed.fedlightgcn import DeviceUpdate, PretrainServer
 from peel_fed.fedpee import PEEGroupServer, PEEUpload
+from peel_fed.loading import load_dataset
 from peel_fed.messages import (
     Content,
     DataSpec,
@@ -43,14 +43,14 @@ SMALL = dict(
     dataset=TINY,
     min_nodes=3,
     pretrain_passes=2,
-    cohort_fraction=0.5,
-    local_steps=1,
-    user_groups=2,
+    pretrain_cohort_fraction=0.5,
+    pretrain_local_steps=1,
+    num_user_groups=2,
     kmeans_iters=2,
     pee_rounds=2,
     pee_cohort_fraction=0.5,
-    item_groups=4,
-    blocks=4,
+    num_item_groups=4,
+    num_blocks=4,
     dim=16,
     budgets="25%,50%,100%",
     device_budgets="50%,100%",
@@ -130,7 +130,7 @@ def test_group_handler_keeps_groups_on_the_device_and_sends_counts():
 
 
 def test_stats_aggregate_refuses_more_user_groups_than_users():
-    cfg = FedConfig(**{**SMALL, "user_groups": 5})
+    cfg = FedConfig(**{**SMALL, "num_user_groups": 5})
     total = encode_stats(np.ones(8), np.ones(8), 4).astype(float)
     with pytest.raises(Exception, match="more user groups"):
         StatsStrategy(cfg, PhaseLog(cfg, []), DATA).aggregate(total)

@@ -19,9 +19,9 @@ def _run(capsys, tmp_path, *args):
     argv = [
         "centralized",
         *args,
-        "--item-groups",
+        "--num-item-groups",
         "2",
-        "--blocks",
+        "--num-blocks",
         "2",
         "--dim",
         "4",
@@ -68,13 +68,36 @@ def test_unparsable_budget(capsys, tmp_path, tiny_dir):
 
 
 def test_zero_user_groups(capsys, tmp_path, tiny_dir):
-    line = _run(capsys, tmp_path, "--data-dir", str(tiny_dir), "--user-groups", "0")
-    assert "user-groups" in line
+    line = _run(capsys, tmp_path, "--data-dir", str(tiny_dir), "--num-user-groups", "0")
+    assert "num-user-groups" in line
 
 
 def test_more_user_groups_than_users(capsys, tmp_path, tiny_dir):
-    line = _run(capsys, tmp_path, "--data-dir", str(tiny_dir), "--user-groups", "11")
+    line = _run(capsys, tmp_path, "--data-dir", str(tiny_dir), "--num-user-groups", "11")
     assert "more user groups" in line
+
+
+def test_old_option_names_still_work_with_a_warning(capsys, tmp_path, tiny_dir):
+    """``--user-groups`` (renamed ``--num-user-groups``) still sets the value, and says so."""
+    code = main(
+        ["centralized", "--data-dir", str(tiny_dir), "--user-groups", "11", "--out", str(tmp_path)]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[0] == (
+        "peel-fed: warning: --user-groups is renamed --num-user-groups; the old name goes in 0.3"
+    )
+    assert "more user groups (11)" in err[1]
+
+
+def test_old_run_config_keys_still_work_with_a_warning():
+    from peel_fed.fedconfig import ConfigError, FedConfig
+
+    with pytest.warns(FutureWarning, match="'user-groups' is renamed 'num-user-groups'"):
+        cfg = FedConfig.from_run_config({"user-groups": 3, "local-steps": 2})
+    assert (cfg.num_user_groups, cfg.pretrain_local_steps) == (3, 2)
+    with pytest.warns(FutureWarning), pytest.raises(ConfigError, match="both 'blocks'"):
+        FedConfig.from_run_config({"blocks": 4, "num-blocks": 4})
 
 
 def _simulate(capsys, *args) -> tuple[int, str]:
@@ -88,8 +111,11 @@ def test_simulate_rejects_bad_run_config_in_one_line(capsys, tmp_path):
     out = str(tmp_path / "out")
     for args, expected in (
         (["--run-config", "bogus=1"], "unknown run-config key 'bogus'"),
-        (["--run-config", "user-groups=0"], "user-groups must be >= 1"),
-        (["--run-config", "cohort-fraction=1.5"], "cohort-fraction must be in (0, 1]"),
+        (["--run-config", "num-user-groups=0"], "num-user-groups must be >= 1"),
+        (
+            ["--run-config", "pretrain-cohort-fraction=1.5"],
+            "pretrain-cohort-fraction must be in (0, 1]",
+        ),
         (["--run-config", "budgets='10%,lots'"], "budgets: cannot parse budget 'lots'"),
         (["--run-config", "drill='half'"], "drill must be comma-separated fractions"),
         (["--run-config", "pretrain-passes"], "run-config entries must be key=value"),
@@ -102,11 +128,11 @@ def test_parse_run_config_reads_toml_values():
     from sim.cli import parse_run_config
 
     got = parse_run_config(
-        "pretrain-passes=5 server-lr=0.1 dataset='checkerboard' progress=false drill='0.5'"
+        "pretrain-passes=5 pretrain-server-lr=0.1 dataset='checkerboard' progress=false drill='0.5'"
     )
     assert got == {
         "pretrain-passes": 5,
-        "server-lr": 0.1,
+        "pretrain-server-lr": 0.1,
         "dataset": "checkerboard",
         "progress": False,
         "drill": "0.5",

@@ -42,7 +42,7 @@ def cold_run(tmp_path_factory):
         out_dir=str(root / "out"),
         cache_dir=str(root / "cache"),
         progress=False,
-        user_groups=(4, 1),
+        num_user_groups=(4, 1),
         budgets=("25%", "50%", "100%"),
         lightgcn=LightGCNConfig(epochs=30, batch_size=256, lr=1e-2, dim=16, num_blocks=4),
         peel=PEELConfig(num_item_groups=4, num_blocks=4, epochs=5, batch_size=256),

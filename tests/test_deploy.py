@@ -84,7 +84,7 @@ def test_tls_deployment_runs_the_pipeline_and_leaves_nothing_behind(tmp_path):
     assert sum(f["failed_replies"] for f in report["failures"].values()) == 0
     for per_phase in report["participation"]["nodes"].values():
         assert all(p["replied"] == p["sent"] > 0 for p in per_phase.values())
-    # budget-bytes from each SuperNode's node config: nodes 0 and 2 (4 users each) at 50%,
+    # device-budget from each SuperNode's node config: nodes 0 and 2 (4 users each) at 50%,
     # node 1 at 100%, whatever each user would have drawn
     own = {d["own_budget"]: d["users"] for d in report["drill"] if d["fraction_of_own"] == 1}
     assert own == {"50%": 8, "100%": 4}
@@ -186,7 +186,7 @@ def test_deploy_cli_errors_are_one_line(tmp_path, capsys):
 
     assert main(["deploy", "certs", "--out", str(tmp_path)]) == 2
     assert "give at least one --host" in capsys.readouterr().err
-    code = main(["deploy", "local", "--certs", str(tmp_path / "missing"), "--nodes", "2"])
+    code = main(["deploy", "local", "--certs", str(tmp_path / "missing"), "--num-nodes", "2"])
     assert code == 2 and "TLS file missing" in capsys.readouterr().err
     assert main(["deploy", "certs", "--host", "127.0.0.1", "--out", str(tmp_path / "c")]) == 0
     assert (tmp_path / "c" / "server.pem").is_file()
@@ -200,7 +200,7 @@ def test_failing_run_is_a_one_line_error_and_stops_every_process(tmp_path):
     from sim.deploy import DeploymentError
 
     work = tmp_path / "work"
-    cfg = FedConfig(**{**SMOKE_RUN, "user_groups": 50}, out_dir=str(tmp_path / "out"))
+    cfg = FedConfig(**{**SMOKE_RUN, "num_user_groups": 50}, out_dir=str(tmp_path / "out"))
     lines: list[str] = []
     with pytest.raises(DeploymentError, match="logs in"):
         run_local_deployment(cfg, 2, tls=False, workdir=work, on_line=lines.append)

@@ -47,7 +47,7 @@ def test_on_device_evaluation_sums_equal_the_centralized_evaluation(board):
         budget_bytes=tuple(parse_budget(b, layout.full_table_bytes) for b in ("25%", "100%")),
         device_budgets=("50%", "100%"),
         drill=(0.5,),
-        user_groups=2,
+        num_user_groups=2,
         full_table_bytes=layout.full_table_bytes,
     )
     tables = {"pretrained": items, "order-first-k blocks": order, "order-random units": order}

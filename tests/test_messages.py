@@ -8,8 +8,9 @@ import torch
 
 from clients.records import from_record_dict, to_record_dict
 from peel_fed.blocks import BlockLayout
+from peel_fed.fedeval import EvalSpec
 from peel_fed.fedlightgcn import DeviceUpdate
-from peel_fed.fedpee import EvalSpec, PEEUpload
+from peel_fed.fedpee import PEEUpload
 from peel_fed.messages import (
     Content,
     DataSpec,
@@ -217,10 +218,10 @@ ROUND = PEERound(
     rounds_per_pass=5,
     local_steps=1,
     user_lr=0.1,
-    blocks=2,
+    num_blocks=2,
     dim=2,
-    item_groups=2,
-    user_groups=2,
+    num_item_groups=2,
+    num_user_groups=2,
     secure=True,
 )
 

@@ -156,7 +156,7 @@ def _cfg(root):
         out_dir=str(root / "out"),
         cache_dir=str(root / "cache"),
         progress=False,
-        user_groups=(4, 1),
+        num_user_groups=(4, 1),
         budgets=BUDGETS,
         lightgcn=LightGCNConfig(**TINY_LGCN),
         peel=PEELConfig(num_item_groups=4, num_blocks=4, epochs=5, batch_size=256),
@@ -285,7 +285,7 @@ def test_run_centralized_rejects_more_groups_than_users(tmp_path):
         out_dir=str(tmp_path / "o"),
         cache_dir=str(tmp_path / "c"),
         progress=False,
-        user_groups=(4,),
+        num_user_groups=(4,),
         lightgcn=LightGCNConfig(dim=4, num_blocks=2),
         peel=PEELConfig(num_item_groups=2, num_blocks=2),
     )

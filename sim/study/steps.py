@@ -74,7 +74,7 @@ def _pipeline_config(cfg: StudyConfig):
         dataset=cfg.dataset,
         data_dir=cfg.data_dir,
         seed=cfg.seed,
-        user_groups=(4, 1),
+        num_user_groups=(4, 1),
         budgets=tuple(cfg.budgets),
         out_dir=str(_work(cfg) / "centralized"),
         cache_dir=cfg.cache_dir,
@@ -240,15 +240,15 @@ def step_federated(cfg: StudyConfig) -> dict:
         values.update(
             {
                 "pretrain-passes": 2,
-                "cohort-fraction": 0.5,
-                "local-steps": 1,
+                "pretrain-cohort-fraction": 0.5,
+                "pretrain-local-steps": 1,
                 "kmeans-iters": 2,
                 "pee-rounds": 3,
                 "pee-cohort-fraction": 0.5,
-                "item-groups": 4,
-                "blocks": 4,
+                "num-item-groups": 4,
+                "num-blocks": 4,
                 "dim": 16,
-                "user-groups": 2,
+                "num-user-groups": 2,
             }
         )
     values.update(cfg.fed_overrides)
@@ -260,7 +260,7 @@ def step_federated(cfg: StudyConfig) -> dict:
         values["drill"] = ",".join(repr(b / sizes[0]) for b in sizes[1:]) or "1"
         fcfg = FedConfig.from_run_config({**FedConfig().to_run_config(), **values})
     report = run_federated_simulation(fcfg, cfg.num_nodes)
-    g = fcfg.user_groups
+    g = fcfg.num_user_groups
     label = {b: lbl for lbl, b in _budget_bytes(cfg, report["layout"]["full_table_bytes"])}
     rows = []
     for r in report["rows"]:
@@ -286,7 +286,7 @@ def step_cold_start(cfg: StudyConfig) -> dict:
     return {"rows": [], "cold_start_rows": res["rows"], "cold_start": {k: res[k] for k in info}}
 
 
-def _ablation(name: str, user_groups: tuple[int, ...], change: Callable) -> Callable:
+def _ablation(name: str, num_user_groups: tuple[int, ...], change: Callable) -> Callable:
     """A study step: centralized PEEL with one thing changed (``change`` maps the pipeline
     config); its PEEL rows go to the ablation table."""
 
@@ -297,7 +297,9 @@ def _ablation(name: str, user_groups: tuple[int, ...], change: Callable) -> Call
 
         base = _pipeline_config(cfg)
         pcfg = replace(
-            change(base), user_groups=user_groups, out_dir=str(_work(cfg) / f"ablation-{slug}")
+            change(base),
+            num_user_groups=num_user_groups,
+            out_dir=str(_work(cfg) / f"ablation-{slug}"),
         )
         res = run_centralized(pcfg)
         rows = [
