@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from peel_fed.budget_table import budget_table_lines
+
 
 def plot_recall_vs_budget(report: dict, path: Path) -> None:
     """Recall@20 against budget (fraction of the full table), one line per method, as PNG."""
@@ -32,22 +34,12 @@ def plot_recall_vs_budget(report: dict, path: Path) -> None:
 
 def results_markdown(report: dict) -> str:
     """The budget table, the drill and the bytes per phase, as markdown."""
-    rows = report.get("rows", [])
-    budgets = sorted({r["budget_bytes"] for r in rows})
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    full = report["layout"]["full_table_bytes"]
+    rows = sorted(report.get("rows", []), key=lambda r: r["budget_bytes"])
     lines = [
         f"## Federated PEEL on {report['dataset']['name']}: Recall@20 / NDCG@20 by budget",
         "",
-        "| budget | " + " | ".join(methods) + " |",
-        "|---|" + "---|" * len(methods),
+        *budget_table_lines(rows),
     ]
-    for b in budgets:
-        cells = []
-        for m in methods:
-            r = next(x for x in rows if x["method"] == m and x["budget_bytes"] == b)
-            cells.append(f"{r['recall@20']:.4f} / {r['ndcg@20']:.4f}")
-        lines.append(f"| {100 * b / full:.0f}% ({b:,} B) | " + " | ".join(cells) + " |")
     if report.get("drill"):
         lines += [
             "",
