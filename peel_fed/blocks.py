@@ -23,6 +23,7 @@ import numpy as np
 # Sizes of the stored types, for byte accounting here and wherever bytes are counted
 FLOAT32_BYTES = 4  # an embedding value, a unit weight, a gradient value
 FLOAT64_BYTES = 8  # a weight gradient or loss sum sent up
+FLOAT16_BYTES = 2  # a row offset or scale of a quantized item table (peel_fed.planes)
 INT64_BYTES = 8  # an item row id or a count sent up
 INT32_BYTES = 4  # a sparse-storage row pointer
 INT16_BYTES = 2  # an entry of a device's unit order, an item-group id past 256 groups
