@@ -1,5 +1,6 @@
-"""Baselines at equal device bytes: magnitude pruning of the item table with sparse storage, and
-the embedding size a retrained (non-elastic) LightGCN can afford.
+"""Baselines at equal device bytes: magnitude pruning of the item table with sparse storage,
+row-wise direct k-bit quantization, and the embedding size a retrained (non-elastic) LightGCN can
+afford.
 
 Byte accounting is explicit (as in torchrec): a pruned table is stored in the cheaper of two
 sparse formats, and the budget buys as many kept values as that format allows.
@@ -7,6 +8,9 @@ sparse formats, and the budget buys as many kept values as that format allows.
 - **CSR**: a row pointer per item plus one (``int32``) and, per kept value, its column index
   (``uint8`` when ``dim <= 256``, else ``uint16``) and the value (``float32``).
 - **bitmap**: one bit per table entry (which entries are kept), then the kept values.
+
+A directly quantized table keeps the leading ``dims`` columns at ``bits`` bits per value, packed,
+plus every row's float16 offset and scale (the affine code of :class:`peel_fed.planes.PlaneCode`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from peel_fed.blocks import (
     UINT8_BYTES,
     BudgetError,
 )
+from peel_fed.planes import ROW_META_BYTES, PlaneCode, plane_bytes
 
 
 @dataclass(frozen=True)
@@ -92,3 +97,58 @@ def affordable_dim(budget_bytes: int, n_items: int, full_dim: int) -> int:
             f"({n_items * FLOAT32_BYTES} B)"
         )
     return int(dim)
+
+
+DIRECT_BITS = (8, 4, 2, 1)  # the bit widths the direct-quantization baseline tries
+
+
+def direct_quantization_bytes(n_items: int, dims: int, bits: int) -> int:
+    """Bytes of an ``n_items x dims`` table at ``bits`` bits per value, packed, plus the float16
+    offset and scale of every row: ``ceil(n_items * dims * bits / 8) + n_items * 4``."""
+    return plane_bytes(n_items, dims * bits) + n_items * ROW_META_BYTES
+
+
+def direct_quantize(table: np.ndarray, bits: int) -> tuple[np.ndarray, int]:
+    """Row-wise affine ``bits``-bit quantization of ``table`` (float16 offset rounded down, float16
+    scale rounded up, codes against the stored meta): the float32 table a device ranks with, and
+    its bytes. Every entry is within ``scale / 2`` of the original."""
+    table = np.asarray(table, dtype=np.float32)
+    values, _ = PlaneCode.encode(table, bits=bits).decode()
+    return values, direct_quantization_bytes(table.shape[0], table.shape[1], bits)
+
+
+@dataclass(frozen=True)
+class QuantizedShape:
+    """A directly quantized table that fits a budget: ``bits`` per value of the leading ``dims``
+    columns, and its bytes."""
+
+    bits: int
+    dims: int
+    bytes: int
+
+
+def best_bits_and_dims(
+    budget_bytes: int, n_items: int, dim: int, bits_options: tuple[int, ...] = DIRECT_BITS
+) -> list[QuantizedShape]:
+    """For every bit width, the most leading columns (at most ``dim``) whose directly quantized
+    table fits ``budget_bytes``; widths that fit no column are left out. The caller evaluates each
+    (quantizing ``table[:, :dims]`` and scoring with ``users[:, :dims]``) and keeps the best.
+
+    Raises ``BudgetError`` when no width fits even one column.
+    """
+    room_bits = (budget_bytes - n_items * ROW_META_BYTES) * BITS_PER_BYTE
+    shapes = []
+    for bits in bits_options:
+        dims = min(dim, room_bits // (n_items * bits)) if room_bits > 0 else 0
+        if dims >= 1:
+            shapes.append(
+                QuantizedShape(bits, int(dims), direct_quantization_bytes(n_items, dims, bits))
+            )
+    if not shapes:
+        fewest = min(bits_options)
+        need = direct_quantization_bytes(n_items, 1, fewest)
+        raise BudgetError(
+            f"budget {budget_bytes} B is below one quantized column of {n_items} items at "
+            f"{fewest} bit(s) ({need} B)"
+        )
+    return shapes
