@@ -43,16 +43,18 @@ FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
 def _float16_down(x: np.ndarray) -> np.ndarray:
-    """The largest float16 <= ``x`` (float64 in, float16 out)."""
-    h = x.astype(np.float16)
+    """The largest float16 <= ``x`` (float64 in, float16 out; beyond float16: inf)."""
+    with np.errstate(over="ignore"):
+        h = x.astype(np.float16)
     wrong = h.astype(np.float64) > x
     h[wrong] = np.nextafter(h[wrong], np.float16(-np.inf))
     return h
 
 
 def _float16_up(x: np.ndarray) -> np.ndarray:
-    """The smallest float16 >= ``x`` (float64 in, float16 out)."""
-    h = x.astype(np.float16)
+    """The smallest float16 >= ``x`` (float64 in, float16 out; beyond float16: inf)."""
+    with np.errstate(over="ignore"):
+        h = x.astype(np.float16)
     wrong = h.astype(np.float64) < x
     h[wrong] = np.nextafter(h[wrong], np.float16(np.inf))
     return h
