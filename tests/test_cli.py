@@ -93,9 +93,13 @@ def test_old_option_names_still_work_with_a_warning(capsys, tmp_path, tiny_dir):
 def test_old_run_config_keys_still_work_with_a_warning():
     from peel_fed.fedconfig import ConfigError, FedConfig
 
-    with pytest.warns(FutureWarning, match="'user-groups' is renamed 'num-user-groups'"):
+    with pytest.warns(FutureWarning) as warned:
         cfg = FedConfig.from_run_config({"user-groups": 3, "local-steps": 2})
     assert (cfg.num_user_groups, cfg.pretrain_local_steps) == (3, 2)
+    assert [str(w.message) for w in warned] == [
+        "run-config key 'user-groups' is renamed 'num-user-groups'; the old name goes in 0.3",
+        "run-config key 'local-steps' is renamed 'pretrain-local-steps'; the old name goes in 0.3",
+    ]
     with pytest.warns(FutureWarning), pytest.raises(ConfigError, match="both 'blocks'"):
         FedConfig.from_run_config({"blocks": 4, "num-blocks": 4})
 
