@@ -283,3 +283,13 @@ def test_pipeline_in_process_clear_and_secure_rows_agree(server_identity):
     np.testing.assert_allclose(clear["unit_weights"], secure["unit_weights"], atol=1e-3)
     users = {r["users"] for r in clear["rows"]}
     assert len(users) == 1 and users == {r["users"] for r in secure["rows"]}
+
+
+def test_node_budget_reads_device_budget_and_the_old_key_with_a_warning():
+    from clients.state import node_budget
+
+    assert node_budget(Context(1, 7, {"device-budget": "25%"}, RecordDict(), {})) == "25%"
+    assert node_budget(_context(7, 0, 1)) is None
+    with pytest.warns(FutureWarning, match="'budget-bytes' is renamed 'device-budget'"):
+        old = node_budget(Context(1, 7, {"budget-bytes": "10%"}, RecordDict(), {}))
+    assert old == "10%"
