@@ -48,6 +48,9 @@ def test_study_resumes_and_reports_every_method(quick_study):
         "magnitude pruning",
         "LightGCN retrained per budget",
         "PEEL (G_u=2, federated)",
+        "PEEL bit-planes (G_u=1)",
+        "PEEL bit-planes (G_u=4)",
+        "row quantization, best bits x dims",
     }
     for method in methods - {"LightGCN (full table)"}:
         fracs = sorted(r["budget_fraction"] for r in report["rows"] if r["method"] == method)
@@ -79,6 +82,8 @@ def test_study_resumes_and_reports_every_method(quick_study):
         "PEEL (G_u=4, centralized): cut on the device",
         "magnitude pruning: cut on the device",
         "LightGCN retrained per budget",
+        "PEEL bit-planes (G_u=1): cut on the device",
+        "PEEL bit-planes (G_u=4): cut on the device",
     }
     for method, points in by_method.items():
         fracs = sorted(t["budget_fraction"] for t in points)
@@ -91,6 +96,21 @@ def test_study_resumes_and_reports_every_method(quick_study):
     pruned = {r["budget_fraction"]: r for r in report["rows"] if r["method"] == "magnitude pruning"}
     for t in by_method["magnitude pruning: cut on the device"]:  # successive cuts = fresh prunes
         assert t["recall@20"] == pytest.approx(pruned[t["budget_fraction"]]["recall@20"])
+    for g in (1, 4):  # the cut equals the served table (checked in the step): same numbers
+        served = {
+            r["budget_fraction"]: r
+            for r in report["rows"]
+            if r["method"] == f"PEEL bit-planes (G_u={g})"
+        }
+        for t in by_method[f"PEEL bit-planes (G_u={g}): cut on the device"]:
+            assert t["recall@20"] == served[t["budget_fraction"]]["recall@20"]
+    own = report["own_bytes_rows"]  # fixed widths at their own bytes: 160 x (16 x bits / 8 + 4)
+    assert [(r["method"], r["used_bytes"]) for r in own] == [
+        ("row quantization, int8", 3200),
+        ("row quantization, int4", 1920),
+        ("row quantization, int2", 1280),
+        ("row quantization, 1-bit", 960),
+    ]
     assert all(
         "downloads a new table" in t["contact"] for t in by_method["LightGCN retrained per budget"]
     )
@@ -118,6 +138,8 @@ def test_study_resumes_and_reports_every_method(quick_study):
         "## Dynamic budgets against retraining",
         "## Cold-start users",
         "## Ablations",
+        "## Bit-plane units and direct row quantization",
+        "| row quantization, 1-bit | 960 B (9.38%) |",
     ):
         assert section in md
     assert "| 25% (2.56 KB) |" in md  # budgets in bytes beside the fractions (16 x 160 x 4 B / 4)

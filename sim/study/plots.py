@@ -14,11 +14,16 @@ def plot_metric_vs_bytes(report: dict, metric: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in dict.fromkeys(r["method"] for r in report["rows"]):
+    for i, method in enumerate(dict.fromkeys(r["method"] for r in report["rows"])):
         pts = sorted(
             (r["budget_bytes"], r[metric]) for r in report["rows"] if r["method"] == method
         )
-        ax.plot([p[0] / 1e6 for p in pts], [p[1] for p in pts], marker="o", label=method)
+        style = "-" if i < 10 else "--"  # past the 10 colours of the cycle, dashed
+        ax.plot([p[0] / 1e6 for p in pts], [p[1] for p in pts], style, marker="o", label=method)
+    for r in report.get("own_bytes_rows", []):  # fixed widths: one point each, at own bytes
+        ax.plot(
+            [r["used_bytes"] / 1e6], [r[metric]], marker="x", linestyle="none", label=r["method"]
+        )
     ax.set_xscale("log")
     ax.set_xlabel("item-embedding bytes on the device (MB, log scale)")
     ax.set_ylabel({"recall@20": "Recall@20", "ndcg@20": "NDCG@20"}[metric])

@@ -19,14 +19,23 @@ def step_path(cfg: StudyConfig, name: str) -> Path:
     return Path(cfg.out_dir) / "steps" / f"{name}.json"
 
 
+def _matching_step(cfg: StudyConfig, name: str) -> tuple[dict | None, bool]:
+    """(step ``name``'s saved result if its key matches ``cfg``, whether a file exists)."""
+    path = step_path(cfg, name)
+    if not path.is_file():
+        return None, False
+    saved = json.loads(path.read_text())
+    return (saved if saved.get("key") == cfg.key(name) else None), True
+
+
 def saved_step(cfg: StudyConfig, name: str) -> dict | None:
     """Step ``name``'s saved ``{"key", "seconds", "result"}`` if its key matches ``cfg``'s
     inputs, else ``None`` (not saved, or saved for other inputs)."""
     path = step_path(cfg, name)
-    if not path.is_file():
+    saved, exists = _matching_step(cfg, name)
+    if not exists:
         return None
-    saved = json.loads(path.read_text())
-    if saved.get("key") == cfg.key(name):
+    if saved is not None:
         log(f"{name}: done earlier ({saved['seconds']:.0f} s), reusing {path}", source="study")
         return saved
     log(f"{name}: inputs changed since {path} was written; running it again", source="study")
@@ -60,10 +69,18 @@ def write_report(cfg: StudyConfig, done: dict[str, dict]) -> dict:
 
 
 def run_study(cfg: StudyConfig, steps: list[str] | None = None) -> dict:
-    """Run (or resume) the study's steps and rebuild the report; returns the report."""
+    """Run (or resume) the study's steps and rebuild the report; returns the report.
+
+    With a subset of ``steps``, the report also holds every other step saved for the same inputs
+    (reused as it is, never run), so that running one step keeps the others in the report.
+    """
     done: dict[str, dict] = {}
     for name in steps or list(STEPS):
         if name not in STEPS:
             raise ValueError(f"unknown study step {name!r}: steps are {', '.join(STEPS)}")
         done[name] = saved_step(cfg, name) or run_step(cfg, name)
-    return write_report(cfg, done)
+    for name in STEPS:
+        if name not in done and (saved := _matching_step(cfg, name)[0]) is not None:
+            log(f"{name}: not asked for; its saved result goes into the report", source="study")
+            done[name] = saved
+    return write_report(cfg, {name: done[name] for name in STEPS if name in done})

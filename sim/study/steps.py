@@ -286,6 +286,27 @@ def step_cold_start(cfg: StudyConfig) -> dict:
     return {"rows": [], "cold_start_rows": res["rows"], "cold_start": {k: res[k] for k in info}}
 
 
+def step_bit_planes(cfg: StudyConfig) -> dict:
+    """Bit-plane units (one global order, and one per K-Means user group) and direct row
+    quantization of the pretrained tables (``peel_fed.plane_eval``)."""
+    from peel_fed.plane_eval import plane_budget_rows
+
+    pcfg = _pipeline_config(cfg)
+    ds, _, pre = _data_and_pretrained(cfg, pcfg)
+    budgets = _budget_bytes(cfg, pre.item_emb.size * FLOAT32_BYTES)
+    popularity = ds.item_popularity()
+    return plane_budget_rows(
+        ds,
+        pre.user_emb,
+        pre.item_emb,
+        popularity,
+        budgets,
+        num_user_groups=max(pcfg.num_user_groups),
+        num_item_groups=pcfg.peel.num_item_groups,
+        seed=cfg.seed,
+    )
+
+
 def _ablation(name: str, num_user_groups: tuple[int, ...], change: Callable) -> Callable:
     """A study step: centralized PEEL with one thing changed (``change`` maps the pipeline
     config); its PEEL rows go to the ablation table."""
@@ -357,5 +378,6 @@ STEPS: dict[str, Callable[[StudyConfig], dict]] = {
     "lightgcn-per-budget": step_lightgcn_per_budget,
     "federated": step_federated,
     "cold-start": step_cold_start,
+    "bit-planes": step_bit_planes,
     **ABLATIONS,
 }
