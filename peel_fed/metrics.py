@@ -7,7 +7,7 @@ no test items are skipped. Scores are computed in user batches so memory stays b
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -99,3 +99,24 @@ def per_user_metrics(
     out = {key: np.concatenate(v) if v else np.zeros(0) for key, v in result.items()}
     out["user"] = users
     return out
+
+
+def grouped_metrics(
+    groups: Sequence[tuple[np.ndarray, Callable[[np.ndarray], torch.Tensor]]],
+    n_users: int,
+    train: Interactions,
+    test: Interactions,
+) -> dict[str, float]:
+    """Recall@20 and NDCG@20 over all users of ``groups`` (users, score function), each user
+    ranked by its own group's score function: the mean of the per-user values (over a partition
+    of the users, what :func:`evaluate_ranking` gives with one score function)."""
+    recalls, ndcgs = [], []
+    for users, score in groups:
+        m = per_user_metrics(score, n_users, train, test, ks=(20,), users=users)
+        recalls.append(m["recall@20"])
+        ndcgs.append(m["ndcg@20"])
+    r, n = np.concatenate(recalls), np.concatenate(ndcgs)
+    return {
+        "recall@20": float(r.mean()) if r.size else 0.0,
+        "ndcg@20": float(n.mean()) if n.size else 0.0,
+    }

@@ -33,7 +33,7 @@ from peel_fed.console import log, progress_bar
 from peel_fed.data import Dataset, Interactions, split_validation
 from peel_fed.lightgcn import LightGCNConfig, train_lightgcn
 from peel_fed.loading import load_dataset
-from peel_fed.metrics import evaluate_ranking, per_user_metrics
+from peel_fed.metrics import evaluate_ranking, grouped_metrics
 from peel_fed.peel import GroupPEE, PEELConfig, learn_group_pee
 from peel_fed.scoring import budget_score_fn, dot_score_fn
 
@@ -152,22 +152,16 @@ def evaluate_units(
     ``groups`` holds, per user group: (users, user vectors aligned with users, item table,
     unit weights (G_v, N), unit order).
     """
-    recalls, ndcgs, used = [], [], []
+    parts, used = [], []
     for users, user_vecs, item_table, weights, order in groups:
         units = select_prefix(order, layout, budget_bytes)
         used.append(layout.bytes_of(units))
         row_of = np.full(ds.n_users, -1, dtype=np.int64)
         row_of[users] = np.arange(users.size)
-        score = budget_score_fn(user_vecs, item_table, weights, units, layout, row_of)
-        m = per_user_metrics(score, ds.n_users, ds.train, ds.test, ks=(20,), users=users)
-        recalls.append(m["recall@20"])
-        ndcgs.append(m["ndcg@20"])
-    r, n = np.concatenate(recalls), np.concatenate(ndcgs)
-    return {
-        "recall@20": float(r.mean()) if r.size else 0.0,
-        "ndcg@20": float(n.mean()) if n.size else 0.0,
-        "used_bytes": int(max(used)),
-    }
+        parts.append(
+            (users, budget_score_fn(user_vecs, item_table, weights, units, layout, row_of))
+        )
+    return {**grouped_metrics(parts, ds.n_users, ds.train, ds.test), "used_bytes": int(max(used))}
 
 
 def run_centralized(cfg: PipelineConfig, dataset: Dataset | None = None) -> dict:

@@ -39,7 +39,7 @@ from peel_fed.blocks import FLOAT32_BYTES, BudgetError, popularity_item_groups
 from peel_fed.clustering import kmeans_user_groups
 from peel_fed.console import log
 from peel_fed.data import Dataset
-from peel_fed.metrics import per_user_metrics
+from peel_fed.metrics import grouped_metrics
 from peel_fed.planes import (
     HeldPlanes,
     PlaneCode,
@@ -47,7 +47,7 @@ from peel_fed.planes import (
     plane_score_fn,
     planes_at_budget,
 )
-from peel_fed.scoring import ScoreFn, dot_score_fn
+from peel_fed.scoring import dot_score_fn
 
 BEST_DIRECT = "row quantization, best bits x dims"
 BIT_NAMES = {8: "int8", 4: "int4", 2: "int2", 1: "1-bit"}
@@ -55,21 +55,6 @@ BIT_NAMES = {8: "int8", 4: "int4", 2: "int2", 1: "1-bit"}
 
 def bit_planes_method(num_user_groups: int) -> str:
     return f"PEEL bit-planes (G_u={num_user_groups})"
-
-
-def grouped_metrics(ds: Dataset, groups: Sequence[tuple[np.ndarray, ScoreFn]]) -> dict[str, float]:
-    """Recall@20 and NDCG@20 over all users of ``groups`` (users, score function), each user
-    ranked by its group's score function: the mean of the per-user values."""
-    recalls, ndcgs = [], []
-    for users, score in groups:
-        m = per_user_metrics(score, ds.n_users, ds.train, ds.test, ks=(20,), users=users)
-        recalls.append(m["recall@20"])
-        ndcgs.append(m["ndcg@20"])
-    r, n = np.concatenate(recalls), np.concatenate(ndcgs)
-    return {
-        "recall@20": float(r.mean()) if r.size else 0.0,
-        "ndcg@20": float(n.mean()) if n.size else 0.0,
-    }
 
 
 @dataclass(frozen=True)
@@ -155,7 +140,8 @@ def bit_plane_rows(
             continue
         served[label] = [code.serve(planes[item_groups]) for planes, _ in per_group]
         scored = zip(groups, served[label], strict=True)
-        metrics = grouped_metrics(ds, [(g.users, plane_score_fn(user_emb, h)) for g, h in scored])
+        parts = [(g.users, plane_score_fn(user_emb, h)) for g, h in scored]
+        metrics = grouped_metrics(parts, ds.n_users, ds.train, ds.test)
         rows[label] = _row(
             method,
             label,
@@ -199,7 +185,8 @@ def direct_rows(
             table, nbytes = direct_quantize(item_emb[:, :dims], bits)
             users = np.ascontiguousarray(user_emb[:, :dims], dtype=np.float32)
             score = dot_score_fn(users, table)
-            cache[bits, dims] = grouped_metrics(ds, [(np.arange(ds.n_users), score)]), nbytes
+            everyone = [(np.arange(ds.n_users), score)]
+            cache[bits, dims] = grouped_metrics(everyone, ds.n_users, ds.train, ds.test), nbytes
             log(
                 f"row quantization {bits} bit(s) x {dims} dims: "
                 f"Recall@20 {cache[bits, dims][0]['recall@20']:.4f}",
