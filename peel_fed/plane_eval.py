@@ -46,6 +46,7 @@ from peel_fed.planes import (
     greedy_plane_order,
     plane_score_fn,
     planes_at_budget,
+    second_moments,
 )
 from peel_fed.scoring import dot_score_fn
 
@@ -91,7 +92,10 @@ def plane_groups(
         ]
     return [
         PlaneGroup(
-            users, greedy_plane_order(code, item_emb, item_groups, pop, user_emb[users], alpha)
+            users,
+            greedy_plane_order(
+                code, item_emb, item_groups, pop, second_moments(user_emb[users]), alpha
+            ),
         )
         for users, pop in zip(members, pops, strict=True)
         if users.size

@@ -217,20 +217,29 @@ def held_bytes(group_sizes: np.ndarray, dim: int, planes_per_group: np.ndarray) 
 
 
 # --- the unit order and budgets ---------------------------------------------------------------
+def second_moments(user_vectors: np.ndarray) -> np.ndarray:
+    """(dim,) mean of ``u_j^2`` over the rows of ``user_vectors``: how much an error in item
+    dimension j moves these users' scores, on average (the benefit's dimension weights)."""
+    u = np.asarray(user_vectors, dtype=np.float64)
+    return (u**2).mean(axis=0)
+
+
 def plane_benefits(
     code: PlaneCode,
     table: np.ndarray,
     item_groups: np.ndarray,
     popularity: np.ndarray,
-    user_vectors: np.ndarray,
+    dim_weights: np.ndarray,
     alpha: float = 0.5,
 ) -> np.ndarray:
     """(G, bits) benefit of plane p of group g: ``sum_{i in g} pop_i^alpha * sum_j s_j *
-    (err_ij(p planes) - err_ij(p + 1 planes))``, with ``s_j`` the mean of ``u_j^2`` over
-    ``user_vectors`` and ``err`` the squared error of the reconstruction (0 planes: ``v_ij^2``)."""
+    (err_ij(p planes) - err_ij(p + 1 planes))``, with ``s = dim_weights`` (the users'
+    :func:`second_moments`) and ``err`` the squared error of the reconstruction (0 planes:
+    ``v_ij^2``)."""
     x = np.asarray(table, dtype=np.float64)
-    u = np.asarray(user_vectors, dtype=np.float64)
-    s = (u**2).mean(axis=0)
+    s = np.asarray(dim_weights, dtype=np.float64)
+    if s.shape != (x.shape[1],):
+        raise ValueError(f"dim_weights must have shape ({x.shape[1]},), got {s.shape}")
     weight = np.asarray(popularity, dtype=np.float64) ** alpha
     num_groups = int(item_groups.max()) + 1
     benefit = np.zeros((num_groups, code.bits))
@@ -248,16 +257,18 @@ def greedy_plane_order(
     table: np.ndarray,
     item_groups: np.ndarray,
     popularity: np.ndarray,
-    user_vectors: np.ndarray,
+    dim_weights: np.ndarray,
     alpha: float = 0.5,
 ) -> np.ndarray:
     """The unit order, (G * bits, 2) of (group, plane): greedily the next plane with the most
     :func:`plane_benefits` per byte (ties: lowest group id); a group's planes come in order.
 
     ``code`` is the :class:`PlaneCode` of ``table``. For a user group's personalised order pass
-    its users' vectors and the popularity counted over its users; for a global one, all users.
+    its users' :func:`second_moments` and the popularity counted over its users; for a global
+    one, all users'. Both are sums over users, so a federated server gets them by secure
+    aggregation (:mod:`peel_fed.fedplanes`).
     """
-    benefit = plane_benefits(code, table, item_groups, popularity, user_vectors, alpha)
+    benefit = plane_benefits(code, table, item_groups, popularity, dim_weights, alpha)
     num_groups, bits = benefit.shape
     sizes = np.bincount(item_groups, minlength=num_groups)
     plane_cost = np.array([plane_bytes(n, code.dim) for n in sizes.tolist()], dtype=np.float64)

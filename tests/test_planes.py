@@ -22,6 +22,7 @@ from peel_fed.planes import (
     plane_score_fn,
     plane_unit_bytes,
     planes_at_budget,
+    second_moments,
 )
 from peel_fed.scoring import dot_score_fn
 
@@ -124,7 +125,7 @@ def test_budgets_are_never_exceeded_and_nest():
     sizes = np.bincount(groups)
     code = PlaneCode.encode(table)
     users = np.random.default_rng(3).normal(size=(30, table.shape[1]))
-    order = greedy_plane_order(code, table, groups, np.arange(60)[::-1], users)
+    order = greedy_plane_order(code, table, groups, np.arange(60)[::-1], second_moments(users))
     assert sorted(map(tuple, order.tolist())) == [(g, p) for g in range(5) for p in range(16)]
     full = table.size * FLOAT32_BYTES
     before = np.zeros(5, dtype=np.int64)
@@ -150,13 +151,13 @@ def test_greedy_order_serves_the_popular_group_first():
     code = PlaneCode.encode(table)
     for popular in (0, 1):
         pop = np.where(groups == popular, 100.0, 1.0)
-        order = greedy_plane_order(code, table, groups, pop, users)
+        order = greedy_plane_order(code, table, groups, pop, second_moments(users))
         assert tuple(order[0]) == (popular, 0)
         first_other = int(np.flatnonzero(order[:, 0] != popular)[0])
         assert first_other >= 2  # at least two planes of the popular group before any other
         for g in (0, 1):
             assert order[order[:, 0] == g, 1].tolist() == list(range(CODE_BITS))
-    flat = greedy_plane_order(code, table, groups, np.ones(20), users, alpha=0.0)
+    flat = greedy_plane_order(code, table, groups, np.ones(20), second_moments(users), alpha=0.0)
     assert tuple(flat[0]) == (0, 0)  # the first unit of two equal groups: the lower id
 
 
@@ -182,7 +183,7 @@ def test_checkerboard_keeps_its_ranking_at_a_tenth_of_the_bytes(
     pop = board.item_popularity()
     groups = popularity_item_groups(pop, num_item_groups)
     code = PlaneCode.encode(item_emb)
-    order = greedy_plane_order(code, item_emb, groups, pop, user_emb)
+    order = greedy_plane_order(code, item_emb, groups, pop, second_moments(user_emb))
     budget = parse_budget("10%", item_emb.size * FLOAT32_BYTES)
     planes, used = planes_at_budget(order, np.bincount(groups), item_emb.shape[1], budget)
     assert used <= budget
