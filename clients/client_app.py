@@ -247,6 +247,28 @@ def group(msg: Message, context: Context) -> Message:
     return _reply(msg, encode_group_counts(np.bincount(groups, minlength=centroids.shape[0])))
 
 
+def planes(msg: Message, context: Context) -> Message:
+    """The hosted users' share of the bit-plane statistics, securely aggregated: per user group
+    the sum of their vectors' squares, their number and their training item counts."""
+    from peel_fed.fedplanes import plane_stats_vector
+
+    content = from_record_dict(msg.content)
+    centroids = decode_centroids(content)
+    node = state.node_data(decode_data(content), context)
+    groups = state.user_groups(context)
+    if groups is None:  # missed the grouping round: join the nearest centroid now
+        groups = _nearest_groups(context, centroids)
+    vector = plane_stats_vector(
+        node.users,
+        state.user_vectors(context),
+        groups,
+        centroids.shape[0],
+        node.ds.train,
+        node.ds.n_items,
+    )
+    return masked_reply(msg, context, content, vector)
+
+
 # --- PEE learning -------------------------------------------------------------------------------
 def pee(msg: Message, context: Context) -> Message:
     """Fine-tune the tables of the hosted users' groups; gradients and dL_val/d alpha go up."""
@@ -325,6 +347,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     vector = evaluation_vector(
         down.spec,
         down.tables,
+        down.planes,
         down.layout,
         node.users,
         groups,
@@ -381,6 +404,7 @@ def make_client_app(mods: list[Mod] | None = None) -> ClientApp:
     client.train("rows")(rows)
     client.query("kmeans")(kmeans)
     client.query("group")(group)
+    client.query("planes")(planes)
     client.train("pee")(pee)
     client.train("peerows")(pee_rows)
     client.evaluate("budgets")(evaluate)

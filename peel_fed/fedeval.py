@@ -1,8 +1,10 @@
 """On-device evaluation of federated PEEL: what every node computes, and the server's table.
 
-Each node ranks all items for each of its users at every budget level of the table, at its own
-budget (drawn per device in simulation, or the SuperNode's in deployment) and at the drill's cuts
-of it, with PEEL and the baselines. It sends only sums of Recall@20, NDCG@20 and user counts
+Each node ranks all items for each of its users at every budget level of the table with PEEL's
+bit-plane units (the default, :mod:`peel_fed.fedplanes`), PEEL's block units and the block
+baselines; and with the default at its own budget (drawn per device in simulation, or the
+SuperNode's in deployment) and at the drill's cuts of it, made on the device. It sends only
+sums of Recall@20, NDCG@20 and user counts
 (:func:`evaluation_vector`, laid out by :class:`EvalSpec`); summed over nodes, they give the means
 of :func:`evaluation_table`.
 """
@@ -15,6 +17,7 @@ import numpy as np
 
 from peel_fed.blocks import BlockLayout, parse_budget, select_prefix
 from peel_fed.data import Interactions
+from peel_fed.fedplanes import PlaneOrders, plane_metric_sums
 from peel_fed.metrics import per_user_metrics
 from peel_fed.partition import user_slots
 from peel_fed.scoring import budget_score_fn
@@ -87,7 +90,10 @@ class EvalSpec:
 
     @property
     def methods(self) -> tuple[str, ...]:
-        return (f"PEEL (G_u={self.num_user_groups})",) + BASELINES
+        """Rows of the budget table; the first is the default, which the drill and the per-group
+        rows measure."""
+        k = self.num_user_groups
+        return (f"PEEL bit-planes (G_u={k})", f"PEEL blocks (G_u={k})") + BASELINES
 
     def to_config(self) -> dict:
         return {
@@ -128,6 +134,7 @@ def _sums(per_user: np.ndarray, select: np.ndarray | None = None) -> np.ndarray:
 def evaluation_vector(
     spec: EvalSpec,
     tables: dict[str, np.ndarray],
+    planes: PlaneOrders,
     layout: BlockLayout,
     users: np.ndarray,
     groups: np.ndarray,
@@ -145,9 +152,11 @@ def evaluation_vector(
     ``node_budget`` for all of the node's users (deployment: the SuperNode's ``device-budget``),
     which must equal one of ``spec.device_budgets`` in bytes.
 
-    ``tables`` holds, per user group g, ``table-g``, ``alpha-g``, ``order-g`` (the group's PEE),
-    and ``pretrained``, ``order-first-k blocks``, ``order-random units`` for the baselines.
-    Sums are (Recall@20, NDCG@20, users with test items) triples.
+    ``tables`` holds, per user group g, ``table-g``, ``alpha-g``, ``order-g`` (the group's PEE
+    blocks), and ``pretrained``, ``order-first-k blocks``, ``order-random units`` for the
+    baselines; ``planes`` the coded pretrained item table and each group's bit-plane order, ranked
+    with the pretrained user vectors (as in the centralized study). Sums are (Recall@20, NDCG@20,
+    users with test items) triples.
     """
     levels = np.array(spec.budget_bytes, dtype=np.int64)
     choice = np.array([parse_budget(c, spec.full_table_bytes) for c in spec.device_budgets])
@@ -164,7 +173,26 @@ def evaluation_vector(
     ones = np.ones((layout.num_item_groups, layout.num_blocks))
     part_a, part_b, part_c = [], [], []
 
-    def peel_at(budget_per_user: np.ndarray) -> np.ndarray:
+    def planes_at(budget_per_user: np.ndarray, cut_from: np.ndarray | None = None) -> np.ndarray:
+        out = np.zeros((users.size, 3))
+        for g in range(spec.num_user_groups):
+            sel = groups == g
+            if sel.any():
+                out[sel] = plane_metric_sums(
+                    users[sel],
+                    pretrained_vectors[sel],
+                    planes.code,
+                    planes.orders[g],
+                    layout.item_groups,
+                    budget_per_user[sel],
+                    n_users,
+                    train,
+                    test,
+                    cut_from=None if cut_from is None else cut_from[sel],
+                )
+        return out
+
+    def blocks_at(budget_per_user: np.ndarray) -> np.ndarray:
         out = np.zeros((users.size, 3))
         for g in range(spec.num_user_groups):
             sel = groups == g
@@ -183,9 +211,11 @@ def evaluation_vector(
                 )
         return out
 
-    peel_levels = [peel_at(np.full(users.size, b)) for b in levels]
+    peel_levels = [planes_at(np.full(users.size, b)) for b in levels]
     for j in range(levels.size):
         part_a.append(_sums(peel_levels[j]))
+    for b in levels:
+        part_a.append(_sums(blocks_at(np.full(users.size, b))))
     for name in BASELINES:
         for b in levels:
             per_user = ranking_metric_sums(
@@ -207,10 +237,11 @@ def evaluation_vector(
             (pl for lv, pl in zip(levels, peel_levels, strict=True) if lv == budget), None
         )
         if at_own is None:
-            at_own = peel_at(np.full(users.size, budget))
+            at_own = planes_at(np.full(users.size, budget))
         part_b.append(_sums(at_own, mine))
-        for f in spec.drill:  # a cut where nothing fits counts no device (see ranking_metric_sums)
-            part_b.append(_sums(peel_at(np.full(users.size, drill_cut(budget, f))), mine))
+        for f in spec.drill:  # a cut where nothing fits counts no device (see plane_metric_sums)
+            cut = np.full(users.size, drill_cut(budget, f))
+            part_b.append(_sums(planes_at(cut, cut_from=np.full(users.size, budget)), mine))
     for g in range(spec.num_user_groups):
         for j in range(levels.size):
             part_c.append(_sums(peel_levels[j], groups == g))

@@ -12,7 +12,9 @@ per node; the functions here write and read their layouts:
   ``[E0 gradient over the row union | contribution change per layer over the union]``
 - PEE learning, secure rows: ``[row counts (user groups x items) | users]``, then per user group
   ``[gradient over the group's row union | dL_val/d alpha | loss statistics]``
-- evaluation: :func:`peel_fed.fedpee.evaluation_vector` (read by ``evaluation_table``)
+- bit-plane statistics: per user group ``[square sums of user vectors (dim) | users | training
+  item counts (items)]`` (:class:`peel_fed.fedplanes.PlaneStats`)
+- evaluation: :func:`peel_fed.fedeval.evaluation_vector` (read by ``evaluation_table``)
 
 Where a core dataclass is the payload (``DeviceUpdate``, ``PEEUpload``, ``EvalSpec``) it is
 encoded and decoded as is. Those live in modules that import torch; they are imported inside the
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
     from peel_fed.fedeval import EvalSpec
     from peel_fed.fedlightgcn import DeviceUpdate
     from peel_fed.fedpee import PEEUpload
+    from peel_fed.fedplanes import PlaneOrders
 
 Scalar = int | float | str | bool | bytes
 ConfigValue = Scalar | list[int] | list[float] | list[str] | list[bool] | list[bytes]
@@ -667,14 +670,37 @@ class EvaluateDown:
     data: DataSpec
     spec: EvalSpec
     tables: Arrays
+    planes: PlaneOrders
     centroids: np.ndarray
     layout: BlockLayout
+
+
+def encode_plane_orders(planes: PlaneOrders) -> Arrays:
+    """The coded item table (uint16 codes, float16 row offsets and scales) and each user group's
+    bit-plane unit order."""
+    code = planes.code
+    arrays = {"codes": code.codes, "offset": code.offset, "scale": code.scale}
+    arrays.update({f"order-{g}": order for g, order in enumerate(planes.orders)})
+    return arrays
+
+
+def decode_plane_orders(arrays: Arrays, num_user_groups: int) -> PlaneOrders:
+    from peel_fed.fedplanes import PlaneOrders
+    from peel_fed.planes import PlaneCode
+
+    code = PlaneCode(
+        codes=np.asarray(arrays["codes"], dtype=np.uint16),
+        offset=np.asarray(arrays["offset"], dtype=np.float16),
+        scale=np.asarray(arrays["scale"], dtype=np.float16),
+    )
+    return PlaneOrders(code, [arrays[f"order-{g}"] for g in range(num_user_groups)])
 
 
 def encode_evaluate_down(down: EvaluateDown) -> Content:
     return Content(
         arrays={
             "tables": dict(down.tables),
+            "planes": encode_plane_orders(down.planes),
             "kmeans": {"centroids": down.centroids},
             "layout": encode_layout(down.layout),
         },
@@ -691,8 +717,9 @@ def decode_evaluate_down(content: Content) -> EvaluateDown:
 
     return EvaluateDown(
         data=decode_data(content),
-        spec=EvalSpec.from_config(content.configs["evaluate"]),
+        spec=(spec := EvalSpec.from_config(content.configs["evaluate"])),
         tables=dict(content.arrays["tables"]),
+        planes=decode_plane_orders(content.arrays["planes"], spec.num_user_groups),
         centroids=decode_centroids(content),
         layout=decode_layout(content),
     )

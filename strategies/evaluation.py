@@ -10,6 +10,7 @@ from clients.records import to_record_dict
 from peel_fed.blocks import first_blocks_order, random_unit_order
 from peel_fed.console import log
 from peel_fed.fedeval import EvalSpec, evaluation_table
+from peel_fed.fedplanes import PlaneOrders
 from peel_fed.messages import EvaluateDown, encode_evaluate_down
 from strategies.base import PhaseStrategy
 from strategies.pee import PEEResult
@@ -18,9 +19,10 @@ from strategies.stats import StatsResult
 
 
 class EvaluationStrategy(PhaseStrategy):
-    """Serve every group's units in weight order (and the baselines' tables); devices keep what
-    fits each budget, rank on the device, run the dynamic-budget drill, and send up metric sums
-    by secure aggregation. A device that missed grouping joins the nearest centroid here."""
+    """Serve every group's bit-plane units in order, its block units in weight order, and the
+    baselines' tables; devices keep what fits each budget, rank on the device, run the
+    dynamic-budget drill (cutting their bit-planes), and send up metric sums by secure
+    aggregation. A device that missed grouping joins the nearest centroid here."""
 
     def eval_spec(self, stats: StatsResult) -> EvalSpec:
         cfg = self.cfg
@@ -38,6 +40,7 @@ class EvaluationStrategy(PhaseStrategy):
         stats: StatsResult,
         item_table: np.ndarray,
         pee: PEEResult,
+        planes: PlaneOrders,
         centroids: np.ndarray,
     ) -> RecordDict:
         layout = stats.layout
@@ -52,7 +55,7 @@ class EvaluationStrategy(PhaseStrategy):
             tables[f"table-{g}"] = s.table.numpy()
             tables[f"alpha-{g}"] = s.weights()
             tables[f"order-{g}"] = s.unit_order()
-        down = EvaluateDown(self.data, spec, tables, centroids, layout)
+        down = EvaluateDown(self.data, spec, tables, planes, centroids, layout)
         return to_record_dict(encode_evaluate_down(down))
 
     def aggregate(self, total: np.ndarray, spec: EvalSpec) -> dict:
@@ -66,10 +69,11 @@ class EvaluationStrategy(PhaseStrategy):
         stats: StatsResult,
         item_table: np.ndarray,
         pee: PEEResult,
+        planes: PlaneOrders,
         centroids: np.ndarray,
     ) -> dict:
         spec = self.eval_spec(stats)
-        content = self.configure(spec, stats, item_table, pee, centroids)
+        content = self.configure(spec, stats, item_table, pee, planes, centroids)
         total, contributed, reports = secure_sum(
             grid, nodes, "evaluate.budgets", content, self.cfg.round_timeout_s, "evaluate"
         )

@@ -43,7 +43,8 @@ def results_markdown(report: dict) -> str:
     if report.get("drill"):
         lines += [
             "",
-            "Dynamic-budget drill (PEEL; each device cuts its own budget, no server contact):",
+            "Dynamic-budget drill (PEEL bit-planes; each device cuts its own budget, no server "
+            "contact):",
             "",
             *drill_lines(report["drill"]),
         ]

@@ -1,10 +1,11 @@
 """The server: a Flower ServerApp whose ``main`` runs the federated phases in order.
 
 statistics (secure aggregation) -> LightGCN pretraining (sparse item rows) -> K-Means grouping
-(secure aggregation) -> per-group PEE learning (all groups in the same rounds) -> deployment and
-on-device evaluation with the dynamic-budget drill (secure aggregation of metric sums).
-Each phase is a strategy class in its own module (``strategies.stats``, ``.pretrain``,
-``.grouping``, ``.pee``, ``.evaluation``); this module composes them.
+(secure aggregation) -> bit-plane orders per user group (secure aggregation of second moments and
+item counts) -> per-group PEE learning of block units (all groups in the same rounds) ->
+deployment and on-device evaluation with the dynamic-budget drill (secure aggregation of metric
+sums). Each phase is a strategy class in its own module (``strategies.stats``, ``.pretrain``,
+``.grouping``, ``.planes``, ``.pee``, ``.evaluation``); this module composes them.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from strategies.grouping import GroupingStrategy
 from strategies.log import PhaseLog
 from strategies.pee import PEEStrategy
 from strategies.phases import wait_for_nodes
+from strategies.planes import PlanesStrategy
 from strategies.pretrain import PretrainStrategy
 from strategies.report import plot_recall_vs_budget, results_markdown
 from strategies.stats import StatsStrategy
@@ -54,10 +56,14 @@ def run_pipeline(grid: Grid, cfg: FedConfig) -> dict:
     lap("pretrain")
     groups = GroupingStrategy(cfg, phase_log, data).run(grid, nodes, items)
     lap("grouping")
+    planes = PlanesStrategy(cfg, phase_log, data).run(
+        grid, nodes, groups.centroids, items, stats.layout.item_groups
+    )
+    lap("planes")
     pee = PEEStrategy(cfg, phase_log, data, stats, items, groups).run(grid, nodes)
     lap("pee")
     evaluation = EvaluationStrategy(cfg, phase_log, data).run(
-        grid, nodes, stats, items, pee, groups.centroids
+        grid, nodes, stats, items, pee, planes, groups.centroids
     )
     lap("evaluate")
     report = {

@@ -11,9 +11,11 @@ from peel_fed.data import split_validation
 from peel_fed.fedeval import EvalSpec, evaluation_table, evaluation_vector
 from peel_fed.fedlightgcn import round_participants
 from peel_fed.fedpee import FedPEEConfig, train_fed_pee
+from peel_fed.fedplanes import PlaneOrders, PlaneStats, plane_orders, plane_stats_vector
 from peel_fed.lightgcn import LightGCNConfig, train_lightgcn
 from peel_fed.partition import user_slots
 from peel_fed.pipeline import evaluate_units
+from peel_fed.planes import order_unit_bytes
 from peel_fed.synthetic import checkerboard
 
 
@@ -38,6 +40,13 @@ def board():
     return ds, split, users, items, layout
 
 
+def _planes(ds, users, items, layout, groups, num_user_groups: int) -> PlaneOrders:
+    every = np.arange(ds.n_users)
+    vec = plane_stats_vector(every, users, groups, num_user_groups, ds.train, ds.n_items)
+    stats = PlaneStats.from_vector(vec, num_user_groups, items.shape[1])
+    return plane_orders(items, layout.item_groups, stats)
+
+
 def test_on_device_evaluation_sums_equal_the_centralized_evaluation(board):
     ds, _, users, items, layout = board
     groups = kmeans_user_groups(users, 2, seed=0).assignment
@@ -54,12 +63,14 @@ def test_on_device_evaluation_sums_equal_the_centralized_evaluation(board):
     for g in range(2):
         tables.update({f"table-{g}": items, f"alpha-{g}": ones, f"order-{g}": order})
     all_users = np.arange(ds.n_users)
+    planes = _planes(ds, users, items, layout, groups, 2)
     # two "nodes": their summed vectors are what the server decodes
     halves = np.array_split(all_users, 2)
     total = sum(
         evaluation_vector(
             spec,
             tables,
+            planes,
             layout,
             h,
             groups[h],
@@ -74,6 +85,8 @@ def test_on_device_evaluation_sums_equal_the_centralized_evaluation(board):
     )
     table = evaluation_table(total, spec)
     for row in table["rows"]:
+        if row["method"].startswith("PEEL bit-planes"):
+            continue  # tests/test_fedplanes.py
         ref = evaluate_units(
             ds, [(all_users, users, items, ones, order)], layout, row["budget_bytes"]
         )
@@ -97,7 +110,9 @@ def test_a_node_budget_from_node_config_sets_every_hosted_users_class(board):
     tables = {"pretrained": items, "order-first-k blocks": order, "order-random units": order}
     tables.update({"table-0": items, "alpha-0": ones, "order-0": order})
     mine = np.arange(ds.n_users)
-    args = (spec, tables, layout, mine, np.zeros(ds.n_users, dtype=np.int64), users, users)
+    zeros = np.zeros(ds.n_users, dtype=np.int64)
+    planes = _planes(ds, users, items, layout, zeros, 1)
+    args = (spec, tables, planes, layout, mine, zeros, users, users)
     vec = evaluation_vector(*args, ds.n_users, ds.train, ds.test, 0, node_budget=f"{full // 2}B")
     drill = evaluation_table(vec, spec)["drill"]
     assert drill[0]["users"] > 0 and drill[2]["users"] == 0  # all in the 50% class
@@ -110,18 +125,21 @@ def test_a_drill_cut_below_one_unit_counts_no_device_instead_of_failing(board):
     order = first_blocks_order(layout.num_item_groups, layout.num_blocks)
     ones = np.ones((layout.num_item_groups, layout.num_blocks))
     full = layout.full_table_bytes
-    tiny = (layout.min_budget_bytes - 1) / full  # a cut of the full table below one unit
+    zeros = np.zeros(ds.n_users, dtype=np.int64)
+    planes = _planes(ds, users, items, layout, zeros, 1)
+    first = order_unit_bytes(planes.orders[0], np.bincount(layout.item_groups), layout.dim)[0]
+    tiny = (first - 1) / full  # a cut of the full table below the order's first bit-plane unit
     spec = EvalSpec((full,), ("100%",), (0.5, tiny), 1, full)
     tables = {"pretrained": items, "order-first-k blocks": order, "order-random units": order}
     tables.update({"table-0": items, "alpha-0": ones, "order-0": order})
     mine = np.arange(ds.n_users)
-    args = (spec, tables, layout, mine, np.zeros(ds.n_users, dtype=np.int64), users, users)
+    args = (spec, tables, planes, layout, mine, zeros, users, users)
     drill = evaluation_table(evaluation_vector(*args, ds.n_users, ds.train, ds.test, 0), spec)[
         "drill"
     ]
     assert [d["fraction_of_own"] for d in drill] == [1.0, 0.5, tiny]
     assert drill[1]["users"] == drill[0]["users"] > 0
-    assert drill[2]["users"] == 0 and drill[2]["budget_bytes"] < layout.min_budget_bytes
+    assert drill[2]["users"] == 0 and drill[2]["budget_bytes"] < first
 
 
 def test_federated_pee_learning_keeps_the_checkerboard_ranking(board):

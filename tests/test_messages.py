@@ -11,6 +11,7 @@ from peel_fed.blocks import BlockLayout
 from peel_fed.fedeval import EvalSpec
 from peel_fed.fedlightgcn import DeviceUpdate
 from peel_fed.fedpee import PEEUpload
+from peel_fed.fedplanes import PlaneOrders
 from peel_fed.messages import (
     Content,
     DataSpec,
@@ -56,6 +57,7 @@ from peel_fed.messages import (
     encode_stats,
     pee_row_unions,
 )
+from peel_fed.planes import PlaneCode
 from strategies.phases import record_bytes
 
 NPY_HEADER = 128  # np.save's header for these small arrays (Flower's Array payload)
@@ -279,9 +281,15 @@ def test_evaluation_download_round_trip():
     spec = EvalSpec((100, 200), ("50%", "100%"), (0.5,), 2, 200)
     layout = BlockLayout(np.array([0, 1, 1]), 4, 2)
     tables = {"pretrained": np.ones((3, 4)), "order-0": np.array([1, 0, 2, 3])}
-    down = EvaluateDown(DATA, spec, tables, np.zeros((2, 4)), layout)
+    code = PlaneCode.encode(np.arange(12, dtype=np.float32).reshape(3, 4))
+    orders = [np.array([[0, 0], [1, 0]]), np.array([[1, 0], [0, 0]])]
+    down = EvaluateDown(DATA, spec, tables, PlaneOrders(code, orders), np.zeros((2, 4)), layout)
     back = decode_evaluate_down(_wire(encode_evaluate_down(down)))
     assert back.spec == spec and back.data == DATA
+    assert back.planes.code.codes.dtype == np.uint16 and back.planes.code.offset.dtype == np.float16
+    assert np.array_equal(back.planes.code.codes, code.codes)
+    assert np.array_equal(back.planes.code.scale.view(np.uint16), code.scale.view(np.uint16))
+    assert [o.tolist() for o in back.planes.orders] == [o.tolist() for o in orders]
     assert set(back.tables) == set(tables) and back.centroids.shape == (2, 4)
     assert (back.layout.dim, back.layout.num_blocks) == (4, 2)
 

@@ -47,6 +47,7 @@ def dynamic_trace(done: dict[str, dict]) -> list[dict]:
 
     trace = []
     fed_rows, drill = result("federated").get("rows", []), result("federated").get("drill", [])
+    fed_rows = [r for r in fed_rows if r["method"].startswith("PEEL bit-planes")]  # the drill's
     if fed_rows and drill:
         top = max(fed_rows, key=lambda r: r["budget_bytes"])
         own = next(  # the own-budget class of the largest budget, matched by bytes
@@ -65,7 +66,7 @@ def dynamic_trace(done: dict[str, dict]) -> list[dict]:
                         "budget_fraction": top["budget_fraction"] * d["fraction_of_own"],
                         "recall@20": d["recall@20"],
                         "ndcg@20": d["ndcg@20"],
-                        "contact": "none: it drops its lowest-priority units",
+                        "contact": "none: it drops its lowest bit-planes",
                         "devices": d["users"],
                     }
                 )

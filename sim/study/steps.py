@@ -54,7 +54,7 @@ class StudyConfig:
 # Fields only some steps read (the others' keys, and so their saved results, ignore them).
 STEP_ONLY_FIELDS: dict[str, tuple[str, ...]] = {"cold_start_fraction": ("cold-start",)}
 # Bump a step's version when its code changes what it saves, so saved results are redone.
-STEP_VERSIONS: dict[str, int] = {"pruning": 2, "federated": 2}
+STEP_VERSIONS: dict[str, int] = {"pruning": 2, "federated": 3}
 
 
 def _work(cfg: StudyConfig) -> Path:
@@ -263,11 +263,10 @@ def step_federated(cfg: StudyConfig) -> dict:
     g = fcfg.num_user_groups
     label = {b: lbl for lbl, b in _budget_bytes(cfg, report["layout"]["full_table_bytes"])}
     rows = []
-    for r in report["rows"]:
+    for r in report["rows"]:  # "PEEL bit-planes (G_u=g)" -> "PEEL bit-planes (G_u=g, federated)"
         if r["method"].startswith("PEEL"):
-            rows.append(
-                {**r, "method": f"PEEL (G_u={g}, federated)", "budget": label[r["budget_bytes"]]}
-            )
+            name = r["method"].removesuffix(f"(G_u={g})") + f"(G_u={g}, federated)"
+            rows.append({**r, "method": name, "budget": label[r["budget_bytes"]]})
     return {
         "rows": rows,
         "drill": report["drill"],
