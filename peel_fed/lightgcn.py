@@ -54,9 +54,7 @@ class LightGCNConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         self.nested_dims = tuple(int(d) for d in self.nested_dims)
         dims = self.nested_dims
-        if any(d <= 0 or d >= self.dim for d in dims) or any(
-            a >= b for a, b in zip(dims, dims[1:])
-        ):
+        if any(d <= 0 or d >= self.dim for d in dims) or list(dims) != sorted(set(dims)):
             raise ValueError(
                 f"nested dims must be strictly increasing and each in (0, {self.dim}) "
                 f"(the embedding dim), got {list(dims)}"
