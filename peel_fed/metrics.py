@@ -3,6 +3,8 @@
 Every item the user has not interacted with in training is a candidate. Recall@K = hits / |test|;
 NDCG@K = DCG@K / IDCG@K where the ideal DCG places min(|test|, K) positives at the top. Users with
 no test items are skipped. Scores are computed in user batches so memory stays bounded.
+:func:`validation_recall` is the same measure on the validation slice, for choosing among
+candidates without reading test data.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from peel_fed.data import Interactions
+from peel_fed.data import Dataset, Interactions, TrainValSplit
 
 
 def recall_ndcg_at_k(
@@ -120,3 +122,19 @@ def grouped_metrics(
         "recall@20": float(r.mean()) if r.size else 0.0,
         "ndcg@20": float(n.mean()) if n.size else 0.0,
     }
+
+
+def validation_recall(
+    score_fn: Callable[[np.ndarray], torch.Tensor],
+    ds: Dataset,
+    split: TrainValSplit,
+    k: int = 20,
+) -> float:
+    """Recall@k on the validation slice: each user's ``split.fit`` items are excluded from the
+    ranking and ``split.val`` items are the targets (test data is never read).
+
+    Use it to pick among candidates (e.g. bit widths x dims at a budget) by validation, then
+    report the chosen candidate's test metrics with :func:`evaluate_ranking`.
+    """
+    m = evaluate_ranking(score_fn, ds.n_users, split.fit, split.val, ks=(k,))
+    return m[f"recall@{k}"]

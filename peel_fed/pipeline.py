@@ -85,11 +85,19 @@ class Pretrained:
 
 
 def _pretrain_key(ds: Dataset, split_fit: Interactions, cfg: PipelineConfig) -> str:
+    """The cache key of a pretrained model: data, fit split, LightGCN config and seed.
+
+    ``nested_dims`` enters the key only when set, so plain models keep their earlier keys (and
+    cached files).
+    """
+    lightgcn = asdict(cfg.lightgcn)
+    if not lightgcn["nested_dims"]:
+        del lightgcn["nested_dims"]
     h = hashlib.sha256()
     h.update(ds.name.encode())
     h.update(np.ascontiguousarray(split_fit.users).tobytes())
     h.update(np.ascontiguousarray(split_fit.items).tobytes())
-    h.update(json.dumps(asdict(cfg.lightgcn), sort_keys=True).encode())
+    h.update(json.dumps(lightgcn, sort_keys=True).encode())
     h.update(str(cfg.seed).encode())
     return h.hexdigest()[:16]
 

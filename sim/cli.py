@@ -147,6 +147,14 @@ def _add_centralized(sub) -> None:
         help="weight of the block-diversity regulariser in pretraining and PEE learning",
     )
     p.add_argument(
+        "--nested-dims",
+        type=_int_list,
+        default=(),
+        help="train LightGCN nested (Matryoshka): the BPR loss is the mean over these leading "
+        "prefixes and the full dim, e.g. 2,4,8,16,32 (increasing, each below --dim; default "
+        "none: the plain loss)",
+    )
+    p.add_argument(
         "--budgets",
         type=_budget_list,
         default=DEFAULT_BUDGETS,
@@ -415,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
                     lr=args.lr,
                     num_blocks=args.num_blocks,
                     diversity_weight=args.diversity_weight,
+                    nested_dims=args.nested_dims,
                 ),
                 peel=PEELConfig(
                     num_item_groups=args.num_item_groups,

@@ -77,6 +77,29 @@ def test_more_user_groups_than_users(capsys, tmp_path, tiny_dir):
     assert "more user groups" in line
 
 
+@pytest.mark.parametrize("nested", ["4", "2,1", "0,2", "2,2"])
+def test_bad_nested_dims(capsys, tmp_path, tiny_dir, nested):
+    line = _run(capsys, tmp_path, "--data-dir", str(tiny_dir), "--nested-dims", nested)
+    assert "nested dims must be strictly increasing and each in (0, 4)" in line  # --dim 4
+
+
+def test_unparsable_nested_dims(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["centralized", "--nested-dims", "2,x"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert "argument --nested-dims: expected comma-separated integers, got '2,x'" in err
+
+
+def test_nested_dims_reach_pretraining(monkeypatch):
+    seen = []
+    monkeypatch.setattr("peel_fed.pipeline.run_centralized", seen.append)
+    assert main(["centralized", "--nested-dims", "2,4,8,16,32"]) == 0
+    assert seen[0].lightgcn.nested_dims == (2, 4, 8, 16, 32)
+    assert main(["centralized"]) == 0
+    assert seen[1].lightgcn.nested_dims == ()
+
+
 def test_old_option_names_still_work_with_a_warning(capsys, tmp_path, tiny_dir):
     """``--user-groups`` (renamed ``--num-user-groups``) still sets the value, and says so."""
     code = main(

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from peel_fed.data import from_pairs
-from peel_fed.metrics import evaluate_ranking, per_user_metrics
+from peel_fed.data import Interactions, TrainValSplit, from_pairs
+from peel_fed.metrics import evaluate_ranking, per_user_metrics, validation_recall
 from peel_fed.scoring import dot_score_fn
 
 # 6 items, 3 users.
@@ -101,3 +101,19 @@ def test_batching_does_not_change_results():
         nd.append(dcg / idcg)
     assert a["recall@10"] == pytest.approx(np.mean(rec))
     assert a["ndcg@10"] == pytest.approx(np.mean(nd))
+
+
+def test_validation_recall_ranks_without_fit_items_against_validation_items():
+    """Train = fit + validation: user 0 fit {0}, val {1}; user 1 fit {3, 5}, val {0}; user 2
+    has no validation item (skipped). Top-2 without fit items: user 0 {1, 2} (hit), user 1
+    {1, 2} (miss): Recall@2 = 1/2. Excluding all training items, or aiming at test (item 4),
+    would give 0."""
+    ds = from_pairs(
+        "hand", 3, 6, [(0, 0), (0, 1), (1, 0), (1, 3), (1, 5), (2, 1)], [(0, 4), (1, 4)]
+    )
+    split = TrainValSplit(
+        fit=Interactions(np.array([0, 1, 1, 2]), np.array([0, 3, 5, 1])),
+        val=Interactions(np.array([0, 1]), np.array([1, 0])),
+    )
+    assert validation_recall(_score, ds, split, k=2) == pytest.approx(0.5)
+    assert validation_recall(_score, ds, split, k=3) == pytest.approx(1.0)  # user 1: 1, 2, 0

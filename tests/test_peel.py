@@ -294,6 +294,22 @@ def test_run_centralized_rejects_more_groups_than_users(tmp_path):
     assert not (tmp_path / "c").exists()
 
 
+def test_pretrain_cache_key_is_unchanged_without_nested_dims():
+    """The keys below were computed before ``nested_dims`` existed: plain models keep their
+    cached files; a nested model gets its own key."""
+    from peel_fed.pipeline import _pretrain_key
+
+    ds = from_pairs("tiny", 3, 4, np.array([(0, 0), (0, 1), (1, 1), (2, 1), (2, 2)]), [])
+    small = LightGCNConfig(dim=16, epochs=5, batch_size=1024, diversity_weight=0.0, num_blocks=1)
+    assert _pretrain_key(ds, ds.train, PipelineConfig()) == "8b434ed16428ed5e"
+    assert _pretrain_key(ds, ds.train, PipelineConfig(lightgcn=small, seed=3)) == "bed616946a1d0e22"
+    keys = {
+        _pretrain_key(ds, ds.train, PipelineConfig(lightgcn=LightGCNConfig(nested_dims=dims)))
+        for dims in ((), (2, 4), (2, 4, 8))
+    }
+    assert len(keys) == 3
+
+
 def test_federated_kmeans_from_partial_sums_equals_lloyd_on_all_users():
     from peel_fed.clustering import initial_centroids, kmeans_partial_sums, kmeans_step
 

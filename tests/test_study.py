@@ -52,6 +52,8 @@ def test_study_resumes_and_reports_every_method(quick_study):
         "PEEL bit-planes (G_u=1)",
         "PEEL bit-planes (G_u=4)",
         "row quantization, best bits x dims",
+        "Matryoshka LightGCN, leading dims",
+        "Matryoshka LightGCN, quantized",
     }
     for method in methods - {"LightGCN (full table)"}:
         fracs = sorted(r["budget_fraction"] for r in report["rows"] if r["method"] == method)
@@ -85,6 +87,7 @@ def test_study_resumes_and_reports_every_method(quick_study):
         "LightGCN retrained per budget",
         "PEEL bit-planes (G_u=1): cut on the device",
         "PEEL bit-planes (G_u=4): cut on the device",
+        "Matryoshka LightGCN, leading dims: cut on the device",
     }
     for method, points in by_method.items():
         fracs = sorted(t["budget_fraction"] for t in points)
@@ -140,6 +143,7 @@ def test_study_resumes_and_reports_every_method(quick_study):
         "## Cold-start users",
         "## Ablations",
         "## Bit-plane units and direct row quantization",
+        "## Nested (Matryoshka) LightGCN",
         "| row quantization, 1-bit | 960 B (9.38%) |",
     ):
         assert section in md
@@ -184,3 +188,55 @@ def test_budgets_given_as_sizes_sit_beside_fractions(tmp_path):
     md = (tmp_path / "report" / "study.md").read_text()
     assert "| 2560B (2.56 KB) | 50% (5.12 KB) | 10.24KB (10.2 KB) |" in md
     assert "--budgets 2560B,50%,10.24KB" in md
+
+
+def test_matryoshka_step_cuts_one_nested_model_to_every_budget(tmp_path):
+    """Quick mode (d = 16, nested on 2, 4, 8; 160 items): leading dims at float32 take
+    budget / (160 x 4 B) columns; the quantized cut is the candidate with the best validation
+    Recall@20; the trace (cut on the device) equals the served rows."""
+    from peel_fed.data import split_validation
+    from peel_fed.lightgcn import LightGCNConfig
+    from peel_fed.loading import load_dataset
+    from peel_fed.matryoshka import LEADING, QUANTIZED, matryoshka_dims
+    from peel_fed.pipeline import PipelineConfig, pretrain
+    from sim.study.steps import step_matryoshka
+
+    cfg = StudyConfig(
+        dataset="checkerboard",
+        budgets=("12.5%", "25%", "100%"),
+        out_dir=str(tmp_path / "report"),
+        cache_dir=str(tmp_path / "cache"),
+        work_dir=str(tmp_path / "work"),
+        quick=True,
+        progress=False,
+    )
+    assert matryoshka_dims(64) == (2, 4, 8, 16, 32)
+    assert (matryoshka_dims(16), matryoshka_dims(3), matryoshka_dims(2)) == ((2, 4, 8), (2,), ())
+    report = run_study(cfg, ["matryoshka"])
+    leading = {r["budget"]: r for r in report["rows"] if r["method"] == LEADING}
+    assert {b: (r["dims"], r["bits"], r["used_bytes"]) for b, r in leading.items()} == {
+        "12.5%": (2, 32, 1280),
+        "25%": (4, 32, 2560),
+        "100%": (16, 32, 10240),
+    }
+    quantized = [r for r in report["rows"] if r["method"] == QUANTIZED]
+    assert len(quantized) == 3
+    for r in quantized:
+        assert r["used_bytes"] <= r["budget_bytes"]
+        best = max(r["candidates"], key=lambda c: c["val_recall@20"])
+        assert (r["bits"], r["dims"]) == (best["bits"], best["dims"])
+        assert len(r["candidates"]) == 4  # 8, 4, 2 and 1 bit(s) each fit some columns
+    trace = [t for t in report["trace"] if t["method"].startswith(LEADING)]
+    assert [t["budget_fraction"] for t in trace] == [1.0, 0.25, 0.125]
+    for t in trace:
+        assert t["recall@20"] == leading[f"{100 * t['budget_fraction']:g}%"]["recall@20"]
+    md = (tmp_path / "report" / "study.md").read_text()
+    assert "## Nested (Matryoshka) LightGCN" in md
+    assert "| Matryoshka LightGCN, leading dims: cut on the device |" in md
+    # the step trained the quick config nested on (2, 4, 8), and cached it under that key
+    ds = load_dataset("checkerboard")
+    split = split_validation(ds.train, ds.n_users, 0.1, seed=0)
+    nested = LightGCNConfig(dim=16, epochs=5, batch_size=1024, num_blocks=1, nested_dims=(2, 4, 8))
+    pcfg = PipelineConfig(dataset="checkerboard", cache_dir=cfg.cache_dir, lightgcn=nested)
+    assert pretrain(ds, split.fit, pcfg).reused
+    assert step_matryoshka(cfg)["nested_dims"] == [2, 4, 8]

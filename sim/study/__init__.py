@@ -9,23 +9,25 @@ federated pipeline:
    (``peel_fed.baselines``);
 3. ``lightgcn-per-budget``: LightGCN retrained for each budget at the largest dimension that
    fits it;
-4. ``federated``: federated PEEL in Flower's simulation (``sim.simulate``), with heterogeneous
+4. ``matryoshka``: one nested (Matryoshka) LightGCN cut to every budget: its leading columns at
+   float32, and the best row-quantized cut by validation Recall@20 (``peel_fed.matryoshka``);
+5. ``federated``: federated PEEL in Flower's simulation (``sim.simulate``), with heterogeneous
    device budgets and the dynamic-budget drill (a device at the largest budget cuts to each
    smaller one);
-5. ``cold-start``: users held out of all training join the nearest group from their own items
+6. ``cold-start``: users held out of all training join the nearest group from their own items
    (``peel_fed.coldstart``), evaluated per budget next to the same run's warm users;
-6. ``bit-planes``: PEEL's units as bit-planes of popularity item groups, with one global order
+7. ``bit-planes``: PEEL's units as bit-planes of popularity item groups, with one global order
    and one per K-Means user group, and direct row quantization (best bits x leading dims per
    budget; int8 to 1-bit at their own bytes) of the pretrained tables (``peel_fed.plane_eval``);
-7. ablations, one step each: no diversity regulariser, uniform weights (controller off), joint
+8. ablations, one step each: no diversity regulariser, uniform weights (controller off), joint
    training instead of bi-level, G_u = 2 and 8, half and twice the blocks (in PEE learning and
    pretraining's regulariser, or in PEE learning only, with the reference's pretrained model).
 
 Each step's result is saved atomically under ``<out>/steps/`` with a key of its inputs. A rerun
 skips the steps whose saved key matches, so an interrupted study resumes where it stopped. The
 report (``study.md``, ``results.json``, PNG plots) is rebuilt from the saved steps every time; it
-includes the dynamic-budget trace: cut on the device (PEEL, magnitude pruning) against a
-retrained model per budget.
+includes the dynamic-budget trace: cut on the device (PEEL, magnitude pruning, bit-planes,
+Matryoshka leading dims) against a retrained model per budget.
 
 Modules: ``steps`` (the config, its keys and the steps), ``runner`` (resume and save),
 ``report`` (``results.json`` and ``study.md``) and ``plots``. The command's options are parsed

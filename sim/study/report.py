@@ -97,6 +97,14 @@ def dynamic_trace(done: dict[str, dict]) -> list[dict]:
                 "train_seconds": r["train_seconds"],
             }
         )
+    for r in result("matryoshka").get("trace", []):
+        trace.append(
+            {
+                **_metrics(r),
+                "method": f"{r['method']}: cut on the device",
+                "contact": "none: it drops its trailing columns",
+            }
+        )
     for r in result("bit-planes").get("trace", []):
         trace.append(
             {
@@ -155,6 +163,8 @@ def report_markdown(report: dict) -> str:
     ]
     if any(r["method"].startswith("PEEL bit-planes") for r in rows):
         lines += ["", *bit_plane_lines(rows, report.get("own_bytes_rows", []))]
+    if any(r["method"].startswith("Matryoshka") for r in rows):
+        lines += ["", *matryoshka_lines(rows)]
     if report.get("drill"):
         lines += [
             "",
@@ -177,8 +187,9 @@ def report_markdown(report: dict) -> str:
             "pruning cut what the device holds (federated PEEL: measured on the devices of the "
             "largest own-budget class; centralized PEEL: a cut keeps the same units as being "
             "served the smaller budget, as `tests/test_store.py` checks; magnitude pruning: each "
-            "cut prunes the previous cut's table). The retrained LightGCN cannot shrink: each "
-            "drop needs a new model from the server.",
+            "cut prunes the previous cut's table; Matryoshka LightGCN: each cut drops trailing "
+            "columns, checked to equal the served table). The retrained LightGCN cannot shrink: "
+            "each drop needs a new model from the server.",
             "",
             *trace_lines(report["trace"]),
         ]
@@ -281,6 +292,28 @@ def bit_plane_lines(rows: list[dict], own_bytes_rows: list[dict]) -> list[str]:
             ),
         ]
     return lines
+
+
+def matryoshka_lines(rows: list[dict]) -> list[str]:
+    """What the nested (Matryoshka) LightGCN rows are, and which quantized cut each budget got."""
+    from peel_fed.matryoshka import QUANTIZED
+
+    best = [r for r in rows if r["method"] == QUANTIZED]
+    chosen = "; ".join(f"{r['budget']}: {r['bits']} bit(s) x {r['dims']} dims" for r in best)
+    return [
+        "## Nested (Matryoshka) LightGCN",
+        "",
+        "One LightGCN (Kusupati et al., NeurIPS 2022) trained on the fit split with the mean of "
+        "the BPR losses of its leading 2, 4, 8, ... dimensions and of the full dimension (the "
+        "powers of two below d; no blocks, no diversity regulariser), so that every leading "
+        "prefix is a model. Leading dims: at each budget the most leading columns whose float32 "
+        "table fits (users rank with the same columns of their vectors); a device shrinks by "
+        "dropping trailing columns, with no server contact. Quantized: row quantization of the "
+        "nested table (every row's leading d' columns at k = 8, 4, 2 or 1 bits, packed, plus "
+        "its float16 offset and scale, 4 B; per k the most columns that fit), the (k, d') "
+        "chosen by validation Recall@20 (fit items excluded, validation items as targets; no "
+        "test data) and its test metrics reported" + (f" ({chosen})" if chosen else "") + ".",
+    ]
 
 
 def _size(n_bytes: float) -> str:

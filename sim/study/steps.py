@@ -219,6 +219,22 @@ def step_lightgcn_per_budget(cfg: StudyConfig) -> dict:
     return {"rows": rows}
 
 
+def step_matryoshka(cfg: StudyConfig) -> dict:
+    """One nested (Matryoshka) LightGCN, the study's pretraining made plain (no blocks, no
+    diversity regulariser) and nested on the powers of two below its dim, cut to every budget:
+    leading dims at float32 and the best quantized cut by validation (``peel_fed.matryoshka``)."""
+    from peel_fed.matryoshka import matryoshka_dims, matryoshka_rows
+
+    base = _pipeline_config(cfg)
+    nested = matryoshka_dims(base.lightgcn.dim)
+    lightgcn = replace(base.lightgcn, diversity_weight=0.0, num_blocks=1, nested_dims=nested)
+    pcfg = replace(base, lightgcn=lightgcn, peel=replace(base.peel, num_blocks=1))
+    ds, split, pre = _data_and_pretrained(cfg, pcfg)
+    budgets = _budget_bytes(cfg, pre.item_emb.size * FLOAT32_BYTES)
+    res = matryoshka_rows(ds, split, pre.user_emb, pre.item_emb, budgets)
+    return {**res, "nested_dims": list(nested), "train_seconds": pre.seconds}
+
+
 def step_federated(cfg: StudyConfig) -> dict:
     from peel_fed.blocks import parse_budget
     from peel_fed.fedconfig import FedConfig
@@ -375,6 +391,7 @@ STEPS: dict[str, Callable[[StudyConfig], dict]] = {
     "centralized": step_centralized,
     "pruning": step_pruning,
     "lightgcn-per-budget": step_lightgcn_per_budget,
+    "matryoshka": step_matryoshka,
     "federated": step_federated,
     "cold-start": step_cold_start,
     "bit-planes": step_bit_planes,
