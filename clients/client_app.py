@@ -358,6 +358,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         node.ds.test,
         down.data.seed,
         node_budget=state.node_budget(context),
+        validation=(node.split.fit, node.split.val),
     )
     return masked_reply(msg, context, content, vector)
 

@@ -15,12 +15,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from peel_fed.blocks import BlockLayout, parse_budget, select_prefix
+from peel_fed.baselines import DIRECT_BITS, best_bits_and_dims, direct_quantize, magnitude_prune
+from peel_fed.blocks import BlockLayout, BudgetError, parse_budget, select_prefix
 from peel_fed.data import Interactions
 from peel_fed.fedplanes import PlaneOrders, plane_metric_sums
 from peel_fed.metrics import per_user_metrics
 from peel_fed.partition import user_slots
-from peel_fed.scoring import budget_score_fn
+from peel_fed.scoring import budget_score_fn, dot_score_fn
 
 BUDGET_STREAM = 5_000_003  # a device's own memory budget in simulation
 
@@ -69,6 +70,8 @@ def ranking_metric_sums(
 
 
 BASELINES = ("first-k blocks", "random units")
+PRUNING = "magnitude pruning"
+ROW_QUANTIZATION = "row quantization, best bits x dims"  # bits x dims chosen on validation
 
 
 def drill_cut(budget_bytes: int, fraction: float) -> int:
@@ -93,7 +96,7 @@ class EvalSpec:
         """Rows of the budget table; the first is the default, which the drill and the per-group
         rows measure."""
         k = self.num_user_groups
-        return (f"PEEL bit-planes (G_u={k})", f"PEEL blocks (G_u={k})") + BASELINES
+        return (f"PEEL bit-planes (G_u={k})", f"PEEL blocks (G_u={k})", *BASELINES, PRUNING)
 
     def to_config(self) -> dict:
         return {
@@ -114,12 +117,16 @@ class EvalSpec:
             full_table_bytes=int(rec["full-table-bytes"]),
         )
 
-    def sizes(self) -> tuple[int, int, int]:
+    def sizes(self) -> tuple[int, int, int, int]:
+        """Lengths of the vector's parts: the budget table, the own-budget classes with the
+        drill, per user group, and the row-quantization candidates (test and validation sums of
+        every bit width at every level)."""
         b = len(self.budget_bytes)
         return (
             len(self.methods) * b * 3,
             len(self.device_budgets) * (1 + len(self.drill)) * 3,
             self.num_user_groups * b * 3,
+            b * len(DIRECT_BITS) * 6,
         )
 
     def length(self) -> int:
@@ -129,6 +136,60 @@ class EvalSpec:
 def _sums(per_user: np.ndarray, select: np.ndarray | None = None) -> np.ndarray:
     rows = per_user if select is None else per_user[select]
     return rows.sum(axis=0) if rows.size else np.zeros(3)
+
+
+def _metric_sums(score_fn, users: np.ndarray, n_users: int, seen, targets) -> np.ndarray:
+    """(Recall@20 sum, NDCG@20 sum, users with targets) of ``users`` ranking with ``score_fn``."""
+    m = per_user_metrics(score_fn, n_users, seen, targets, ks=(20,), users=users)
+    return np.array([m["recall@20"].sum(), m["ndcg@20"].sum(), m["user"].size], dtype=np.float64)
+
+
+def compression_sums(
+    levels: np.ndarray,
+    table: np.ndarray,
+    users: np.ndarray,
+    user_vectors: np.ndarray,
+    n_users: int,
+    train: Interactions,
+    test: Interactions,
+    validation: tuple[Interactions, Interactions],
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The compression baselines of the pretrained ``table``, on the device: magnitude pruning
+    at each level (test sums), and row quantization with every bit width of
+    :data:`peel_fed.baselines.DIRECT_BITS` at the most leading columns that fit each level (test
+    and validation sums, so that the server picks each level's bit width on validation; zeros
+    where a width fits no column). ``validation`` is the (fit, validation) split."""
+    row_of = np.full(n_users, -1, dtype=np.int64)
+    row_of[users] = np.arange(users.size)
+    n_items, dim = table.shape
+    pruning, quant, cache = [], [], {}
+    for b in levels.tolist():
+        try:
+            pruned, _ = magnitude_prune(table, b)
+            score = dot_score_fn(user_vectors, pruned, user_rows=row_of)
+            pruning.append(_metric_sums(score, users, n_users, train, test))
+        except BudgetError:
+            pruning.append(np.zeros(3))
+        try:
+            shapes = {s.bits: s for s in best_bits_and_dims(b, n_items, dim)}
+        except BudgetError:
+            shapes = {}
+        for bits in DIRECT_BITS:
+            if bits not in shapes:
+                quant.append(np.zeros(6))
+                continue
+            d = shapes[bits].dims
+            if (bits, d) not in cache:
+                values, _ = direct_quantize(table[:, :d], bits)
+                score = dot_score_fn(user_vectors[:, :d], values, user_rows=row_of)
+                cache[bits, d] = np.concatenate(
+                    [
+                        _metric_sums(score, users, n_users, train, test),
+                        _metric_sums(score, users, n_users, *validation),
+                    ]
+                )
+            quant.append(cache[bits, d])
+    return pruning, quant
 
 
 def evaluation_vector(
@@ -145,6 +206,8 @@ def evaluation_vector(
     test: Interactions,
     seed: int,
     node_budget: str | None = None,
+    *,
+    validation: tuple[Interactions, Interactions],
 ) -> np.ndarray:
     """A node's evaluation sums, to be summed over nodes (see :func:`evaluation_table`).
 
@@ -154,9 +217,10 @@ def evaluation_vector(
 
     ``tables`` holds, per user group g, ``table-g``, ``alpha-g``, ``order-g`` (the group's PEE
     blocks), and ``pretrained``, ``order-first-k blocks``, ``order-random units`` for the
-    baselines; ``planes`` the coded pretrained item table and each group's bit-plane order, ranked
-    with the pretrained user vectors (as in the centralized study). Sums are (Recall@20, NDCG@20,
-    users with test items) triples.
+    baselines; ``validation`` the (fit, validation) split the row-quantization baseline picks
+    its bit width on (:func:`compression_sums`); ``planes`` the coded pretrained item table and
+    each group's bit-plane order, ranked with the pretrained user vectors (as in the centralized
+    study). Sums are (Recall@20, NDCG@20, users with test items) triples.
     """
     levels = np.array(spec.budget_bytes, dtype=np.int64)
     choice = np.array([parse_budget(c, spec.full_table_bytes) for c in spec.device_budgets])
@@ -231,6 +295,10 @@ def evaluation_vector(
                 test,
             )
             part_a.append(_sums(per_user))
+    pruning, part_d = compression_sums(
+        levels, tables["pretrained"], users, pretrained_vectors, n_users, train, test, validation
+    )
+    part_a += pruning
     for budget in choice:
         mine = own == budget
         at_own = next(
@@ -245,13 +313,14 @@ def evaluation_vector(
     for g in range(spec.num_user_groups):
         for j in range(levels.size):
             part_c.append(_sums(peel_levels[j], groups == g))
-    return np.concatenate([np.concatenate(p) for p in (part_a, part_b, part_c)])
+    parts = (part_a, part_b, part_c, part_d)
+    return np.concatenate([np.concatenate(p) for p in parts])
 
 
 def evaluation_table(total: np.ndarray, spec: EvalSpec) -> dict:
-    """Means from the summed evaluation vector: the budget table, own-budget classes with the
-    dynamic-budget drill, and PEEL per user group."""
-    a, b, _ = spec.sizes()
+    """Means from the summed evaluation vector: the budget table (row quantization at each
+    level: the bit width with the best validation Recall@20, its test means), own-budget classes
+    with the dynamic-budget drill, and PEEL per user group."""
     trip = total.reshape(-1, 3)
 
     def mean(t: np.ndarray) -> dict:
@@ -288,5 +357,24 @@ def evaluation_table(total: np.ndarray, spec: EvalSpec) -> dict:
         for budget in spec.budget_bytes:
             per_group.append({"group": g, "budget_bytes": int(budget), **mean(trip[i])})
             i += 1
-    assert i * 3 == a + b + spec.sizes()[2]
+    for budget in spec.budget_bytes:
+        fits = []
+        for bits in DIRECT_BITS:
+            test_sums, val_sums = trip[i], trip[i + 1]
+            i += 2
+            if test_sums[2] > 0 or val_sums[2] > 0:
+                fits.append((mean(val_sums)["recall@20"], bits, test_sums))
+        if fits:
+            val_recall, bits, test_sums = max(fits, key=lambda f: (f[0], f[1]))
+            rows.append(
+                {
+                    "method": ROW_QUANTIZATION,
+                    "budget_bytes": int(budget),
+                    "budget_fraction": budget / spec.full_table_bytes,
+                    **mean(test_sums),
+                    "bits": bits,
+                    "val_recall@20": val_recall,
+                }
+            )
+    assert i * 3 == spec.length()
     return {"rows": rows, "drill": drill, "per_group": per_group}

@@ -94,6 +94,7 @@ def test_device_evaluation_of_bit_planes_equals_the_centralized_one(board):
             ds.train,
             ds.test,
             seed=0,
+            validation=(ds.train, ds.test),
         )  # fmt: skip
         for h in np.array_split(np.arange(ds.n_users), 3)
     )
@@ -118,7 +119,7 @@ def test_device_evaluation_of_bit_planes_equals_the_centralized_one(board):
     every = np.arange(ds.n_users)
     vec = evaluation_vector(
         spec, tables, plan, layout, every, groups, users, users, ds.n_users, ds.train, ds.test,
-        seed=0, node_budget="100%",
+        seed=0, node_budget="100%", validation=(ds.train, ds.test),
     )  # fmt: skip
     drill = evaluation_table(vec, spec)["drill"]
     cut = [d for d in drill if d["own_budget"] == "100%" and d["fraction_of_own"] == 0.4][0]
