@@ -74,7 +74,7 @@ class StatsStrategy(PhaseStrategy):
             }
         )
         if empty:
-            log(f"drill cuts below one unit (no device ranks there): {empty} B")
+            log(f"drill cuts below one block unit (block PEEL does not rank there): {empty} B")
         return StatsResult(sums.train, sums.fit, sums.users, n_items, layout, budget_bytes)
 
     def run(self, grid: Grid, nodes: list[int]) -> StatsResult:
