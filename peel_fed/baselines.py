@@ -130,9 +130,7 @@ def int8_row_scales(kept: np.ndarray) -> np.ndarray:
     return scale
 
 
-def magnitude_prune_int8(
-    table: np.ndarray, budget_bytes: int
-) -> tuple[np.ndarray, SparseCapacity]:
+def magnitude_prune_int8(table: np.ndarray, budget_bytes: int) -> tuple[np.ndarray, SparseCapacity]:
     """Magnitude pruning with int8 values: keep the largest-magnitude entries that fit
     ``budget_bytes`` in ``bitmap-int8`` storage (:func:`int8_capacity`), quantize each row's kept
     values symmetrically (``q = clip(round(v / scale), -127, 127)``, scale of
