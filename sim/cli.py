@@ -147,6 +147,11 @@ def _add_centralized(sub) -> None:
         help="weight of the block-diversity regulariser in pretraining and PEE learning",
     )
     p.add_argument(
+        "--no-baselines",
+        action="store_true",
+        help="skip row quantization and magnitude pruning (faster evaluation)",
+    )
+    p.add_argument(
         "--budgets",
         type=_budget_list,
         default=DEFAULT_BUDGETS,
@@ -407,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
                 out_dir=args.out,
                 cache_dir=args.cache_dir,
                 progress=not args.no_progress,
+                baselines=not args.no_baselines,
                 lightgcn=LightGCNConfig(
                     dim=args.dim,
                     layers=args.layers,
