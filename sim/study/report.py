@@ -205,7 +205,8 @@ def report_markdown(report: dict) -> str:
             "pruning cut what the device holds (federated PEEL: measured on the devices of the "
             "largest own-budget class; centralized PEEL: a cut keeps the same units as being "
             "served the smaller budget, as `tests/test_store.py` checks; magnitude pruning: each "
-            "cut prunes the previous cut's table). The retrained LightGCN cannot shrink: each "
+            "cut prunes the previous cut's table, with int8 values its dequantized values, "
+            "re-quantized). The retrained LightGCN cannot shrink: each "
             "drop needs a new model from the server.",
             "",
             *trace_lines(report["trace"]),
