@@ -17,7 +17,8 @@ federated pipeline:
    (``peel_fed.coldstart``), evaluated per budget next to the same run's warm users;
 6. ``bit-planes``: PEEL's units as bit-planes of popularity item groups, with one global order
    and one per K-Means user group, and direct row quantization (per budget the bits x leading
-   dims with the best validation Recall@20; int8 to 1-bit at their own bytes) of the pretrained tables (``peel_fed.plane_eval``);
+   dims with the best validation Recall@20; int8 to 1-bit at their own bytes) of the pretrained
+   tables (``peel_fed.plane_eval``);
 7. ablations, one step each: no diversity regulariser, uniform weights (controller off), joint
    training instead of bi-level, G_u = 2 and 8, half and twice the blocks (in PEE learning and
    pretraining's regulariser, or in PEE learning only, with the reference's pretrained model).
