@@ -214,3 +214,25 @@ def test_labels_saved_before_the_rename_read_as_peel_blocks():
     assert current_label("PEEL (G_u=4), joint training") == "PEEL blocks (G_u=4), joint training"
     assert current_label("PEEL (G_u=2, federated)") == "PEEL (G_u=2, federated)"
     assert current_label("PEEL bit-planes (G_u=4)") == "PEEL bit-planes (G_u=4)"
+
+
+def test_retrained_models_skip_a_budget_below_one_dimension(tmp_path):
+    """5% of the quick table (512 B) is below a 1-dimensional float32 table of 160 items (640 B)
+    and below any quantized one (row meta alone is 640 B): no model, no row, no failure."""
+    cfg = StudyConfig(
+        dataset="checkerboard",
+        budgets=("5%", "100%"),
+        out_dir=str(tmp_path / "report"),
+        cache_dir=str(tmp_path / "cache"),
+        work_dir=str(tmp_path / "work"),
+        quick=True,
+        progress=False,
+    )
+    report = run_study(cfg, ["lightgcn-per-budget", "retrained-quantized"])
+    got = sorted((r["method"], r["budget"]) for r in report["rows"])
+    assert got == [
+        ("LightGCN retrained per budget", "100%"),
+        ("LightGCN retrained per budget, quantized", "100%"),
+    ]
+    best = report["rows"][-1]  # at 100% the d=16 model alone, at its best validation width
+    assert best["dim"] == 16 and best["used_bytes"] <= best["budget_bytes"]

@@ -42,8 +42,10 @@ def step_pruning(cfg: StudyConfig) -> dict:
 
 def _retrained_models(cfg: StudyConfig):
     """(dataset, split, full table bytes, {budget label: (bytes, dim, pretrained model)}): the
-    LightGCN of each budget at the largest dimension whose float32 item table fits it."""
+    LightGCN of each budget at the largest dimension whose float32 item table fits it (none for
+    a budget below a 1-dimensional table)."""
     from peel_fed.baselines import affordable_dim
+    from peel_fed.blocks import BudgetError
     from peel_fed.loading import load_dataset
 
     base = pipeline_config(cfg)
@@ -51,7 +53,11 @@ def _retrained_models(cfg: StudyConfig):
     ds = load_dataset(cfg.dataset, cfg.data_dir)
     full = ds.n_items * base.lightgcn.dim * FLOAT32_BYTES
     for label, budget in budget_bytes(cfg, full):
-        dim = affordable_dim(budget, ds.n_items, base.lightgcn.dim)
+        try:
+            dim = affordable_dim(budget, ds.n_items, base.lightgcn.dim)
+        except BudgetError as exc:
+            log(f"{RETRAINED} {label}: no model ({exc})", source="study")
+            continue
         _, split, pre = data_and_pretrained(cfg, per_budget_config(base, dim))
         models[label] = (budget, dim, pre)
     return ds, split, full, models
