@@ -53,10 +53,11 @@ def pruning_rows(
     item_emb: np.ndarray,
     budgets: Sequence[tuple[str, int]],
     int8: bool = False,
+    trace: bool = True,
 ) -> tuple[list[dict], list[dict]]:
     """Magnitude pruning (float32 values, or int8 with ``int8``) at every (label, bytes) budget,
-    and the trace (largest budget first, each cut pruning the previous cut's table). A budget
-    below the storage's fixed part gives no row (logged)."""
+    and, with ``trace``, the trace (largest budget first, each cut pruning the previous cut's
+    table; else ``[]``). A budget below the storage's fixed part gives no row (logged)."""
     prune = magnitude_prune_int8 if int8 else magnitude_prune
     method = MAGNITUDE_INT8 if int8 else MAGNITUDE
     full = item_emb.size * FLOAT32_BYTES
@@ -75,16 +76,16 @@ def pruning_rows(
             rows[label] = row(item_emb, label, budget)[1]
         except BudgetError as exc:
             log(f"{method} {label}: no row ({exc})", source="baselines")
-    trace, held = [], None
-    for label, budget in sorted(budgets, key=lambda lb: -lb[1]):
+    cuts, held = [], None
+    for label, budget in sorted(budgets, key=lambda lb: -lb[1]) if trace else []:
         if label not in rows:
             continue
         if held is None:  # served the largest budget's table: the row above
             held, r = prune(item_emb, budget)[0], rows[label]
         else:  # cut on the device: prune what it holds
             held, r = row(held, label, budget)
-        trace.append(r)
-    return list(rows.values()), trace
+        cuts.append(r)
+    return list(rows.values()), cuts
 
 
 @dataclass(frozen=True)

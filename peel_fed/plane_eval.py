@@ -288,5 +288,5 @@ def comparison_rows(
     if baselines:
         others += direct_rows(ds, split, user_emb, item_emb, budgets)[0]
         for int8 in (False, True):
-            others += pruning_rows(ds, user_emb, item_emb, budgets, int8=int8)[0]
+            others += pruning_rows(ds, user_emb, item_emb, budgets, int8=int8, trace=False)[0]
     return planes, others

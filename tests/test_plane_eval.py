@@ -205,3 +205,36 @@ def test_direct_rows_keep_the_validation_choice_and_fixed_widths_at_their_own_by
             r["budget_fraction"] == nbytes / full and r["budget"] == f"{100 * nbytes / full:.3g}%"
         )
         assert r["recall@20"] == recall(bits, dim)
+
+
+def test_pruning_rows_are_evaluate_ranking_of_the_pruned_tables(board, board_model):
+    """Float32 and int8 pruning rows at every budget, within the budget; the float32 trace (cut
+    on the device) equals the served rows, as pruning is nested; ``trace=False`` skips it. At 5%
+    (256 B of 80 x 16 values) int8 has no row: its bitmap and row scales take 160 + 160 B."""
+    from peel_fed.baselines import magnitude_prune, magnitude_prune_int8
+    from peel_fed.budget_rows import MAGNITUDE, MAGNITUDE_INT8, pruning_rows
+
+    _, user_emb, item_emb = board_model
+    budgets = _budgets(item_emb, ("5%", "25%", "100%"))
+    cases = (
+        (False, magnitude_prune, MAGNITUDE, 0),
+        (True, magnitude_prune_int8, MAGNITUDE_INT8, 1),
+    )
+    for int8, prune, method, skipped in cases:
+        rows, trace = pruning_rows(board, user_emb, item_emb, budgets, int8=int8)
+        assert [r["budget"] for r in rows] == ["5%", "25%", "100%"][skipped:]
+        assert [t["budget"] for t in trace] == ["100%", "25%", "5%"][: 3 - skipped]
+        for r, (_, budget) in zip(rows, budgets[skipped:], strict=True):
+            table, cap = prune(item_emb, budget)
+            m = evaluate_ranking(
+                dot_score_fn(user_emb, table), board.n_users, board.train, board.test
+            )
+            assert (r["method"], r["recall@20"], r["ndcg@20"]) == (
+                method,
+                m["recall@20"],
+                m["ndcg@20"],
+            )
+            assert r["used_bytes"] == cap.bytes <= budget and r["storage"] == cap.storage
+        if not int8:
+            assert trace == rows[::-1]
+        assert pruning_rows(board, user_emb, item_emb, budgets, int8=int8, trace=False)[1] == []
