@@ -9,6 +9,7 @@ import platform
 import re
 from dataclasses import asdict
 
+from sim.study.baseline_steps import RETRAINED_QUANTIZED
 from sim.study.steps import STEPS, StudyConfig
 from strategies.report import drill_lines
 
@@ -173,11 +174,11 @@ def report_markdown(report: dict) -> str:
         "",
         *_metric_table(rows, budgets, "method"),
     ]
-    chosen = [r for r in rows if "val_recall@20" in r and "dim" in r]
+    chosen = [r for r in rows if r["method"] == RETRAINED_QUANTIZED]
     if chosen:
         lines += [
             "",
-            "LightGCN retrained per budget, quantized: chosen "
+            f"{RETRAINED_QUANTIZED}: chosen "
             + "; ".join(f"{r['budget']}: d={r['dim']} at {r['bits']} bit(s)" for r in chosen)
             + ".",
         ]
