@@ -15,6 +15,10 @@ budget in bytes:
   pretrained model is trained on the fit split), reported with its test metrics; and, at their
   own bytes, each bit width over all columns (``row quantization, int8`` ... ``1-bit``).
 
+:func:`comparison_rows` gives the centralized pipeline's rows beside PEEL's blocks: bit-planes
+for each of its G_u with its K-Means user groups, and (optionally) the strongest baselines (the
+row-quantization choice above, magnitude pruning with float32 and with int8 values).
+
 Item groups are the popularity groups of all users' counts
 (:func:`peel_fed.blocks.popularity_item_groups`), one partition for every user group, so a
 device's items stored sorted by group need no map (as in :mod:`peel_fed.planes`). Metrics are
