@@ -14,17 +14,16 @@ reply; secure-aggregation uploads go up masked (:func:`masked_reply`).
 
 from __future__ import annotations
 
-import os
-import time
 from typing import TYPE_CHECKING
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from clients import state
 from clients.records import from_record_dict, to_record_dict
+from clients.timing import timing_mod
 from peel_fed.clustering import UserGroups, kmeans_partial_sums
 from peel_fed.messages import (
     Content,
@@ -62,7 +61,6 @@ if TYPE_CHECKING:
 # Deployment starts a fresh process for every message, so imports are paid per message: torch
 # (about 1.5 s here) is imported only by the handlers that train or rank (``_torch``), not by
 # the secure-aggregation and grouping messages.
-_APP_LOADED_AT = time.time()
 
 
 def _torch():
@@ -361,38 +359,6 @@ def evaluate(msg: Message, context: Context) -> Message:
         validation=(node.split.fit, node.split.val),
     )
     return masked_reply(msg, context, content, vector)
-
-
-def _process_started_at() -> float:
-    """Wall-clock start of this process (Linux ``/proc``; else when this module was loaded)."""
-    try:
-        with open("/proc/self/stat") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat") as f:
-            boot = next(int(ln.split()[1]) for ln in f if ln.startswith("btime"))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return _APP_LOADED_AT
-
-
-def timing_mod(msg: Message, context: Context, call_next) -> Message:
-    """With run config ``timing = true``, add the device's wall-clock timestamps to the reply:
-    process start, handler start and end. The server subtracts them from its own push and
-    receive times to split an exchange into pickup (polls), process startup, handler and return
-    (meaningful where server and devices share a clock, as on one machine)."""
-    if not context.run_config.get("timing", False):
-        return call_next(msg, context)
-    start = time.time()
-    reply = call_next(msg, context)
-    if not reply.has_error():
-        reply.content["timing"] = ConfigRecord(
-            {
-                "process-start": _process_started_at(),
-                "handler-start": start,
-                "handler-end": time.time(),
-            }
-        )
-    return reply
 
 
 def make_client_app(mods: list[Mod] | None = None) -> ClientApp:

@@ -27,6 +27,7 @@ FLOAT16_BYTES = 2  # a row offset or scale of a quantized item table (peel_fed.p
 INT64_BYTES = 8  # an item row id or a count sent up
 INT32_BYTES = 4  # a sparse-storage row pointer
 INT16_BYTES = 2  # an entry of a device's unit order, an item-group id past 256 groups
+INT8_BYTES = 1  # a kept value of int8 magnitude pruning (peel_fed.baselines)
 UINT8_BYTES = 1  # an item-group id up to 256 groups, a sparse column index up to 256 columns
 BITS_PER_BYTE = 8
 

@@ -9,7 +9,8 @@ def budget_table_lines(rows: list[dict]) -> list[str]:
     Each row is one (method, budget) result with keys ``method``, ``budget_bytes``,
     ``budget_fraction``, ``recall@20`` and ``ndcg@20``, and optionally ``budget`` (the budget as
     the user wrote it, e.g. ``"10%"``). Budgets are keyed by ``budget`` where rows have it, else by
-    ``budget_bytes``; methods and budgets keep the order in which ``rows`` first list them.
+    ``budget_bytes``; methods and budgets keep the order in which ``rows`` first list them. A
+    method with no row at a budget (one below its smallest storage) shows ``-``.
     """
     methods = list(dict.fromkeys(r["method"] for r in rows))
     budgets = list(dict.fromkeys(_budget_key(r) for r in rows))
@@ -25,8 +26,8 @@ def budget_table_lines(rows: list[dict]) -> list[str]:
             label = f"{first['budget']} ({label})"
         line = f"| {label} | {first['budget_bytes']:,} |"
         for m in methods:
-            r = cells[m]
-            line += f" {r['recall@20']:.4f} / {r['ndcg@20']:.4f} |"
+            r = cells.get(m)
+            line += f" {r['recall@20']:.4f} / {r['ndcg@20']:.4f} |" if r else " - |"
         lines.append(line)
     return lines
 

@@ -9,11 +9,15 @@ budget in bytes:
   vectors (:func:`peel_fed.clustering.kmeans_user_groups`, as the centralized pipeline groups
   users); each user group's order uses its own users' second moments and its own users' item
   counts, and its users rank with its table at the budget;
-- ``row quantization, best bits x dims``: at each budget every candidate of
-  :func:`peel_fed.baselines.best_bits_and_dims` (the most leading columns per bit width) is
-  evaluated and the best by Recall@20 is kept (an oracle choice on the test set: it favours the
-  baseline); and, at their own bytes, each bit width over all columns (``row quantization,
-  int8`` ... ``1-bit``).
+- ``row quantization, best bits x dims``: at each budget the candidate of
+  :func:`peel_fed.baselines.best_bits_and_dims` (the most leading columns per bit width) with the
+  best Recall@20 on the validation split (:class:`peel_fed.budget_rows.QuantizedChoice`; the
+  pretrained model is trained on the fit split), reported with its test metrics; and, at their
+  own bytes, each bit width over all columns (``row quantization, int8`` ... ``1-bit``).
+
+:func:`comparison_rows` gives the centralized pipeline's rows beside PEEL's blocks: bit-planes
+for each of its G_u with its K-Means user groups, and (optionally) the strongest baselines (the
+row-quantization choice above, magnitude pruning with float32 and with int8 values).
 
 Item groups are the popularity groups of all users' counts
 (:func:`peel_fed.blocks.popularity_item_groups`), one partition for every user group, so a
@@ -34,11 +38,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from peel_fed.baselines import DIRECT_BITS, best_bits_and_dims, direct_quantize
+from peel_fed.baselines import DIRECT_BITS, best_bits_and_dims, direct_quantization_bytes
 from peel_fed.blocks import FLOAT32_BYTES, BudgetError, popularity_item_groups
-from peel_fed.clustering import kmeans_user_groups
+from peel_fed.budget_rows import QuantCandidate, QuantizedChoice, budget_row, pruning_rows
+from peel_fed.clustering import UserGroups, kmeans_user_groups
 from peel_fed.console import log
-from peel_fed.data import Dataset
+from peel_fed.data import Dataset, TrainValSplit
 from peel_fed.metrics import grouped_metrics
 from peel_fed.planes import (
     HeldPlanes,
@@ -48,7 +53,6 @@ from peel_fed.planes import (
     planes_at_budget,
     second_moments,
 )
-from peel_fed.scoring import dot_score_fn
 
 BEST_DIRECT = "row quantization, best bits x dims"
 BIT_NAMES = {8: "int8", 4: "int4", 2: "int2", 1: "1-bit"}
@@ -73,23 +77,19 @@ def plane_groups(
     code: PlaneCode,
     item_groups: np.ndarray,
     popularity: np.ndarray,
-    num_user_groups: int,
+    user_groups: UserGroups | None,
     alpha: float,
-    seed: int,
 ) -> list[PlaneGroup]:
-    """The user groups (one: all users with ``popularity``; more: K-Means, each with its own
-    users' item counts) and the greedy plane order of each."""
-    if num_user_groups == 1:
+    """The user groups (None: one group of all users with ``popularity``; else each group of
+    ``user_groups`` with its own users' item counts) and the greedy plane order of each."""
+    if user_groups is None:
         members = [np.arange(ds.n_users)]
         pops = [np.asarray(popularity)]
     else:
-        ugroups = kmeans_user_groups(user_emb, num_user_groups, seed=seed)
-        members = [ugroups.members(g) for g in range(num_user_groups)]
-        of_user = ugroups.assignment[ds.train.users]
-        pops = [
-            np.bincount(ds.train.items[of_user == g], minlength=ds.n_items)
-            for g in range(num_user_groups)
-        ]
+        k = user_groups.num_user_groups
+        members = [user_groups.members(g) for g in range(k)]
+        of_user = user_groups.assignment[ds.train.users]
+        pops = [np.bincount(ds.train.items[of_user == g], minlength=ds.n_items) for g in range(k)]
     return [
         PlaneGroup(
             users,
@@ -106,19 +106,6 @@ def _same_held(a: HeldPlanes, b: HeldPlanes) -> bool:
     return all(
         np.array_equal(getattr(a, f), getattr(b, f)) for f in ("top", "planes", "offset", "scale")
     ) and np.array_equal(a.decode()[0], b.decode()[0])
-
-
-def _row(method: str, label: str, budget: int, full: int, metrics: dict, used: int, **extra):
-    return {
-        "method": method,
-        "budget": label,
-        "budget_bytes": int(budget),
-        "budget_fraction": budget / full,
-        "recall@20": metrics["recall@20"],
-        "ndcg@20": metrics["ndcg@20"],
-        "used_bytes": int(used),
-        **extra,
-    }
 
 
 def bit_plane_rows(
@@ -146,7 +133,7 @@ def bit_plane_rows(
         scored = zip(groups, served[label], strict=True)
         parts = [(g.users, plane_score_fn(user_emb, h)) for g, h in scored]
         metrics = grouped_metrics(parts, ds.n_users, ds.train, ds.test)
-        rows[label] = _row(
+        rows[label] = budget_row(
             method,
             label,
             budget,
@@ -174,30 +161,17 @@ def bit_plane_rows(
 
 def direct_rows(
     ds: Dataset,
+    split: TrainValSplit,
     user_emb: np.ndarray,
     item_emb: np.ndarray,
     budgets: Sequence[tuple[str, int]],
 ) -> tuple[list[dict], list[dict]]:
-    """Rows of the best (bits, leading dims) at every budget, and of each bit width over all
-    columns at its own bytes (labelled with the fraction of the float32 table it uses)."""
+    """Rows of the best (bits, leading dims) at every budget, chosen by validation Recall@20
+    (``val_recall@20`` in the row) and reported on test, and of each bit width over all columns
+    at its own bytes (labelled with the fraction of the float32 table it uses)."""
     n_items, dim = item_emb.shape
     full = item_emb.size * FLOAT32_BYTES
-    cache: dict[tuple[int, int], tuple[dict, int]] = {}
-
-    def evaluate(bits: int, dims: int) -> tuple[dict, int]:
-        if (bits, dims) not in cache:
-            table, nbytes = direct_quantize(item_emb[:, :dims], bits)
-            users = np.ascontiguousarray(user_emb[:, :dims], dtype=np.float32)
-            score = dot_score_fn(users, table)
-            everyone = [(np.arange(ds.n_users), score)]
-            cache[bits, dims] = grouped_metrics(everyone, ds.n_users, ds.train, ds.test), nbytes
-            log(
-                f"row quantization {bits} bit(s) x {dims} dims: "
-                f"Recall@20 {cache[bits, dims][0]['recall@20']:.4f}",
-                source="planes",
-            )
-        return cache[bits, dims]
-
+    choice = QuantizedChoice(ds, split, [(user_emb, item_emb)])
     rows = []
     for label, budget in budgets:
         try:
@@ -205,23 +179,38 @@ def direct_rows(
         except BudgetError as exc:
             log(f"{BEST_DIRECT} {label}: no row ({exc})", source="planes")
             continue
-        scored = [(evaluate(s.bits, s.dims), s) for s in shapes]
-        (metrics, nbytes), best = max(scored, key=lambda ms: ms[0][0]["recall@20"])
+        best, val = choice.choose([QuantCandidate(0, s.bits, s.dims, s.bytes) for s in shapes])
+        metrics = choice.metrics(best, "test")
         rows.append(
-            _row(BEST_DIRECT, label, budget, full, metrics, nbytes, bits=best.bits, dims=best.dims)
+            budget_row(
+                BEST_DIRECT,
+                label,
+                budget,
+                full,
+                metrics,
+                best.bytes,
+                bits=best.bits,
+                dims=best.dims,
+                **{"val_recall@20": val["recall@20"]},
+            )
+        )
+        log(
+            f"{BEST_DIRECT} {label}: {best.bits} bit(s) x {best.dims} dims (validation Recall@20 "
+            f"{val['recall@20']:.4f}), Recall@20 {metrics['recall@20']:.4f}",
+            source="planes",
         )
     own = []
     for bits in DIRECT_BITS:
-        metrics, nbytes = evaluate(bits, dim)
-        label = f"{100 * nbytes / full:.3g}%"
+        cand = QuantCandidate(0, bits, dim, direct_quantization_bytes(n_items, dim, bits))
+        label = f"{100 * cand.bytes / full:.3g}%"
         own.append(
-            _row(
+            budget_row(
                 f"row quantization, {BIT_NAMES[bits]}",
                 label,
-                nbytes,
+                cand.bytes,
                 full,
-                metrics,
-                nbytes,
+                choice.metrics(cand, "test"),
+                cand.bytes,
                 bits=bits,
                 dims=dim,
             )
@@ -231,6 +220,7 @@ def direct_rows(
 
 def plane_budget_rows(
     ds: Dataset,
+    split: TrainValSplit,
     user_emb: np.ndarray,
     item_emb: np.ndarray,
     popularity: np.ndarray,
@@ -242,7 +232,9 @@ def plane_budget_rows(
     families: Sequence[str] = ("planes", "direct"),
 ) -> dict[str, list[dict]]:
     """Bit-planes (G_u = 1 and ``num_user_groups``) and direct row quantization at ``budgets``
-    ((label, bytes) pairs; fractions are of the float32 ``item_emb``'s bytes).
+    ((label, bytes) pairs; fractions are of the float32 ``item_emb``'s bytes), for the model
+    ``user_emb``, ``item_emb`` trained on ``split.fit`` (row quantization is chosen on
+    ``split.val``).
 
     Returns ``{"rows": [...], "own_bytes_rows": [...], "trace": [...]}``: rows at the budgets
     (method, budget, budget_bytes, budget_fraction, recall@20, ndcg@20, used_bytes, and a few
@@ -259,8 +251,9 @@ def plane_budget_rows(
     rows, own, trace = [], [], []
     if "planes" in families:
         for g in dict.fromkeys((1, num_user_groups)):
+            user_groups = None if g == 1 else kmeans_user_groups(user_emb, g, seed=seed)
             groups = plane_groups(
-                ds, user_emb, item_emb, code, item_groups, popularity, g, alpha, seed
+                ds, user_emb, item_emb, code, item_groups, popularity, user_groups, alpha
             )
             got, cut = bit_plane_rows(
                 ds, user_emb, item_emb, groups, code, item_groups, budgets, bit_planes_method(g)
@@ -268,6 +261,40 @@ def plane_budget_rows(
             rows += got
             trace += cut
     if "direct" in families:
-        got, own = direct_rows(ds, user_emb, item_emb, budgets)
+        got, own = direct_rows(ds, split, user_emb, item_emb, budgets)
         rows += got
     return {"rows": rows, "own_bytes_rows": own, "trace": trace}
+
+
+def comparison_rows(
+    ds: Dataset,
+    split: TrainValSplit,
+    user_emb: np.ndarray,
+    item_emb: np.ndarray,
+    popularity: np.ndarray,
+    budgets: Sequence[tuple[str, int]],
+    user_groups: dict[int, UserGroups | None],
+    num_item_groups: int = 20,
+    baselines: bool = True,
+    alpha: float = 0.5,
+) -> tuple[list[dict], list[dict]]:
+    """What the centralized pipeline prints beside PEEL's blocks, at every budget: bit-plane rows
+    for each G_u of ``user_groups`` (its K-Means groups; None: one global order), and with
+    ``baselines`` the rows of ``row quantization, best bits x dims`` (chosen on validation) and
+    of magnitude pruning with float32 and with int8 values. Returns (bit-plane rows, baseline
+    rows); a method has no row at a budget below its smallest storage."""
+    item_emb = np.asarray(item_emb, dtype=np.float32)
+    user_emb = np.asarray(user_emb, dtype=np.float32)
+    item_groups = popularity_item_groups(np.asarray(popularity), num_item_groups)
+    code = PlaneCode.encode(item_emb)
+    planes = []
+    for k, groups in user_groups.items():
+        order = plane_groups(ds, user_emb, item_emb, code, item_groups, popularity, groups, alpha)
+        args = (ds, user_emb, item_emb, order, code, item_groups, budgets, bit_planes_method(k))
+        planes += bit_plane_rows(*args)[0]
+    others = []
+    if baselines:
+        others += direct_rows(ds, split, user_emb, item_emb, budgets)[0]
+        for int8 in (False, True):
+            others += pruning_rows(ds, user_emb, item_emb, budgets, int8=int8, trace=False)[0]
+    return planes, others

@@ -51,7 +51,7 @@ def _float16_down(x: np.ndarray) -> np.ndarray:
     return h
 
 
-def _float16_up(x: np.ndarray) -> np.ndarray:
+def float16_up(x: np.ndarray) -> np.ndarray:
     """The smallest float16 >= ``x`` (float64 in, float16 out; beyond float16: inf)."""
     with np.errstate(over="ignore"):
         h = x.astype(np.float16)
@@ -154,7 +154,7 @@ class PlaneCode:
         offset = _float16_down(x.min(axis=1))
         spread = x.max(axis=1) - offset.astype(np.float64)
         # a constant row still needs a positive scale: the smallest float16 above 0
-        scale = _float16_up(np.maximum(spread / levels, np.finfo(np.float64).tiny))
+        scale = float16_up(np.maximum(spread / levels, np.finfo(np.float64).tiny))
         if not (np.isfinite(offset).all() and np.isfinite(scale).all()):
             raise ValueError(f"table values or row ranges exceed float16 (max {FLOAT16_MAX})")
         c = np.rint((x - offset.astype(np.float64)[:, None]) / scale.astype(np.float64)[:, None])

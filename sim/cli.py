@@ -155,6 +155,11 @@ def _add_centralized(sub) -> None:
         "none: the plain loss)",
     )
     p.add_argument(
+        "--no-baselines",
+        action="store_true",
+        help="skip row quantization and magnitude pruning (faster evaluation)",
+    )
+    p.add_argument(
         "--budgets",
         type=_budget_list,
         default=DEFAULT_BUDGETS,
@@ -415,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
                 out_dir=args.out,
                 cache_dir=args.cache_dir,
                 progress=not args.no_progress,
+                baselines=not args.no_baselines,
                 lightgcn=LightGCNConfig(
                     dim=args.dim,
                     layers=args.layers,

@@ -48,7 +48,7 @@ class PhaseReport:
 
     ``online`` is the set of nodes the SuperLink listed as connected when the exchange started
     (late joiners show up here first); ``timing`` holds, per replying node, the device-side
-    timestamps a ``timing`` reply record carried (see ``clients.client_app.timing_mod``).
+    timestamps a ``timing`` reply record carried (see ``clients.timing.timing_mod``).
     """
 
     phase: str

@@ -241,3 +241,22 @@ def test_python_dash_m_runs_the_command_line(capsys, monkeypatch):
     with pytest.raises(SystemExit) as exc:
         runpy.run_module("sim.study", run_name="__main__")
     assert exc.value.code == 0 and capsys.readouterr().out.startswith("usage: peel-fed study")
+
+
+def test_centralized_prints_bit_planes_and_baselines_unless_told_not_to(capsys, tmp_path):
+    import json
+
+    common = ["--dataset", "checkerboard", "--num-user-groups", "1", "--budgets", "50%,100%"]
+    for flag, baselines in (([], True), (["--no-baselines"], False)):
+        out = tmp_path / ("with" if baselines else "without")
+        code = main(
+            ["centralized", *common, *flag, "--num-item-groups", "2", "--num-blocks", "2"]
+            + ["--dim", "4", "--epochs", "1", "--out", str(out), "--cache-dir", str(tmp_path)]
+            + ["--no-progress"]
+        )
+        assert code == 0
+        methods = {r["method"] for r in json.loads((out / "results.json").read_text())["rows"]}
+        assert "PEEL bit-planes (G_u=1)" in methods and "PEEL blocks (G_u=1)" in methods
+        assert ("magnitude pruning, int8 values" in methods) is baselines
+        assert ("row quantization, best bits x dims" in methods) is baselines
+    capsys.readouterr()

@@ -60,7 +60,14 @@ def test_federated_orders_are_the_centralized_orders(board, num_user_groups):
     plan = plane_orders(items, layout.item_groups, stats)
     code = PlaneCode.encode(items)
     central = plane_groups(
-        ds, users, items, code, layout.item_groups, ds.item_popularity(), num_user_groups, 0.5, 0
+        ds,
+        users,
+        items,
+        code,
+        layout.item_groups,
+        ds.item_popularity(),
+        kmeans if num_user_groups > 1 else None,
+        0.5,
     )
     assert np.array_equal(plan.code.codes, code.codes)
     for g, ref in enumerate(central):

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import inspect
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
+from peel_fed.baselines import direct_quantization_bytes
 from peel_fed.blocks import BlockLayout, parse_budget, popularity_item_groups
+from peel_fed.budget_rows import MAGNITUDE, MAGNITUDE_INT8
 from peel_fed.clustering import (
     GroupingError,
     cold_start_user_vector,
@@ -19,6 +22,7 @@ from peel_fed.data import from_pairs, split_validation
 from peel_fed.lightgcn import LightGCNConfig, train_lightgcn
 from peel_fed.peel import PEELConfig, learn_group_pee
 from peel_fed.pipeline import PipelineConfig, learn_all_groups, pretrain, run_centralized
+from peel_fed.plane_eval import BEST_DIRECT
 from peel_fed.synthetic import checkerboard
 
 # --- learn_group_pee on the shared checkerboard model ------------------------------------------
@@ -149,6 +153,9 @@ def test_cold_start_users_join_their_clusters_group():
 
 TINY_LGCN = dict(epochs=30, batch_size=256, lr=1e-2, dim=16, num_blocks=4)
 BUDGETS = ("10%", "25%", "50%", "100%")
+PLANES = ("PEEL bit-planes (G_u=4)", "PEEL bit-planes (G_u=1)")
+BLOCKS = ("PEEL blocks (G_u=4)", "PEEL blocks (G_u=1)", "first-k blocks", "random units")
+BASELINES = (BEST_DIRECT, MAGNITUDE, MAGNITUDE_INT8)
 
 
 def _cfg(root):
@@ -187,11 +194,13 @@ def pipeline_runs(tmp_path_factory):
     ds_b = _other_test(ds_a)
     first = run_centralized(_cfg(root_a), ds_a)
     on_disk = json.loads((root_a / "out" / "results.json").read_text())
-    second = run_centralized(_cfg(root_a), ds_a)
+    md = (root_a / "out" / "results.md").read_text()
+    second = run_centralized(replace(_cfg(root_a), baselines=False), ds_a)
     other = run_centralized(_cfg(root_b), ds_b)
     return dict(
         first=first,
         on_disk=on_disk,
+        md=md,
         second=second,
         other=other,
         root_a=root_a,
@@ -206,10 +215,10 @@ def test_run_centralized_outputs(pipeline_runs):
     assert disk["rows"] == res["rows"]
     full_bytes = 160 * 16 * 4
     assert disk["layout"]["full_table_bytes"] == full_bytes
-    methods = ["PEEL (G_u=4)", "PEEL (G_u=1)", "first-k blocks", "random units"]
-    assert sorted((r["method"], r["budget"]) for r in disk["rows"]) == sorted(
-        (m, b) for m in methods for b in BUDGETS
-    )
+    methods = [*PLANES, *BLOCKS, *BASELINES]  # bit-planes first, the baselines last
+    assert [(r["budget"], r["method"]) for r in disk["rows"]] == [
+        (b, m) for b in BUDGETS for m in methods
+    ]
     for r in disk["rows"]:
         assert r["budget_bytes"] == parse_budget(r["budget"], full_bytes)
         assert 0 < r["used_bytes"] <= r["budget_bytes"]
@@ -221,13 +230,27 @@ def test_run_centralized_outputs(pipeline_runs):
             assert r["recall@20"] == pytest.approx(disk["pretrain"]["full_table"]["recall@20"])
             assert r["ndcg@20"] == pytest.approx(disk["pretrain"]["full_table"]["ndcg@20"])
     assert (
-        disk["peel"]["PEEL (G_u=4)"]["user_group_sizes"]
-        and sum(disk["peel"]["PEEL (G_u=4)"]["user_group_sizes"]) == 300
+        disk["peel"]["PEEL blocks (G_u=4)"]["user_group_sizes"]
+        and sum(disk["peel"]["PEEL blocks (G_u=4)"]["user_group_sizes"]) == 300
     )
-    md = (pipeline_runs["root_a"] / "out" / "results.md").read_text()
-    for text in (*BUDGETS, *methods, "Recall@20"):
+    md = pipeline_runs["md"]
+    for text in (*BUDGETS, "Recall@20"):
         assert text in md
-    assert sum(1 for line in md.splitlines() if line.startswith("| ") and "%" in line) == 4
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    assert table[0] == "| budget | bytes | " + " | ".join(methods) + " |"
+    assert len(table) == 1 + 4 and all(" - |" not in line for line in table)
+    # the baselines at the same bytes: within the budget, in their storage
+    for r in disk["rows"]:
+        if r["method"] == BEST_DIRECT:
+            assert r["used_bytes"] == direct_quantization_bytes(160, r["dims"], r["bits"])
+            assert 0.0 <= r["val_recall@20"] <= 1.0
+        if r["method"] == MAGNITUDE_INT8:
+            assert r["storage"] == "bitmap-int8"
+            assert r["used_bytes"] == 160 * 16 // 8 + 160 * 2 + r["kept_values"]
+    # bit-planes keep PEEL's user groups: one unit order (planes per item group) per K-Means group
+    for r in disk["rows"]:
+        if r["method"] in PLANES:
+            assert len(r["planes_per_group"]) == (4 if "4" in r["method"] else 1)
 
 
 def test_second_run_reuses_cache_and_is_deterministic(pipeline_runs):
@@ -235,10 +258,11 @@ def test_second_run_reuses_cache_and_is_deterministic(pipeline_runs):
     assert first["pretrain"]["reused"] is False
     assert second["pretrain"]["reused"] is True
     assert second["pretrain"]["path"] == first["pretrain"]["path"]
-    assert second["rows"] == first["rows"]
+    # without the baselines (the second run): the same rows less theirs
+    assert second["rows"] == [r for r in first["rows"] if r["method"] not in BASELINES]
     assert (
-        second["peel"]["PEEL (G_u=4)"]["unit_weights"]
-        == first["peel"]["PEEL (G_u=4)"]["unit_weights"]
+        second["peel"]["PEEL blocks (G_u=4)"]["unit_weights"]
+        == first["peel"]["PEEL blocks (G_u=4)"]["unit_weights"]
     )
 
 
@@ -250,11 +274,17 @@ def test_learning_never_reads_test_data(pipeline_runs):
     assert b["pretrain"]["reused"] is False  # B pretrained on its own, in its own cache
     # the evaluation sees the different test sets ...
     assert [r["recall@20"] for r in a["rows"]] != [r["recall@20"] for r in b["rows"]]
+    # ... the row-quantization choice is made on validation, so it is the same in both
+    chosen = [
+        [(r["budget"], r["bits"], r["dims"]) for r in run["rows"] if r["method"] == BEST_DIRECT]
+        for run in (a, b)
+    ]
+    assert chosen[0] == chosen[1] and len(chosen[0]) == 4
     # ... but everything learned is identical
     ta, tb = torch.load(a["pretrain"]["path"]), torch.load(b["pretrain"]["path"])
     assert torch.equal(ta["user_emb"], tb["user_emb"])
     assert torch.equal(ta["item_emb"], tb["item_emb"])
-    for name in ("PEEL (G_u=4)", "PEEL (G_u=1)"):
+    for name in ("PEEL blocks (G_u=4)", "PEEL blocks (G_u=1)"):
         assert a["peel"][name]["unit_weights"] == b["peel"][name]["unit_weights"]
         assert a["peel"][name]["history"] == b["peel"][name]["history"]
         assert a["peel"][name]["user_group_sizes"] == b["peel"][name]["user_group_sizes"]
@@ -275,7 +305,7 @@ def test_learning_never_reads_test_data(pipeline_runs):
         np.testing.assert_array_equal(pa.unit_weights, pb.unit_weights)
         np.testing.assert_array_equal(
             np.round(pa.unit_weights, 4).tolist(),
-            a["peel"]["PEEL (G_u=4)"]["unit_weights"][pa.group],
+            a["peel"]["PEEL blocks (G_u=4)"]["unit_weights"][pa.group],
         )
 
 

@@ -8,6 +8,8 @@ import pytest
 
 from peel_fed.baselines import best_bits_and_dims, direct_quantization_bytes, direct_quantize
 from peel_fed.blocks import FLOAT32_BYTES, parse_budget, popularity_item_groups
+from peel_fed.budget_rows import QuantCandidate, QuantizedChoice
+from peel_fed.data import Interactions, TrainValSplit, from_pairs, split_validation
 from peel_fed.metrics import evaluate_ranking, grouped_metrics
 from peel_fed.plane_eval import BEST_DIRECT, plane_budget_rows
 from peel_fed.planes import HeldPlanes, PlaneCode, plane_score_fn
@@ -21,6 +23,10 @@ def _budgets(item_emb, labels=BUDGETS):
     return [(b, parse_budget(b, full)) for b in labels]
 
 
+def _split(ds):
+    return split_validation(ds.train, ds.n_users, 0.2, seed=0)
+
+
 def _by(rows):
     return {(r["method"], r["budget"]): r for r in rows}
 
@@ -30,6 +36,7 @@ def planes(board, board_model):
     _, user_emb, item_emb = board_model
     res = plane_budget_rows(
         board,
+        _split(board),
         user_emb,
         item_emb,
         board.item_popularity(),
@@ -112,6 +119,7 @@ def test_a_device_cut_that_differs_from_the_served_table_fails_loudly(
     with pytest.raises(AssertionError, match="cut differs from the served table"):
         plane_budget_rows(
             board,
+            _split(board),
             user_emb,
             item_emb,
             board.item_popularity(),
@@ -122,7 +130,32 @@ def test_a_device_cut_that_differs_from_the_served_table_fails_loudly(
         )
 
 
-def test_direct_rows_keep_the_best_candidate_and_fixed_widths_at_their_own_bytes(
+def test_the_choice_reads_validation_never_test():
+    """Known answer: one user, 30 items, one column. Model A ranks the validation item (1) first
+    and the test item (2) last; model B the other way round. The choice is A (validation
+    Recall@20 1 against 0), reported with A's test Recall@20: 0 (an oracle on test picks B)."""
+    n_items = 30
+    ds = from_pairs("t", 1, n_items, np.array([(0, 0), (0, 1)]), np.array([(0, 2)]))
+    split = TrainValSplit(
+        fit=Interactions(np.array([0]), np.array([0])),
+        val=Interactions(np.array([0]), np.array([1])),
+    )
+    a = np.linspace(0.0, 0.5, n_items).astype(np.float32)[:, None]
+    a[1], a[2] = 1.0, -1.0
+    b = a.copy()
+    b[1], b[2] = -1.0, 1.0
+    users = np.ones((1, 1), dtype=np.float32)
+    choice = QuantizedChoice(ds, split, [(users, a), (users, b)])
+    cands = [QuantCandidate(m, 8, 1, 34) for m in (0, 1)]
+    assert [choice.metrics(c, "test")["recall@20"] for c in cands] == [0.0, 1.0]
+    best, val = choice.choose(cands[::-1])
+    assert best.model == 0 and val["recall@20"] == 1.0
+    assert choice.metrics(best, "test")["recall@20"] == 0.0
+    with pytest.raises(ValueError, match="evaluate on 'val' or 'test'"):
+        choice.metrics(best, "train")
+
+
+def test_direct_rows_keep_the_validation_choice_and_fixed_widths_at_their_own_bytes(
     board, board_model
 ):
     _, user_emb, item_emb = board_model
@@ -130,6 +163,7 @@ def test_direct_rows_keep_the_best_candidate_and_fixed_widths_at_their_own_bytes
     full = item_emb.size * FLOAT32_BYTES
     res = plane_budget_rows(
         board,
+        _split(board),
         user_emb,
         item_emb,
         board.item_popularity(),
@@ -145,10 +179,21 @@ def test_direct_rows_keep_the_best_candidate_and_fixed_widths_at_their_own_bytes
         score = dot_score_fn(np.ascontiguousarray(user_emb[:, :dims]), table)
         return evaluate_ranking(score, board.n_users, board.train, board.test)["recall@20"]
 
+    split = _split(board)
+
+    def val_recall(bits, dims):  # rank all but the fit items, targets the validation items
+        table, _ = direct_quantize(item_emb[:, :dims], bits)
+        score = dot_score_fn(np.ascontiguousarray(user_emb[:, :dims]), table)
+        return evaluate_ranking(score, board.n_users, split.fit, split.val)["recall@20"]
+
     for label, budget in _budgets(item_emb, ("12%", "100%")):
         row = best[BEST_DIRECT, label]
         shapes = best_bits_and_dims(budget, n_items, dim)
-        assert row["recall@20"] == max(recall(s.bits, s.dims) for s in shapes)
+        vals = [val_recall(s.bits, s.dims) for s in shapes]
+        chosen = shapes[int(np.argmax(vals))]  # chosen on validation, reported on test
+        assert (row["bits"], row["dims"]) == (chosen.bits, chosen.dims)
+        assert row["val_recall@20"] == max(vals)
+        assert row["recall@20"] == recall(chosen.bits, chosen.dims)
         assert row["used_bytes"] == direct_quantization_bytes(n_items, row["dims"], row["bits"])
         assert row["used_bytes"] <= budget
     own = {r["method"]: r for r in res["own_bytes_rows"]}
@@ -160,3 +205,36 @@ def test_direct_rows_keep_the_best_candidate_and_fixed_widths_at_their_own_bytes
             r["budget_fraction"] == nbytes / full and r["budget"] == f"{100 * nbytes / full:.3g}%"
         )
         assert r["recall@20"] == recall(bits, dim)
+
+
+def test_pruning_rows_are_evaluate_ranking_of_the_pruned_tables(board, board_model):
+    """Float32 and int8 pruning rows at every budget, within the budget; the float32 trace (cut
+    on the device) equals the served rows, as pruning is nested; ``trace=False`` skips it. At 5%
+    (256 B of 80 x 16 values) int8 has no row: its bitmap and row scales take 160 + 160 B."""
+    from peel_fed.baselines import magnitude_prune, magnitude_prune_int8
+    from peel_fed.budget_rows import MAGNITUDE, MAGNITUDE_INT8, pruning_rows
+
+    _, user_emb, item_emb = board_model
+    budgets = _budgets(item_emb, ("5%", "25%", "100%"))
+    cases = (
+        (False, magnitude_prune, MAGNITUDE, 0),
+        (True, magnitude_prune_int8, MAGNITUDE_INT8, 1),
+    )
+    for int8, prune, method, skipped in cases:
+        rows, trace = pruning_rows(board, user_emb, item_emb, budgets, int8=int8)
+        assert [r["budget"] for r in rows] == ["5%", "25%", "100%"][skipped:]
+        assert [t["budget"] for t in trace] == ["100%", "25%", "5%"][: 3 - skipped]
+        for r, (_, budget) in zip(rows, budgets[skipped:], strict=True):
+            table, cap = prune(item_emb, budget)
+            m = evaluate_ranking(
+                dot_score_fn(user_emb, table), board.n_users, board.train, board.test
+            )
+            assert (r["method"], r["recall@20"], r["ndcg@20"]) == (
+                method,
+                m["recall@20"],
+                m["ndcg@20"],
+            )
+            assert r["used_bytes"] == cap.bytes <= budget and r["storage"] == cap.storage
+        if not int8:
+            assert trace == rows[::-1]
+        assert pruning_rows(board, user_emb, item_emb, budgets, int8=int8, trace=False)[1] == []

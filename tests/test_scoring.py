@@ -70,3 +70,19 @@ def test_budget_table_lines_one_line_per_budget_in_row_order():
     unlabelled = [{k: v for k, v in r.items() if k != "budget"} for r in rows[:2]]
     expected = "| 50.0% | 500 | 0.2500 / 0.1250 | 0.2000 / 0.1000 |"
     assert budget_table_lines(unlabelled)[2] == expected
+
+
+def test_budget_table_lines_show_a_dash_where_a_method_has_no_row():
+    """A budget below a method's smallest storage gives it no row: its cell is '-'."""
+    rows = [
+        {"method": m, "budget": b, "budget_bytes": n, "budget_fraction": n / 1000, **metrics}
+        for m, b, n, metrics in (
+            ("PEEL", "5%", 50, {"recall@20": 0.25, "ndcg@20": 0.125}),
+            ("PEEL", "50%", 500, {"recall@20": 0.5, "ndcg@20": 0.25}),
+            ("pruning", "50%", 500, {"recall@20": 0.2, "ndcg@20": 0.1}),
+        )
+    ]
+    assert budget_table_lines(rows)[2:] == [
+        "| 5% (5.0%) | 50 | 0.2500 / 0.1250 | - |",
+        "| 50% (50.0%) | 500 | 0.5000 / 0.2500 | 0.2000 / 0.1000 |",
+    ]

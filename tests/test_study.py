@@ -6,7 +6,9 @@ import json
 
 import pytest
 
+from peel_fed.baselines import direct_quantization_bytes
 from sim.study import STEPS, StudyConfig, run_study
+from sim.study.report import current_label
 
 # a unit is 6.25% of the quick table, so the 12.5% devices' deepest drill cut holds nothing
 QUICK_BUDGETS = ("12.5%", "25%", "50%", "100%")
@@ -40,13 +42,16 @@ def test_study_resumes_and_reports_every_method(quick_study):
     assert {p.name for p in steps.glob("*.json")} == {f"{name}.json" for name in STEPS}
     methods = {r["method"] for r in report["rows"]}
     assert methods == {
-        "PEEL (G_u=4) (centralized)",
-        "PEEL (G_u=1) (centralized)",
+        "PEEL blocks (G_u=4) (centralized)",
+        "PEEL blocks (G_u=1) (centralized)",
+        "PEEL as published (G_u=4)",
         "first-k blocks",
         "random units",
         "LightGCN (full table)",
         "magnitude pruning",
+        "magnitude pruning, int8 values",
         "LightGCN retrained per budget",
+        "LightGCN retrained per budget, quantized",
         "PEEL bit-planes (G_u=2, federated)",
         "PEEL blocks (G_u=2, federated)",
         "PEEL bit-planes (G_u=1)",
@@ -64,16 +69,16 @@ def test_study_resumes_and_reports_every_method(quick_study):
     assert report["drill"]
     ablations = {r["method"] for r in report["ablation_rows"]}
     assert ablations == {
-        "PEEL (G_u=4) (centralized)",
-        "PEEL (G_u=4), no diversity regulariser",
-        "PEEL (G_u=4), uniform weights (no controller)",
-        "PEEL (G_u=4), joint training (not bi-level)",
-        "PEEL (G_u=2)",
-        "PEEL (G_u=8)",
-        "PEEL (G_u=4), half the blocks",
-        "PEEL (G_u=4), twice the blocks",
-        "PEEL (G_u=4), half the blocks, same pretraining",
-        "PEEL (G_u=4), twice the blocks, same pretraining",
+        "PEEL blocks (G_u=4) (centralized)",
+        "PEEL blocks (G_u=4), no diversity regulariser",
+        "PEEL blocks (G_u=4), uniform weights (no controller)",
+        "PEEL blocks (G_u=4), joint training (not bi-level)",
+        "PEEL blocks (G_u=2)",
+        "PEEL blocks (G_u=8)",
+        "PEEL blocks (G_u=4), half the blocks",
+        "PEEL blocks (G_u=4), twice the blocks",
+        "PEEL blocks (G_u=4), half the blocks, same pretraining",
+        "PEEL blocks (G_u=4), twice the blocks, same pretraining",
     }
     # the trace: a device at 100% dropping to each smaller budget, cut on the device or retrained
     trace = report["trace"]
@@ -82,8 +87,9 @@ def test_study_resumes_and_reports_every_method(quick_study):
         by_method.setdefault(t["method"], []).append(t)
     assert set(by_method) == {
         "PEEL (G_u=2, federated): cut on the device",
-        "PEEL (G_u=4, centralized): cut on the device",
+        "PEEL blocks (G_u=4, centralized): cut on the device",
         "magnitude pruning: cut on the device",
+        "magnitude pruning, int8 values: cut on the device",
         "LightGCN retrained per budget",
         "PEEL bit-planes (G_u=1): cut on the device",
         "PEEL bit-planes (G_u=4): cut on the device",
@@ -118,6 +124,19 @@ def test_study_resumes_and_reports_every_method(quick_study):
     assert all(
         "downloads a new table" in t["contact"] for t in by_method["LightGCN retrained per budget"]
     )
+    # retrained and quantized: one of the retrained models (d = 2, 4, 8, 16 at 12.5 ... 100%) at
+    # 8, 4, 2 or 1 bits, chosen on validation, its bytes counted with the row meta
+    quantized = [
+        r for r in report["rows"] if r["method"] == "LightGCN retrained per budget, quantized"
+    ]
+    for r in quantized:
+        assert r["dim"] in (2, 4, 8, 16) and r["bits"] in (8, 4, 2, 1), r
+        assert r["used_bytes"] == direct_quantization_bytes(160, r["dim"], r["bits"])
+        assert 0.0 <= r["val_recall@20"] <= 1.0
+    int8 = [r for r in report["rows"] if r["method"] == "magnitude pruning, int8 values"]
+    assert {r["storage"] for r in int8} == {"bitmap-int8"}
+    md = (out / "study.md").read_text()
+    assert "LightGCN retrained per budget, quantized: chosen 12.5%: d=" in md
     # cold-start users: held out of all training, ranked per budget next to the warm users
     cold = report["cold_start_rows"]
     assert report["cold_start"]["held_users"] == round(0.1 * 240)
@@ -136,7 +155,6 @@ def test_study_resumes_and_reports_every_method(quick_study):
     first_k = [r for r in report["rows"] if r["method"] == "first-k blocks"]
     assert len(uniform) == len(first_k) == len(QUICK_BUDGETS)
     assert json.loads((out / "results.json").read_text()) == report
-    md = (out / "study.md").read_text()
     for section in (
         "## Heterogeneous budgets",
         "## Dynamic budgets against retraining",
@@ -183,7 +201,11 @@ def test_budgets_given_as_sizes_sit_beside_fractions(tmp_path):
         progress=False,
     )
     report = run_study(cfg, ["pruning"])
-    got = sorted((r["budget"], r["budget_bytes"], r["budget_fraction"]) for r in report["rows"])
+    got = sorted(
+        (r["budget"], r["budget_bytes"], r["budget_fraction"])
+        for r in report["rows"]
+        if r["method"] == "magnitude pruning"
+    )
     assert got == [("10.24KB", 10240, 1.0), ("2560B", 2560, 0.25), ("50%", 5120, 0.5)]
     md = (tmp_path / "report" / "study.md").read_text()
     assert "| 2560B (2.56 KB) | 50% (5.12 KB) | 10.24KB (10.2 KB) |" in md
@@ -240,3 +262,34 @@ def test_matryoshka_step_cuts_one_nested_model_to_every_budget(tmp_path):
     pcfg = PipelineConfig(dataset="checkerboard", cache_dir=cfg.cache_dir, lightgcn=nested)
     assert pretrain(ds, split.fit, pcfg).reused
     assert step_matryoshka(cfg)["nested_dims"] == [2, 4, 8]
+
+
+def test_labels_saved_before_the_rename_read_as_peel_blocks():
+    """Steps saved before PEEL's block rows were labelled "PEEL blocks" are read with the new
+    labels (so the ablations still find their reference); federated labels are unchanged."""
+    assert current_label("PEEL (G_u=4) (centralized)") == "PEEL blocks (G_u=4) (centralized)"
+    assert current_label("PEEL (G_u=4), joint training") == "PEEL blocks (G_u=4), joint training"
+    assert current_label("PEEL (G_u=2, federated)") == "PEEL (G_u=2, federated)"
+    assert current_label("PEEL bit-planes (G_u=4)") == "PEEL bit-planes (G_u=4)"
+
+
+def test_retrained_models_skip_a_budget_below_one_dimension(tmp_path):
+    """5% of the quick table (512 B) is below a 1-dimensional float32 table of 160 items (640 B)
+    and below any quantized one (row meta alone is 640 B): no model, no row, no failure."""
+    cfg = StudyConfig(
+        dataset="checkerboard",
+        budgets=("5%", "100%"),
+        out_dir=str(tmp_path / "report"),
+        cache_dir=str(tmp_path / "cache"),
+        work_dir=str(tmp_path / "work"),
+        quick=True,
+        progress=False,
+    )
+    report = run_study(cfg, ["lightgcn-per-budget", "retrained-quantized"])
+    got = sorted((r["method"], r["budget"]) for r in report["rows"])
+    assert got == [
+        ("LightGCN retrained per budget", "100%"),
+        ("LightGCN retrained per budget, quantized", "100%"),
+    ]
+    best = report["rows"][-1]  # at 100% the d=16 model alone, at its best validation width
+    assert best["dim"] == 16 and best["used_bytes"] <= best["budget_bytes"]

@@ -6,17 +6,34 @@ Nothing here runs a step; the plots are in ``sim.study.plots``.
 from __future__ import annotations
 
 import platform
+import re
 from dataclasses import asdict
 
+from sim.study.baseline_steps import RETRAINED_QUANTIZED
 from sim.study.steps import STEPS, StudyConfig
 from strategies.report import drill_lines
 
+CENTRAL_PEEL = "PEEL blocks (G_u=4) (centralized)"  # the ablations' reference
+
+
+def current_label(method: str) -> str:
+    """A method label as the steps write it now: steps saved before PEEL's block rows were
+    labelled "PEEL blocks" wrote "PEEL (G_u=4) (centralized)", "PEEL (G_u=4), ..." (federated
+    and cold-start labels are unchanged)."""
+    return re.sub(r"^PEEL \(G_u=(\d+)\)", r"PEEL blocks (G_u=\1)", method)
+
+
+def _relabelled(rows: list[dict]) -> list[dict]:
+    return [{**r, "method": current_label(r["method"])} for r in rows]
+
 
 def build_report(cfg: StudyConfig, done: dict[str, dict]) -> dict:
-    rows = [r for step in done.values() for r in step["result"]["rows"]]
-    ablation_rows = [r for step in done.values() for r in step["result"].get("ablation_rows", [])]
+    rows = _relabelled([r for step in done.values() for r in step["result"]["rows"]])
+    ablation_rows = _relabelled(
+        [r for step in done.values() for r in step["result"].get("ablation_rows", [])]
+    )
     if ablation_rows:  # the reference: PEEL G_u = 4, centralized, as the method is
-        reference = [r for r in rows if r["method"] == "PEEL (G_u=4) (centralized)"]
+        reference = [r for r in rows if r["method"] == CENTRAL_PEEL]
         ablation_rows = reference + ablation_rows
     central = done.get("centralized", {}).get("result", {})
     cold = done.get("cold-start", {}).get("result", {})
@@ -71,11 +88,11 @@ def dynamic_trace(done: dict[str, dict]) -> list[dict]:
                     }
                 )
     for r in result("centralized").get("rows", []):
-        if r["method"] == "PEEL (G_u=4) (centralized)":
+        if current_label(r["method"]) == CENTRAL_PEEL:
             trace.append(
                 {
                     **_metrics(r),
-                    "method": "PEEL (G_u=4, centralized): cut on the device",
+                    "method": "PEEL blocks (G_u=4, centralized): cut on the device",
                     "contact": "none: it drops its lowest-priority units",
                 }
             )
@@ -83,7 +100,7 @@ def dynamic_trace(done: dict[str, dict]) -> list[dict]:
         trace.append(
             {
                 **_metrics(r),
-                "method": "magnitude pruning: cut on the device",
+                "method": f"{r.get('method', 'magnitude pruning')}: cut on the device",
                 "contact": "none: it zeroes its smallest kept values",
             }
         )
@@ -155,12 +172,25 @@ def report_markdown(report: dict) -> str:
         f"# The study on {ds.get('name', cfg['dataset'])}: Recall@20 / NDCG@20 at equal bytes",
         "",
         "Every method keeps at most the budget's bytes of item embeddings on the device "
-        "(a fraction of the full float32 item table; the header gives the bytes too). Magnitude "
-        "pruning counts its sparse storage; the retrained LightGCN is one model per budget, at "
-        "the largest dimension that fits.",
+        "(a fraction of the full float32 item table; the header gives the bytes too), counting "
+        "every byte it holds: values, scales, offsets, indices and bitmaps. Magnitude pruning "
+        "counts its sparse storage (CSR or bitmap with float32 values; with int8 values: a "
+        "bitmap, a float16 scale per row and one byte per kept value); the retrained LightGCN "
+        "is one model per budget, at the largest dimension that fits; quantized, the best of "
+        "those models (d) at 8, 4, 2 or 1 bits per value plus float16 row offsets and scales "
+        "that fits, chosen by validation Recall@20. PEEL as published: block units, trained on "
+        "the full table only, each user group's units in the order of its learned weights.",
         "",
         *_metric_table(rows, budgets, "method"),
     ]
+    chosen = [r for r in rows if r["method"] == RETRAINED_QUANTIZED]
+    if chosen:
+        lines += [
+            "",
+            f"{RETRAINED_QUANTIZED}: chosen "
+            + "; ".join(f"{r['budget']}: d={r['dim']} at {r['bits']} bit(s)" for r in chosen)
+            + ".",
+        ]
     if any(r["method"].startswith("PEEL bit-planes") for r in rows):
         lines += ["", *bit_plane_lines(rows, report.get("own_bytes_rows", []))]
     if any(r["method"].startswith("Matryoshka") for r in rows):
@@ -187,9 +217,10 @@ def report_markdown(report: dict) -> str:
             "pruning cut what the device holds (federated PEEL: measured on the devices of the "
             "largest own-budget class; centralized PEEL: a cut keeps the same units as being "
             "served the smaller budget, as `tests/test_store.py` checks; magnitude pruning: each "
-            "cut prunes the previous cut's table; Matryoshka LightGCN: each cut drops trailing "
-            "columns, checked to equal the served table). The retrained LightGCN cannot shrink: "
-            "each drop needs a new model from the server.",
+            "cut prunes the previous cut's table, with int8 values its dequantized values, "
+            "re-quantized; Matryoshka LightGCN: each cut drops trailing columns, checked to "
+            "equal the served table). The retrained LightGCN cannot shrink: each drop needs a "
+            "new model from the server.",
             "",
             *trace_lines(report["trace"]),
         ]
@@ -270,8 +301,9 @@ def bit_plane_lines(rows: list[dict], own_bytes_rows: list[dict]) -> list[str]:
         "groups), from its users' vectors and item counts, each user ranked with its group's "
         "table (bytes: the largest group's). Items of a group with no plane are not ranked. "
         "Row quantization: every row's leading d' columns at k bits, packed, plus the row's "
-        "float16 offset and scale (4 B), all counted; at each budget the best (k, d') that fits, "
-        "chosen by test Recall@20, an oracle choice that favours the baseline"
+        "float16 offset and scale (4 B), all counted; at each budget the (k, d') that fits with "
+        "the best Recall@20 on the validation split (held-out training interactions; the model "
+        "is trained on the rest), reported on test"
         + (f" ({chosen})" if chosen else "")
         + ". The item-to-group map is not counted (items stored sorted by group need none), as "
         "for PEEL. In the trace a device served the largest budget's planes cuts them on the "
