@@ -86,7 +86,7 @@ def test_study_resumes_and_reports_every_method(quick_study):
     for t in trace:
         by_method.setdefault(t["method"], []).append(t)
     assert set(by_method) == {
-        "PEEL (G_u=2, federated): cut on the device",
+        "PEEL bit-planes (G_u=2, federated): cut on the device",
         "PEEL blocks (G_u=4, centralized): cut on the device",
         "magnitude pruning: cut on the device",
         "magnitude pruning, int8 values: cut on the device",
