@@ -8,8 +8,9 @@ same table:
   columns of the item table at float32; users rank with the same leading columns of their vectors;
 - ``Matryoshka LightGCN, quantized``: the best row-quantized cut that fits
   (:func:`peel_fed.baselines.best_bits_and_dims`: bits 8, 4, 2, 1, each with the most leading
-  columns that fit), chosen by validation Recall@20 (:func:`peel_fed.metrics.validation_recall`;
-  the model is trained on ``split.fit`` only), reported with its test metrics.
+  columns that fit), chosen by validation Recall@20
+  (:class:`peel_fed.budget_rows.QuantizedChoice`, as for every row-quantized baseline; the model
+  is trained on ``split.fit`` only), reported with its test metrics.
 
 The trace: a device holding the largest budget's leading columns cuts to each smaller budget by
 dropping its trailing columns (no server contact). Each cut is checked to equal the table served
@@ -22,11 +23,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from peel_fed.baselines import affordable_dim, best_bits_and_dims, direct_quantize
+from peel_fed.baselines import affordable_dim, best_bits_and_dims
 from peel_fed.blocks import FLOAT32_BYTES, BudgetError
+from peel_fed.budget_rows import QuantCandidate, QuantizedChoice, budget_row
 from peel_fed.console import log
 from peel_fed.data import Dataset, TrainValSplit
-from peel_fed.metrics import evaluate_ranking, validation_recall
+from peel_fed.metrics import evaluate_ranking
 from peel_fed.scoring import dot_score_fn
 
 LEADING = "Matryoshka LightGCN, leading dims"
@@ -38,19 +40,6 @@ def matryoshka_dims(dim: int) -> tuple[int, ...]:
     """The powers of two from 2 below ``dim``: the prefixes a nested model is trained on (with
     ``dim`` itself), e.g. (2, 4, 8, 16, 32) for 64."""
     return tuple(2**k for k in range(1, dim.bit_length()) if 2**k < dim)
-
-
-def _row(method: str, label: str, budget: int, full: int, m: dict, used: int, **extra) -> dict:
-    return {
-        "method": method,
-        "budget": label,
-        "budget_bytes": int(budget),
-        "budget_fraction": budget / full,
-        "recall@20": m["recall@20"],
-        "ndcg@20": m["ndcg@20"],
-        "used_bytes": int(used),
-        **extra,
-    }
 
 
 def _leading(emb: np.ndarray, dims: int) -> np.ndarray:
@@ -89,36 +78,37 @@ def matryoshka_rows(
         served[label] = _leading(item_emb, dims)
         m = test_metrics(_leading(user_emb, dims), served[label])
         used = n_items * dims * FLOAT32_BYTES
-        rows[label] = _row(LEADING, label, budget, full, m, used, dims=dims, bits=FLOAT32_BITS)
+        rows[label] = budget_row(
+            LEADING, label, budget, full, m, used, dims=dims, bits=FLOAT32_BITS
+        )
         log(f"{LEADING} {label} (d={dims}): Recall@20 {m['recall@20']:.4f}", source="matryoshka")
-    quantized = []
+    quantized, choice = [], QuantizedChoice(ds, split, [(user_emb, item_emb)])
     for label, budget in budgets:
         try:
             shapes = best_bits_and_dims(budget, n_items, dim)
         except BudgetError as exc:
             log(f"{QUANTIZED} {label}: no row ({exc})", source="matryoshka")
             continue
-        candidates = []
-        for s in shapes:
-            table, nbytes = direct_quantize(item_emb[:, : s.dims], s.bits)
-            users = _leading(user_emb, s.dims)
-            val = validation_recall(dot_score_fn(users, table), ds, split)
-            candidates.append((val, s, users, table, nbytes))
-        val, best, users, table, nbytes = max(candidates, key=lambda c: c[0])
-        m = test_metrics(users, table)
+        candidates = [QuantCandidate(0, sh.bits, sh.dims, sh.bytes) for sh in shapes]
+        best, val = choice.choose(candidates)
+        m = choice.metrics(best, "test")
         quantized.append(
-            _row(
+            budget_row(
                 QUANTIZED,
                 label,
                 budget,
                 full,
                 m,
-                nbytes,
+                best.bytes,
                 dims=best.dims,
                 bits=best.bits,
-                **{"val_recall@20": val},
+                **{"val_recall@20": val["recall@20"]},
                 candidates=[
-                    {"bits": c[1].bits, "dims": c[1].dims, "val_recall@20": c[0]}
+                    {
+                        "bits": c.bits,
+                        "dims": c.dims,
+                        "val_recall@20": choice.metrics(c, "val")["recall@20"],
+                    }
                     for c in candidates
                 ],
             )
