@@ -237,10 +237,15 @@ def evaluation_vector(
     ones = np.ones((layout.num_item_groups, layout.num_blocks))
     part_a, part_b, part_c = [], [], []
 
-    def planes_at(budget_per_user: np.ndarray, cut_from: np.ndarray | None = None) -> np.ndarray:
+    def planes_at(
+        budget_per_user: np.ndarray,
+        cut_from: np.ndarray | None = None,
+        only: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Per-user sums with bit-planes (0s outside ``only``, a mask, if given)."""
         out = np.zeros((users.size, 3))
         for g in range(spec.num_user_groups):
-            sel = groups == g
+            sel = (groups == g) if only is None else (groups == g) & only
             if sel.any():
                 out[sel] = plane_metric_sums(
                     users[sel],
@@ -305,11 +310,12 @@ def evaluation_vector(
             (pl for lv, pl in zip(levels, peel_levels, strict=True) if lv == budget), None
         )
         if at_own is None:
-            at_own = planes_at(np.full(users.size, budget))
+            at_own = planes_at(np.full(users.size, budget), only=mine)
         part_b.append(_sums(at_own, mine))
         for f in spec.drill:  # a cut where nothing fits counts no device (see plane_metric_sums)
             cut = np.full(users.size, drill_cut(budget, f))
-            part_b.append(_sums(planes_at(cut, cut_from=np.full(users.size, budget)), mine))
+            held = np.full(users.size, budget)
+            part_b.append(_sums(planes_at(cut, cut_from=held, only=mine), mine))
     for g in range(spec.num_user_groups):
         for j in range(levels.size):
             part_c.append(_sums(peel_levels[j], groups == g))

@@ -22,8 +22,13 @@ import numpy as np
 from peel_fed.blocks import BudgetError
 from peel_fed.data import Interactions
 from peel_fed.metrics import per_user_metrics
-from peel_fed.plane_store import served_store
-from peel_fed.planes import PlaneCode, greedy_plane_order, planes_at_budget
+from peel_fed.planes import (
+    HeldPlanes,
+    PlaneCode,
+    greedy_plane_order,
+    plane_score_fn,
+    planes_at_budget,
+)
 
 PLANE_ALPHA = 0.5  # popularity exponent of the unit benefit (as in the centralized study)
 
@@ -124,26 +129,33 @@ def plane_metric_sums(
     fits ``budgets[j]`` and ranks all items on the device.
 
     With ``cut_from``, user j instead downloads the prefix at ``cut_from[j]`` and then shrinks it
-    on the device to ``budgets[j]`` (no server contact). Users whose budget holds no unit get 0s,
+    on the device to ``budgets[j]`` (no server contact). What a device downloads is
+    :meth:`peel_fed.planes.PlaneCode.serve` of the prefix, which equals a
+    :class:`peel_fed.plane_store.PlaneStore` grown unit by unit (``tests/test_plane_store.py``).
+    Users whose budget holds no unit get 0s,
     as in :func:`peel_fed.fedeval.ranking_metric_sums`.
     """
     out = np.zeros((users.size, 3))
     row_of = np.full(n_users, -1, dtype=np.int64)
     row_of[users] = np.arange(users.size)
     start = np.asarray(budgets if cut_from is None else cut_from, dtype=np.int64)
-    sizes = np.bincount(item_groups)
+    sizes = np.bincount(item_groups, minlength=int(np.max(order[:, 0])) + 1)
+    served: dict[int, HeldPlanes] = {}
     for pair in np.unique(np.stack([start, budgets], axis=1), axis=0):
         served_at, budget = int(pair[0]), int(pair[1])
         sel = users[(start == served_at) & (budgets == budget)]
         try:
-            planes_at_budget(order, sizes, code.dim, budget)
+            cut, _ = planes_at_budget(order, sizes, code.dim, budget)
         except BudgetError:
             continue  # nothing fits: the device cannot rank
-        store = served_store(code, order, item_groups, served_at)
-        if served_at != budget:
-            store.shrink(budget)
+        if served_at not in served:  # the download: the order's prefix at served_at
+            planes, _ = planes_at_budget(order, sizes, code.dim, served_at)
+            served[served_at] = code.serve(planes[item_groups])
+        held = served[served_at]
+        if served_at != budget:  # shrunk on the device, as PlaneStore.shrink does
+            held = held.cut_to(cut[item_groups])
         m = per_user_metrics(
-            store.score_fn(user_vectors, row_of), n_users, train, test, ks=(20,), users=sel
+            plane_score_fn(user_vectors, held, row_of), n_users, train, test, ks=(20,), users=sel
         )
         rows = row_of[m["user"]]
         out[rows, 0], out[rows, 1], out[rows, 2] = m["recall@20"], m["ndcg@20"], 1.0

@@ -135,15 +135,12 @@ class PlaneStore:
                 f"expected {int(self._unit_bytes[self.kept])}"
             )
         bit = np.unpackbits(np.frombuffer(unit.bits, dtype=np.uint8), count=rows.size * self.dim)
-        h = self.held
-        top, planes = h.top.astype(np.int64), h.planes.copy()
-        offset, scale = h.offset.copy(), h.scale.copy()
-        top[rows] = (top[rows] << 1) | bit.reshape(rows.size, self.dim)
-        planes[rows] += 1
+        h = self.held  # updated in place: one unit touches only its group's rows
+        h.top[rows] = (h.top[rows] << 1) | bit.reshape(rows.size, self.dim).astype(np.uint16)
+        h.planes[rows] += 1
         if unit.plane == 0:
             meta = np.frombuffer(unit.meta, dtype="<f2")
-            offset[rows], scale[rows] = meta[: rows.size], meta[rows.size :]
-        self.held = HeldPlanes(top.astype(np.uint16), planes, offset, scale, h.bits)
+            h.offset[rows], h.scale[rows] = meta[: rows.size], meta[rows.size :]
 
     def score_fn(self, user_vectors: np.ndarray, user_rows: np.ndarray | None = None) -> ScoreFn:
         """Scores of the device's users with what it holds (items with no plane: ``-inf``)."""
