@@ -26,6 +26,9 @@ class FedConfig:
     min_nodes: int = 2
     node_wait_s: float = 60.0
     round_timeout_s: float = 600.0
+    # the evaluation exchange ranks every item for every hosted user at every budget and method
+    # (minutes on a large node), so it waits longer than a training round
+    evaluate_timeout_s: float = 3600.0
     out_dir: str = ""
     progress: bool = True
     # devices add wall-clock timestamps to their replies (process start, handler start and end),
@@ -66,8 +69,10 @@ class FedConfig:
     def __post_init__(self) -> None:
         if self.min_nodes < 1:
             raise ConfigError(f"min-nodes must be >= 1, got {self.min_nodes}")
-        if self.round_timeout_s <= 0 or self.node_wait_s <= 0:
-            raise ConfigError("round-timeout-s and node-wait-s must be positive")
+        if min(self.round_timeout_s, self.evaluate_timeout_s, self.node_wait_s) <= 0:
+            raise ConfigError(
+                "round-timeout-s, evaluate-timeout-s and node-wait-s must be positive"
+            )
         for key in ("fraction_nodes", "pretrain_cohort_fraction", "pee_cohort_fraction"):
             if not 0 < getattr(self, key) <= 1:
                 raise ConfigError(

@@ -75,7 +75,7 @@ class EvaluationStrategy(PhaseStrategy):
         spec = self.eval_spec(stats)
         content = self.configure(spec, stats, item_table, pee, planes, centroids)
         total, contributed, reports = secure_sum(
-            grid, nodes, "evaluate.budgets", content, self.cfg.round_timeout_s, "evaluate"
+            grid, nodes, "evaluate.budgets", content, self.cfg.evaluate_timeout_s, "evaluate"
         )
         self.log.add(reports)
         table = self.aggregate(total, spec)

@@ -95,7 +95,9 @@ def test_tls_deployment_runs_the_pipeline_and_leaves_nothing_behind(tmp_path):
 
 def test_killed_supernode_and_late_joiner_do_not_stop_the_run(tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
-    cfg = FedConfig(**SMOKE_RUN, min_nodes=2, round_timeout_s=20.0, out_dir=str(out))
+    cfg = FedConfig(
+        **SMOKE_RUN, min_nodes=2, round_timeout_s=20.0, evaluate_timeout_s=60.0, out_dir=str(out)
+    )
     events: dict = {}
     with LocalFederation(work, certs=None, log=lambda _: None) as fed:
         fed.start_superlink()

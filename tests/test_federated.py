@@ -71,6 +71,7 @@ SMALL_RUN = dict(
     device_budgets="50%,100%",
     progress=False,
     round_timeout_s=60.0,
+    evaluate_timeout_s=120.0,
 )
 
 
