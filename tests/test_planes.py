@@ -224,3 +224,11 @@ def test_code_rejects_values_beyond_float16():
         PlaneCode.encode(np.array([[-1e6, 0.0]], dtype=np.float32))
     with pytest.raises(ValueError, match="finite"):
         PlaneCode.encode(np.array([[0.0, np.nan]]))
+
+
+@pytest.mark.parametrize("bits", [0, -1, CODE_BITS + 1])
+def test_an_unsupported_bit_width_is_a_one_line_error(bits):
+    table = _table()
+    for call in (lambda: PlaneCode.encode(table, bits=bits), lambda: direct_quantize(table, bits)):
+        with pytest.raises(ValueError, match=rf"^bits must be in \[1, {CODE_BITS}\], got {bits}$"):
+            call()

@@ -1,0 +1,198 @@
+"""The headline over seeds: every study method's Recall@20 at every budget, as the median, min and
+max over the seeds saved under ``docs/results/<dataset>/`` (seed 0) and ``seed-<n>/``, with the
+default's verdict against every other method.
+
+``python -m sim.study.headline`` writes ``docs/results/headline.md`` and ``headline.json`` from
+the saved steps (it runs nothing; ``peel-fed study --seed N`` adds seeds).
+
+A verdict compares seed ranges, not single numbers: the default *wins* where its worst seed beats
+the other method's best, *loses* where its best seed is below the other's worst, and *ties* where
+the ranges overlap (a method saved for one seed has the range of that seed). The full table,
+the last budget, gets no verdict: there every method holds the whole model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from peel_fed.atomic import write_json_atomic, write_text_atomic
+from sim.study.config import STUDY_BUDGETS
+from sim.study.report import current_label
+
+DEFAULT_METHOD = "PEEL bit-planes (G_u=4)"
+FULL_TABLE = "LightGCN (full table)"
+DATASETS = ("gowalla", "ml-1m-lcf", "yelp2018")
+METRIC = "recall@20"
+
+
+def seed_folders(dataset_dir: Path) -> dict[int, Path]:
+    """Seed -> its study folder: ``dataset_dir`` for seed 0, ``dataset_dir/seed-<n>`` for n."""
+    found = {0: dataset_dir} if (dataset_dir / "steps").is_dir() else {}
+    for sub in sorted(dataset_dir.glob("seed-*")):
+        if (sub / "steps").is_dir() and sub.name[5:].isdigit():
+            found[int(sub.name[5:])] = sub
+    return found
+
+
+def collect(dataset_dir: Path, budgets: tuple[str, ...] = STUDY_BUDGETS) -> dict:
+    """``{method: {budget: {seed: Recall@20}}}`` from every saved step row at a study budget
+    (rows at other sizes, such as fixed bit widths at their own bytes, are left out)."""
+    table: dict[str, dict[str, dict[int, float]]] = {}
+    for seed, folder in seed_folders(dataset_dir).items():
+        for path in sorted((folder / "steps").glob("*.json")):
+            try:
+                rows = json.loads(path.read_text())["result"]["rows"]
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise ValueError(f"{path}: not a saved study step ({exc})") from None
+            for row in rows:
+                if row.get("budget") in budgets and METRIC in row:
+                    method = current_label(row["method"])
+                    table.setdefault(method, {}).setdefault(row["budget"], {})[seed] = float(
+                        row[METRIC]
+                    )
+    return table
+
+
+def summarise(values: dict[int, float]) -> dict:
+    v = list(values.values())
+    return {
+        "median": statistics.median(v),
+        "min": min(v),
+        "max": max(v),
+        "seeds": sorted(values),
+    }
+
+
+def verdict(default: dict, other: dict) -> str:
+    """'win', 'tie' or 'loss' of ``default`` against ``other`` (summaries), by seed ranges."""
+    if default["min"] > other["max"]:
+        return "win"
+    if default["max"] < other["min"]:
+        return "loss"
+    return "tie"
+
+
+def is_comparison(method: str) -> bool:
+    """Methods the default is judged against: every centralized method at equal bytes except the
+    default itself, its G_u = 1 twin and the full table (federated and cold-start rows measure
+    other things)."""
+    return not (
+        method.startswith("PEEL bit-planes")
+        or method == FULL_TABLE
+        or "federated" in method
+        or "cold-start" in method
+    )
+
+
+def dataset_headline(
+    dataset_dir: Path, budgets: tuple[str, ...] = STUDY_BUDGETS, default: str = DEFAULT_METHOD
+) -> dict:
+    table = collect(dataset_dir, budgets)
+    if default not in table:
+        raise ValueError(f"{dataset_dir}: no saved '{default}' rows (run the bit-planes step)")
+    rows = {
+        m: {b: summarise(per_budget[b]) for b in budgets if b in per_budget}
+        for m, per_budget in table.items()
+    }
+    mine = rows[default]
+    verdicts = {}
+    for b in budgets[:-1]:  # the last budget is the full table, where every method is whole
+        if b not in mine:
+            continue
+        verdicts[b] = {
+            m: verdict(mine[b], r[b]) for m, r in rows.items() if is_comparison(m) and b in r
+        }
+    full = mine.get(budgets[-1], {}).get("median")
+    share = {b: mine[b]["median"] / full for b in budgets if b in mine and full}
+    return {"rows": rows, "verdicts": verdicts, "share_of_own_full": share}
+
+
+def federated_ratio(rows: dict, budgets: tuple[str, ...] = STUDY_BUDGETS) -> dict[str, float]:
+    """Federated bit-planes (G_u = 4) over centralized bit-planes (G_u = 4), per budget (medians),
+    where both are saved."""
+    fed = rows.get("PEEL bit-planes (G_u=4, federated)", {})
+    central = rows.get(DEFAULT_METHOD, {})
+    return {
+        b: fed[b]["median"] / central[b]["median"] for b in budgets if b in fed and b in central
+    }
+
+
+def _cell(s: dict | None) -> str:
+    if s is None:
+        return "-"
+    if len(s["seeds"]) == 1:
+        return f"{s['median']:.4f} (seed {s['seeds'][0]})"
+    return f"{s['median']:.4f} [{s['min']:.4f}, {s['max']:.4f}]"
+
+
+def headline_markdown(headlines: dict[str, dict], budgets: tuple[str, ...] = STUDY_BUDGETS) -> str:
+    lines = [
+        "# Headline: every method at equal bytes, over seeds",
+        "",
+        "Recall@20 at a share of the float32 item table's bytes: the median over the saved seeds "
+        "with [min, max], or the one seed a method was run for. Made by "
+        "`python -m sim.study.headline` from the saved study steps. The default "
+        f"(`{DEFAULT_METHOD}`) *wins* against a method where its worst seed beats that method's "
+        "best, *ties* where the seed ranges overlap, and *loses* otherwise.",
+        "",
+    ]
+    for name, h in headlines.items():
+        rows = h["rows"]
+        order = sorted(
+            rows,
+            key=lambda m: (
+                "federated" in m,
+                not m.startswith("PEEL bit-planes"),
+                -rows[m].get(budgets[0], {"median": 0.0})["median"],
+            ),
+        )
+        lines += [f"## {name}", "", "| method | " + " | ".join(budgets) + " |"]
+        lines.append("|---|" + "---:|" * len(budgets))
+        for m in order:
+            lines.append(f"| {m} | " + " | ".join(_cell(rows[m].get(b)) for b in budgets) + " |")
+        counts = []
+        for b, vs in h["verdicts"].items():
+            losses = sorted(m for m, v in vs.items() if v == "loss")
+            ties = sorted(m for m, v in vs.items() if v == "tie")
+            text = f"{b}: wins {sum(v == 'win' for v in vs.values())}/{len(vs)}"
+            if ties:
+                text += f", ties {', '.join(ties)}"
+            if losses:
+                text += f", **loses to {', '.join(losses)}**"
+            counts.append(text)
+        lines += ["", "Default against every other centralized method: " + "; ".join(counts) + "."]
+        share = ", ".join(f"{b} {s:.1%}" for b, s in h["share_of_own_full"].items())
+        lines += ["", f"Default's share of its own full-table Recall@20: {share}."]
+        fed = federated_ratio(rows, budgets)
+        if fed:
+            ratio = ", ".join(f"{b} {r:.1%}" for b, r in fed.items())
+            lines += ["", f"Federated over centralized bit-planes (G_u=4): {ratio}."]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", default="docs/results", help="folder of dataset folders")
+    parser.add_argument(
+        "--datasets", default=",".join(DATASETS), help="comma-separated dataset folder names"
+    )
+    args = parser.parse_args(argv)
+    root = Path(args.results)
+    headlines = {}
+    for name in args.datasets.split(","):
+        if not (root / name).is_dir():
+            parser.error(f"no study folder {root / name}")
+        headlines[name] = dataset_headline(root / name)
+    text = headline_markdown(headlines)
+    write_json_atomic(root / "headline.json", headlines)
+    write_text_atomic(root / "headline.md", text)
+    print(text)
+    return headlines
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""The headline over seeds: medians, ranges and verdicts from saved study steps, by hand."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sim.study.headline import DEFAULT_METHOD, collect, dataset_headline, main
+
+BUDGETS = ("10%", "50%", "100%")
+
+
+def _save(folder: Path, step: str, rows: list[tuple[str, str, float]]) -> None:
+    (folder / "steps").mkdir(parents=True, exist_ok=True)
+    result = {"rows": [{"method": m, "budget": b, "recall@20": r} for m, b, r in rows]}
+    (folder / "steps" / f"{step}.json").write_text(json.dumps({"key": "k", "result": result}))
+
+
+@pytest.fixture()
+def study(tmp_path: Path) -> Path:
+    """Three seeds of the default and of 'pruning'; 'retrained' only for seed 0."""
+    ds = tmp_path / "toy"
+    default = {0: (0.30, 0.50, 0.60), 1: (0.20, 0.52, 0.62), 2: (0.25, 0.48, 0.58)}
+    pruning = {0: (0.10, 0.49, 0.60), 1: (0.12, 0.47, 0.62), 2: (0.11, 0.45, 0.58)}
+    for seed in (0, 1, 2):
+        folder = ds if seed == 0 else ds / f"seed-{seed}"
+        rows = [(DEFAULT_METHOD, b, r) for b, r in zip(BUDGETS, default[seed], strict=True)]
+        rows.append((DEFAULT_METHOD, "3 MB", 0.99))  # not a study budget: left out
+        _save(folder, "bit-planes", rows)
+        _save(
+            folder,
+            "pruning",
+            [("magnitude pruning", b, r) for b, r in zip(BUDGETS, pruning[seed], strict=True)],
+        )
+    _save(ds, "retrained", [("retrained", "10%", 0.31), ("retrained", "50%", 0.40)])
+    # a step saved before the block rows were renamed: read under its current label
+    _save(ds, "centralized", [("PEEL (G_u=4) (centralized)", "10%", 0.05)])
+    return ds
+
+
+def test_collect_reads_every_seed_and_only_study_budgets(study):
+    table = collect(study, BUDGETS)
+    assert table[DEFAULT_METHOD]["10%"] == {0: 0.30, 1: 0.20, 2: 0.25}
+    assert "3 MB" not in table[DEFAULT_METHOD]
+    assert table["PEEL blocks (G_u=4) (centralized)"] == {"10%": {0: 0.05}}
+
+
+def test_medians_ranges_verdicts_and_share_by_hand(study):
+    h = dataset_headline(study, BUDGETS)
+    assert h["rows"][DEFAULT_METHOD]["10%"] == {
+        "median": 0.25,
+        "min": 0.20,
+        "max": 0.30,
+        "seeds": [0, 1, 2],
+    }
+    # 10%: default [0.20, 0.30] above pruning's [0.10, 0.12]; retrained's one seed 0.31 above it
+    assert h["verdicts"]["10%"] == {
+        "magnitude pruning": "win",
+        "retrained": "loss",
+        "PEEL blocks (G_u=4) (centralized)": "win",
+    }
+    # 50%: [0.48, 0.52] overlaps pruning's [0.45, 0.49]; retrained's 0.40 is below it
+    assert h["verdicts"]["50%"] == {"magnitude pruning": "tie", "retrained": "win"}
+    assert "100%" not in h["verdicts"]  # the full table gets no verdict
+    assert h["share_of_own_full"]["10%"] == pytest.approx(0.25 / 0.60)
+
+
+def test_main_writes_the_report_and_names_a_missing_folder(study, capsys):
+    main(["--results", str(study.parent), "--datasets", "toy"])
+    text = (study.parent / "headline.md").read_text()
+    assert "| PEEL bit-planes (G_u=4) | - | 0.2500 [0.2000, 0.3000] |" in text
+    assert "**loses to retrained**" in text
+    assert json.loads((study.parent / "headline.json").read_text())["toy"]["verdicts"]
+    with pytest.raises(SystemExit):
+        main(["--results", str(study.parent), "--datasets", "nope"])
+    assert "no study folder" in capsys.readouterr().err
+
+
+def test_a_corrupt_step_or_no_default_is_a_one_line_error(study, tmp_path):
+    (study / "steps" / "pruning.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"pruning.json: not a saved study step"):
+        collect(study, BUDGETS)
+    empty = tmp_path / "empty"
+    _save(empty, "pruning", [("magnitude pruning", "10%", 0.1)])
+    with pytest.raises(ValueError, match="no saved 'PEEL bit-planes \\(G_u=4\\)' rows"):
+        dataset_headline(empty, BUDGETS)
