@@ -58,8 +58,8 @@ BEST_DIRECT = "row quantization, best bits x dims"
 BIT_NAMES = {8: "int8", 4: "int4", 2: "int2", 1: "1-bit"}
 
 
-def bit_planes_method(num_user_groups: int) -> str:
-    return f"PEEL bit-planes (G_u={num_user_groups})"
+def bit_planes_method(num_user_groups: int, cover_first: bool = False) -> str:
+    return f"PEEL bit-planes (G_u={num_user_groups}{', cover first' if cover_first else ''})"
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,7 @@ def plane_groups(
     popularity: np.ndarray,
     user_groups: UserGroups | None,
     alpha: float,
+    cover_first: bool = False,
 ) -> list[PlaneGroup]:
     """The user groups (None: one group of all users with ``popularity``; else each group of
     ``user_groups`` with its own users' item counts) and the greedy plane order of each."""
@@ -94,7 +95,13 @@ def plane_groups(
         PlaneGroup(
             users,
             greedy_plane_order(
-                code, item_emb, item_groups, pop, second_moments(user_emb[users]), alpha
+                code,
+                item_emb,
+                item_groups,
+                pop,
+                second_moments(user_emb[users]),
+                alpha,
+                cover_first=cover_first,
             ),
         )
         for users, pop in zip(members, pops, strict=True)
@@ -119,7 +126,8 @@ def bit_plane_rows(
     method: str,
 ) -> tuple[list[dict], list[dict]]:
     """Rows at every budget, and the trace (largest budget cut on the device to each smaller
-    one, checked against the served table)."""
+    one, checked against the served table). A row's ``unrankable_items`` counts, per user group,
+    the items whose group holds no plane (they score ``-inf``)."""
     full = item_emb.size * FLOAT32_BYTES
     sizes, dim = np.bincount(item_groups), item_emb.shape[1]
     rows, served = {}, {}
@@ -141,8 +149,11 @@ def bit_plane_rows(
             metrics,
             max(used for _, used in per_group),
             planes_per_group=[planes.tolist() for planes, _ in per_group],
+            unrankable_items=[int(sizes[planes == 0].sum()) for planes, _ in per_group],
         )
-        log(f"{method} {label}: Recall@20 {metrics['recall@20']:.4f}", source="planes")
+        unrankable = max(rows[label]["unrankable_items"])
+        note = f" ({unrankable:,} items with no plane, not rankable)" if unrankable else ""
+        log(f"{method} {label}: Recall@20 {metrics['recall@20']:.4f}{note}", source="planes")
     trace, held = [], None
     for label, _ in sorted(budgets, key=lambda lb: -lb[1]):
         if label not in served:
@@ -230,6 +241,7 @@ def plane_budget_rows(
     num_item_groups: int = 20,
     seed: int = 0,
     families: Sequence[str] = ("planes", "direct"),
+    cover_first: bool = False,
 ) -> dict[str, list[dict]]:
     """Bit-planes (G_u = 1 and ``num_user_groups``) and direct row quantization at ``budgets``
     ((label, bytes) pairs; fractions are of the float32 ``item_emb``'s bytes), for the model
@@ -241,7 +253,8 @@ def plane_budget_rows(
     details; a method gets no row at a budget below its smallest unit), the fixed bit widths at
     their own bytes, and the bit-plane trace (the largest budget's table cut on the device to each
     smaller budget, largest first; ``cut_on_device`` is True). ``families`` picks the method
-    families to run ("planes", "direct").
+    families to run ("planes", "direct"); ``cover_first`` orders every group's first plane
+    before any second one (:func:`peel_fed.planes.greedy_plane_order`), in the rows' labels too.
     """
     item_emb = np.asarray(item_emb, dtype=np.float32)
     user_emb = np.asarray(user_emb, dtype=np.float32)
@@ -253,10 +266,19 @@ def plane_budget_rows(
         for g in dict.fromkeys((1, num_user_groups)):
             user_groups = None if g == 1 else kmeans_user_groups(user_emb, g, seed=seed)
             groups = plane_groups(
-                ds, user_emb, item_emb, code, item_groups, popularity, user_groups, alpha
+                ds,
+                user_emb,
+                item_emb,
+                code,
+                item_groups,
+                popularity,
+                user_groups,
+                alpha,
+                cover_first,
             )
+            method = bit_planes_method(g, cover_first)
             got, cut = bit_plane_rows(
-                ds, user_emb, item_emb, groups, code, item_groups, budgets, bit_planes_method(g)
+                ds, user_emb, item_emb, groups, code, item_groups, budgets, method
             )
             rows += got
             trace += cut

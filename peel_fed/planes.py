@@ -259,9 +259,15 @@ def greedy_plane_order(
     popularity: np.ndarray,
     dim_weights: np.ndarray,
     alpha: float = 0.5,
+    cover_first: bool = False,
 ) -> np.ndarray:
     """The unit order, (G * bits, 2) of (group, plane): greedily the next plane with the most
     :func:`plane_benefits` per byte (ties: lowest group id); a group's planes come in order.
+
+    ``cover_first`` puts the first plane of every group (in that greedy order) before any second
+    plane, so every budget of at least the cover (one plane and the row meta of every item:
+    ``n_items * (ROW_META_BYTES + ceil(dim / 8))`` B) keeps every item rankable; without it a
+    small budget may leave the least valuable groups out (their items score ``-inf``).
 
     ``code`` is the :class:`PlaneCode` of ``table``. For a user group's personalised order pass
     its users' :func:`second_moments` and the popularity counted over its users; for a global
@@ -278,7 +284,8 @@ def greedy_plane_order(
     order = np.empty((num_groups * bits, 2), dtype=np.int64)
     for step in range(num_groups * bits):
         cost = plane_cost + (nxt == 0) * meta_cost
-        ratio = np.where(nxt < bits, benefit[rows, np.minimum(nxt, bits - 1)] / cost, -np.inf)
+        open_ = (nxt < bits) & ((nxt == 0) | ~cover_first | (step >= num_groups))
+        ratio = np.where(open_, benefit[rows, np.minimum(nxt, bits - 1)] / cost, -np.inf)
         g = int(np.argmax(ratio))
         order[step] = (g, nxt[g])
         nxt[g] += 1

@@ -232,3 +232,28 @@ def test_an_unsupported_bit_width_is_a_one_line_error(bits):
     for call in (lambda: PlaneCode.encode(table, bits=bits), lambda: direct_quantize(table, bits)):
         with pytest.raises(ValueError, match=rf"^bits must be in \[1, {CODE_BITS}\], got {bits}$"):
             call()
+
+
+def test_cover_first_keeps_every_item_rankable_from_the_cover_up():
+    """Two groups of identical rows, group 1 far less popular: the greedy order gives group 0 at
+    least two planes first, so a budget just above group 0's first two planes leaves group 1 out;
+    cover-first serves plane 0 of both groups first, and from the cover's bytes (10 rows x (4 B
+    meta + 1 B of 8 one-bit values) per group = 100 B) every item is rankable."""
+    rows = np.random.default_rng(4).normal(size=(10, 8)).astype(np.float32)
+    table = np.concatenate([rows, rows])
+    groups = np.repeat([0, 1], 10)
+    sizes = np.bincount(groups)
+    pop = np.where(groups == 0, 100.0, 1.0)
+    moments = second_moments(np.random.default_rng(5).normal(size=(20, 8)))
+    code = PlaneCode.encode(table)
+    greedy = greedy_plane_order(code, table, groups, pop, moments)
+    covered = greedy_plane_order(code, table, groups, pop, moments, cover_first=True)
+    assert [tuple(u) for u in covered[:2]] == [(0, 0), (1, 0)]
+    np.testing.assert_array_equal(covered[2:][covered[2:, 0] == 0], greedy[greedy[:, 0] == 0][1:])
+    cover = 2 * plane_unit_bytes(10, 8, 0)
+    assert cover == 100
+    assert planes_at_budget(greedy, sizes, 8, cover)[0].tolist()[1] == 0  # group 1 left out
+    for budget in range(cover, table.size * FLOAT32_BYTES, 7):
+        planes, used = planes_at_budget(covered, sizes, 8, budget)
+        assert (planes >= 1).all() and used <= budget
+        assert code.serve(planes[groups]).decode()[1].all()

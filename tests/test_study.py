@@ -70,6 +70,9 @@ def test_study_resumes_and_reports_every_method(quick_study):
     ablations = {r["method"] for r in report["ablation_rows"]}
     assert ablations == {
         "PEEL blocks (G_u=4) (centralized)",
+        "PEEL bit-planes (G_u=4)",
+        "PEEL bit-planes (G_u=1, cover first)",
+        "PEEL bit-planes (G_u=4, cover first)",
         "PEEL blocks (G_u=4), no diversity regulariser",
         "PEEL blocks (G_u=4), uniform weights (no controller)",
         "PEEL blocks (G_u=4), joint training (not bi-level)",
@@ -80,6 +83,9 @@ def test_study_resumes_and_reports_every_method(quick_study):
         "PEEL blocks (G_u=4), half the blocks, same pretraining",
         "PEEL blocks (G_u=4), twice the blocks, same pretraining",
     }
+    for r in report["ablation_rows"]:  # cover first: every item rankable from 12.5% (the cover
+        if "cover first" in r["method"]:  # of 16 dims: 4 B meta + 2 B a row, 9.4%) up
+            assert r["unrankable_items"] == [0] * len(r["planes_per_group"]), r
     # the trace: a device at 100% dropping to each smaller budget, cut on the device or retrained
     trace = report["trace"]
     by_method = {}

@@ -141,6 +141,31 @@ def step_bit_planes(cfg: StudyConfig) -> dict:
     )
 
 
+def step_cover_first(cfg: StudyConfig) -> dict:
+    """The ``bit-planes`` step's planes with cover-first orders (every item group's first plane
+    before any second one, so every item stays rankable at every budget of at least the cover),
+    as ablation rows beside the default greedy order."""
+    from peel_fed.plane_eval import plane_budget_rows
+
+    pcfg = pipeline_config(cfg)
+    ds, split, pre = data_and_pretrained(cfg, pcfg)
+    budgets = budget_bytes(cfg, pre.item_emb.size * FLOAT32_BYTES)
+    res = plane_budget_rows(
+        ds,
+        split,
+        pre.user_emb,
+        pre.item_emb,
+        ds.item_popularity(),
+        budgets,
+        num_user_groups=max(pcfg.num_user_groups),
+        num_item_groups=pcfg.peel.num_item_groups,
+        seed=cfg.seed,
+        families=("planes",),
+        cover_first=True,
+    )
+    return {"rows": [], "ablation_rows": res["rows"]}
+
+
 def step_matryoshka(cfg: StudyConfig) -> dict:
     """One nested (Matryoshka) LightGCN, the study's pretraining made plain (no blocks, no
     diversity regulariser) and nested on the powers of two below its dim, cut to every budget:

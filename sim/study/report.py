@@ -13,7 +13,8 @@ from sim.study.baseline_steps import RETRAINED_QUANTIZED
 from sim.study.steps import STEPS, StudyConfig
 from strategies.report import drill_lines
 
-CENTRAL_PEEL = "PEEL blocks (G_u=4) (centralized)"  # the ablations' reference
+CENTRAL_PEEL = "PEEL blocks (G_u=4) (centralized)"  # the ablations' references
+CENTRAL_PLANES = "PEEL bit-planes (G_u=4)"
 
 
 def current_label(method: str) -> str:
@@ -32,8 +33,8 @@ def build_report(cfg: StudyConfig, done: dict[str, dict]) -> dict:
     ablation_rows = _relabelled(
         [r for step in done.values() for r in step["result"].get("ablation_rows", [])]
     )
-    if ablation_rows:  # the reference: PEEL G_u = 4, centralized, as the method is
-        reference = [r for r in rows if r["method"] == CENTRAL_PEEL]
+    if ablation_rows:  # the references: PEEL blocks and bit-planes, G_u = 4, centralized
+        reference = [r for r in rows if r["method"] in (CENTRAL_PEEL, CENTRAL_PLANES)]
         ablation_rows = reference + ablation_rows
     central = done.get("centralized", {}).get("result", {})
     cold = done.get("cold-start", {}).get("result", {})

@@ -14,6 +14,7 @@ from dataclasses import replace
 from peel_fed.blocks import FLOAT32_BYTES
 from sim.study.baseline_steps import (
     step_bit_planes,
+    step_cover_first,
     step_lightgcn_per_budget,
     step_matryoshka,
     step_pruning,
@@ -220,4 +221,5 @@ STEPS: dict[str, Callable[[StudyConfig], dict]] = {
     "cold-start": step_cold_start,
     "bit-planes": step_bit_planes,
     **ABLATIONS,
+    "ablation-cover-first": step_cover_first,
 }
