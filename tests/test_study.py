@@ -54,6 +54,8 @@ def test_study_resumes_and_reports_every_method(quick_study):
         "LightGCN retrained per budget, quantized",
         "PEEL bit-planes (G_u=2, federated)",
         "PEEL blocks (G_u=2, federated)",
+        "PEEL bit-planes (G_u=2, federated, equal passes)",
+        "PEEL blocks (G_u=2, federated, equal passes)",
         "PEEL bit-planes (G_u=1)",
         "PEEL bit-planes (G_u=4)",
         "row quantization, best bits x dims",

@@ -67,6 +67,18 @@ def step_centralized(cfg: StudyConfig) -> dict:
 
 
 def step_federated(cfg: StudyConfig) -> dict:
+    """Federated PEEL (Flower simulation) with ``peel-fed simulate``'s defaults."""
+    return _federated(cfg, {}, "federated")
+
+
+def step_federated_equal_passes(cfg: StudyConfig) -> dict:
+    """Federated PEEL whose pretraining makes as many passes over the data as the centralized
+    pretraining's epochs, so the federated/centralized ratio measures federation alone."""
+    epochs = pipeline_config(cfg).lightgcn.epochs
+    return _federated(cfg, {"pretrain-passes": epochs}, "federated, equal passes")
+
+
+def _federated(cfg: StudyConfig, overrides: dict, tag: str) -> dict:
     from peel_fed.blocks import parse_budget
     from peel_fed.fedconfig import FedConfig
     from peel_fed.loading import load_dataset
@@ -78,7 +90,7 @@ def step_federated(cfg: StudyConfig) -> dict:
         "data-dir": cfg.data_dir or "",
         "seed": cfg.seed,
         "min-nodes": cfg.num_nodes,
-        "out-dir": str((work_folder(cfg) / "federated").resolve()),
+        "out-dir": str((work_folder(cfg) / re.sub(r"\W+", "-", tag)).resolve()),
         "progress": cfg.progress,
         "budgets": budgets,
         "device-budgets": budgets,
@@ -98,6 +110,7 @@ def step_federated(cfg: StudyConfig) -> dict:
                 "num-user-groups": 2,
             }
         )
+    values.update(overrides)
     values.update(cfg.fed_overrides)
     fcfg = FedConfig.from_run_config({**FedConfig().to_run_config(), **values})
     if "drill" not in cfg.fed_overrides:
@@ -110,9 +123,9 @@ def step_federated(cfg: StudyConfig) -> dict:
     g = fcfg.num_user_groups
     label = {b: lbl for lbl, b in budget_bytes(cfg, report["layout"]["full_table_bytes"])}
     rows = []
-    for r in report["rows"]:  # "PEEL bit-planes (G_u=g)" -> "PEEL bit-planes (G_u=g, federated)"
+    for r in report["rows"]:  # "PEEL bit-planes (G_u=g)" -> "PEEL bit-planes (G_u=g, <tag>)"
         if r["method"].startswith("PEEL"):
-            name = r["method"].removesuffix(f"(G_u={g})") + f"(G_u={g}, federated)"
+            name = r["method"].removesuffix(f"(G_u={g})") + f"(G_u={g}, {tag})"
             rows.append({**r, "method": name, "budget": label[r["budget_bytes"]]})
     return {
         "rows": rows,
@@ -218,6 +231,7 @@ STEPS: dict[str, Callable[[StudyConfig], dict]] = {
     "matryoshka": step_matryoshka,
     "peel-as-published": step_peel_as_published,
     "federated": step_federated,
+    "federated-equal-passes": step_federated_equal_passes,
     "cold-start": step_cold_start,
     "bit-planes": step_bit_planes,
     **ABLATIONS,
