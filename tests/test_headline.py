@@ -35,6 +35,7 @@ def study(tmp_path: Path) -> Path:
             [("magnitude pruning", b, r) for b, r in zip(BUDGETS, pruning[seed], strict=True)],
         )
     _save(ds, "retrained", [("retrained", "10%", 0.31), ("retrained", "50%", 0.40)])
+    _save(ds, "federated", [("PEEL bit-planes (G_u=4, federated)", "10%", 0.27)])
     # a step saved before the block rows were renamed: read under its current label
     _save(ds, "centralized", [("PEEL (G_u=4) (centralized)", "10%", 0.05)])
     return ds
@@ -65,6 +66,8 @@ def test_medians_ranges_verdicts_and_share_by_hand(study):
     assert h["verdicts"]["50%"] == {"magnitude pruning": "tie", "retrained": "win"}
     assert "100%" not in h["verdicts"]  # the full table gets no verdict
     assert h["share_of_own_full"]["10%"] == pytest.approx(0.25 / 0.60)
+    # federated over centralized of the same seed (0.27 / 0.30), not over the median (0.25)
+    assert h["federated_over_centralized"] == {"federated": {"10%": pytest.approx(0.9)}}
 
 
 def test_main_writes_the_report_and_names_a_missing_folder(study, capsys):
