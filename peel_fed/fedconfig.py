@@ -62,7 +62,7 @@ class FedConfig:
     controller_lr: float = 1e-3
     # deployment and evaluation: budget levels of the table, the distribution each simulated
     # device draws its own budget from, and the dynamic-budget drill (fractions of its budget)
-    budgets: str = "10%,25%,50%,100%"
+    budgets: str = "5%,10%,25%,50%,100%"
     device_budgets: str = "10%,25%,50%,100%"
     drill: str = "0.5,0.25"
 

@@ -42,7 +42,7 @@ from peel_fed.peel import GroupPEE, PEELConfig, learn_group_pee
 from peel_fed.plane_eval import comparison_rows
 from peel_fed.scoring import budget_score_fn, dot_score_fn
 
-DEFAULT_BUDGETS = ("10%", "25%", "50%", "100%")
+DEFAULT_BUDGETS = ("5%", "10%", "25%", "50%", "100%")
 
 
 def peel_blocks_method(num_user_groups: int) -> str:
