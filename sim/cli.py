@@ -255,6 +255,12 @@ def _add_deploy(sub) -> None:
     )
     certs.add_argument("--out", default="certs", help="output folder (default certs)")
     certs.add_argument("--days", type=int, default=30, help="validity in days (default 30)")
+    certs.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the files already in OUT (a new CA orphans every certificate the old one "
+        "signed)",
+    )
 
 
 def _add_study(sub) -> None:
@@ -347,7 +353,7 @@ def _deploy(args) -> None:
 
         if not args.host:
             raise ValueError("give at least one --host (the address the SuperNodes dial)")
-        c = make_test_certificates(args.out, args.host, args.days)
+        c = make_test_certificates(args.out, args.host, args.days, force=args.force)
         print(
             f"wrote ca.crt, ca.key, server.pem and server.key in {c.ca_cert.parent} "
             f"(server certificate for {', '.join(args.host)}, 127.0.0.1 and localhost)"
@@ -448,7 +454,14 @@ def main(argv: list[str] | None = None) -> int:
             _deploy(args)
         elif args.command == "study":
             _study(args)
-    except (DataError, BudgetError, GroupingError, ValueError, FileNotFoundError) as exc:
+    except (
+        DataError,
+        BudgetError,
+        GroupingError,
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,
+    ) as exc:
         print(f"peel-fed: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
