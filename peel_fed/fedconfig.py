@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from peel_fed.blocks import BudgetError, parse_budget, split_budget_list
+from peel_fed.blocks import BudgetError, check_budget_format, split_budget_list
 from peel_fed.controller import ControllerConfig
 from peel_fed.fedlightgcn import FedLightGCNConfig
 from peel_fed.fedpee import FedPEEConfig
@@ -105,7 +105,7 @@ class FedConfig:
                 ) from None
             for text in texts:
                 try:  # the format only; sizes are checked against the item table later
-                    parse_budget(text, 10**12)
+                    check_budget_format(text)
                 except BudgetError as exc:
                     raise ConfigError(f"{key.replace('_', '-')}: {exc}") from None
         try:

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from peel_fed.blocks import BudgetError, parse_budget, split_budget_list
+from peel_fed.blocks import BudgetError, check_budget_format, split_budget_list
 from peel_fed.clustering import GroupingError
 from peel_fed.data import DataError
 from peel_fed.lightgcn import LightGCNConfig
@@ -71,11 +71,12 @@ def _budget_list(text: str) -> tuple[str, ...]:
 
 
 def _checked_budget_list(text: str) -> tuple[str, ...]:
-    """An argparse type: a budget list whose every budget parses (as a share of a 1 GB table)."""
+    """An argparse type: a budget list whose every budget parses (its size is checked against
+    the item table when the run knows it)."""
     budgets = _budget_list(text)
     for b in budgets:
         try:
-            parse_budget(b, 10**9)
+            check_budget_format(b)
         except BudgetError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
     return budgets

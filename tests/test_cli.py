@@ -62,6 +62,12 @@ def test_budget_below_one_block(capsys, tmp_path, tiny_dir):
     assert "32 B" in line
 
 
+def test_budget_above_the_table(capsys, tmp_path, tiny_dir):
+    # the table is 8 items x 4 values x 4 bytes = 128 B
+    line = _run(capsys, tmp_path, "--data-dir", str(tiny_dir), "--budgets", "100%,1KB")
+    assert "budget '1KB' (1,000 B) is above the full item table (128 B)" in line
+
+
 def test_unparsable_budget(capsys, tmp_path, tiny_dir):
     line = _run(capsys, tmp_path, "--data-dir", str(tiny_dir), "--budgets", "25%,lots")
     assert "cannot parse budget 'lots'" in line
