@@ -1,6 +1,7 @@
 """Atomic file writes: write to a temporary file in the same folder, then rename over the target.
 
-A crash or Ctrl-C mid-write leaves the previous file (or none), never a truncated one.
+A crash or Ctrl-C mid-write leaves the previous file (or none), never a truncated one. New files
+get the mode a plain ``open()`` would give them (0o666 less the umask), not ``mkstemp``'s 0o600.
 """
 
 from __future__ import annotations
@@ -15,13 +16,27 @@ from typing import IO, Any
 import numpy as np
 
 
-def write_atomic(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
-    """Call ``write(fh)`` on a temporary binary file, fsync it, and rename it to ``path``."""
+def default_file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives a new file: 0o666 less the process umask."""
+    umask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def write_atomic(
+    path: str | Path, write: Callable[[IO[bytes]], None], mode: int | None = None
+) -> Path:
+    """Call ``write(fh)`` on a temporary binary file, fsync it, and rename it to ``path``.
+
+    The file gets ``mode`` (default :func:`default_file_mode`) before anything is written, so a
+    private file (``0o600``) is never readable by others, not even for a moment.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), default_file_mode() if mode is None else mode)
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())

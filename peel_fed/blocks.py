@@ -16,6 +16,7 @@ gives every item group its best unit (most popular groups first) and then follow
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -140,14 +141,15 @@ def parse_budget(text: str | float | int, full_table_bytes: int) -> int:
     """Budget in bytes from a fraction of the full item table (``0.25``, ``25%``) or a size.
 
     Sizes take decimal (``512KB``, ``2MB``) or binary (``1.5MiB``) units, or plain bytes
-    (``300000``, ``300000B``). Numbers <= 1 without a unit are fractions.
+    (``300000``, ``300000B``). Numbers <= 1 without a unit are fractions. A budget above the full
+    table (``150%``, or a size larger than ``full_table_bytes``) is a ``BudgetError``.
     """
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         value = float(text)
         if 0 < value <= 1:
             return int(value * full_table_bytes)
         if value > 1:
-            return int(value)
+            return _within_table(int(value), text, full_table_bytes)
         raise BudgetError(f"budget must be positive, got {text!r}")
     s = str(text).strip()
     if s.endswith("%"):
@@ -165,11 +167,27 @@ def parse_budget(text: str | float | int, full_table_bytes: int) -> int:
             "or a size (512KB, 2MB, 1.5MiB)"
         )
     number, unit = float(m.group(1)), (m.group(2) or "").lower()
-    if not unit:
+    if not unit and number <= 1:  # a fraction
         return parse_budget(number, full_table_bytes)
     if number <= 0:
         raise BudgetError(f"budget must be positive, got {text!r}")
-    return int(number * _UNITS[unit])
+    return _within_table(int(number * _UNITS[unit]), text, full_table_bytes)
+
+
+def _within_table(budget_bytes: int, text: str | float | int, full_table_bytes: int) -> int:
+    """``budget_bytes``, or a one-line ``BudgetError`` if it exceeds the full table."""
+    if budget_bytes > full_table_bytes:
+        raise BudgetError(
+            f"budget {text!r} ({budget_bytes:,} B) is above the full item table "
+            f"({full_table_bytes:,} B); use at most 100%"
+        )
+    return budget_bytes
+
+
+def check_budget_format(text: str | float | int) -> None:
+    """A one-line ``BudgetError`` if ``text`` is no budget; its size is checked later, against
+    the item table (:func:`parse_budget`), once the table is known."""
+    parse_budget(text, sys.maxsize)
 
 
 def split_budget_list(text: str) -> list[str]:

@@ -5,6 +5,10 @@ Datasets by name (bundled, synthetic) are resolved in :mod:`peel_fed.loading`.
 A LightGCN-format folder holds ``train.txt`` and ``test.txt`` (plain or gzip as ``.txt.gz``), one
 line per user: ``user_id item_id item_id ...`` with 0-based contiguous ids. Lines with a user id
 and no items are accepted (that user simply has no interactions in that file).
+
+Ids are range-checked, since every id up to the largest gets a table row: a user (item) id above
+``min(2**31 - 1, 100 * distinct user (item) ids in train and test + 1,000,000)`` is a one-line
+``DataError`` naming the file and the id, rather than a huge allocation later.
 """
 
 from __future__ import annotations
@@ -16,6 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from peel_fed.console import log
+
+MAX_ID = 2**31 - 1
+"""No user or item id may exceed this (nor :func:`id_limit`)."""
+ID_SPREAD, ID_SLACK = 100, 1_000_000
+"""An id may exceed its kind's distinct ids by this factor, plus this many."""
 
 
 class DataError(ValueError):
@@ -183,6 +194,19 @@ def read_lightgcn_folder(folder: Path, name: str, check_overlap: bool = True) ->
     n_items = 1 + int(max(train.items.max(initial=-1), test.items.max(initial=-1)))
     if n_items <= 0:
         raise DataError(f"dataset in {folder} has no interactions")
+    _check_id_range(
+        "user",
+        [(train_path, max_user_train), (test_path, max_user_test)],
+        np.union1d(train.users, test.users).size,
+    )
+    _check_id_range(
+        "item",
+        [
+            (train_path, int(train.items.max(initial=-1))),
+            (test_path, int(test.items.max(initial=-1))),
+        ],
+        np.union1d(train.items, test.items).size,
+    )
     for stem, seen, what in (("user_list", n_users, "user"), ("item_list", n_items, "item")):
         declared = _count_id_map(folder, stem)
         if declared is not None and seen > declared:
@@ -205,7 +229,29 @@ def read_lightgcn_folder(folder: Path, name: str, check_overlap: bool = True) ->
                 f"train/test overlap in {folder}: {both.size} pairs are in both, "
                 f"e.g. user {u} item {i}"
             )
+    cold = np.setdiff1d(test.users, train.users).size
+    if cold:
+        log(
+            f"warning: {cold:,} test users in {test_path} have no training interactions; "
+            "they are evaluated like every other user"
+        )
     return Dataset(name=name, n_users=n_users, n_items=n_items, train=train, test=test)
+
+
+def id_limit(distinct: int) -> int:
+    """The largest id allowed for a kind (users or items) with ``distinct`` ids in the data."""
+    return min(MAX_ID, ID_SPREAD * distinct + ID_SLACK)
+
+
+def _check_id_range(kind: str, largest: list[tuple[Path, int]], distinct: int) -> None:
+    """A one-line ``DataError`` naming the file and the id if the largest ``kind`` id, over the
+    (file, largest id) pairs, is above :func:`id_limit`."""
+    path, top = max(largest, key=lambda pair: pair[1])
+    if top > id_limit(distinct):
+        raise DataError(
+            f"{kind} id {top} in {path} is too large: {distinct:,} distinct {kind} ids allow ids "
+            f"up to {id_limit(distinct):,} (ids are 0-based and contiguous)"
+        )
 
 
 def from_pairs(

@@ -5,7 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from peel_fed.blocks import BudgetError, parse_budget, split_budget_list
+import numpy as np
+
+from peel_fed.blocks import (
+    BlockLayout,
+    BudgetError,
+    check_budget,
+    check_budget_format,
+    parse_budget,
+    popularity_item_groups,
+    split_budget_list,
+)
 from peel_fed.controller import ControllerConfig
 from peel_fed.fedlightgcn import FedLightGCNConfig
 from peel_fed.fedpee import FedPEEConfig
@@ -105,7 +115,7 @@ class FedConfig:
                 ) from None
             for text in texts:
                 try:  # the format only; sizes are checked against the item table later
-                    parse_budget(text, 10**12)
+                    check_budget_format(text)
                 except BudgetError as exc:
                     raise ConfigError(f"{key.replace('_', '-')}: {exc}") from None
         try:
@@ -116,6 +126,33 @@ class FedConfig:
             ) from None
         if any(not 0 < f <= 1 for f in fracs):
             raise ConfigError(f"drill fractions must be in (0, 1], got {self.drill!r}")
+
+    def checked_layout(
+        self, popularity: np.ndarray, users: int
+    ) -> tuple[BlockLayout, list[int], list[int]]:
+        """The block layout of an item table with training counts ``popularity`` (one per item)
+        for ``users`` users, and the bytes of ``budgets`` and of ``device-budgets``.
+
+        Raises a one-line ``ConfigError`` when this config does not fit that data: more user or
+        item groups than users or items, a budget below one block unit or above the table.
+        """
+        n_items = int(popularity.size)
+        if self.num_user_groups > users:
+            raise ConfigError(f"more user groups ({self.num_user_groups}) than users ({users})")
+        if self.num_item_groups > n_items:
+            raise ConfigError(f"more item groups ({self.num_item_groups}) than items ({n_items})")
+        layout = BlockLayout(
+            popularity_item_groups(popularity, self.num_item_groups), self.dim, self.num_blocks
+        )
+        try:
+            full = layout.full_table_bytes
+            budgets = [parse_budget(b, full) for b in self.budget_list()]
+            own = [parse_budget(b, full) for b in self.budget_list("device_budgets")]
+            for b in budgets + own:
+                check_budget(b, layout)
+        except BudgetError as exc:
+            raise ConfigError(f"budgets: {exc}") from None
+        return layout, budgets, own
 
     def lightgcn(self) -> FedLightGCNConfig:
         """The pretraining part of this config."""

@@ -41,6 +41,9 @@ class Certificates:
         return certs
 
 
+_FILES = ("ca.crt", "ca.key", "server.pem", "server.key")
+"""What :func:`make_test_certificates` writes."""
+
 _DNS_NAME = re.compile(
     r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
@@ -61,12 +64,17 @@ def _san(host: str):
 
 
 def make_test_certificates(
-    out_dir: str | Path, hosts: list[str] | tuple[str, ...] = (), days: int = 30
+    out_dir: str | Path,
+    hosts: list[str] | tuple[str, ...] = (),
+    days: int = 30,
+    force: bool = False,
 ) -> Certificates:
     """Write ``ca.crt``/``ca.key`` and ``server.pem``/``server.key`` for ``hosts`` in ``out_dir``.
 
     Every host (an IP address or a DNS name) becomes a subjectAltName of the server certificate,
-    with ``127.0.0.1`` and ``localhost`` always added. Keys are written with mode 0600.
+    with ``127.0.0.1`` and ``localhost`` always added. Keys are written with mode 0600. Files
+    already there are a one-line ``FileExistsError`` unless ``force``: a new CA would orphan
+    every certificate the old one signed.
     """
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -78,6 +86,12 @@ def make_test_certificates(
     names = list(dict.fromkeys([*hosts, "127.0.0.1", "localhost"]))
     sans = [_san(h) for h in names]
     out = Path(out_dir).expanduser().resolve()
+    there = [n for n in _FILES if (out / n).exists()]
+    if there and not force:
+        raise FileExistsError(
+            f"{out / there[0]} exists: a new test CA would replace it and orphan every "
+            "certificate it signed; give --force to replace it"
+        )
     out.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
     until = now + dt.timedelta(days=days)
@@ -138,6 +152,6 @@ def make_test_certificates(
         "server.key": pem_key(key),
     }
     for name, data in files.items():
-        path = write_atomic(out / name, lambda fh, data=data: fh.write(data))
-        path.chmod(0o600 if name.endswith(".key") else 0o644)
+        mode = 0o600 if name.endswith(".key") else 0o644
+        write_atomic(out / name, lambda fh, data=data: fh.write(data), mode=mode)
     return Certificates.in_dir(out)

@@ -2,7 +2,7 @@
 
 Every command's options (``centralized``, ``simulate``, ``deploy``, ``study``) are built here, in
 one parser; the commands' work is in ``peel_fed.pipeline`` and the other ``sim`` modules.
-Long file: a little over 400 lines because it is one argparse tree with its help texts.
+Long file: under 500 lines because it is one argparse tree with its help texts.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from peel_fed.blocks import BudgetError, parse_budget, split_budget_list
+from peel_fed.blocks import BudgetError, check_budget_format, split_budget_list
 from peel_fed.clustering import GroupingError
 from peel_fed.data import DataError
 from peel_fed.lightgcn import LightGCNConfig
@@ -71,11 +71,12 @@ def _budget_list(text: str) -> tuple[str, ...]:
 
 
 def _checked_budget_list(text: str) -> tuple[str, ...]:
-    """An argparse type: a budget list whose every budget parses (as a share of a 1 GB table)."""
+    """An argparse type: a budget list whose every budget parses (its size is checked against
+    the item table when the run knows it)."""
     budgets = _budget_list(text)
     for b in budgets:
         try:
-            parse_budget(b, 10**9)
+            check_budget_format(b)
         except BudgetError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
     return budgets
@@ -255,6 +256,12 @@ def _add_deploy(sub) -> None:
     )
     certs.add_argument("--out", default="certs", help="output folder (default certs)")
     certs.add_argument("--days", type=int, default=30, help="validity in days (default 30)")
+    certs.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the files already in OUT (a new CA orphans every certificate the old one "
+        "signed)",
+    )
 
 
 def _add_study(sub) -> None:
@@ -314,9 +321,17 @@ def parse_run_config(text: str) -> dict:
 
 def _fed_config(args, num_nodes: int):
     """The run's FedConfig: defaults, then ``--run-config``, then the dedicated flags; min-nodes
-    is capped at the number of nodes started."""
-    from peel_fed.fedconfig import FedConfig
+    is capped at the number of nodes started.
 
+    Checked before any Ray or Flower process starts, with one-line errors: the config, the
+    dataset (loaded as ``centralized`` loads it) and the config against it (at most one node per
+    user, user and item groups, budgets).
+    """
+    from peel_fed.fedconfig import FedConfig
+    from peel_fed.loading import load_dataset
+
+    if num_nodes < 1:
+        raise ValueError(f"--num-nodes must be >= 1, got {num_nodes}")
     overrides = parse_run_config(args.run_config)
     for key, value in (("dataset", args.dataset), ("seed", args.seed)):
         if value is not None:
@@ -329,6 +344,12 @@ def _fed_config(args, num_nodes: int):
     cfg = FedConfig.from_run_config(overrides)
     if num_nodes < cfg.min_nodes:
         cfg = FedConfig.from_run_config({**cfg.to_run_config(), "min-nodes": num_nodes})
+    ds = load_dataset(cfg.dataset, cfg.data_dir or None)
+    if num_nodes > ds.n_users:
+        raise ValueError(
+            f"--num-nodes ({num_nodes}) is more than the {ds.n_users} users of {ds.name}"
+        )
+    cfg.checked_layout(ds.item_popularity(), ds.n_users)
     return cfg
 
 
@@ -347,7 +368,7 @@ def _deploy(args) -> None:
 
         if not args.host:
             raise ValueError("give at least one --host (the address the SuperNodes dial)")
-        c = make_test_certificates(args.out, args.host, args.days)
+        c = make_test_certificates(args.out, args.host, args.days, force=args.force)
         print(
             f"wrote ca.crt, ca.key, server.pem and server.key in {c.ca_cert.parent} "
             f"(server certificate for {', '.join(args.host)}, 127.0.0.1 and localhost)"
@@ -448,7 +469,14 @@ def main(argv: list[str] | None = None) -> int:
             _deploy(args)
         elif args.command == "study":
             _study(args)
-    except (DataError, BudgetError, GroupingError, ValueError, FileNotFoundError) as exc:
+    except (
+        DataError,
+        BudgetError,
+        GroupingError,
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,
+    ) as exc:
         print(f"peel-fed: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

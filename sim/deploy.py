@@ -130,7 +130,8 @@ def run_local_deployment(
     if tls and certs is None:
         from sim.certs import make_test_certificates
 
-        certs = make_test_certificates(work / "certs", ["127.0.0.1"], days=1)
+        # this run's own throwaway CA: a reused workdir's old one is replaced
+        certs = make_test_certificates(work / "certs", ["127.0.0.1"], days=1, force=True)
     fed = LocalFederation(work, certs if tls else None, log=on_line)
     if "FLWR_SUPEREXEC_TASK_POLL_INTERVAL" not in os.environ:
         fed.env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(superexec_poll_interval(num_nodes))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
 from pathlib import Path
 
 FLOWER_SETTINGS: dict[str, str] = {
@@ -30,7 +32,8 @@ def configure_flower_env(
         The environment to change in place (a child process's ``env`` dict, say).
     flwr_home
         ``FLWR_HOME`` to set; ``None`` keeps one already set, else makes a fresh temporary
-        folder (Flower writes there even with telemetry off: not into the user's home).
+        folder (Flower writes there even with telemetry off: not into the user's home; use
+        :func:`flower_env` to have it removed after a run).
     keep_set
         Keep settings already in ``environ`` (a user's own choice); ``False`` overrides them
         (the deployment's processes must not install dependencies, whatever the shell says).
@@ -48,3 +51,19 @@ def configure_flower_env(
         if not keep_set or key not in env:
             env[key] = value
     return env
+
+
+@contextmanager
+def flower_env() -> Iterator[MutableMapping[str, str]]:
+    """:func:`configure_flower_env` on ``os.environ`` for a block: a ``FLWR_HOME`` it had to make
+    is removed afterwards (with whatever Flower wrote there), also on failure, and unset again."""
+    made = "FLWR_HOME" not in os.environ
+    env = configure_flower_env()
+    home = env["FLWR_HOME"]
+    try:
+        yield env
+    finally:
+        if made:
+            shutil.rmtree(home, ignore_errors=True)
+            if os.environ.get("FLWR_HOME") == home:
+                del os.environ["FLWR_HOME"]

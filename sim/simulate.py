@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Callable
 
 from peel_fed.fedconfig import FedConfig
-from sim.flower_env import configure_flower_env
+from sim.flower_env import flower_env
 
 
 def run_federated_simulation(
@@ -28,24 +28,23 @@ def run_federated_simulation(
     ``mods`` wrap every ClientApp handler and ``wrap_grid`` wraps the server's grid (tests use
     them to inject failures and to audit uploads).
     """
-    configure_flower_env()
-    from flwr.serverapp import ServerApp
-    from flwr.simulation import run_simulation
-
-    from clients.client_app import make_client_app
-    from strategies.server_app import run_pipeline
-
     if num_nodes < 1:
         raise ValueError(f"num-nodes must be >= 1, got {num_nodes}")
     captured: dict = {}
-    server = ServerApp()
-
-    @server.main()
-    def _main(grid, context) -> None:
-        captured["report"] = run_pipeline(wrap_grid(grid) if wrap_grid else grid, cfg)
-
     cpus = num_cpus or os.cpu_count() or 1
-    with warnings.catch_warnings():
+    with flower_env(), warnings.catch_warnings():  # a FLWR_HOME made here is removed after
+        from flwr.serverapp import ServerApp
+        from flwr.simulation import run_simulation
+
+        from clients.client_app import make_client_app
+        from strategies.server_app import run_pipeline
+
+        server = ServerApp()
+
+        @server.main()
+        def _main(grid, context) -> None:
+            captured["report"] = run_pipeline(wrap_grid(grid) if wrap_grid else grid, cfg)
+
         warnings.simplefilter("ignore", DeprecationWarning)
         run_simulation(
             server_app=server,

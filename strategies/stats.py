@@ -9,15 +9,8 @@ from flwr.app import RecordDict
 from flwr.serverapp import Grid
 
 from clients.records import to_record_dict
-from peel_fed.blocks import (
-    BlockLayout,
-    BudgetError,
-    check_budget,
-    parse_budget,
-    popularity_item_groups,
-)
+from peel_fed.blocks import BlockLayout
 from peel_fed.console import log
-from peel_fed.fedconfig import ConfigError
 from peel_fed.fedeval import drill_cut
 from peel_fed.messages import data_content, decode_stats
 from strategies.base import PhaseStrategy
@@ -46,25 +39,7 @@ class StatsStrategy(PhaseStrategy):
         cfg = self.cfg
         sums = decode_stats(total)
         n_items = sums.train.size
-        if cfg.num_user_groups > sums.users:
-            raise ConfigError(f"more user groups ({cfg.num_user_groups}) than users ({sums.users})")
-        if cfg.num_item_groups > n_items:
-            raise ConfigError(f"more item groups ({cfg.num_item_groups}) than items ({n_items})")
-        layout = BlockLayout(
-            popularity_item_groups(sums.train, cfg.num_item_groups), cfg.dim, cfg.num_blocks
-        )
-        try:
-            budget_bytes = [parse_budget(b, layout.full_table_bytes) for b in cfg.budget_list()]
-            for b in budget_bytes:
-                check_budget(b, layout)
-            own_budgets = [
-                parse_budget(choice, layout.full_table_bytes)
-                for choice in cfg.budget_list("device_budgets")
-            ]
-            for own in own_budgets:
-                check_budget(own, layout)
-        except BudgetError as exc:
-            raise ConfigError(f"budgets: {exc}") from None
+        layout, budget_bytes, own_budgets = cfg.checked_layout(sums.train, sums.users)
         empty = sorted(
             {
                 drill_cut(own, f)

@@ -8,6 +8,7 @@ import pytest
 from peel_fed.blocks import (
     BlockLayout,
     BudgetError,
+    check_budget_format,
     first_blocks_order,
     parse_budget,
     popularity_item_groups,
@@ -74,17 +75,18 @@ def test_block_layout_rejects_bad_geometry():
         BlockLayout(np.array([0, 2]), dim=8, num_blocks=4)
 
 
-FULL = 10 * 8 * 4
+FULL = 1000 * 640 * 4  # a 2.56 MB table: every size below fits
 
 
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("25%", 80),
-        (0.25, 80),
-        ("0.25", 80),
-        ("100%", 320),
-        (1, 320),
+        ("25%", 640_000),
+        (0.25, 640_000),
+        ("0.25", 640_000),
+        ("100%", 2_560_000),
+        (1, 2_560_000),
+        ("2.56MB", 2_560_000),
         ("512KB", 512_000),
         ("2MB", 2_000_000),
         ("1.5MiB", int(1.5 * 1024 * 1024)),
@@ -105,6 +107,16 @@ def test_parse_budget(text, expected):
 def test_parse_budget_rejects(text):
     with pytest.raises(BudgetError):
         parse_budget(text, FULL)
+
+
+@pytest.mark.parametrize("text", ["2.57MB", "2560001", 2_560_001, "3MiB", "1GB"])
+def test_parse_budget_refuses_more_than_the_full_table(text):
+    with pytest.raises(BudgetError) as exc:
+        parse_budget(text, FULL)
+    message = str(exc.value)
+    assert f"budget {text!r} (" in message and "above the full item table (2,560,000 B)" in message
+    assert "\n" not in message
+    check_budget_format(text)  # the format is fine: only the size is refused
 
 
 def test_split_budget_list():

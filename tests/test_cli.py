@@ -62,6 +62,12 @@ def test_budget_below_one_block(capsys, tmp_path, tiny_dir):
     assert "32 B" in line
 
 
+def test_budget_above_the_table(capsys, tmp_path, tiny_dir):
+    # the table is 8 items x 4 values x 4 bytes = 128 B
+    line = _run(capsys, tmp_path, "--data-dir", str(tiny_dir), "--budgets", "100%,1KB")
+    assert "budget '1KB' (1,000 B) is above the full item table (128 B)" in line
+
+
 def test_unparsable_budget(capsys, tmp_path, tiny_dir):
     line = _run(capsys, tmp_path, "--data-dir", str(tiny_dir), "--budgets", "25%,lots")
     assert "cannot parse budget 'lots'" in line
@@ -149,6 +155,61 @@ def test_simulate_rejects_bad_run_config_in_one_line(capsys, tmp_path):
     ):
         rc, err = _simulate(capsys, "--out", out, *args)
         assert rc == 2 and err.count("\n") == 0 and expected in err, (args, err)
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """``simulate`` runs past its checks into a stub that records (config, nodes), not Ray."""
+    started = []
+    monkeypatch.setattr(
+        "sim.simulate.run_federated_simulation", lambda cfg, n: started.append((cfg, n))
+    )
+    return started
+
+
+def _bad_folder(tmp_path, write_lightgcn_folder, bad: str):
+    folder = write_lightgcn_folder(tmp_path / bad, TRAIN, TEST)
+    if bad == "no-test":
+        (folder / "test.txt").unlink()
+    elif bad == "token":
+        (folder / "train.txt").write_text("0 1 2\n1 3 4x\n")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "bad, args, expected",
+    [
+        ("no-test", [], "dataset file missing: no test.txt or test.txt.gz in "),
+        ("token", [], "train.txt, line 2: non-integer id"),
+        ("", ["--num-nodes", "11"], "--num-nodes (11) is more than the 10 users of "),
+        ("", ["--num-nodes", "0"], "--num-nodes must be >= 1, got 0"),
+        ("", ["--run-config", "num-item-groups=9"], "more item groups (9) than items (8)"),
+        ("", ["--run-config", "num-user-groups=11"], "more user groups (11) than users (10)"),
+        (
+            "",
+            ["--run-config", "num-item-groups=4 budgets='1MB'"],
+            "budgets: budget '1MB' (1,000,000 B) is above the full item table (2,048 B)",
+        ),
+    ],
+)
+def test_simulate_checks_data_and_config_before_ray_starts(
+    capsys, tmp_path, write_lightgcn_folder, no_ray, bad, args, expected
+):
+    folder = _bad_folder(tmp_path, write_lightgcn_folder, bad)
+    out = tmp_path / "out"
+    rc, err = _simulate(capsys, "--data-dir", str(folder), "--out", str(out), *args)
+    assert rc == 2 and err.count("\n") == 0 and err.startswith("peel-fed: error: "), err
+    assert expected in err, err
+    assert no_ray == [] and not out.exists()
+
+
+def test_simulate_starts_with_checked_data_and_config(capsys, tmp_path, tiny_dir, no_ray):
+    args = ["--data-dir", str(tiny_dir), "--num-nodes", "10", "--run-config", "num-item-groups=4"]
+    rc, err = _simulate(capsys, *args, "--out", str(tmp_path / "out"))
+    assert (rc, err) == (0, "")
+    [(cfg, nodes)] = no_ray
+    assert (nodes, cfg.min_nodes, cfg.num_item_groups) == (10, 2, 4)
+    assert cfg.data_dir == str(tiny_dir.resolve())
 
 
 def test_parse_run_config_reads_toml_values():

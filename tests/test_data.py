@@ -13,6 +13,7 @@ from peel_fed.data import (
     DataError,
     Interactions,
     from_pairs,
+    id_limit,
     split_validation,
     verify_checksums,
 )
@@ -103,6 +104,45 @@ def test_non_integer_id(tmp_path):
     err = _expect(data_dir=folder)
     assert "non-integer id" in str(err.value)
     assert "line 2" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "stem, line, kind", [("train", "2 1000000000000", "item"), ("test", "1000000000000 1", "user")]
+)
+def test_a_huge_id_is_refused_naming_the_file_and_the_id(
+    tmp_path, write_lightgcn_folder, stem, line, kind
+):
+    folder = write_lightgcn_folder(tmp_path / "d", TRAIN, TEST)
+    with open(folder / f"{stem}.txt", "a") as fh:
+        fh.write(line + "\n")
+    err = str(_expect(data_dir=folder).value)
+    assert err.startswith(f"{kind} id 1000000000000 in {folder / f'{stem}.txt'} is too large")
+    assert "\n" not in err
+
+
+def test_ids_may_exceed_the_distinct_ids_by_the_documented_rule(tmp_path, write_lightgcn_folder):
+    # 6 distinct items with the new one: ids up to 100 * 6 + 1,000,000
+    assert id_limit(6) == 1_000_600 and id_limit(10**9) == 2**31 - 1
+    folder = write_lightgcn_folder(tmp_path / "ok", TRAIN, {**TEST, 2: [1, 1_000_600]})
+    assert load_dataset(data_dir=folder).n_items == 1_000_601
+    folder = write_lightgcn_folder(tmp_path / "bad", TRAIN, {**TEST, 2: [1, 1_000_601]})
+    assert "item id 1000601 in" in str(_expect(data_dir=folder).value)
+
+
+def test_test_users_without_training_items_are_a_one_line_warning(
+    tmp_path, write_lightgcn_folder, capsys
+):
+    folder = write_lightgcn_folder(tmp_path / "d", TRAIN, TEST)
+    load_dataset(data_dir=folder)
+    assert "warning" not in capsys.readouterr().out
+    folder = write_lightgcn_folder(tmp_path / "cold", TRAIN, {**TEST, 3: [0], 4: [1, 2]})
+    ds = load_dataset(data_dir=folder)
+    assert (ds.n_users, len(ds.test)) == (5, 4 + 3)  # their test items are kept
+    out = capsys.readouterr().out.strip()
+    assert out == (
+        f"[peel-fed] warning: 2 test users in {folder / 'test.txt'} have no training "
+        "interactions; they are evaluated like every other user"
+    )
 
 
 def test_train_test_overlap(tmp_path, write_lightgcn_folder):

@@ -196,6 +196,27 @@ def test_deploy_cli_errors_are_one_line(tmp_path, capsys):
     assert code == 2 and "node budget '30%' is not one of device-budgets" in capsys.readouterr().err
 
 
+def test_deploy_certs_refuses_to_replace_a_ca_unless_forced(tmp_path, capsys):
+    from sim.cli import main
+
+    out = tmp_path / "c"
+    assert main(["deploy", "certs", "--host", "10.0.0.1", "--out", str(out)]) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["deploy", "certs", "--host", "10.0.0.2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("peel-fed: error: ")
+    assert f"{out / 'ca.crt'} exists" in err and "--force" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing replaced
+    (out / "ca.crt").unlink()  # any file of the set is enough to refuse
+    assert main(["deploy", "certs", "--host", "10.0.0.2", "--out", str(out)]) == 2
+    assert f"{out / 'ca.key'} exists" in capsys.readouterr().err
+    assert main(["deploy", "certs", "--host", "10.0.0.2", "--out", str(out), "--force"]) == 0
+    assert (out / "ca.key").read_bytes() != before["ca.key"]
+    assert oct((out / "ca.key").stat().st_mode & 0o777) == "0o600"
+    assert oct((out / "ca.crt").stat().st_mode & 0o777) == "0o644"
+
+
 def test_failing_run_is_a_one_line_error_and_stops_every_process(tmp_path):
     """The ServerApp refuses the config (more user groups than users) after the statistics:
     the launcher reports a DeploymentError naming the logs and stops everything."""

@@ -198,6 +198,22 @@ def test_study_command_line(tmp_path, capsys):
     )
 
 
+@pytest.mark.parametrize("text", ['{"key": "abc", "seconds": 1.0, "res', "", "[]", '{"key": 1}'])
+def test_a_corrupt_saved_step_is_a_one_line_error_naming_the_file(tmp_path, capsys, text):
+    from sim.cli import main
+
+    steps = tmp_path / "steps"
+    steps.mkdir()
+    (steps / "pruning.json").write_text(text)
+    argv = ["study", "--dataset", "checkerboard", "--steps", "pruning", "--out", str(tmp_path)]
+    argv += ["--cache-dir", str(tmp_path / "cache"), "--quick", "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("peel-fed: error: corrupt study step file ")
+    assert f"{steps / 'pruning.json'} (" in err and err.endswith("to run step pruning again")
+    assert not (tmp_path / "cache").exists()  # refused before running anything
+
+
 def test_budgets_given_as_sizes_sit_beside_fractions(tmp_path):
     cfg = StudyConfig(
         dataset="checkerboard",

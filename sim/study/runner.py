@@ -24,8 +24,18 @@ def _matching_step(cfg: StudyConfig, name: str) -> tuple[dict | None, bool]:
     path = step_path(cfg, name)
     if not path.is_file():
         return None, False
-    saved = json.loads(path.read_text())
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise ValueError(_corrupt(path, name, str(exc))) from None
+    if not isinstance(saved, dict) or not {"key", "seconds", "result"} <= saved.keys():
+        raise ValueError(_corrupt(path, name, "not a saved step"))
     return (saved if saved.get("key") == cfg.key(name) else None), True
+
+
+def _corrupt(path: Path, name: str, why: str) -> str:
+    """The one-line error for a saved step file that cannot be read."""
+    return f"corrupt study step file {path} ({why}); delete it to run step {name} again"
 
 
 def saved_step(cfg: StudyConfig, name: str) -> dict | None:
