@@ -20,7 +20,7 @@ from peel_fed.blocks import (
     check_budget,
     select_prefix,
 )
-from peel_fed.scoring import budget_score_fn
+from peel_fed.scoring import ScoreFn, budget_score_fn
 
 UnitFetcher = Callable[[int, int], np.ndarray]
 
@@ -116,20 +116,24 @@ class PEEStore:
         return added
 
     # --- ranking ----------------------------------------------------------------------------
-    def scores(self) -> np.ndarray:
-        """Score of every item; items of groups with no kept unit score ``-inf``.
-
-        The kept units are placed in an item table (zeros where a unit is not kept) and scored
-        as the evaluation scores a device at this budget (:func:`peel_fed.scoring.budget_score_fn`).
-        """
+    def score_fn(self, user_vectors: np.ndarray, user_rows: np.ndarray | None = None) -> ScoreFn:
+        """Scores of ``user_vectors`` with what the store holds, decoded once: the kept units are
+        placed in an item table (zeros where a unit is not kept) and scored as the evaluation
+        scores a device at this budget (:func:`peel_fed.scoring.budget_score_fn`); items of
+        groups with no kept unit score ``-inf``."""
         layout = self.layout
         bd = layout.block_dim
         table = np.zeros((layout.n_items, layout.dim), dtype=np.float32)
         for (g, n), block in self.units.items():
             table[self._members[g], n * bd : (n + 1) * bd] = block
-        score = budget_score_fn(
-            self.user_vector[None, :], table, self.unit_weights, self.kept_units, layout
+        return budget_score_fn(
+            user_vectors, table, self.unit_weights, self.kept_units, layout, user_rows
         )
+
+    def scores(self) -> np.ndarray:
+        """Score of every item for the store's own user (:meth:`score_fn`); items of groups with
+        no kept unit score ``-inf``."""
+        score = self.score_fn(self.user_vector[None, :])
         return score(np.zeros(1, dtype=np.int64))[0].numpy().astype(np.float64)
 
     def recommend(self, k: int = 20, exclude: np.ndarray | None = None) -> np.ndarray:
