@@ -58,6 +58,8 @@ def test_study_resumes_and_reports_every_method(quick_study):
         "PEEL blocks (G_u=2, federated, equal passes)",
         "PEEL bit-planes (G_u=1)",
         "PEEL bit-planes (G_u=4)",
+        "PEEL bit-planes (G_u=1, nested pretraining)",
+        "PEEL bit-planes (G_u=4, nested pretraining)",
         "row quantization, best bits x dims",
         "Matryoshka LightGCN, leading dims",
         "Matryoshka LightGCN, quantized",

@@ -170,13 +170,49 @@ def step_matryoshka(cfg: StudyConfig) -> dict:
     """One nested (Matryoshka) LightGCN, the study's pretraining made plain (no blocks, no
     diversity regulariser) and nested on the powers of two below its dim, cut to every budget:
     leading dims at float32 and the best quantized cut by validation (``peel_fed.matryoshka``)."""
-    from peel_fed.matryoshka import matryoshka_dims, matryoshka_rows
+    from peel_fed.matryoshka import matryoshka_rows
 
-    base = pipeline_config(cfg)
-    nested = matryoshka_dims(base.lightgcn.dim)
-    lightgcn = replace(base.lightgcn, diversity_weight=0.0, num_blocks=1, nested_dims=nested)
-    pcfg = replace(base, lightgcn=lightgcn, peel=replace(base.peel, num_blocks=1))
+    pcfg, nested = _nested_config(cfg)
     ds, split, pre = data_and_pretrained(cfg, pcfg)
     budgets = budget_bytes(cfg, pre.item_emb.size * FLOAT32_BYTES)
     res = matryoshka_rows(ds, split, pre.user_emb, pre.item_emb, budgets)
     return {**res, "nested_dims": list(nested), "train_seconds": pre.seconds}
+
+
+def _nested_config(cfg: StudyConfig):
+    """The ``matryoshka`` step's pipeline config (plain LightGCN, nested on the powers of two
+    below its dim) and its nested dims."""
+    from peel_fed.matryoshka import matryoshka_dims
+
+    base = pipeline_config(cfg)
+    nested = matryoshka_dims(base.lightgcn.dim)
+    lightgcn = replace(base.lightgcn, diversity_weight=0.0, num_blocks=1, nested_dims=nested)
+    return replace(base, lightgcn=lightgcn, peel=replace(base.peel, num_blocks=1)), nested
+
+
+def step_bit_planes_nested(cfg: StudyConfig) -> dict:
+    """The ``bit-planes`` step's planes on the ``matryoshka`` step's model (the same cached
+    pretraining): whether bit-planes gain from nested training, and how they compare with the
+    nested model's own quantized cuts on equal footing."""
+    from peel_fed.plane_eval import plane_budget_rows
+
+    pcfg, nested = _nested_config(cfg)
+    ds, split, pre = data_and_pretrained(cfg, pcfg)
+    budgets = budget_bytes(cfg, pre.item_emb.size * FLOAT32_BYTES)
+    res = plane_budget_rows(
+        ds,
+        split,
+        pre.user_emb,
+        pre.item_emb,
+        ds.item_popularity(),
+        budgets,
+        num_user_groups=max(pcfg.num_user_groups),
+        num_item_groups=pcfg.peel.num_item_groups,
+        seed=cfg.seed,
+        families=("planes",),
+    )
+    rows = [
+        {**r, "method": r["method"].removesuffix(")") + ", nested pretraining)"}
+        for r in res["rows"]
+    ]
+    return {"rows": rows, "nested_dims": list(nested)}

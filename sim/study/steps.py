@@ -14,6 +14,7 @@ from dataclasses import replace
 from peel_fed.blocks import FLOAT32_BYTES
 from sim.study.baseline_steps import (
     step_bit_planes,
+    step_bit_planes_nested,
     step_cover_first,
     step_lightgcn_per_budget,
     step_matryoshka,
@@ -234,6 +235,7 @@ STEPS: dict[str, Callable[[StudyConfig], dict]] = {
     "federated-equal-passes": step_federated_equal_passes,
     "cold-start": step_cold_start,
     "bit-planes": step_bit_planes,
+    "bit-planes-nested": step_bit_planes_nested,
     **ABLATIONS,
     "ablation-cover-first": step_cover_first,
 }
