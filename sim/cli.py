@@ -181,6 +181,13 @@ def _add_simulate(sub) -> None:
         "[tool.flwr.app.config]; writes results.json, results.md and recall_vs_budget.png.",
     )
     p.add_argument("--num-nodes", type=int, default=2, help="simulated SuperNodes (default 2)")
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="attach to the running Ray cluster at this address (HOST:PORT, as ray start --head "
+        "prints it; run this command on a node of that cluster) instead of starting Ray on "
+        "127.0.0.1 here; see docs/federated.md",
+    )
     _add_run_args(p, "runs/federated")
 
 
@@ -357,7 +364,7 @@ def _simulate(args) -> None:
     cfg = _fed_config(args, args.num_nodes)
     from sim.simulate import run_federated_simulation  # Flower and Ray load only here
 
-    run_federated_simulation(cfg, args.num_nodes)
+    run_federated_simulation(cfg, args.num_nodes, ray_address=args.ray_address)
 
 
 def _deploy(args) -> None:

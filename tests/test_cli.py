@@ -159,10 +159,11 @@ def test_simulate_rejects_bad_run_config_in_one_line(capsys, tmp_path):
 
 @pytest.fixture
 def no_ray(monkeypatch):
-    """``simulate`` runs past its checks into a stub that records (config, nodes), not Ray."""
+    """``simulate`` runs past its checks into a stub that records its arguments, not Ray."""
     started = []
     monkeypatch.setattr(
-        "sim.simulate.run_federated_simulation", lambda cfg, n: started.append((cfg, n))
+        "sim.simulate.run_federated_simulation",
+        lambda cfg, n, ray_address=None: started.append((cfg, n, ray_address)),
     )
     return started
 
@@ -207,9 +208,11 @@ def test_simulate_starts_with_checked_data_and_config(capsys, tmp_path, tiny_dir
     args = ["--data-dir", str(tiny_dir), "--num-nodes", "10", "--run-config", "num-item-groups=4"]
     rc, err = _simulate(capsys, *args, "--out", str(tmp_path / "out"))
     assert (rc, err) == (0, "")
-    [(cfg, nodes)] = no_ray
-    assert (nodes, cfg.min_nodes, cfg.num_item_groups) == (10, 2, 4)
+    [(cfg, nodes, ray_address)] = no_ray
+    assert (nodes, cfg.min_nodes, cfg.num_item_groups, ray_address) == (10, 2, 4, None)
     assert cfg.data_dir == str(tiny_dir.resolve())
+    rc, err = _simulate(capsys, *args, "--out", str(tmp_path / "out"), "--ray-address", "h:6379")
+    assert (rc, err, no_ray[-1][2]) == (0, "", "h:6379")
 
 
 def test_parse_run_config_reads_toml_values():
@@ -321,3 +324,33 @@ def test_centralized_prints_bit_planes_and_baselines_unless_told_not_to(capsys, 
         assert ("magnitude pruning, int8 values" in methods) is baselines
         assert ("row quantization, best bits x dims" in methods) is baselines
     capsys.readouterr()
+
+
+def test_simulate_refuses_a_ray_address_nobody_answers_at(capsys, tmp_path, tiny_dir):
+    from sim.local_federation import free_port
+
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there: a one-line error, no Ray
+    rc, err = _simulate(
+        capsys,
+        "--data-dir",
+        str(tiny_dir),
+        "--out",
+        str(tmp_path / "out"),
+        "--run-config",
+        "num-item-groups=4",
+        "--ray-address",
+        address,
+    )
+    assert rc == 2 and err.startswith(f"peel-fed: error: no Ray cluster answers at {address}")
+    rc, err = _simulate(
+        capsys,
+        "--data-dir",
+        str(tiny_dir),
+        "--out",
+        str(tmp_path / "out"),
+        "--run-config",
+        "num-item-groups=4",
+        "--ray-address",
+        "head-without-port",
+    )
+    assert rc == 2 and "--ray-address must be HOST:PORT" in err

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -263,37 +271,149 @@ def test_no_upload_carries_an_interaction_list_or_a_user_vector(failing_run):
     assert checked > 50
 
 
+def _listening_sockets(pids) -> set[tuple[int, str, int]]:
+    """``(pid, ip, port)`` of every listening TCP socket the processes ``pids`` hold (Linux:
+    ``/proc/net/tcp*`` for the sockets, ``/proc/PID/fd`` for their owners)."""
+    listen = {}
+    for table in ("tcp", "tcp6"):
+        lines = Path(f"/proc/net/{table}").read_text().splitlines()[1:]
+        for fields_ in (line.split() for line in lines):
+            if fields_[3] == "0A":  # TCP_LISTEN
+                ip_hex, port_hex = fields_[1].split(":")
+                raw = bytes.fromhex(ip_hex)  # 32-bit words, each in the machine's byte order
+                if sys.byteorder == "little":
+                    raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                ip = str(ipaddress.ip_address(raw))
+                listen[f"socket:[{fields_[9]}]"] = (ip, int(port_hex, 16))
+    out = set()
+    for pid in pids:
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:  # gone, or not ours
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target in listen:
+                out.add((pid, *listen[target]))
+    return out
+
+
+def _is_loopback(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip)
+    return addr.is_loopback or bool(
+        getattr(addr, "ipv4_mapped", None) and addr.ipv4_mapped.is_loopback
+    )
+
+
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return "?"
+
+
+class RayWatch:
+    """A grid wrapper that, after every batch of replies (all of Ray's processes are up by then),
+    records the GCS this driver is connected to, every process below this one (session id and
+    command line) and the listening TCP sockets of those and of this process."""
+
+    def __init__(self):
+        self.gcs: set[str] = set()
+        self.processes: dict[int, tuple[int, str]] = {}
+        self.sockets: dict[tuple[int, str, int], str] = {}
+
+    def __call__(self, grid):
+        self._grid = grid
+        return self
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+    def pull_messages(self, message_ids):
+        replies = list(self._grid.pull_messages(message_ids))
+        if replies:
+            import ray
+
+            from sim.local_federation import descendants
+
+            self.gcs.add(ray.get_runtime_context().gcs_address)
+            pids = {os.getpid(), *descendants(os.getpid())}
+            for pid in pids - set(self.processes):
+                try:
+                    self.processes[pid] = (os.getsid(pid), _command(pid))
+                except ProcessLookupError:
+                    pass
+            for sock in _listening_sockets(pids):
+                self.sockets.setdefault(sock, _command(sock[0]))
+        return replies
+
+    def seen(self, name: str) -> set[int]:
+        """Session ids of the processes seen whose command line has ``name``."""
+        return {sid for sid, cmd in self.processes.values() if name in cmd}
+
+    def outside_loopback(self) -> list[str]:
+        return [
+            f"{ip}:{port} {cmd[:80]}"
+            for (_, ip, port), cmd in self.sockets.items()
+            if not _is_loopback(ip)
+        ]
+
+
+TINY_CFG = FedConfig(dataset="checkerboard-tiny", min_nodes=3, **SMALL_RUN)
+
+
 @pytest.fixture(scope="session")
 def packing_runs():
-    """The same tiny federation with one user per node and with four users per node."""
+    """The same tiny federation with one user per node and with four users per node; the second
+    run's Ray (started here) is watched: its listening sockets and GCS."""
     from sim.simulate import run_federated_simulation
 
-    cfg = FedConfig(dataset="checkerboard-tiny", min_nodes=3, **SMALL_RUN)
     ds = load_dataset("checkerboard-tiny")
     one_each = run_federated_simulation(
-        FedConfig.from_run_config({**cfg.to_run_config(), "min-nodes": ds.n_users}),
+        FedConfig.from_run_config({**TINY_CFG.to_run_config(), "min-nodes": ds.n_users}),
         ds.n_users,
         num_cpus=2,
     )
-    packed = run_federated_simulation(cfg, 3, num_cpus=2)
-    return one_each, packed
+    watch = RayWatch()
+    packed = run_federated_simulation(TINY_CFG, 3, num_cpus=2, wrap_grid=watch)
+    return one_each, packed, watch
 
 
 def test_packing_users_into_nodes_does_not_change_the_metrics(packing_runs):
-    one_each, packed = packing_runs
-    assert one_each["user_group_sizes"] == packed["user_group_sizes"]
-    for a, b in zip(one_each["rows"], packed["rows"], strict=True):
-        assert a["method"] == b["method"] and a["users"] == b["users"]
-        assert a["recall@20"] == pytest.approx(b["recall@20"], abs=1e-6)
-        assert a["ndcg@20"] == pytest.approx(b["ndcg@20"], abs=1e-5)
-    for a, b in zip(one_each["drill"], packed["drill"], strict=True):
-        assert a["recall@20"] == pytest.approx(b["recall@20"], abs=1e-6)
-    np.testing.assert_allclose(
-        np.array(one_each["unit_weights"]), np.array(packed["unit_weights"]), atol=1e-4
-    )
+    one_each, packed, _ = packing_runs
+    _assert_same_metrics(one_each, packed)
     assert len(one_each["nodes"]) == 12 and len(packed["nodes"]) == 3
     # clear row uploads: a lone device sends a small fraction of a dense upload
     assert 0 < one_each["bytes"]["pretrain"]["sparse_over_dense"] < 0.5
+
+
+def _assert_same_metrics(a_run: dict, b_run: dict) -> None:
+    assert a_run["user_group_sizes"] == b_run["user_group_sizes"]
+    for a, b in zip(a_run["rows"], b_run["rows"], strict=True):
+        assert a["method"] == b["method"] and a["users"] == b["users"]
+        assert a["recall@20"] == pytest.approx(b["recall@20"], abs=1e-6)
+        assert a["ndcg@20"] == pytest.approx(b["ndcg@20"], abs=1e-5)
+    for a, b in zip(a_run["drill"], b_run["drill"], strict=True):
+        assert a["recall@20"] == pytest.approx(b["recall@20"], abs=1e-6)
+    np.testing.assert_allclose(
+        np.array(a_run["unit_weights"]), np.array(b_run["unit_weights"]), atol=1e-4
+    )
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="lists sockets through /proc")
+def test_the_simulation_s_ray_listens_on_loopback_only(packing_runs):
+    watch = packing_runs[2]
+    # the watch saw the servers of the Ray this run started (the GCS, the raylet, the actors, the
+    # runtime-env agent) and of this driver
+    listening = " ".join(watch.sockets.values())
+    for name in ("gcs_server", "raylet", "ClientAppActor", "RuntimeEnvAgent"):
+        assert name in listening, (name, watch.sockets)
+    assert any(pid == os.getpid() for pid, _, _ in watch.sockets)
+    assert len(watch.gcs) == 1 and _is_loopback(next(iter(watch.gcs)).rsplit(":", 1)[0])
+    assert watch.outside_loopback() == []
 
 
 def test_run_config_defaults_match_fedconfig():
@@ -305,3 +425,102 @@ def test_run_config_defaults_match_fedconfig():
     defaults = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]
     assert FedConfig.from_run_config(defaults) == FedConfig()
     assert set(defaults) == set(FedConfig().to_run_config())
+
+
+def _session_members(sid: int) -> list[int]:
+    """Live (not zombie) processes of session ``sid``: a ``ray start`` started in its own
+    session, and every process it spawned, daemons that outlive it included."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if state[0] != "Z" and int(state[3]) == sid:  # fields after the name: state ppid pgrp sid
+            out.append(int(entry.name))
+    return out
+
+
+def _stop_session(proc: subprocess.Popen, grace_s: float = 20.0) -> list[int]:
+    """Stop ``proc`` (``ray start --block`` stops its Ray on SIGTERM), then whatever of its
+    session is left: SIGTERM, then SIGKILL, to each of the session's process groups (a group
+    never reaches outside its session). Returns the survivors (none)."""
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        groups = set()
+        for pid in _session_members(proc.pid):
+            try:
+                groups.add(os.getpgid(pid))
+            except ProcessLookupError:
+                pass
+        for pgid in groups:
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace_s / 2
+        while _session_members(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    return _session_members(proc.pid)
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="lists sockets through /proc")
+def test_the_simulation_attaches_to_a_running_ray_cluster(packing_runs, tmp_path):
+    """A head started as docs/federated.md says (on 127.0.0.1, so single-node and on loopback);
+    the tiny run attaches to it, starts no Ray of its own and gives the metrics of the run that
+    started its own Ray."""
+    from sim.local_federation import free_port
+    from sim.simulate import RAY_MULTI_NODE, run_federated_simulation
+
+    port, client_port = free_port(), free_port()
+    # Ray's socket paths (temp dir + session + sockets/plasma_store) must stay under 107 bytes:
+    # tmp_path is too deep, so the head's temp dir is a short one, removed below
+    temp = Path(tempfile.mkdtemp(prefix="pf-ray-"))
+    log = tmp_path / "ray-head.log"
+    head = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("ray")),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            f"--ray-client-server-port={client_port}",
+            f"--temp-dir={temp}",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ],
+        env={**os.environ, RAY_MULTI_NODE: "0"},
+        start_new_session=True,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    watch = RayWatch()
+    try:
+        deadline = time.monotonic() + 60
+        while not (temp / "ray_current_cluster").exists():  # written once the head is up
+            assert head.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.2)
+        report = run_federated_simulation(
+            TINY_CFG, 3, wrap_grid=watch, ray_address=f"127.0.0.1:{port}"
+        )
+        head_sockets = _listening_sockets(_session_members(head.pid))
+    finally:
+        left = _stop_session(head)
+        shutil.rmtree(temp, ignore_errors=True)
+    assert left == [], [_command(p) for p in left]
+    assert watch.gcs == {f"127.0.0.1:{port}"}  # the driver joined the head's GCS
+    # every Ray process the run used is the head's: it started none of its own
+    for name in ("gcs_server", "raylet", "ClientAppActor"):
+        assert watch.seen(name) == {head.pid}, (name, watch.processes)
+    assert watch.outside_loopback() == []
+    assert head_sockets and all(_is_loopback(ip) for _, ip, _ in head_sockets), head_sockets
+    _assert_same_metrics(report, packing_runs[1])
