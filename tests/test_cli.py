@@ -330,27 +330,9 @@ def test_simulate_refuses_a_ray_address_nobody_answers_at(capsys, tmp_path, tiny
     from sim.local_federation import free_port
 
     address = f"127.0.0.1:{free_port()}"  # nothing listens there: a one-line error, no Ray
-    rc, err = _simulate(
-        capsys,
-        "--data-dir",
-        str(tiny_dir),
-        "--out",
-        str(tmp_path / "out"),
-        "--run-config",
-        "num-item-groups=4",
-        "--ray-address",
-        address,
-    )
+    args = ["--data-dir", str(tiny_dir), "--out", str(tmp_path / "out")]
+    args += ["--run-config", "num-item-groups=4", "--ray-address"]
+    rc, err = _simulate(capsys, *args, address)
     assert rc == 2 and err.startswith(f"peel-fed: error: no Ray cluster answers at {address}")
-    rc, err = _simulate(
-        capsys,
-        "--data-dir",
-        str(tiny_dir),
-        "--out",
-        str(tmp_path / "out"),
-        "--run-config",
-        "num-item-groups=4",
-        "--ray-address",
-        "head-without-port",
-    )
+    rc, err = _simulate(capsys, *args, "head-without-port")
     assert rc == 2 and "--ray-address must be HOST:PORT" in err

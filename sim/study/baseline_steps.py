@@ -120,49 +120,37 @@ def step_retrained_quantized(cfg: StudyConfig) -> dict:
     return {"rows": rows}
 
 
-def step_bit_planes(cfg: StudyConfig) -> dict:
-    """Bit-plane units (one global order, and one per K-Means user group) and direct row
-    quantization of the pretrained tables, chosen on validation (``peel_fed.plane_eval``)."""
+def _plane_rows(cfg: StudyConfig, pcfg, **options) -> dict:
+    """``peel_fed.plane_eval.plane_budget_rows`` on the model pretrained with ``pcfg`` (cached),
+    at the study's budgets; ``options`` go to it (``families``, ``cover_first``)."""
     from peel_fed.plane_eval import plane_budget_rows
 
-    pcfg = pipeline_config(cfg)
     ds, split, pre = data_and_pretrained(cfg, pcfg)
-    budgets = budget_bytes(cfg, pre.item_emb.size * FLOAT32_BYTES)
     return plane_budget_rows(
         ds,
         split,
         pre.user_emb,
         pre.item_emb,
         ds.item_popularity(),
-        budgets,
+        budget_bytes(cfg, pre.item_emb.size * FLOAT32_BYTES),
         num_user_groups=max(pcfg.num_user_groups),
         num_item_groups=pcfg.peel.num_item_groups,
         seed=cfg.seed,
+        **options,
     )
+
+
+def step_bit_planes(cfg: StudyConfig) -> dict:
+    """Bit-plane units (one global order, and one per K-Means user group) and direct row
+    quantization of the pretrained tables, chosen on validation (``peel_fed.plane_eval``)."""
+    return _plane_rows(cfg, pipeline_config(cfg))
 
 
 def step_cover_first(cfg: StudyConfig) -> dict:
     """The ``bit-planes`` step's planes with cover-first orders (every item group's first plane
     before any second one, so every item stays rankable at every budget of at least the cover),
     as ablation rows beside the default greedy order."""
-    from peel_fed.plane_eval import plane_budget_rows
-
-    pcfg = pipeline_config(cfg)
-    ds, split, pre = data_and_pretrained(cfg, pcfg)
-    budgets = budget_bytes(cfg, pre.item_emb.size * FLOAT32_BYTES)
-    res = plane_budget_rows(
-        ds,
-        split,
-        pre.user_emb,
-        pre.item_emb,
-        ds.item_popularity(),
-        budgets,
-        num_user_groups=max(pcfg.num_user_groups),
-        num_item_groups=pcfg.peel.num_item_groups,
-        seed=cfg.seed,
-        families=("planes",),
-        cover_first=True,
-    )
+    res = _plane_rows(cfg, pipeline_config(cfg), families=("planes",), cover_first=True)
     return {"rows": [], "ablation_rows": res["rows"]}
 
 
@@ -194,23 +182,8 @@ def step_bit_planes_nested(cfg: StudyConfig) -> dict:
     """The ``bit-planes`` step's planes on the ``matryoshka`` step's model (the same cached
     pretraining): whether bit-planes gain from nested training, and how they compare with the
     nested model's own quantized cuts on equal footing."""
-    from peel_fed.plane_eval import plane_budget_rows
-
     pcfg, nested = _nested_config(cfg)
-    ds, split, pre = data_and_pretrained(cfg, pcfg)
-    budgets = budget_bytes(cfg, pre.item_emb.size * FLOAT32_BYTES)
-    res = plane_budget_rows(
-        ds,
-        split,
-        pre.user_emb,
-        pre.item_emb,
-        ds.item_popularity(),
-        budgets,
-        num_user_groups=max(pcfg.num_user_groups),
-        num_item_groups=pcfg.peel.num_item_groups,
-        seed=cfg.seed,
-        families=("planes",),
-    )
+    res = _plane_rows(cfg, pcfg, families=("planes",))
     rows = [
         {**r, "method": r["method"].removesuffix(")") + ", nested pretraining)"}
         for r in res["rows"]
