@@ -36,8 +36,17 @@ def load_dataset(
         folder = Path(data_dir).expanduser()
         if not folder.is_dir():
             raise DataError(f"dataset folder not found: {folder}")
-        name = folder.name if name == "gowalla" and folder.name != "gowalla" else name
+        name = dataset_name(name, folder)
     return read_lightgcn_folder(folder, name, check_overlap)
+
+
+def dataset_name(name: str = "gowalla", data_dir: str | Path | None = None) -> str:
+    """The name a run reports: ``name``, or the folder's name when ``data_dir`` is given and
+    ``name`` is the default (``--data-dir ../shared/data/yelp2018`` is "yelp2018")."""
+    if data_dir is None or not str(data_dir):
+        return name
+    folder = Path(data_dir).expanduser().name
+    return folder if name == "gowalla" and folder != "gowalla" else name
 
 
 def bundled_path(name: str) -> Path:

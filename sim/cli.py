@@ -15,6 +15,7 @@ from peel_fed.blocks import BudgetError, check_budget_format, split_budget_list
 from peel_fed.clustering import GroupingError
 from peel_fed.data import DataError
 from peel_fed.lightgcn import LightGCNConfig
+from peel_fed.loading import dataset_name
 from peel_fed.peel import PEELConfig
 from peel_fed.pipeline import DEFAULT_BUDGETS, PipelineConfig
 from sim import study
@@ -412,7 +413,7 @@ def _deploy(args) -> None:
 
 
 def _study(args) -> None:
-    name = Path(args.data_dir).name if args.data_dir else args.dataset
+    name = dataset_name(args.dataset, args.data_dir)
     cfg = study.StudyConfig(
         dataset=args.dataset,
         data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None,

@@ -19,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from peel_fed.atomic import write_json_atomic, write_text_atomic
 from peel_fed.console import log
 from peel_fed.fedconfig import FedConfig
+from peel_fed.loading import dataset_name
 from peel_fed.messages import DataSpec
 from strategies.evaluation import EvaluationStrategy
 from strategies.grouping import GroupingStrategy
@@ -70,7 +71,7 @@ def run_pipeline(grid: Grid, cfg: FedConfig) -> dict:
         "config": cfg.to_run_config(),
         "nodes": nodes,
         "dataset": {
-            "name": cfg.dataset,
+            "name": dataset_name(cfg.dataset, cfg.data_dir or None),
             "users": stats.users,
             "items": stats.n_items,
             "train": int(stats.train_popularity.sum()),

@@ -286,3 +286,13 @@ def test_bundled_data_is_found_when_the_code_runs_from_a_flower_app_bundle(tmp_p
         [sys.executable, "-c", code, str(fab)], capture_output=True, text=True, check=True
     )
     assert out.stdout.split() == ["29858", "40981"]
+
+
+def test_a_run_names_its_dataset_by_the_folder_it_reads():
+    from peel_fed.loading import dataset_name
+
+    assert dataset_name("gowalla", None) == "gowalla"
+    assert dataset_name("gowalla", "") == "gowalla"
+    assert dataset_name("gowalla", "../shared/data/yelp2018") == "yelp2018"
+    assert dataset_name("gowalla", "/data/gowalla/") == "gowalla"
+    assert dataset_name("mine", "/data/yelp2018") == "mine"  # a name the user gave wins

@@ -51,7 +51,9 @@ STEP_VERSIONS: dict[str, int] = {"pruning": 3, "federated": 3, "bit-planes": 2, 
 
 
 def work_folder(cfg: StudyConfig) -> Path:
-    name = Path(cfg.data_dir).name if cfg.data_dir else cfg.dataset
+    from peel_fed.loading import dataset_name
+
+    name = dataset_name(cfg.dataset, cfg.data_dir)
     return Path(cfg.work_dir) / name / f"seed-{cfg.seed}"
 
 

@@ -9,6 +9,7 @@ import platform
 import re
 from dataclasses import asdict
 
+from peel_fed.loading import dataset_name
 from sim.study.baseline_steps import RETRAINED_QUANTIZED
 from sim.study.steps import STEPS, StudyConfig
 from strategies.report import drill_lines
@@ -170,7 +171,8 @@ def report_markdown(report: dict) -> str:
     ds = report.get("dataset") or {}
     cfg = report["config"]
     lines = [
-        f"# The study on {ds.get('name', cfg['dataset'])}: Recall@20 / NDCG@20 at equal bytes",
+        f"# The study on {ds.get('name') or dataset_name(cfg['dataset'], cfg['data_dir'])}: "
+        "Recall@20 / NDCG@20 at equal bytes",
         "",
         "Every method keeps at most the budget's bytes of item embeddings on the device "
         "(a fraction of the full float32 item table; the header gives the bytes too), counting "
