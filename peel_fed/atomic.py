@@ -16,6 +16,19 @@ from typing import IO, Any
 import numpy as np
 
 
+def portable_path(path: str | Path | None) -> str | None:
+    """``path`` as a results file should record it: relative to the working directory (the
+    repository, for every command here), so no committed report holds this machine's absolute
+    paths (``/work/shared/data/yelp2018`` from ``/work/main`` is ``../shared/data/yelp2018``).
+    None and empty stay as they are; a path on another drive stays absolute."""
+    if path is None or not str(path):
+        return path
+    try:
+        return os.path.relpath(Path(path).expanduser().absolute())
+    except ValueError:  # Windows: another drive
+        return str(path)
+
+
 def default_file_mode() -> int:
     """The mode a plain ``open(path, "w")`` gives a new file: 0o666 less the process umask."""
     umask = os.umask(0o022)  # reading the umask means setting it: put it straight back

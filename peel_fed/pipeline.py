@@ -21,7 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from peel_fed.atomic import to_jsonable, write_atomic, write_json_atomic, write_text_atomic
+from peel_fed.atomic import (
+    portable_path,
+    to_jsonable,
+    write_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 from peel_fed.blocks import (
     BlockLayout,
     check_budget,
@@ -291,7 +297,12 @@ def run_centralized(cfg: PipelineConfig, dataset: Dataset | None = None) -> dict
     at = {label: i for i, (label, _) in enumerate(budgets)}
     rows = sorted(planes + rows + others, key=lambda r: (at[r["budget"]], rank[r["method"]]))
     results = {
-        "config": to_jsonable(asdict(cfg)),
+        "config": to_jsonable(
+            {
+                **asdict(cfg),
+                **{k: portable_path(getattr(cfg, k)) for k in ("data_dir", "out_dir", "cache_dir")},
+            }
+        ),
         "dataset": {
             "name": ds.name,
             "summary": ds.summary(),

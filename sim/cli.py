@@ -416,7 +416,7 @@ def _study(args) -> None:
     name = dataset_name(args.dataset, args.data_dir)
     cfg = study.StudyConfig(
         dataset=args.dataset,
-        data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None,
+        data_dir=args.data_dir or None,
         seed=args.seed,
         budgets=args.budgets,
         cold_start_fraction=args.cold_start_fraction,

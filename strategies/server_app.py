@@ -16,7 +16,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from peel_fed.atomic import write_json_atomic, write_text_atomic
+from peel_fed.atomic import portable_path, write_json_atomic, write_text_atomic
 from peel_fed.console import log
 from peel_fed.fedconfig import FedConfig
 from peel_fed.loading import dataset_name
@@ -68,7 +68,11 @@ def run_pipeline(grid: Grid, cfg: FedConfig) -> dict:
     )
     lap("evaluate")
     report = {
-        "config": cfg.to_run_config(),
+        "config": {
+            **cfg.to_run_config(),
+            "data-dir": portable_path(cfg.data_dir),
+            "out-dir": portable_path(cfg.out_dir),
+        },
         "nodes": nodes,
         "dataset": {
             "name": dataset_name(cfg.dataset, cfg.data_dir or None),

@@ -43,3 +43,14 @@ def test_an_explicit_mode_is_set_before_writing_and_replaces_a_file(tmp_path):
     assert seen == [0o600] and _mode(tmp_path / "k") == 0o600
     assert (tmp_path / "k").read_text() == "new"
     assert [p.name for p in tmp_path.iterdir()] == ["k"]  # no temporary file left
+
+
+def test_results_record_paths_relative_to_the_working_directory(tmp_path, monkeypatch):
+    from peel_fed.atomic import portable_path
+
+    (tmp_path / "repo").mkdir()
+    monkeypatch.chdir(tmp_path / "repo")
+    assert portable_path(tmp_path / "repo" / "runs" / "x") == "runs/x"
+    assert portable_path(tmp_path / "shared" / "data") == "../shared/data"
+    assert portable_path("docs/results") == "docs/results"
+    assert portable_path(None) is None and portable_path("") == ""

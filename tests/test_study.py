@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -71,6 +72,8 @@ def test_study_resumes_and_reports_every_method(quick_study):
         if "used_bytes" in r:
             assert r["used_bytes"] <= r["budget_bytes"], r
     assert report["drill"]
+    for key in ("out_dir", "cache_dir", "work_dir"):  # no absolute paths of this machine
+        assert not Path(report["config"][key]).is_absolute(), key
     ablations = {r["method"] for r in report["ablation_rows"]}
     assert ablations == {
         "PEEL blocks (G_u=4) (centralized)",

@@ -38,6 +38,8 @@ class StudyConfig:
             for k, v in asdict(self).items()
             if k not in where and step in STEP_ONLY_FIELDS.get(k, (step,))
         }
+        if inputs.get("data_dir"):  # the folder read, however the command line spelled it
+            inputs["data_dir"] = str(Path(inputs["data_dir"]).resolve())
         if STEP_VERSIONS.get(step, 1) > 1:
             inputs["version"] = STEP_VERSIONS[step]
         blob = json.dumps({"step": step, **inputs}, sort_keys=True, default=str)

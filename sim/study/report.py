@@ -9,6 +9,7 @@ import platform
 import re
 from dataclasses import asdict
 
+from peel_fed.atomic import portable_path
 from peel_fed.loading import dataset_name
 from sim.study.baseline_steps import RETRAINED_QUANTIZED
 from sim.study.steps import STEPS, StudyConfig
@@ -47,7 +48,11 @@ def build_report(cfg: StudyConfig, done: dict[str, dict]) -> dict:
             r for step in done.values() for r in step["result"].get("own_bytes_rows", [])
         ],
         "trace": dynamic_trace(done),
-        "config": {k: v for k, v in asdict(cfg).items() if k != "progress"},
+        "config": {
+            **{k: v for k, v in asdict(cfg).items() if k != "progress"},
+            **{k: portable_path(getattr(cfg, k)) for k in ("data_dir", "out_dir", "cache_dir")},
+            "work_dir": portable_path(cfg.work_dir),
+        },
         "dataset": central.get("dataset"),
         "layout": central.get("layout"),
         "rows": rows,

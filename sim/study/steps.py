@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 from peel_fed.blocks import FLOAT32_BYTES
 from sim.study.baseline_steps import (
@@ -88,7 +89,7 @@ def _federated(cfg: StudyConfig, overrides: dict, tag: str) -> dict:
     budgets = ",".join(cfg.budgets)
     values = {
         "dataset": cfg.dataset,
-        "data-dir": cfg.data_dir or "",
+        "data-dir": str(Path(cfg.data_dir).resolve()) if cfg.data_dir else "",
         "seed": cfg.seed,
         "min-nodes": cfg.num_nodes,
         "out-dir": str((work_folder(cfg) / re.sub(r"\W+", "-", tag)).resolve()),
