@@ -75,7 +75,7 @@ def run_pipeline(grid: Grid, cfg: FedConfig) -> dict:
         },
         "nodes": nodes,
         "dataset": {
-            "name": dataset_name(cfg.dataset, cfg.data_dir or None),
+            "name": dataset_name(cfg.dataset, cfg.data_dir),
             "users": stats.users,
             "items": stats.n_items,
             "train": int(stats.train_popularity.sum()),

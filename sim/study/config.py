@@ -9,6 +9,8 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from peel_fed.loading import dataset_name
+
 STUDY_BUDGETS = ("5%", "10%", "25%", "50%", "100%")
 
 
@@ -53,8 +55,6 @@ STEP_VERSIONS: dict[str, int] = {"pruning": 3, "federated": 3, "bit-planes": 2, 
 
 
 def work_folder(cfg: StudyConfig) -> Path:
-    from peel_fed.loading import dataset_name
-
     name = dataset_name(cfg.dataset, cfg.data_dir)
     return Path(cfg.work_dir) / name / f"seed-{cfg.seed}"
 

@@ -50,8 +50,10 @@ def build_report(cfg: StudyConfig, done: dict[str, dict]) -> dict:
         "trace": dynamic_trace(done),
         "config": {
             **{k: v for k, v in asdict(cfg).items() if k != "progress"},
-            **{k: portable_path(getattr(cfg, k)) for k in ("data_dir", "out_dir", "cache_dir")},
-            "work_dir": portable_path(cfg.work_dir),
+            **{
+                k: portable_path(getattr(cfg, k))
+                for k in ("data_dir", "out_dir", "cache_dir", "work_dir")
+            },
         },
         "dataset": central.get("dataset"),
         "layout": central.get("layout"),
