@@ -1,4 +1,5 @@
-"""LightGCN (He et al., SIGIR 2020), canonical form, trained with BPR + L2 on CPU.
+"""LightGCN (He et al., SIGIR 2020), canonical form, trained with BPR + L2 (or a sampled
+softmax) on CPU.
 
 Canonical: symmetric normalisation D^-1/2 A D^-1/2 of the user-item bipartite graph (no self
 loops), K propagation layers, final embedding = mean of layers 0..K. The adjacency is a sparse
@@ -20,6 +21,8 @@ from peel_fed.console import progress_bar
 from peel_fed.data import Interactions
 from peel_fed.scoring import bpr_loss, pair_scores
 
+LOSSES = ("bpr", "softmax")
+
 
 @dataclass
 class LightGCNConfig:
@@ -34,6 +37,13 @@ class LightGCNConfig:
     (Kusupati et al., NeurIPS 2022): the BPR term becomes the mean of the BPR losses of every
     leading-dimension prefix ``[:d]`` of the final embeddings, for d in ``nested_dims`` and
     ``dim``, so that each prefix is a good small model (see :meth:`LightGCN.loss`).
+
+    ``loss="softmax"`` replaces BPR by the sampled softmax loss on cosine scores (SSM; Wu et al.,
+    "On the Effectiveness of Sampled Softmax Loss for Item Recommendation", 2022): each positive
+    is contrasted with ``negatives`` uniform items shared by the batch, at ``temperature``. It
+    converges in far fewer epochs than BPR (see ``sim/bench_lightgcn.py``). The model then scores
+    by cosine, so :meth:`LightGCN.final_embeddings` returns unit-norm rows: a dot product on the
+    exported tables is the score the loss trained.
     """
 
     dim: int = 64
@@ -46,8 +56,18 @@ class LightGCNConfig:
     num_blocks: int = 8
     init_std: float = 0.1
     nested_dims: tuple[int, ...] = ()
+    loss: str = "bpr"
+    negatives: int = 1024
+    temperature: float = 0.2
 
     def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.negatives <= 0 or self.temperature <= 0:
+            raise ValueError(
+                f"negatives and temperature must be positive, got {self.negatives} and "
+                f"{self.temperature}"
+            )
         if self.dim <= 0 or self.layers < 0 or self.epochs < 0 or self.batch_size <= 0:
             raise ValueError(f"invalid LightGCN config: {self}")
         if self.lr <= 0:
@@ -141,25 +161,36 @@ class LightGCN(nn.Module):
     def loss(
         self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """BPR + L2 on the batch's layer-0 embeddings (+ optional diversity regulariser).
+        """The ranking loss + L2 on the batch's layer-0 embeddings (+ optional diversity term).
 
-        With ``cfg.nested_dims`` the BPR term is the *mean* over the prefixes
-        ``cfg.prefix_dims`` of the BPR loss on the final embeddings' leading ``[:d]`` columns.
-        The mean (not the sum of Kusupati et al.) keeps the BPR term on the plain loss's scale,
-        so the L2 and diversity weights, tuned against one BPR term, keep their meaning.
+        BPR pairs each positive with its own negative (``neg`` aligned with ``pos``); the sampled
+        softmax contrasts each positive with all of ``neg`` (shared by the batch) on cosine
+        scores over the temperature. With ``cfg.nested_dims`` the ranking term is the *mean* over
+        the prefixes ``cfg.prefix_dims`` of the loss on the final embeddings' leading ``[:d]``
+        columns (for the softmax, of the unit-norm rows, so a prefix scores as a cut of the
+        exported table). The mean (not the sum of Kusupati et al.) keeps the term on the plain
+        loss's scale, so the L2 and diversity weights keep their meaning.
         """
         user_final, item_final = self.propagated()
         u, p, n = user_final[users], item_final[pos], item_final[neg]
         dims = self.cfg.prefix_dims
-        bpr = sum(
-            bpr_loss(pair_scores(u[:, :d], p[:, :d]), pair_scores(u[:, :d], n[:, :d])) for d in dims
-        ) / len(dims)
+        if self.cfg.loss == "softmax":
+            un, pn, nn_ = (nn.functional.normalize(x, dim=-1) for x in (u, p, n))
+            rank = sum(
+                sampled_softmax_loss(un[:, :d], pn[:, :d], nn_[:, :d], self.cfg.temperature)
+                for d in dims
+            ) / len(dims)
+        else:
+            rank = sum(
+                bpr_loss(pair_scores(u[:, :d], p[:, :d]), pair_scores(u[:, :d], n[:, :d]))
+                for d in dims
+            ) / len(dims)
         ego_u = self.embedding[users]
         ego_p = self.embedding[self.n_users + pos]
         ego_n = self.embedding[self.n_users + neg]
         l2 = 0.5 * (ego_u.pow(2).sum() + ego_p.pow(2).sum() + ego_n.pow(2).sum()) / users.shape[0]
-        total = bpr + self.cfg.l2 * l2
-        parts = {"bpr": float(bpr.detach())}
+        total = rank + self.cfg.l2 * l2
+        parts = {self.cfg.loss: float(rank.detach())}
         if self.cfg.diversity_weight > 0:
             div = block_redundancy(torch.cat([p, n]), self.cfg.num_blocks)
             total = total + self.cfg.diversity_weight * div
@@ -168,7 +199,11 @@ class LightGCN(nn.Module):
 
     @torch.no_grad()
     def final_embeddings(self) -> tuple[np.ndarray, np.ndarray]:
+        """Final (user, item) tables whose dot product is the trained score (unit-norm rows for
+        the softmax loss, which scores by cosine)."""
         u, i = self.propagated()
+        if self.cfg.loss == "softmax":
+            u, i = nn.functional.normalize(u, dim=-1), nn.functional.normalize(i, dim=-1)
         return u.cpu().numpy().copy(), i.cpu().numpy().copy()
 
 
@@ -205,19 +240,42 @@ class NegativeSampler:
         return neg
 
 
+def sampled_softmax_loss(
+    users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Mean of ``-log softmax`` of each positive's score among it and the shared negatives.
+
+    ``users`` and ``pos`` are aligned (batch, d) rows, ``neg`` is (K, d) rows shared by the batch;
+    scores are dot products over ``temperature`` (cosines when the rows are unit-norm).
+    """
+    pos_logit = (users * pos).sum(-1) / temperature
+    neg_logit = users @ neg.T / temperature
+    both = torch.cat([pos_logit[:, None], neg_logit], dim=1)
+    return (torch.logsumexp(both, dim=1) - pos_logit).mean()
+
+
 def bpr_batches(
-    edges: Interactions, sampler: NegativeSampler, batch_size: int, rng: np.random.Generator
+    edges: Interactions,
+    sampler: NegativeSampler,
+    batch_size: int,
+    rng: np.random.Generator,
+    shared_negatives: int = 0,
 ):
-    """One epoch: every training pair once, shuffled, with one sampled negative each."""
+    """One epoch: every training pair once, shuffled, with one sampled negative each (BPR), or
+    with ``shared_negatives`` uniform items per batch (the sampled softmax)."""
     order = rng.permutation(len(edges))
     users, pos = edges.users[order], edges.items[order]
-    neg = sampler.sample(users, rng)
+    neg = None if shared_negatives else sampler.sample(users, rng)
     for start in range(0, len(edges), batch_size):
         sl = slice(start, start + batch_size)
+        if shared_negatives:
+            batch_neg = rng.integers(0, sampler.n_items, size=shared_negatives)
+        else:
+            batch_neg = neg[sl]
         yield (
             torch.from_numpy(users[sl]),
             torch.from_numpy(pos[sl]),
-            torch.from_numpy(neg[sl]),
+            torch.from_numpy(batch_neg),
         )
 
 
@@ -239,7 +297,7 @@ def train_lightgcn(
     progress: bool = False,
     device: str = "cpu",
 ) -> LightGCN:
-    """Train LightGCN on ``edges`` (user, item) with BPR; deterministic for a given seed.
+    """Train LightGCN on ``edges`` (user, item) with ``cfg.loss``; deterministic for a given seed.
 
     ``device`` may name a GPU (``"cuda"``); results then differ from CPU runs in the last digits.
     """
@@ -254,7 +312,8 @@ def train_lightgcn(
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         total, count = 0.0, 0
-        for users, pos, neg in bpr_batches(edges, sampler, cfg.batch_size, rng):
+        shared = cfg.negatives if cfg.loss == "softmax" else 0
+        for users, pos, neg in bpr_batches(edges, sampler, cfg.batch_size, rng, shared):
             users, pos, neg = users.to(device), pos.to(device), neg.to(device)
             opt.zero_grad(set_to_none=True)
             loss, _ = model.loss(users, pos, neg)

@@ -18,7 +18,7 @@ import time
 import torch
 
 from peel_fed.atomic import write_json_atomic
-from peel_fed.lightgcn import EpochLog, LightGCN, LightGCNConfig, train_lightgcn
+from peel_fed.lightgcn import LOSSES, EpochLog, LightGCN, LightGCNConfig, train_lightgcn
 from peel_fed.loading import load_dataset
 from peel_fed.metrics import evaluate_ranking
 from peel_fed.scoring import dot_score_fn
@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=LightGCNConfig.batch_size)
     p.add_argument("--lr", type=float, default=LightGCNConfig.lr)
     p.add_argument("--l2", type=float, default=LightGCNConfig.l2)
+    p.add_argument("--loss", choices=LOSSES, default=LightGCNConfig.loss)
+    p.add_argument("--negatives", type=int, default=LightGCNConfig.negatives)
+    p.add_argument("--temperature", type=float, default=LightGCNConfig.temperature)
     p.add_argument("--dim", type=int, default=LightGCNConfig.dim)
     p.add_argument("--layers", type=int, default=LightGCNConfig.layers)
     p.add_argument("--eval-every", type=int, default=5)
@@ -61,6 +64,9 @@ def main(argv: list[str] | None = None) -> dict:
         batch_size=args.batch_size,
         lr=args.lr,
         l2=args.l2,
+        loss=args.loss,
+        negatives=args.negatives,
+        temperature=args.temperature,
     )
     report: dict = {
         "dataset": ds.name,

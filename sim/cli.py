@@ -14,7 +14,7 @@ from pathlib import Path
 from peel_fed.blocks import BudgetError, check_budget_format, split_budget_list
 from peel_fed.clustering import GroupingError
 from peel_fed.data import DataError
-from peel_fed.lightgcn import LightGCNConfig
+from peel_fed.lightgcn import LOSSES, LightGCNConfig
 from peel_fed.loading import dataset_name
 from peel_fed.peel import PEELConfig
 from peel_fed.pipeline import DEFAULT_BUDGETS, PipelineConfig
@@ -101,6 +101,21 @@ def _add_centralized(sub) -> None:
     p.add_argument("--epochs", type=int, default=lg.epochs, help="LightGCN pretraining epochs")
     p.add_argument("--batch-size", type=int, default=lg.batch_size)
     p.add_argument("--lr", type=float, default=lg.lr)
+    p.add_argument(
+        "--loss",
+        choices=LOSSES,
+        default=lg.loss,
+        help="pretraining loss: bpr, or softmax (sampled softmax on cosine scores)",
+    )
+    p.add_argument(
+        "--negatives",
+        type=int,
+        default=lg.negatives,
+        help="softmax loss: uniform negative items shared by each batch",
+    )
+    p.add_argument(
+        "--temperature", type=float, default=lg.temperature, help="softmax loss: temperature"
+    )
     _add_renamed(
         p,
         "--num-blocks",
@@ -459,6 +474,9 @@ def main(argv: list[str] | None = None) -> int:
                     num_blocks=args.num_blocks,
                     diversity_weight=args.diversity_weight,
                     nested_dims=args.nested_dims,
+                    loss=args.loss,
+                    negatives=args.negatives,
+                    temperature=args.temperature,
                 ),
                 peel=PEELConfig(
                     num_item_groups=args.num_item_groups,

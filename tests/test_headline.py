@@ -89,3 +89,36 @@ def test_a_corrupt_step_or_no_default_is_a_one_line_error(study, tmp_path):
     _save(empty, "pruning", [("magnitude pruning", "10%", 0.1)])
     with pytest.raises(ValueError, match="no saved 'PEEL bit-planes \\(G_u=4\\)' rows"):
         dataset_headline(empty, BUDGETS)
+
+
+def _save_choice(folder: Path, plain: float, nested: float) -> None:
+    recipes = {"plain": {"val_recall@20": plain}, "nested": {"val_recall@20": nested}}
+    (folder / "steps").mkdir(parents=True, exist_ok=True)
+    blob = {"key": "k", "result": {"rows": [], "recipes": recipes, "choice": "?"}}
+    (folder / "steps" / "pretraining-choice.json").write_text(json.dumps(blob))
+
+
+def test_the_default_sits_on_the_recipe_with_the_better_median_validation(study):
+    """Seeds 0 and 1 saved a choice; nested's median (0.31) beats plain's (0.30) though plain
+    wins seed 1, so the default is the nested bit-planes row (the plain one, like every
+    bit-planes row, is the project's own and gets no verdict)."""
+    nested = "PEEL bit-planes (G_u=4, nested pretraining)"
+    assert dataset_headline(study, BUDGETS)["default"] == DEFAULT_METHOD  # no choice saved
+    _save_choice(study, plain=0.30, nested=0.34)
+    _save_choice(study / "seed-1", plain=0.30, nested=0.28)
+    _save(study, "bit-planes-nested", [(nested, "10%", 0.40), (nested, "100%", 0.80)])
+    h = dataset_headline(study, BUDGETS)
+    assert h["pretraining_choice"] == {
+        "recipe": "nested",
+        "val_recall@20": {"plain": 0.30, "nested": pytest.approx(0.31)},
+        "seeds": [0, 1],
+    }
+    assert h["default"] == nested
+    # judged from the nested row: 0.40 beats retrained's 0.31 (the plain row lost to it)
+    assert h["verdicts"]["10%"]["retrained"] == "win"
+    assert h["share_of_own_full"]["10%"] == pytest.approx(0.40 / 0.80)
+    # the federated run (plain pretraining) is still compared with the plain centralized row
+    assert h["federated_over_centralized"] == {"federated": {"10%": pytest.approx(0.9)}}
+    main(["--results", str(study.parent), "--datasets", "toy"])
+    text = (study.parent / "headline.md").read_text()
+    assert f"Default: `{nested}` (nested pretraining;" in text

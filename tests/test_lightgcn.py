@@ -208,3 +208,65 @@ def test_nested_training_makes_a_two_dim_prefix_rank_the_own_cluster_first():
 
     assert top1_own((2,)) >= 0.95
     assert top1_own(()) <= 0.7
+
+
+def test_unknown_loss_and_bad_softmax_settings_are_one_line_errors():
+    with pytest.raises(ValueError, match="loss must be one of bpr, softmax, got 'hinge'"):
+        LightGCNConfig(loss="hinge")
+    with pytest.raises(ValueError, match="negatives and temperature must be positive"):
+        LightGCNConfig(loss="softmax", temperature=0.0)
+
+
+def test_softmax_loss_by_hand():
+    """1 user, a positive and 2 shared negatives, no propagation and no L2. Cosines (user,
+    item): pos 1/sqrt(2), negatives 0 and -1/sqrt(2); at temperature 0.5 the loss is
+    ``log(e^{a} + e^{0} + e^{-a}) - a`` with ``a = 2 / sqrt(2)``."""
+    cfg = LightGCNConfig(dim=2, layers=0, l2=0.0, loss="softmax", temperature=0.5)
+    adj = normalized_adjacency(1, 3, from_pairs("h", 1, 3, np.array([(0, 0)]), []).train)
+    model = LightGCN(1, 3, adj, cfg)
+    with torch.no_grad():  # user, pos, neg 1, neg 2 (norms differ: cosine ignores them)
+        model.embedding.copy_(torch.tensor([[2.0, 0.0], [3.0, 3.0], [0.0, 5.0], [-1.0, -1.0]]))
+    loss, parts = model.loss(torch.tensor([0]), torch.tensor([0]), torch.tensor([1, 2]))
+    a = 2 / np.sqrt(2)
+    expected = float(np.log(np.exp(a) + 1 + np.exp(-a)) - a)
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-6)
+    assert parts["softmax"] == pytest.approx(expected, rel=1e-6)
+    # exported rows are unit-norm, so their dot product is the cosine the loss trained
+    users, items = model.final_embeddings()
+    np.testing.assert_allclose(np.linalg.norm(items, axis=1), 1.0, rtol=1e-6)
+    assert float(users[0] @ items[0]) == pytest.approx(1 / np.sqrt(2), rel=1e-6)
+
+
+def test_softmax_checkerboard_known_answer(board):
+    """The sampled-softmax model ranks a user's own cluster first, like the BPR one."""
+    ds = board
+    cfg = LightGCNConfig(
+        dim=16, epochs=40, batch_size=256, lr=5e-2, loss="softmax", negatives=32, num_blocks=2
+    )
+    user_emb, item_emb = train_lightgcn(ds.n_users, ds.n_items, ds.train, cfg).final_embeddings()
+    user_cluster = np.arange(ds.n_users) * 2 // ds.n_users
+    item_cluster = np.arange(ds.n_items) * 2 // ds.n_items
+    scores = user_emb @ item_emb.T
+    scores[ds.train.users, ds.train.items] = -np.inf
+    top10 = np.argsort(-scores, axis=1)[:, :10]
+    assert (item_cluster[top10] == user_cluster[:, None]).all(axis=1).mean() >= 0.95
+
+
+def test_pretrain_cache_key_keeps_bpr_keys_and_separates_softmax():
+    """BPR models keep the keys (and cached files) they had before the softmax loss existed:
+    the softmax fields do not enter a BPR key, and every softmax setting gets its own key."""
+    from dataclasses import replace
+
+    from peel_fed.pipeline import PipelineConfig, _pretrain_key
+
+    ds = from_pairs("tiny", N_USERS, N_ITEMS, np.array(EDGES), np.zeros((0, 2)))
+    base = PipelineConfig()
+
+    def key(**lightgcn) -> str:
+        lightgcn_cfg = replace(base.lightgcn, **lightgcn)
+        return _pretrain_key(ds, ds.train, replace(base, lightgcn=lightgcn_cfg))
+
+    assert key() == key(negatives=7, temperature=0.9)
+    softmax = key(loss="softmax")
+    assert softmax != key()
+    assert softmax != key(loss="softmax", negatives=7)

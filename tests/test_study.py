@@ -322,3 +322,25 @@ def test_retrained_models_skip_a_budget_below_one_dimension(tmp_path):
     ]
     best = report["rows"][-1]  # at 100% the d=16 model alone, at its best validation width
     assert best["dim"] == 16 and best["used_bytes"] <= best["budget_bytes"]
+
+
+def test_pretraining_choice_scores_both_cached_models_on_validation(quick_study):
+    """The step's validation Recall@20 of each recipe is that of the cached plain and nested
+    models (the ones the bit-planes and matryoshka steps read), and it picks the better."""
+    from peel_fed.metrics import evaluate_ranking
+    from peel_fed.scoring import dot_score_fn
+    from sim.study.baseline_steps import _nested_config
+    from sim.study.config import data_and_pretrained, pipeline_config
+
+    cfg, _, _, _, out = quick_study
+    saved = json.loads((out / "steps" / "pretraining-choice.json").read_text())["result"]
+    for name, pcfg in (("plain", pipeline_config(cfg)), ("nested", _nested_config(cfg)[0])):
+        ds, split, pre = data_and_pretrained(cfg, pcfg)
+        assert pre.reused  # no step trained a model the others did not
+        m = evaluate_ranking(
+            dot_score_fn(pre.user_emb, pre.item_emb), ds.n_users, split.fit, split.val
+        )
+        assert saved["recipes"][name]["val_recall@20"] == pytest.approx(m["recall@20"])
+    assert saved["recipes"]["plain"] != saved["recipes"]["nested"]
+    recipes = saved["recipes"]
+    assert saved["choice"] == max(recipes, key=lambda r: recipes[r]["val_recall@20"])

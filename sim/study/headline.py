@@ -5,6 +5,11 @@ default's verdict against every other method.
 ``python -m sim.study.headline`` writes ``docs/results/headline.md`` and ``headline.json`` from
 the saved steps (it runs nothing; ``peel-fed study --seed N`` adds seeds).
 
+The default is the bit-planes row (G_u = 4) on the pretraining recipe chosen on validation by the
+``pretraining-choice`` step (plain, or nested as the ``matryoshka`` step trains it): the recipe
+with the higher median validation Recall@20 over the seeds it was run for; plain where it was not
+run.
+
 A verdict compares seed ranges, not single numbers: the default *wins* where its worst seed beats
 the other method's best, *loses* where its best seed is below the other's worst, and *ties* where
 the ranges overlap (a method saved for one seed has the range of that seed). The full table,
@@ -23,6 +28,10 @@ from sim.study.config import STUDY_BUDGETS
 from sim.study.report import current_label
 
 DEFAULT_METHOD = "PEEL bit-planes (G_u=4)"
+DEFAULT_BY_RECIPE = {
+    "plain": DEFAULT_METHOD,
+    "nested": "PEEL bit-planes (G_u=4, nested pretraining)",
+}
 FULL_TABLE = "LightGCN (full table)"
 DATASETS = ("gowalla", "ml-1m-lcf", "yelp2018")
 METRIC = "recall@20"
@@ -56,6 +65,28 @@ def collect(dataset_dir: Path, budgets: tuple[str, ...] = STUDY_BUDGETS) -> dict
     return table
 
 
+def pretraining_choice(dataset_dir: Path) -> dict:
+    """The recipe under the default: ``{"recipe", "val_recall@20": {recipe: median}, "seeds"}``
+    from the saved ``pretraining-choice`` steps (``recipe`` "plain" and no seeds where none is
+    saved)."""
+    per_recipe: dict[str, list[float]] = {}
+    seeds = []
+    for seed, folder in seed_folders(dataset_dir).items():
+        path = folder / "steps" / "pretraining-choice.json"
+        if not path.is_file():
+            continue
+        try:
+            recipes = json.loads(path.read_text())["result"]["recipes"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise ValueError(f"{path}: not a saved pretraining-choice step ({exc})") from None
+        seeds.append(seed)
+        for name, found in recipes.items():
+            per_recipe.setdefault(name, []).append(float(found["val_recall@20"]))
+    medians = {name: statistics.median(v) for name, v in per_recipe.items()}
+    recipe = max(medians, key=medians.get) if medians else "plain"
+    return {"recipe": recipe, "val_recall@20": medians, "seeds": seeds}
+
+
 def summarise(values: dict[int, float]) -> dict:
     v = list(values.values())
     return {
@@ -87,10 +118,10 @@ def is_comparison(method: str) -> bool:
     )
 
 
-def dataset_headline(
-    dataset_dir: Path, budgets: tuple[str, ...] = STUDY_BUDGETS, default: str = DEFAULT_METHOD
-) -> dict:
+def dataset_headline(dataset_dir: Path, budgets: tuple[str, ...] = STUDY_BUDGETS) -> dict:
     table = collect(dataset_dir, budgets)
+    choice = pretraining_choice(dataset_dir)
+    default = DEFAULT_BY_RECIPE[choice["recipe"]]
     if default not in table:
         raise ValueError(f"{dataset_dir}: no saved '{default}' rows (run the bit-planes step)")
     rows = {
@@ -113,6 +144,8 @@ def dataset_headline(
         if (ratio := federated_ratio(table, budgets, tag))
     }
     return {
+        "default": default,
+        "pretraining_choice": choice,
         "rows": rows,
         "verdicts": verdicts,
         "share_of_own_full": share,
@@ -125,8 +158,8 @@ def federated_ratio(
 ) -> dict[str, float]:
     """Federated bit-planes (G_u = 4; ``tag`` "federated", or "federated, equal passes" for the
     run that pretrains as many passes as the centralized epochs) over centralized bit-planes
-    (G_u = 4) of the same seed, per budget: the median over the seeds both are saved for.
-    ``table`` is :func:`collect`'s."""
+    (G_u = 4) on the same, plain, pretraining recipe and seed, per budget: the median over the
+    seeds both are saved for. ``table`` is :func:`collect`'s."""
     fed = table.get(f"PEEL bit-planes (G_u=4, {tag})", {})
     central = table.get(DEFAULT_METHOD, {})
     out = {}
@@ -151,9 +184,11 @@ def headline_markdown(headlines: dict[str, dict], budgets: tuple[str, ...] = STU
         "",
         "Recall@20 at a share of the float32 item table's bytes: the median over the saved seeds "
         "with [min, max], or the one seed a method was run for. Made by "
-        "`python -m sim.study.headline` from the saved study steps. The default "
-        f"(`{DEFAULT_METHOD}`) *wins* against a method where its worst seed beats that method's "
-        "best, *ties* where the seed ranges overlap, and *loses* otherwise.",
+        "`python -m sim.study.headline` from the saved study steps. The default is "
+        f"`{DEFAULT_METHOD}` on the pretraining recipe chosen on validation (the "
+        "`pretraining-choice` step: plain, or nested as the Matryoshka baseline trains it). It "
+        "*wins* against a method where its worst seed beats that method's best, *ties* where the "
+        "seed ranges overlap, and *loses* otherwise.",
         "",
     ]
     for name, h in headlines.items():
@@ -166,7 +201,22 @@ def headline_markdown(headlines: dict[str, dict], budgets: tuple[str, ...] = STU
                 -rows[m].get(budgets[0], {"median": 0.0})["median"],
             ),
         )
-        lines += [f"## {name}", "", "| method | " + " | ".join(budgets) + " |"]
+        choice = h["pretraining_choice"]
+        if choice["seeds"]:
+            val = ", ".join(f"{r} {v:.4f}" for r, v in choice["val_recall@20"].items())
+            why = (
+                f"validation Recall@20 of the full table, median over seeds "
+                f"{', '.join(map(str, choice['seeds']))}: {val}"
+            )
+        else:
+            why = "no pretraining-choice step saved: plain"
+        lines += [
+            f"## {name}",
+            "",
+            f"Default: `{h['default']}` ({choice['recipe']} pretraining; {why}).",
+            "",
+            "| method | " + " | ".join(budgets) + " |",
+        ]
         lines.append("|---|" + "---:|" * len(budgets))
         for m in order:
             lines.append(f"| {m} | " + " | ".join(_cell(rows[m].get(b)) for b in budgets) + " |")
@@ -192,7 +242,8 @@ def headline_markdown(headlines: dict[str, dict], budgets: tuple[str, ...] = STU
                 ratio = ", ".join(f"{b} {r:.1%}" for b, r in fed.items())
                 lines += [
                     "",
-                    f"Federated ({what}) over centralized bit-planes (G_u=4), same seed: {ratio}.",
+                    f"Federated ({what}) over centralized bit-planes (G_u=4) on the same plain "
+                    f"pretraining recipe, same seed: {ratio}.",
                 ]
         lines.append("")
     return "\n".join(lines)

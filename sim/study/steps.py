@@ -19,6 +19,7 @@ from sim.study.baseline_steps import (
     step_cover_first,
     step_lightgcn_per_budget,
     step_matryoshka,
+    step_pretraining_choice,
     step_pruning,
     step_retrained_quantized,
 )
@@ -237,6 +238,7 @@ STEPS: dict[str, Callable[[StudyConfig], dict]] = {
     "cold-start": step_cold_start,
     "bit-planes": step_bit_planes,
     "bit-planes-nested": step_bit_planes_nested,
+    "pretraining-choice": step_pretraining_choice,
     **ABLATIONS,
     "ablation-cover-first": step_cover_first,
 }
