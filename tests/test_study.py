@@ -344,3 +344,6 @@ def test_pretraining_choice_scores_both_cached_models_on_validation(quick_study)
     assert saved["recipes"]["plain"] != saved["recipes"]["nested"]
     recipes = saved["recipes"]
     assert saved["choice"] == max(recipes, key=lambda r: recipes[r]["val_recall@20"])
+    md = (out / "study.md").read_text()
+    assert "## Pretraining recipe chosen on validation" in md
+    assert f"Chosen: **{saved['choice']}**" in md

@@ -59,6 +59,7 @@ def build_report(cfg: StudyConfig, done: dict[str, dict]) -> dict:
         "layout": central.get("layout"),
         "rows": rows,
         "drill": done.get("federated", {}).get("result", {}).get("drill", []),
+        "pretraining_choice": done.get("pretraining-choice", {}).get("result"),
         "step_seconds": {name: step["seconds"] for name, step in done.items()},
         "machine": f"{platform.machine()}, Python {platform.python_version()}",
     }
@@ -205,6 +206,8 @@ def report_markdown(report: dict) -> str:
         lines += ["", *bit_plane_lines(rows, report.get("own_bytes_rows", []))]
     if any(r["method"].startswith("Matryoshka") for r in rows):
         lines += ["", *matryoshka_lines(rows)]
+    if report.get("pretraining_choice"):
+        lines += ["", *pretraining_choice_lines(report["pretraining_choice"])]
     if report.get("drill"):
         lines += [
             "",
@@ -334,6 +337,23 @@ def bit_plane_lines(rows: list[dict], own_bytes_rows: list[dict]) -> list[str]:
             ),
         ]
     return lines
+
+
+def pretraining_choice_lines(choice: dict) -> list[str]:
+    """The ``pretraining-choice`` step: each recipe's validation Recall@20 and the one chosen."""
+    found = "; ".join(
+        f"{name}: {r['val_recall@20']:.4f} ({r['train_seconds']:.0f} s of training)"
+        for name, r in choice["recipes"].items()
+    )
+    return [
+        "## Pretraining recipe chosen on validation",
+        "",
+        "Full-table Recall@20 on the validation split (fit items excluded) of the study's plain "
+        "pretraining and of the nested model the Matryoshka rows cut: "
+        f"{found}. Chosen: **{choice['choice']}**. The headline (`python -m sim.study.headline`) "
+        "takes the bit-plane rows on the recipe with the better median over seeds as the "
+        "default.",
+    ]
 
 
 def matryoshka_lines(rows: list[dict]) -> list[str]:
