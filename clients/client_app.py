@@ -37,6 +37,7 @@ from peel_fed.messages import (
     decode_peer_keys,
     decode_pretrain_down,
     decode_rows_down,
+    decode_session,
     encode_contribution,
     encode_device_update,
     encode_final_reply,
@@ -78,16 +79,17 @@ def masked_reply(msg: Message, context: Context, content: Content, vector: np.nd
     """``vector`` masked with this node's pairwise masks for the cohort named in ``content``
     (the decoded contents of ``msg``)."""
     peer_keys, round_tag = decode_peer_keys(content)
-    masked = state.secagg_client(context).masked(
-        np.asarray(vector, dtype=np.float64), peer_keys, round_tag
-    )
-    return _reply(msg, encode_masked(masked))
+    client = state.secagg_client(context, round_tag)
+    masked = client.masked(np.asarray(vector, dtype=np.float64), peer_keys, round_tag)
+    return _reply(msg, encode_masked(masked, client.public_key()))
 
 
 # --- secure aggregation -------------------------------------------------------------------------
 def keys(msg: Message, context: Context) -> Message:
-    """Start a secure-aggregation session: a fresh X25519 key pair; the public half goes up."""
-    private = state.new_secagg_key(context)
+    """Start a secure-aggregation session: a fresh X25519 key pair for the session named in the
+    message; the public half goes up."""
+    round_tag = decode_session(from_record_dict(msg.content))
+    private = state.new_secagg_key(context, round_tag)
     public = SecAggClient(context.node_id, private_key=private).public_key()
     return _reply(msg, encode_public_key(public))
 
@@ -96,7 +98,7 @@ def reveal(msg: Message, context: Context) -> Message:
     """Round keys shared with peers that dropped out, so the server can remove their masks."""
     content = from_record_dict(msg.content)
     peer_keys, round_tag = decode_peer_keys(content)
-    revealed = state.secagg_client(context).reveal_pair_seeds(
+    revealed = state.secagg_client(context, round_tag).reveal_pair_seeds(
         decode_dropped(content), peer_keys, round_tag
     )
     return _reply(msg, encode_revealed(revealed))

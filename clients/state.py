@@ -117,17 +117,28 @@ def save_user_groups(context: Context, groups: np.ndarray) -> None:
     save_arrays(context, "group", {"group": groups.astype(np.int64)})
 
 
-def new_secagg_key(context: Context) -> X25519PrivateKey:
-    """A fresh secure-aggregation key pair for this node, kept for the session's messages."""
+def new_secagg_key(context: Context, round_tag: bytes) -> X25519PrivateKey:
+    """A fresh secure-aggregation key pair for this node's session ``round_tag``, kept for the
+    session's messages."""
     private = X25519PrivateKey.generate()
-    context.state["secagg"] = ConfigRecord({"private-key": private.private_bytes_raw()})
+    context.state["secagg"] = ConfigRecord(
+        {"private-key": private.private_bytes_raw(), "round-tag": round_tag}
+    )
     return private
 
 
-def secagg_client(context: Context) -> SecAggClient:
-    """This node's secure-aggregation identity, kept in ``context.state`` between messages."""
+def secagg_client(context: Context, round_tag: bytes) -> SecAggClient:
+    """This node's secure-aggregation identity for the session ``round_tag``, kept in
+    ``context.state`` between messages.
+
+    A message of another session (a late one, or state overwritten by one) raises: masking
+    under another session's key would make the server's sum garbage, while a node that fails
+    is a dropout the server recovers from.
+    """
     rec = context.state.config_records.get("secagg")
     if rec is None:
         raise RuntimeError("secure aggregation used before query.keys")
+    if bytes(rec["round-tag"]) != round_tag:
+        raise RuntimeError("secure-aggregation message of another session than this node's key")
     key = X25519PrivateKey.from_private_bytes(bytes(rec["private-key"]))
     return SecAggClient(context.node_id, private_key=key)

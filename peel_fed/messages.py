@@ -124,12 +124,28 @@ def decode_dropped(content: Content) -> list[int]:
     return [int(d) for d in content.configs["secagg"]["dropped"]]
 
 
-def encode_masked(masked: np.ndarray) -> Content:
-    return Content(arrays={"secagg": {"masked": masked}})
+def encode_session(round_tag: bytes) -> Content:
+    """``query.keys``: the secure-aggregation session (its round tag) the new key is for."""
+    return Content(configs={"secagg": {"round-tag": round_tag}})
+
+
+def decode_session(content: Content) -> bytes:
+    return bytes(content.configs["secagg"]["round-tag"])
+
+
+def encode_masked(masked: np.ndarray, public_key: bytes) -> Content:
+    """A masked vector with the public key it was masked under (the server drops an upload
+    whose key is not the one it collected for the session: its masks would not cancel)."""
+    key = np.frombuffer(public_key, dtype=np.uint8).copy()
+    return Content(arrays={"secagg": {"masked": masked, "public-key": key}})
 
 
 def decode_masked(content: Content) -> np.ndarray:
     return content.arrays["secagg"]["masked"]
+
+
+def decode_masked_key(content: Content) -> bytes:
+    return np.asarray(content.arrays["secagg"]["public-key"], dtype=np.uint8).tobytes()
 
 
 def encode_revealed(revealed: dict[int, bytes]) -> Content:

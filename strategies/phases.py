@@ -11,8 +11,15 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from clients.records import from_record_dict
-from peel_fed.messages import decode_masked, decode_public_key, decode_revealed, encode_peer_keys
+from clients.records import from_record_dict, to_record_dict
+from peel_fed.messages import (
+    decode_masked,
+    decode_masked_key,
+    decode_public_key,
+    decode_revealed,
+    encode_peer_keys,
+    encode_session,
+)
 from peel_fed.secagg import FixedPoint, SecAggServer
 
 
@@ -187,8 +194,10 @@ def secure_sum(
     reveal, its own vector cannot be unmasked and the phase raises.
     """
     reports: list[PhaseReport] = []
+    round_tag = os.urandom(16)  # names the session: a node keeps its key for this tag only
+    ask_keys = to_record_dict(encode_session(round_tag))
     replies, rep = exchange(
-        grid, node_ids, "query.keys", RecordDict(), timeout, f"{phase}/keys", round_
+        grid, node_ids, "query.keys", ask_keys, timeout, f"{phase}/keys", round_
     )
     reports.append(rep)
     public = {n: decode_public_key(from_record_dict(r.content)) for n, r in replies.items()}
@@ -199,12 +208,18 @@ def secure_sum(
             f"{phase}: secure aggregation needs at least 2 nodes, got {len(cohort)}"
             + (f" ({reasons})" if reasons else "")
         )
-    round_tag = os.urandom(16)
     down = RecordDict({name: rec for name, rec in content.items()})
     down["secagg"] = ConfigRecord(encode_peer_keys(public, round_tag))
     replies, rep = exchange(grid, cohort, message_type, down, timeout, phase, round_)
     reports.append(rep)
-    masked = {n: decode_masked(from_record_dict(r.content)) for n, r in replies.items()}
+    masked = {}
+    for n, r in replies.items():
+        up = from_record_dict(r.content)
+        if decode_masked_key(up) != public[n]:  # its masks would not cancel: a dropout
+            rep.failed[n] = "masked under another key than the session's"
+            rep.replied.remove(n)
+            continue
+        masked[n] = decode_masked(up)
     if not masked:
         reasons = "; ".join(sorted(set(rep.failed.values())))
         raise RuntimeError(f"{phase}: no node sent its masked vector ({reasons})")

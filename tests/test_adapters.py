@@ -13,6 +13,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from clients.client_app import group, keys, make_client_app, stats
 from clients.records import from_record_dict, to_array_record, to_record_dict
+from peel_fed.data import split_validation
 from peel_fed.fedconfig import FedConfig
 from peel_fed.fedlightgcn import DeviceUpdate, PretrainServer
 from peel_fed.fedpee import PEEGroupServer, PEEUpload
@@ -27,8 +28,10 @@ from peel_fed.messages import (
     encode_group_counts,
     encode_pee_reply,
     encode_peer_keys,
+    encode_session,
     encode_stats,
 )
+from peel_fed.partition import partition_users
 from peel_fed.secagg import FixedPoint, SecAggServer
 from strategies.grouping import GroupingResult, GroupingStrategy
 from strategies.log import PhaseLog
@@ -81,10 +84,9 @@ def _context(node: int, partition: int, partitions: int) -> Context:
 
 def _secure_contents(contexts: dict[int, Context], content: RecordDict) -> dict[int, RecordDict]:
     """``content`` with the cohort's keys, as ``secure_sum`` sends it to each node."""
+    ask = to_record_dict(encode_session(b"r" * 16))
     public = {
-        n: decode_public_key(
-            from_record_dict(keys(_message(RecordDict(), n, "query.keys"), c).content)
-        )
+        n: decode_public_key(from_record_dict(keys(_message(ask, n, "query.keys"), c).content))
         for n, c in contexts.items()
     }
     secagg = to_record_dict(Content(configs={"secagg": encode_peer_keys(public, b"r" * 16)}))
@@ -293,3 +295,55 @@ def test_node_budget_reads_device_budget_and_the_old_key_with_a_warning():
     with pytest.warns(FutureWarning, match="'budget-bytes' is renamed 'device-budget'"):
         old = node_budget(Context(1, 7, {"budget-bytes": "10%"}, RecordDict(), {}))
     assert old == "10%"
+
+
+def test_a_node_refuses_to_mask_for_another_session():
+    """A late message of an earlier session (or state overwritten by one) fails on the device,
+    a dropout the server recovers from, instead of masking under the wrong key."""
+    ctx = _context(11, 0, 2)
+    keys(_message(to_record_dict(encode_session(b"a" * 16)), 11, "query.keys"), ctx)
+    other = Content(configs={"secagg": encode_peer_keys({11: b"k" * 32, 12: b"l" * 32}, b"b" * 16)})
+    down = RecordDict({**dict(to_record_dict(data_content(DATA)).items())})
+    down["secagg"] = to_record_dict(other)["secagg"]
+    with pytest.raises(RuntimeError, match="another session than this node's key"):
+        stats(_message(down, 11, "query.stats"), ctx)
+
+
+class _ClobberingGrid(LocalGrid):
+    """Before node 101 masks its statistics, its stored key is replaced by a fresh one of the
+    same session (as a racing message's stale state could): its masks no longer cancel."""
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        from clients.state import new_secagg_key
+
+        for msg in messages:
+            if msg.metadata.message_type == "query.stats" and msg.metadata.dst_node_id == 101:
+                tag = bytes(self.contexts[101].state.config_records["secagg"]["round-tag"])
+                new_secagg_key(self.contexts[101], tag)
+        return super().push_messages(messages)
+
+
+def test_secure_sum_drops_an_upload_masked_under_another_key(server_identity):
+    """The server checks the key each masked upload names against the one it collected: node
+    101's upload is dropped, the survivors reveal, and the sum is exactly theirs (without the
+    check it would be garbage)."""
+    from strategies.phases import secure_sum
+
+    grid = _ClobberingGrid(3)
+    content = to_record_dict(data_content(DATA))
+    total, senders, reports = secure_sum(grid, [100, 101, 102], "query.stats", content, 5.0, "s")
+    assert senders == [100, 102]
+    assert reports[1].failed == {101: "masked under another key than the session's"}
+    assert [r.phase for r in reports][-1].endswith("reveal")
+    # the survivors' statistics, from the dataset: partitions 0 and 2 of 3
+    ds = load_dataset(TINY)
+    split = split_validation(ds.train, ds.n_users, DATA.val_fraction, seed=DATA.seed)
+    want = 0
+    for p in (0, 2):
+        users = partition_users(ds.n_users, 3, p)
+
+        def counts(edges, users=users):
+            return np.bincount(edges.items[np.isin(edges.users, users)], minlength=ds.n_items)
+
+        want = want + encode_stats(counts(ds.train), counts(split.fit), users.size)
+    np.testing.assert_allclose(total, want)

@@ -27,6 +27,7 @@ from peel_fed.messages import (
     decode_group_counts,
     decode_kmeans_sums,
     decode_masked,
+    decode_masked_key,
     decode_pee_down,
     decode_pee_reply,
     decode_pee_row_counts,
@@ -37,6 +38,7 @@ from peel_fed.messages import (
     decode_pretrain_row_counts,
     decode_pretrain_rows,
     decode_revealed,
+    decode_session,
     decode_stats,
     encode_contribution,
     encode_device_update,
@@ -54,6 +56,7 @@ from peel_fed.messages import (
     encode_pretrain_row_counts,
     encode_pretrain_rows,
     encode_revealed,
+    encode_session,
     encode_stats,
     pee_row_unions,
 )
@@ -70,8 +73,10 @@ def _wire(content):
 
 
 def test_record_bytes_of_known_contents():
-    # 5 float64 values: npy header + 40 B of data + the key "masked"
-    assert record_bytes(to_record_dict(encode_masked(np.zeros(5)))) == NPY_HEADER + 40 + 6
+    # 5 float64 values: npy header + 40 B of data + the key "masked"; the 32 B public key it
+    # was masked under: npy header + 32 B + the key "public-key"
+    masked = to_record_dict(encode_masked(np.zeros(5), b"k" * 32))
+    assert record_bytes(masked) == NPY_HEADER + 40 + 6 + NPY_HEADER + 32 + 10
     # three metrics "g0".."g2": 2 B key + 8 B value each
     assert record_bytes(to_record_dict(encode_group_counts(np.array([2, 0, 1])))) == 30
     # "pk-7" + a 32 B key, "round-tag" + 16 B
@@ -107,7 +112,10 @@ def test_secagg_keys_and_reveals_round_trip():
     assert keys == {7: b"a" * 32, 12: b"b" * 32} and tag == b"t" * 16
     assert decode_revealed(_wire(encode_revealed({12: b"s" * 32}))) == {12: b"s" * 32}
     masked = np.array([1.5, -2.0])
-    assert decode_masked(_wire(encode_masked(masked))).tolist() == [1.5, -2.0]
+    up = _wire(encode_masked(masked, b"p" * 32))
+    assert decode_masked(up).tolist() == [1.5, -2.0]
+    assert decode_masked_key(up) == b"p" * 32
+    assert decode_session(_wire(encode_session(b"t" * 16))) == b"t" * 16
 
 
 def _pretrain_down() -> PretrainDown:
