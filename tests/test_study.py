@@ -64,6 +64,9 @@ def test_study_resumes_and_reports_every_method(quick_study):
         "row quantization, best bits x dims",
         "Matryoshka LightGCN, leading dims",
         "Matryoshka LightGCN, quantized",
+        "row quantization, best bits x dims (nested pretraining)",
+        "magnitude pruning (nested pretraining)",
+        "magnitude pruning, int8 values (nested pretraining)",
     }
     for method in methods - {"LightGCN (full table)"}:
         fracs = sorted(r["budget_fraction"] for r in report["rows"] if r["method"] == method)
@@ -347,3 +350,20 @@ def test_pretraining_choice_scores_both_cached_models_on_validation(quick_study)
     md = (out / "study.md").read_text()
     assert "## Pretraining recipe chosen on validation" in md
     assert f"Chosen: **{saved['choice']}**" in md
+
+
+def test_baselines_nested_compress_the_nested_model(quick_study):
+    """The nested pretraining's pruning rows are magnitude pruning of that (cached) model."""
+    from peel_fed.blocks import FLOAT32_BYTES
+    from peel_fed.budget_rows import pruning_rows
+    from sim.study.baseline_steps import _nested_config
+    from sim.study.config import budget_bytes, data_and_pretrained
+
+    cfg, _, report, _, _ = quick_study
+    ds, _, pre = data_and_pretrained(cfg, _nested_config(cfg)[0])
+    budgets = budget_bytes(cfg, pre.item_emb.size * FLOAT32_BYTES)
+    want, _ = pruning_rows(ds, pre.user_emb, pre.item_emb, budgets, int8=True)
+    got = [r for r in report["rows"] if r["method"].endswith("int8 values (nested pretraining)")]
+    assert [r["recall@20"] for r in got] == [r["recall@20"] for r in want]
+    plain = [r for r in report["rows"] if r["method"] == "magnitude pruning, int8 values"]
+    assert [r["recall@20"] for r in plain] != [r["recall@20"] for r in want]

@@ -21,12 +21,13 @@ RETRAINED = "LightGCN retrained per budget"
 RETRAINED_QUANTIZED = "LightGCN retrained per budget, quantized"
 
 
-def step_pruning(cfg: StudyConfig) -> dict:
+def step_pruning(cfg: StudyConfig, pcfg=None) -> dict:
     """Magnitude pruning of the pretrained item table, float32 values and int8 values, at every
-    budget, and each cut step by step on the device (``peel_fed.budget_rows.pruning_rows``)."""
+    budget, and each cut step by step on the device (``peel_fed.budget_rows.pruning_rows``);
+    ``pcfg`` names another pretraining than the study's."""
     from peel_fed.budget_rows import pruning_rows
 
-    ds, _, pre = data_and_pretrained(cfg)
+    ds, _, pre = data_and_pretrained(cfg, pcfg)
     budgets = budget_bytes(cfg, pre.item_emb.size * FLOAT32_BYTES)
     rows, trace = [], []
     for int8 in (False, True):
@@ -204,6 +205,16 @@ def step_pretraining_choice(cfg: StudyConfig) -> dict:
     choice = max(found, key=lambda name: found[name]["val_recall@20"])
     log(f"pretraining chosen on validation: {choice}", source="study")
     return {"rows": [], "recipes": found, "choice": choice}
+
+
+def step_baselines_nested(cfg: StudyConfig) -> dict:
+    """Row quantization (best bits x dims, by validation) and magnitude pruning (float32 and
+    int8 values) of the ``matryoshka`` step's nested model (the same cached pretraining), so
+    that where the nested recipe is chosen (``pretraining-choice``) the default is also judged
+    against plain compression of its own model."""
+    pcfg, nested = _nested_config(cfg)
+    rows = _plane_rows(cfg, pcfg, families=("direct",))["rows"] + step_pruning(cfg, pcfg)["rows"]
+    return {"rows": [{**r, "method": f"{r['method']} (nested pretraining)"} for r in rows]}
 
 
 def step_bit_planes_nested(cfg: StudyConfig) -> dict:

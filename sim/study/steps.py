@@ -14,6 +14,7 @@ from pathlib import Path
 
 from peel_fed.blocks import FLOAT32_BYTES
 from sim.study.baseline_steps import (
+    step_baselines_nested,
     step_bit_planes,
     step_bit_planes_nested,
     step_cover_first,
@@ -239,6 +240,7 @@ STEPS: dict[str, Callable[[StudyConfig], dict]] = {
     "bit-planes": step_bit_planes,
     "bit-planes-nested": step_bit_planes_nested,
     "pretraining-choice": step_pretraining_choice,
+    "baselines-nested": step_baselines_nested,
     **ABLATIONS,
     "ablation-cover-first": step_cover_first,
 }
