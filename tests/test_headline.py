@@ -122,3 +122,17 @@ def test_the_default_sits_on_the_recipe_with_the_better_median_validation(study)
     main(["--results", str(study.parent), "--datasets", "toy"])
     text = (study.parent / "headline.md").read_text()
     assert f"Default: `{nested}` (nested pretraining;" in text
+
+
+def test_compact_tables_put_the_default_first_in_bold(study):
+    from sim.study.headline import compact_tables
+
+    h = dataset_headline(study, BUDGETS)
+    text = compact_tables({"toy": h}, BUDGETS, methods=("magnitude pruning", "retrained", "nope"))
+    lines = text.splitlines()
+    assert lines[4] == "| **PEEL bit-planes (G_u=4), the default** | 0.2500 (0.2000-0.3000) | " + (
+        "0.5000 (0.4800-0.5200) | 0.6000 (0.5800-0.6200) |"
+    )
+    assert lines[5].startswith("| magnitude pruning | 0.1100 (0.1000-0.1200) |")
+    assert lines[6] == "| retrained | 0.3100¹ | 0.4000¹ | - |"
+    assert "nope" not in text

@@ -249,11 +249,60 @@ def headline_markdown(headlines: dict[str, dict], budgets: tuple[str, ...] = STU
     return "\n".join(lines)
 
 
+# The README's tables: the default first, then these (where saved), in this order.
+COMPACT_METHODS = (
+    "PEEL bit-planes (G_u=4)",
+    "PEEL bit-planes (G_u=1)",
+    "PEEL bit-planes (G_u=4, nested pretraining)",
+    "row quantization, best bits x dims",
+    "magnitude pruning, int8 values",
+    "magnitude pruning",
+    "row quantization, best bits x dims (nested pretraining)",
+    "magnitude pruning, int8 values (nested pretraining)",
+    "LightGCN retrained per budget, quantized",
+    "LightGCN retrained per budget",
+    "Matryoshka LightGCN, quantized",
+    "Matryoshka LightGCN, leading dims",
+    "PEEL blocks (G_u=4) (centralized)",
+    "PEEL as published (G_u=4)",
+)
+
+
+def compact_tables(
+    headlines: dict[str, dict],
+    budgets: tuple[str, ...] = STUDY_BUDGETS,
+    methods: tuple[str, ...] = COMPACT_METHODS,
+) -> str:
+    """The README's form of the headline: per dataset, the default (bold) and ``methods``;
+    cells ``median (min-max)``, or ``value¹`` for a method saved for one seed."""
+
+    def cell(s: dict | None) -> str:
+        if s is None:
+            return "-"
+        if len(s["seeds"]) == 1:
+            return f"{s['median']:.4f}¹"
+        return f"{s['median']:.4f} ({s['min']:.4f}-{s['max']:.4f})"
+
+    lines = []
+    for name, h in headlines.items():
+        rows, default = h["rows"], h["default"]
+        lines += [f"**{name}**", "", "| method | " + " | ".join(budgets) + " |"]
+        lines.append("|---|" + "---:|" * len(budgets))
+        for m in (default, *(m for m in methods if m != default and m in rows)):
+            label = f"**{m}, the default**" if m == default else m
+            lines.append(f"| {label} | " + " | ".join(cell(rows[m].get(b)) for b in budgets) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", default="docs/results", help="folder of dataset folders")
     parser.add_argument(
         "--datasets", default=",".join(DATASETS), help="comma-separated dataset folder names"
+    )
+    parser.add_argument(
+        "--compact", action="store_true", help="also print the README's tables (selected methods)"
     )
     args = parser.parse_args(argv)
     root = Path(args.results)
@@ -266,6 +315,8 @@ def main(argv: list[str] | None = None) -> dict:
     write_json_atomic(root / "headline.json", headlines)
     write_text_atomic(root / "headline.md", text)
     print(text)
+    if args.compact:
+        print(compact_tables(headlines))
     return headlines
 
 
