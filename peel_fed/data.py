@@ -97,6 +97,16 @@ class Dataset:
     def user_degree(self) -> np.ndarray:
         return np.bincount(self.train.users, minlength=self.n_users).astype(np.int64)
 
+    def fingerprint(self) -> str:
+        """A digest of the content (id ranges, train and test pairs), not of the name or the
+        path: saved results keyed on it are redone when the data changes in place."""
+        h = hashlib.sha256(f"{self.n_users},{self.n_items}".encode())
+        for edges in (self.train, self.test):
+            for ids in (edges.users, edges.items):
+                h.update(np.ascontiguousarray(ids, dtype=np.int64).tobytes())
+            h.update(b"|")
+        return h.hexdigest()[:16]
+
 
 def _find_file(folder: Path, stem: str) -> Path:
     for name in (f"{stem}.txt", f"{stem}.txt.gz"):

@@ -367,3 +367,46 @@ def test_baselines_nested_compress_the_nested_model(quick_study):
     assert [r["recall@20"] for r in got] == [r["recall@20"] for r in want]
     plain = [r for r in report["rows"] if r["method"] == "magnitude pruning, int8 values"]
     assert [r["recall@20"] for r in plain] != [r["recall@20"] for r in want]
+
+
+def test_a_step_is_redone_when_the_data_changes_in_place(tmp_path, write_lightgcn_folder):
+    """Step keys name the inputs, not the data's content: the saved data fingerprint catches a
+    dataset edited in place (a step saved before fingerprints existed matches on its key)."""
+    from peel_fed.loading import load_dataset
+    from sim.study import runner
+
+    board = load_dataset("checkerboard")
+
+    def by_user(edges, drop: int = 0) -> dict:
+        rows: dict = {}
+        for u, i in zip(edges.users[drop:], edges.items[drop:], strict=True):
+            rows.setdefault(int(u), []).append(int(i))
+        return rows
+
+    folder = tmp_path / "data"
+    write_lightgcn_folder(folder, by_user(board.train), by_user(board.test))
+    cfg = StudyConfig(
+        data_dir=str(folder),
+        budgets=QUICK_BUDGETS,
+        out_dir=str(tmp_path / "report"),
+        cache_dir=str(tmp_path / "cache"),
+        work_dir=str(tmp_path / "work"),
+        quick=True,
+        progress=False,
+    )
+    first = run_study(cfg, ["pruning"])
+    path = runner.step_path(cfg, "pruning")
+    saved = json.loads(path.read_text())
+    assert saved["data"] == load_dataset("gowalla", str(folder)).fingerprint()
+    assert runner.saved_step(cfg, "pruning") is not None  # same data: reused
+
+    write_lightgcn_folder(folder, by_user(board.train), by_user(board.test, drop=5))
+    runner._FINGERPRINTS.clear()  # a new run reads the data again
+    assert runner.saved_step(cfg, "pruning") is None  # the test split changed
+    second = run_study(cfg, ["pruning"])
+    assert json.loads(path.read_text())["data"] != saved["data"]
+    assert [r["recall@20"] for r in second["rows"]] != [r["recall@20"] for r in first["rows"]]
+
+    del saved["data"]  # as saved before fingerprints: matched on its key alone
+    path.write_text(json.dumps(saved))
+    assert runner.saved_step(cfg, "pruning") is not None

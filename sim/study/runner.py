@@ -19,8 +19,23 @@ def step_path(cfg: StudyConfig, name: str) -> Path:
     return Path(cfg.out_dir) / "steps" / f"{name}.json"
 
 
+_FINGERPRINTS: dict[tuple[str, str], str] = {}
+
+
+def data_fingerprint(cfg: StudyConfig) -> str:
+    """The content digest of the study's dataset (``Dataset.fingerprint``), read once per run."""
+    from peel_fed.loading import load_dataset
+
+    where = (cfg.dataset, str(Path(cfg.data_dir).resolve()) if cfg.data_dir else "")
+    if where not in _FINGERPRINTS:
+        _FINGERPRINTS[where] = load_dataset(cfg.dataset, cfg.data_dir).fingerprint()
+    return _FINGERPRINTS[where]
+
+
 def _matching_step(cfg: StudyConfig, name: str) -> tuple[dict | None, bool]:
-    """(step ``name``'s saved result if its key matches ``cfg``, whether a file exists)."""
+    """(step ``name``'s saved result if its key matches ``cfg`` and it was computed on the same
+    data, whether a file exists). A step saved before data fingerprints were recorded matches
+    on its key alone."""
     path = step_path(cfg, name)
     if not path.is_file():
         return None, False
@@ -30,7 +45,8 @@ def _matching_step(cfg: StudyConfig, name: str) -> tuple[dict | None, bool]:
         raise ValueError(_corrupt(path, name, str(exc))) from None
     if not isinstance(saved, dict) or not {"key", "seconds", "result"} <= saved.keys():
         raise ValueError(_corrupt(path, name, "not a saved step"))
-    return (saved if saved.get("key") == cfg.key(name) else None), True
+    same_data = saved.get("data") in (None, data_fingerprint(cfg))
+    return (saved if saved.get("key") == cfg.key(name) and same_data else None), True
 
 
 def _corrupt(path: Path, name: str, why: str) -> str:
@@ -48,7 +64,10 @@ def saved_step(cfg: StudyConfig, name: str) -> dict | None:
     if saved is not None:
         log(f"{name}: done earlier ({saved['seconds']:.0f} s), reusing {path}", source="study")
         return saved
-    log(f"{name}: inputs changed since {path} was written; running it again", source="study")
+    log(
+        f"{name}: inputs or data changed since {path} was written; running it again",
+        source="study",
+    )
     return None
 
 
@@ -57,7 +76,12 @@ def run_step(cfg: StudyConfig, name: str) -> dict:
     log(f"{name}: running", source="study")
     t0 = time.perf_counter()
     result = STEPS[name](cfg)
-    saved = {"key": cfg.key(name), "seconds": time.perf_counter() - t0, "result": result}
+    saved = {
+        "key": cfg.key(name),
+        "data": data_fingerprint(cfg),
+        "seconds": time.perf_counter() - t0,
+        "result": result,
+    }
     write_json_atomic(step_path(cfg, name), saved)
     log(f"{name}: done in {saved['seconds']:.0f} s", source="study")
     return saved
