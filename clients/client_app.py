@@ -114,7 +114,9 @@ def stats(msg: Message, context: Context) -> Message:
     n_items = node.ds.n_items
     train = np.bincount(node.items_of(node.ds.train), minlength=n_items)
     fit = np.bincount(node.items_of(node.split.fit), minlength=n_items)
-    return masked_reply(msg, context, content, encode_stats(train, fit, node.users.size))
+    pid, num = state.partition(context)
+    vector = encode_stats(train, fit, node.users.size, pid, num)
+    return masked_reply(msg, context, content, vector)
 
 
 # --- pretraining --------------------------------------------------------------------------------

@@ -56,12 +56,18 @@ class NodeData:
 _DATA_CACHE: dict[tuple, NodeData] = {}
 
 
+def partition(context: Context) -> tuple[int, int]:
+    """This node's user partition: (``partition-id``, ``num-partitions``) of its node config."""
+    pid = int(context.node_config.get("partition-id", 0))
+    num = int(context.node_config.get("num-partitions", 1))
+    return pid, num
+
+
 def node_data(data: DataSpec, context: Context) -> NodeData:
     """This node's data as the server names it; the node config's ``data-dir`` (deployment:
     each SuperNode's own data) takes precedence."""
     data_dir = str(context.node_config.get("data-dir", "") or data.data_dir)
-    pid = int(context.node_config.get("partition-id", 0))
-    num = int(context.node_config.get("num-partitions", 1))
+    pid, num = partition(context)
     key = (data.dataset, data_dir, data.seed, data.val_fraction, pid, num)
     if key not in _DATA_CACHE:
         _DATA_CACHE.clear()

@@ -6,7 +6,7 @@ metrics, as plain dicts. The adapters turn a :class:`Content` into a Flower ``Re
 back with one helper (``clients.records``). Securely aggregated uploads are one flat float vector
 per node; the functions here write and read their layouts:
 
-- statistics: ``[train counts | fit counts | users]``
+- statistics: ``[train counts | fit counts | partitions claimed (one-hot) | users | 1 | P]``
 - K-Means: ``[centroid sums (k x dim) | counts (k)]``
 - pretraining, secure rows: ``[row counts (items) | loss sum | users]``, then
   ``[E0 gradient over the row union | contribution change per layer over the union]``
@@ -160,23 +160,42 @@ def decode_revealed(content: Content) -> dict[int, bytes]:
 # --- statistics ---------------------------------------------------------------------------------
 @dataclass
 class StatsSums:
-    """Item counts over all training interactions and over the fit split, and the users."""
+    """Item counts over all training interactions and over the fit split, the users, the nodes,
+    and how many nodes claimed each of the ``num-partitions`` user partitions (1 each when the
+    partitions cover the users exactly once)."""
 
     train: np.ndarray
     fit: np.ndarray
     users: int
+    nodes: int = 0
+    claims: np.ndarray | None = None
 
 
-def encode_stats(train: np.ndarray, fit: np.ndarray, users: int) -> np.ndarray:
-    return np.concatenate([train, fit, [users]])
+def encode_stats(
+    train: np.ndarray,
+    fit: np.ndarray,
+    users: int,
+    partition_id: int = 0,
+    num_partitions: int = 1,
+) -> np.ndarray:
+    """One node's statistics vector; it claims its partition ``partition_id`` of
+    ``num_partitions`` (the node count and ``num_partitions`` close it, so the sum decodes
+    without knowing either)."""
+    claims = np.zeros(num_partitions)
+    claims[partition_id] = 1
+    return np.concatenate([train, fit, claims, [users, 1, num_partitions]])
 
 
 def decode_stats(total: np.ndarray) -> StatsSums:
-    n_items = (total.size - 1) // 2
+    nodes = int(round(total[-2]))
+    num_partitions = int(round(total[-1] / max(nodes, 1)))
+    n_items = (total.size - 3 - num_partitions) // 2
     return StatsSums(
         train=np.rint(total[:n_items]).astype(np.int64),
         fit=np.rint(total[n_items : 2 * n_items]).astype(np.int64),
-        users=int(round(total[-1])),
+        users=int(round(total[-3])),
+        nodes=nodes,
+        claims=np.rint(total[2 * n_items : 2 * n_items + num_partitions]).astype(np.int64),
     )
 
 

@@ -229,7 +229,13 @@ def secure_sum(
             f"{phase}: only {len(masked)} node sent its masked vector; "
             "secure aggregation needs at least 2 survivors"
         )
-    length = next(iter(masked.values())).shape[0]
+    lengths = {n: m.shape[0] for n, m in masked.items()}
+    if len(set(lengths.values())) > 1:
+        raise RuntimeError(
+            f"{phase}: nodes sent vectors of different lengths {lengths} (do they load the same "
+            "dataset and agree on num-partitions?)"
+        )
+    length = next(iter(lengths.values()))
     dropped = [n for n in cohort if n not in masked]
     revealed: dict[int, dict[int, bytes]] = {}
     if dropped:

@@ -101,7 +101,7 @@ def test_stats_handler_uploads_masked_counts_that_sum_to_the_dataset():
     for n, ctx in contexts.items():
         reply = stats(_message(down[n], n, "query.stats"), ctx)
         masked[n] = decode_masked(from_record_dict(reply.content))
-    length = 2 * ds.n_items + 1
+    length = 2 * ds.n_items + 2 + 3  # two partitions, users, the node, num-partitions
     assert all(m.shape == (length,) for m in masked.values())
     total = SecAggServer().unmask_sum(masked, sorted(masked), {}, length, FixedPoint())
     cfg = FedConfig(**SMALL)
@@ -131,9 +131,43 @@ def test_group_handler_keeps_groups_on_the_device_and_sends_counts():
     assert ctx.state.array_records["group"]["group"].numpy().tolist() == [1, 1, 0]
 
 
+@pytest.mark.parametrize(
+    ("claims", "failed", "error"),
+    [
+        ([1, 2, 1], 0, r"partition\(s\) \[1\] of 3 claimed by more than one node"),
+        ([1, 0, 1], 0, r"partition\(s\) \[1\] of 3 claimed by no node"),
+        ([1, 0, 0], 1, r"partition\(s\) \[1, 2\] of 3 claimed by no node"),
+        ([1, 0, 1], 1, None),  # the node that failed held it: a warning
+        ([1, 1, 1], 0, None),
+    ],
+)
+def test_stats_refuse_partitions_that_do_not_cover_the_users_once(claims, failed, error):
+    """A rogue node claiming a taken partition, or a partition nobody holds, is refused."""
+    from strategies.stats import check_partitions
+
+    if error is None:
+        check_partitions(np.array(claims), failed)
+        return
+    with pytest.raises(ValueError, match=error):
+        check_partitions(np.array(claims), failed)
+
+
+def test_a_second_node_on_a_taken_partition_is_refused_by_the_statistics(server_identity):
+    """End to end on the in-process grid: node 103 also claims partition 0."""
+    from strategies.stats import StatsStrategy
+
+    grid = LocalGrid(3)
+    grid.contexts[103] = _context(103, 0, 3)
+    cfg = FedConfig(**SMALL)
+    with pytest.raises(ValueError, match=r"partition\(s\) \[0\] of 3 claimed by more than"):
+        StatsStrategy(cfg, PhaseLog(cfg, [100, 101, 102, 103]), DATA).run(
+            grid, [100, 101, 102, 103]
+        )
+
+
 def test_stats_aggregate_refuses_more_user_groups_than_users():
     cfg = FedConfig(**{**SMALL, "num_user_groups": 5})
-    total = encode_stats(np.ones(8), np.ones(8), 4).astype(float)
+    total = encode_stats(np.ones(8), np.ones(8), 4).astype(float)  # one node, one partition
     with pytest.raises(Exception, match="more user groups"):
         StatsStrategy(cfg, PhaseLog(cfg, []), DATA).aggregate(total)
 
@@ -345,5 +379,5 @@ def test_secure_sum_drops_an_upload_masked_under_another_key(server_identity):
         def counts(edges, users=users):
             return np.bincount(edges.items[np.isin(edges.users, users)], minlength=ds.n_items)
 
-        want = want + encode_stats(counts(ds.train), counts(split.fit), users.size)
+        want = want + encode_stats(counts(ds.train), counts(split.fit), users.size, p, 3)
     np.testing.assert_allclose(total, want)

@@ -87,11 +87,20 @@ def test_record_bytes_of_known_contents():
 
 
 def test_stats_vector_layout_and_rounding():
-    vector = encode_stats(np.array([1, 2, 0]), np.array([1, 1, 0]), 4)
-    assert vector.tolist() == [1, 2, 0, 1, 1, 0, 4]
+    vector = encode_stats(
+        np.array([1, 2, 0]), np.array([1, 1, 0]), 4, partition_id=1, num_partitions=2
+    )
+    assert vector.tolist() == [1, 2, 0, 1, 1, 0, 0, 1, 4, 1, 2]
     sums = decode_stats(vector + 1e-7)  # unmasking leaves fixed-point noise
     assert sums.train.tolist() == [1, 2, 0] and sums.fit.tolist() == [1, 1, 0]
     assert sums.train.dtype == np.int64 and sums.users == 4
+    # three nodes' sum: partitions 0, 1, 1 of 2 claimed; 3 nodes; 3 x 2 closes it
+    other = encode_stats(
+        np.array([0, 0, 1]), np.array([0, 0, 1]), 2, partition_id=0, num_partitions=2
+    )
+    sums = decode_stats(2 * vector + other - 1e-7)
+    assert sums.train.tolist() == [2, 4, 1] and sums.users == 10 and sums.nodes == 3
+    assert sums.claims.tolist() == [1, 2]
 
 
 def test_kmeans_and_group_counts():
