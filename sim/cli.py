@@ -384,8 +384,6 @@ def _simulate(args) -> None:
 
 
 def _deploy(args) -> None:
-    import signal
-
     if args.deploy_command == "certs":
         from sim.certs import make_test_certificates
 
@@ -405,10 +403,6 @@ def _deploy(args) -> None:
     cfg = _fed_config(args, args.num_nodes)  # all nodes connect before the run starts
     certs = Certificates.in_dir(args.certs) if args.certs else None
 
-    def on_sigterm(*_) -> None:  # a SIGTERM to the launcher stops the federation as Ctrl-C does
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         result = run_local_deployment(
             cfg,
@@ -422,8 +416,6 @@ def _deploy(args) -> None:
     except DeploymentError as exc:
         print(f"peel-fed: error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     print(f"[peel-fed] deployed run: {result.wall_seconds:.0f} s wall; results in {result.out_dir}")
 
 
@@ -444,6 +436,20 @@ def _study(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``peel-fed`` command; returns its exit status (130 after Ctrl-C, 143 after SIGTERM:
+    either ends the run within seconds, keeping what was written atomically)."""
+    import signal
+
+    from sim.interrupts import raise_terminated
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="peel-fed", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_centralized(sub)
@@ -505,9 +511,12 @@ def main(argv: list[str] | None = None) -> int:
     ) as exc:
         print(f"peel-fed: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("peel-fed: interrupted; finished outputs were written atomically", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        from sim.interrupts import Terminated
+
+        what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        print(f"peel-fed: {what}; finished outputs were written atomically", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     return 0
 
 

@@ -145,16 +145,29 @@ def run_federated_simulation(
         def _main(grid, context) -> None:
             captured["report"] = run_pipeline(wrap_grid(grid) if wrap_grid else grid, cfg)
 
+        from sim.interrupts import Terminated, is_sigterm_exit
+        from strategies.phases import STOP
+
         warnings.simplefilter("ignore", DeprecationWarning)
-        run_simulation(
-            server_app=server,
-            client_app=make_client_app(mods=mods),
-            num_supernodes=num_nodes,
-            backend_config={
-                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                "init_args": ray_init_args(ray_address, cpus),
-            },
-        )
+        STOP.clear()
+        try:
+            run_simulation(
+                server_app=server,
+                client_app=make_client_app(mods=mods),
+                num_supernodes=num_nodes,
+                backend_config={
+                    "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                    "init_args": ray_init_args(ray_address, cpus),
+                },
+            )
+        except SystemExit as exc:  # Ray's own SIGTERM handler exits with status 15
+            STOP.set()  # the ServerApp's thread must end too, or the process cannot exit
+            if is_sigterm_exit(exc):
+                raise Terminated from None
+            raise
+        except BaseException:  # Ctrl-C, SIGTERM, or an error
+            STOP.set()
+            raise
     if "report" not in captured:
         raise RuntimeError("the federated run did not finish; see the log above")
     return captured["report"]

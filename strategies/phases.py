@@ -4,6 +4,7 @@ failures. Aggregation logic lives in ``peel_fed``; this module only moves record
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -90,6 +91,21 @@ class PhaseReport:
 
 
 POLL_SECONDS = 0.1
+# Set by the launcher on Ctrl-C or SIGTERM (``sim.simulate``): the ServerApp, which Flower's
+# simulation runs in a thread of its own, stops at its next poll instead of waiting out the round
+# timeout (the process cannot exit while that thread runs).
+STOP = threading.Event()
+
+
+class Interrupted(RuntimeError):
+    """The run was interrupted (``STOP`` was set) while the server waited for nodes."""
+
+
+def _check_stop() -> None:
+    if STOP.is_set():
+        raise Interrupted("interrupted: the server stopped waiting for nodes")
+
+
 """How often the server asks the SuperLink for replies (Flower's own ``send_and_receive`` waits
 3 s between asks, which in deployment adds about 1.5 s to every exchange)."""
 
@@ -151,6 +167,7 @@ def exchange(
                 report.timing[node] = {k: float(v) for k, v in rec.items()}
         if not pending or time.monotonic() >= deadline:
             break
+        _check_stop()
         time.sleep(POLL_SECONDS)
     for node in pending.values():
         report.failed[node] = "no reply (timeout or node gone)"
@@ -173,6 +190,7 @@ def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float) -> list[int]:
             return nodes
         if time.monotonic() > deadline:
             raise TimeoutError(f"only {len(nodes)} of min-nodes={min_nodes} nodes connected")
+        _check_stop()
         time.sleep(0.5)
 
 

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -68,3 +74,48 @@ def _write_lightgcn_folder(folder, train: dict, test: dict, gz: bool = False, ex
 def write_lightgcn_folder():
     """The folder writer, as a fixture so that test modules need no import tricks."""
     return _write_lightgcn_folder
+
+
+# --- processes (signal and Ray-cluster tests; Linux /proc) ---------------------------------
+def session_members(sid: int) -> list[int]:
+    """Live (not zombie) processes of session ``sid``: a ``ray start`` started in its own
+    session, and every process it spawned, daemons that outlive it included."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if state[0] != "Z" and int(state[3]) == sid:  # fields after the name: state ppid pgrp sid
+            out.append(int(entry.name))
+    return out
+
+
+def stop_session(proc: subprocess.Popen, grace_s: float = 20.0) -> list[int]:
+    """Stop ``proc`` (``ray start --block`` stops its Ray on SIGTERM), then whatever of its
+    session is left: SIGTERM, then SIGKILL, to each of the session's process groups (a group
+    never reaches outside its session). Returns the survivors (none)."""
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        groups = set()
+        for pid in session_members(proc.pid):
+            try:
+                groups.add(os.getpgid(pid))
+            except ProcessLookupError:
+                pass
+        for pgid in groups:
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace_s / 2
+        while session_members(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    return session_members(proc.pid)

@@ -6,7 +6,6 @@ import ipaddress
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import session_members, stop_session
 
 from peel_fed.fedconfig import ConfigError, FedConfig
 from peel_fed.loading import load_dataset
@@ -427,50 +427,6 @@ def test_run_config_defaults_match_fedconfig():
     assert set(defaults) == set(FedConfig().to_run_config())
 
 
-def _session_members(sid: int) -> list[int]:
-    """Live (not zombie) processes of session ``sid``: a ``ray start`` started in its own
-    session, and every process it spawned, daemons that outlive it included."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if state[0] != "Z" and int(state[3]) == sid:  # fields after the name: state ppid pgrp sid
-            out.append(int(entry.name))
-    return out
-
-
-def _stop_session(proc: subprocess.Popen, grace_s: float = 20.0) -> list[int]:
-    """Stop ``proc`` (``ray start --block`` stops its Ray on SIGTERM), then whatever of its
-    session is left: SIGTERM, then SIGKILL, to each of the session's process groups (a group
-    never reaches outside its session). Returns the survivors (none)."""
-    proc.terminate()
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        groups = set()
-        for pid in _session_members(proc.pid):
-            try:
-                groups.add(os.getpgid(pid))
-            except ProcessLookupError:
-                pass
-        for pgid in groups:
-            try:
-                os.killpg(pgid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace_s / 2
-        while _session_members(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-    return _session_members(proc.pid)
-
-
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="lists sockets through /proc")
 def test_the_simulation_attaches_to_a_running_ray_cluster(packing_runs, tmp_path):
     """A head started as docs/federated.md says (on 127.0.0.1, so single-node and on loopback);
@@ -512,9 +468,9 @@ def test_the_simulation_attaches_to_a_running_ray_cluster(packing_runs, tmp_path
         report = run_federated_simulation(
             TINY_CFG, 3, wrap_grid=watch, ray_address=f"127.0.0.1:{port}"
         )
-        head_sockets = _listening_sockets(_session_members(head.pid))
+        head_sockets = _listening_sockets(session_members(head.pid))
     finally:
-        left = _stop_session(head)
+        left = stop_session(head)
         shutil.rmtree(temp, ignore_errors=True)
     assert left == [], [_command(p) for p in left]
     assert watch.gcs == {f"127.0.0.1:{port}"}  # the driver joined the head's GCS
