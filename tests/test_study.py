@@ -222,16 +222,16 @@ def test_a_corrupt_saved_step_is_a_one_line_error_naming_the_file(tmp_path, caps
     assert not (tmp_path / "cache").exists()  # refused before running anything
 
 
+def _quick_config(tmp_path: Path, **fields) -> StudyConfig:
+    """A quick study (checkerboard by default) writing under ``tmp_path``."""
+    where = {k: str(tmp_path / k.removesuffix("_dir")) for k in ("cache_dir", "work_dir")}
+    base = dict(dataset="checkerboard", out_dir=str(tmp_path / "report"), **where)
+    return StudyConfig(**{**base, "quick": True, "progress": False, **fields})
+
+
 def test_budgets_given_as_sizes_sit_beside_fractions(tmp_path):
-    cfg = StudyConfig(
-        dataset="checkerboard",
-        budgets=("2560B", "50%", "10.24KB"),  # the quick table is 160 items x 16 x 4 B = 10,240 B
-        out_dir=str(tmp_path / "report"),
-        cache_dir=str(tmp_path / "cache"),
-        work_dir=str(tmp_path / "work"),
-        quick=True,
-        progress=False,
-    )
+    # the quick table is 160 items x 16 x 4 B = 10,240 B
+    cfg = _quick_config(tmp_path, budgets=("2560B", "50%", "10.24KB"))
     report = run_study(cfg, ["pruning"])
     got = sorted(
         (r["budget"], r["budget_bytes"], r["budget_fraction"])
@@ -255,15 +255,7 @@ def test_matryoshka_step_cuts_one_nested_model_to_every_budget(tmp_path):
     from peel_fed.pipeline import PipelineConfig, pretrain
     from sim.study.steps import step_matryoshka
 
-    cfg = StudyConfig(
-        dataset="checkerboard",
-        budgets=("12.5%", "25%", "100%"),
-        out_dir=str(tmp_path / "report"),
-        cache_dir=str(tmp_path / "cache"),
-        work_dir=str(tmp_path / "work"),
-        quick=True,
-        progress=False,
-    )
+    cfg = _quick_config(tmp_path, budgets=("12.5%", "25%", "100%"))
     assert matryoshka_dims(64) == (2, 4, 8, 16, 32)
     assert (matryoshka_dims(16), matryoshka_dims(3), matryoshka_dims(2)) == ((2, 4, 8), (2,), ())
     report = run_study(cfg, ["matryoshka"])
@@ -308,15 +300,7 @@ def test_labels_saved_before_the_rename_read_as_peel_blocks():
 def test_retrained_models_skip_a_budget_below_one_dimension(tmp_path):
     """5% of the quick table (512 B) is below a 1-dimensional float32 table of 160 items (640 B)
     and below any quantized one (row meta alone is 640 B): no model, no row, no failure."""
-    cfg = StudyConfig(
-        dataset="checkerboard",
-        budgets=("5%", "100%"),
-        out_dir=str(tmp_path / "report"),
-        cache_dir=str(tmp_path / "cache"),
-        work_dir=str(tmp_path / "work"),
-        quick=True,
-        progress=False,
-    )
+    cfg = _quick_config(tmp_path, budgets=("5%", "100%"))
     report = run_study(cfg, ["lightgcn-per-budget", "retrained-quantized"])
     got = sorted((r["method"], r["budget"]) for r in report["rows"])
     assert got == [
@@ -385,15 +369,7 @@ def test_a_step_is_redone_when_the_data_changes_in_place(tmp_path, write_lightgc
 
     folder = tmp_path / "data"
     write_lightgcn_folder(folder, by_user(board.train), by_user(board.test))
-    cfg = StudyConfig(
-        data_dir=str(folder),
-        budgets=QUICK_BUDGETS,
-        out_dir=str(tmp_path / "report"),
-        cache_dir=str(tmp_path / "cache"),
-        work_dir=str(tmp_path / "work"),
-        quick=True,
-        progress=False,
-    )
+    cfg = _quick_config(tmp_path, dataset="gowalla", data_dir=str(folder), budgets=QUICK_BUDGETS)
     first = run_study(cfg, ["pruning"])
     path = runner.step_path(cfg, "pruning")
     saved = json.loads(path.read_text())

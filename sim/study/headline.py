@@ -170,11 +170,15 @@ def federated_ratio(
     return out
 
 
-def _cell(s: dict | None) -> str:
+def _cell(s: dict | None, compact: bool = False) -> str:
+    """``median [min, max]`` or ``median (seed n)``; compact (the README's): ``median
+    (min-max)`` or ``value¹``."""
     if s is None:
         return "-"
     if len(s["seeds"]) == 1:
-        return f"{s['median']:.4f} (seed {s['seeds'][0]})"
+        return f"{s['median']:.4f}¹" if compact else f"{s['median']:.4f} (seed {s['seeds'][0]})"
+    if compact:
+        return f"{s['median']:.4f} ({s['min']:.4f}-{s['max']:.4f})"
     return f"{s['median']:.4f} [{s['min']:.4f}, {s['max']:.4f}]"
 
 
@@ -275,14 +279,6 @@ def compact_tables(
 ) -> str:
     """The README's form of the headline: per dataset, the default (bold) and ``methods``;
     cells ``median (min-max)``, or ``value¹`` for a method saved for one seed."""
-
-    def cell(s: dict | None) -> str:
-        if s is None:
-            return "-"
-        if len(s["seeds"]) == 1:
-            return f"{s['median']:.4f}¹"
-        return f"{s['median']:.4f} ({s['min']:.4f}-{s['max']:.4f})"
-
     lines = []
     for name, h in headlines.items():
         rows, default = h["rows"], h["default"]
@@ -290,7 +286,8 @@ def compact_tables(
         lines.append("|---|" + "---:|" * len(budgets))
         for m in (default, *(m for m in methods if m != default and m in rows)):
             label = f"**{m}, the default**" if m == default else m
-            lines.append(f"| {label} | " + " | ".join(cell(rows[m].get(b)) for b in budgets) + " |")
+            cells = " | ".join(_cell(rows[m].get(b), compact=True) for b in budgets)
+            lines.append(f"| {label} | {cells} |")
         lines.append("")
     return "\n".join(lines)
 
