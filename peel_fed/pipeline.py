@@ -104,16 +104,12 @@ class Pretrained:
 
 def _pretrain_key(ds: Dataset, split_fit: Interactions, cfg: PipelineConfig) -> str:
     """The cache key of a pretrained model: data, fit split, LightGCN config and seed.
-
-    ``nested_dims`` enters the key only when set, and the softmax loss's fields only with that
-    loss, so plain BPR models keep their earlier keys (and cached files).
-    """
+    ``nested_dims`` enters it only when set, the softmax loss's fields only with that loss, so
+    plain BPR models keep their earlier keys (and cached files)."""
     lightgcn = asdict(cfg.lightgcn)
-    if not lightgcn["nested_dims"]:
-        del lightgcn["nested_dims"]
-    if lightgcn["loss"] == "bpr":
-        for name in ("loss", "negatives", "temperature"):
-            del lightgcn[name]
+    unset = ("loss", "negatives", "temperature") if lightgcn["loss"] == "bpr" else ()
+    for name in (*unset, *(() if lightgcn["nested_dims"] else ("nested_dims",))):
+        del lightgcn[name]
     h = hashlib.sha256()
     h.update(ds.name.encode())
     h.update(np.ascontiguousarray(split_fit.users).tobytes())

@@ -341,18 +341,14 @@ def bit_plane_lines(rows: list[dict], own_bytes_rows: list[dict]) -> list[str]:
 
 def pretraining_choice_lines(choice: dict) -> list[str]:
     """The ``pretraining-choice`` step: each recipe's validation Recall@20 and the one chosen."""
-    found = "; ".join(
-        f"{name}: {r['val_recall@20']:.4f} ({r['train_seconds']:.0f} s of training)"
-        for name, r in choice["recipes"].items()
-    )
+    found = "; ".join(f"{n}: {r['val_recall@20']:.4f}" for n, r in choice["recipes"].items())
     return [
         "## Pretraining recipe chosen on validation",
         "",
         "Full-table Recall@20 on the validation split (fit items excluded) of the study's plain "
-        "pretraining and of the nested model the Matryoshka rows cut: "
-        f"{found}. Chosen: **{choice['choice']}**. The headline (`python -m sim.study.headline`) "
-        "takes the bit-plane rows on the recipe with the better median over seeds as the "
-        "default.",
+        f"pretraining and of the nested model the Matryoshka rows cut: {found}. Chosen: "
+        f"**{choice['choice']}**; the headline's default is the bit-plane row on the recipe "
+        "with the better median over seeds.",
     ]
 
 
