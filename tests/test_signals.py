@@ -34,6 +34,9 @@ def _signal_mid_run(argv: list[str], marker: str, sig: int, tmp_path: Path) -> t
         start_new_session=True,
         cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        # as from a terminal: a shell's background job (a CI runner, `pytest &`) ignores SIGINT,
+        # and a child inherits that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     seen = []
     try:
@@ -58,12 +61,13 @@ def _signal_mid_run(argv: list[str], marker: str, sig: int, tmp_path: Path) -> t
 
 
 def test_simulate_ends_within_seconds_on_sigterm(tmp_path):
-    """SIGTERM mid-pretraining: Ray replaces peel-fed's SIGTERM handler (it exits with status
-    15), and the ServerApp's thread waits on its nodes; both are handled (exit 143)."""
+    """SIGTERM mid-pretraining (just after the statistics phase): Ray replaces peel-fed's SIGTERM
+    handler (it exits with status 15), and the ServerApp's thread waits on its nodes; both are
+    handled (exit 143)."""
     out = tmp_path / "run"
     argv = ["simulate", "--dataset", "checkerboard", "--num-nodes", "2", "--no-progress"]
     argv += ["--out", str(out), "--run-config", "pretrain-passes=500"]
-    status, seconds = _signal_mid_run(argv, "[peel-fed] pretraining:", signal.SIGTERM, tmp_path)
+    status, seconds = _signal_mid_run(argv, "stats (secure aggregation)", signal.SIGTERM, tmp_path)
     assert status == SIGNALS[signal.SIGTERM]
     assert seconds < 30
     assert not (out / "results.json").exists()  # no partial result
