@@ -95,7 +95,7 @@ def _save_choice(folder: Path, plain: float, nested: float) -> None:
     recipes = {"plain": {"val_recall@20": plain}, "nested": {"val_recall@20": nested}}
     (folder / "steps").mkdir(parents=True, exist_ok=True)
     blob = {"key": "k", "result": {"rows": [], "recipes": recipes, "choice": "?"}}
-    (folder / "steps" / "pretraining-choice.json").write_text(json.dumps(blob))
+    (folder / "steps" / "recipe-choice.json").write_text(json.dumps(blob))
 
 
 def test_the_default_sits_on_the_recipe_with_the_better_median_validation(study):

@@ -320,7 +320,7 @@ def test_pretraining_choice_scores_both_cached_models_on_validation(quick_study)
     from sim.study.config import data_and_pretrained, pipeline_config
 
     cfg, _, _, _, out = quick_study
-    saved = json.loads((out / "steps" / "pretraining-choice.json").read_text())["result"]
+    saved = json.loads((out / "steps" / "recipe-choice.json").read_text())["result"]
     for name, pcfg in (("plain", pipeline_config(cfg)), ("nested", _nested_config(cfg)[0])):
         ds, split, pre = data_and_pretrained(cfg, pcfg)
         assert pre.reused  # no step trained a model the others did not

@@ -210,7 +210,7 @@ def step_pretraining_choice(cfg: StudyConfig) -> dict:
 def step_baselines_nested(cfg: StudyConfig) -> dict:
     """Row quantization (best bits x dims, by validation) and magnitude pruning (float32 and
     int8 values) of the ``matryoshka`` step's nested model (the same cached pretraining), so
-    that where the nested recipe is chosen (``pretraining-choice``) the default is also judged
+    that where the nested recipe is chosen (``recipe-choice``) the default is also judged
     against plain compression of its own model."""
     pcfg, nested = _nested_config(cfg)
     rows = _plane_rows(cfg, pcfg, families=("direct",))["rows"] + step_pruning(cfg, pcfg)["rows"]

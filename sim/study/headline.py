@@ -6,7 +6,7 @@ default's verdict against every other method.
 the saved steps (it runs nothing; ``peel-fed study --seed N`` adds seeds).
 
 The default is the bit-planes row (G_u = 4) on the pretraining recipe chosen on validation by the
-``pretraining-choice`` step (plain, or nested as the ``matryoshka`` step trains it): the recipe
+``recipe-choice`` step (plain, or nested as the ``matryoshka`` step trains it): the recipe
 with the higher median validation Recall@20 over the seeds it was run for; plain where it was not
 run.
 
@@ -67,18 +67,18 @@ def collect(dataset_dir: Path, budgets: tuple[str, ...] = STUDY_BUDGETS) -> dict
 
 def pretraining_choice(dataset_dir: Path) -> dict:
     """The recipe under the default: ``{"recipe", "val_recall@20": {recipe: median}, "seeds"}``
-    from the saved ``pretraining-choice`` steps (``recipe`` "plain" and no seeds where none is
+    from the saved ``recipe-choice`` steps (``recipe`` "plain" and no seeds where none is
     saved)."""
     per_recipe: dict[str, list[float]] = {}
     seeds = []
     for seed, folder in seed_folders(dataset_dir).items():
-        path = folder / "steps" / "pretraining-choice.json"
+        path = folder / "steps" / "recipe-choice.json"
         if not path.is_file():
             continue
         try:
             recipes = json.loads(path.read_text())["result"]["recipes"]
         except (json.JSONDecodeError, KeyError) as exc:
-            raise ValueError(f"{path}: not a saved pretraining-choice step ({exc})") from None
+            raise ValueError(f"{path}: not a saved recipe-choice step ({exc})") from None
         seeds.append(seed)
         for name, found in recipes.items():
             per_recipe.setdefault(name, []).append(float(found["val_recall@20"]))
@@ -190,7 +190,7 @@ def headline_markdown(headlines: dict[str, dict], budgets: tuple[str, ...] = STU
         "with [min, max], or the one seed a method was run for. Made by "
         "`python -m sim.study.headline` from the saved study steps. The default is "
         f"`{DEFAULT_METHOD}` on the pretraining recipe chosen on validation (the "
-        "`pretraining-choice` step: plain, or nested as the Matryoshka baseline trains it). It "
+        "`recipe-choice` step: plain, or nested as the Matryoshka baseline trains it). It "
         "*wins* against a method where its worst seed beats that method's best, *ties* where the "
         "seed ranges overlap, and *loses* otherwise.",
         "",
@@ -213,7 +213,7 @@ def headline_markdown(headlines: dict[str, dict], budgets: tuple[str, ...] = STU
                 f"{', '.join(map(str, choice['seeds']))}: {val}"
             )
         else:
-            why = "no pretraining-choice step saved: plain"
+            why = "no recipe-choice step saved: plain"
         lines += [
             f"## {name}",
             "",

@@ -59,7 +59,7 @@ def build_report(cfg: StudyConfig, done: dict[str, dict]) -> dict:
         "layout": central.get("layout"),
         "rows": rows,
         "drill": done.get("federated", {}).get("result", {}).get("drill", []),
-        "pretraining_choice": done.get("pretraining-choice", {}).get("result"),
+        "pretraining_choice": done.get("recipe-choice", {}).get("result"),
         "step_seconds": {name: step["seconds"] for name, step in done.items()},
         "machine": f"{platform.machine()}, Python {platform.python_version()}",
     }
@@ -340,7 +340,7 @@ def bit_plane_lines(rows: list[dict], own_bytes_rows: list[dict]) -> list[str]:
 
 
 def pretraining_choice_lines(choice: dict) -> list[str]:
-    """The ``pretraining-choice`` step: each recipe's validation Recall@20 and the one chosen."""
+    """The ``recipe-choice`` step: each recipe's validation Recall@20 and the one chosen."""
     found = "; ".join(f"{n}: {r['val_recall@20']:.4f}" for n, r in choice["recipes"].items())
     return [
         "## Pretraining recipe chosen on validation",

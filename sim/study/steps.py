@@ -239,7 +239,7 @@ STEPS: dict[str, Callable[[StudyConfig], dict]] = {
     "cold-start": step_cold_start,
     "bit-planes": step_bit_planes,
     "bit-planes-nested": step_bit_planes_nested,
-    "pretraining-choice": step_pretraining_choice,
+    "recipe-choice": step_pretraining_choice,
     "baselines-nested": step_baselines_nested,
     **ABLATIONS,
     "ablation-cover-first": step_cover_first,
