@@ -160,13 +160,10 @@ def run_federated_simulation(
                     "init_args": ray_init_args(ray_address, cpus),
                 },
             )
-        except SystemExit as exc:  # Ray's own SIGTERM handler exits with status 15
+        except BaseException as exc:  # Ctrl-C, SIGTERM, or an error
             STOP.set()  # the ServerApp's thread must end too, or the process cannot exit
-            if is_sigterm_exit(exc):
+            if isinstance(exc, SystemExit) and is_sigterm_exit(exc):  # Ray's SIGTERM: status 15
                 raise Terminated from None
-            raise
-        except BaseException:  # Ctrl-C, SIGTERM, or an error
-            STOP.set()
             raise
     if "report" not in captured:
         raise RuntimeError("the federated run did not finish; see the log above")
