@@ -22,7 +22,7 @@ scheme gives up against centralized LightGCN. The cohort is computed in one vect
 every user's loss depends only on its own data and the shared tables, the result equals per-user
 computation.
 
-Long file: about 470 lines, on purpose: the server (:class:`PretrainServer`), the devices
+Long file: about 560 lines, on purpose: the server (:class:`PretrainServer`), the devices
 (:class:`PretrainDevices`) and the in-process federation (:class:`FedLightGCN`) are the two halves
 of the equations above and their composition; each half is checked against the other (the
 contribution sums, the row gradients), so they are read together.
@@ -43,6 +43,7 @@ from peel_fed.data import Interactions, concat_ranges
 from peel_fed.lightgcn import NegativeSampler
 from peel_fed.optim import RowAdam
 from peel_fed.partition import user_rng, user_slots
+from peel_fed.privacy import DPConfig, clip_factors, gaussian_noise
 from peel_fed.scoring import bpr_loss, pair_scores
 
 
@@ -82,6 +83,9 @@ class DeviceUpdate:
     loss_sum: float
     users: int
     solo_bytes: int = 0  # what the users would upload if each were alone (same encoding)
+    # users whose upload was scaled down to the DP clip bound (kept on the device: a count sent
+    # in the clear would be a release the accountant does not cover)
+    clipped: int = 0
 
     @classmethod
     def empty(cls, cfg: FedLightGCNConfig) -> DeviceUpdate:
@@ -117,7 +121,13 @@ class PretrainServer:
     """The server's side of federated LightGCN: ``E0`` and the item-side sums ``S_k``."""
 
     def __init__(
-        self, n_items: int, item_degree: np.ndarray, cfg: FedLightGCNConfig, seed: int = 0
+        self,
+        n_items: int,
+        item_degree: np.ndarray,
+        cfg: FedLightGCNConfig,
+        seed: int = 0,
+        dp: DPConfig | None = None,
+        users_per_round: float = 1.0,
     ) -> None:
         self.n_items, self.cfg = n_items, cfg
         self.inv_sqrt_di = inv_sqrt_degree(item_degree)
@@ -125,6 +135,10 @@ class PretrainServer:
         self.E0 = torch.randn(n_items, cfg.dim, generator=gen) * cfg.init_std
         self.S = torch.zeros(cfg.layers, n_items, cfg.dim)
         self.item_adam = RowAdam((n_items, cfg.dim), cfg.server_lr)
+        # user-level DP (``peel_fed.privacy``): noise on every released sum, and the gradient
+        # divided by the expected users per round, a public number, not by per-row counts
+        self.dp, self.users_per_round = dp, max(float(users_per_round), 1.0)
+        self.noise_rng = np.random.default_rng([seed, 23])
 
     def item_layers(self) -> list[torch.Tensor]:
         """[E0, L_1, ..., L_K] as the server holds them."""
@@ -137,19 +151,38 @@ class PretrainServer:
         for k in range(self.cfg.layers):
             self.S[k].index_add_(0, torch.from_numpy(np.asarray(rows)), delta[k])
 
+    def noise_contributions(self, layers: range | list[int]) -> None:
+        """User-level DP: Gaussian noise on every row of the released sums ``S_k``, once per
+        aggregate (nothing without DP). An ``init`` exchange releases only its layer's sum."""
+        if self.dp is None or self.dp.noise_std == 0:
+            return
+        for k in layers:
+            self.S[k] += gaussian_noise(tuple(self.S[k].shape), self.dp.noise_std, self.noise_rng)
+
     def apply(self, updates: list[DeviceUpdate]) -> dict[str, float]:
         """Average each touched ``E0`` row over the devices that touched it, take an Adam step,
-        and add the contribution changes to the item-side sums."""
+        and add the contribution changes to the item-side sums.
+
+        With DP noise, noise goes on every row of the gradient sum and of the item-side sums,
+        and the gradient is divided by the expected users per round; every row takes the step.
+        Without noise (clipping only, epsilon infinite) the aggregation is the plain one.
+        """
         grad = torch.zeros(self.n_items, self.cfg.dim)
         devices = np.zeros(self.n_items, dtype=np.int64)
         for up in updates:
             grad.index_add_(0, torch.from_numpy(up.rows), up.grad)
             np.add.at(devices, up.rows, up.row_devices)
             self.add_contributions(up.contrib_rows, up.contrib_delta)
-        rows = np.flatnonzero(devices)
-        if rows.size:
-            g = grad[rows] / torch.from_numpy(devices[rows]).float()[:, None]
-            self.item_adam.step(self.E0, torch.from_numpy(rows), g)
+        if self.dp is not None and self.dp.noise_std > 0:
+            self.noise_contributions(range(self.cfg.layers))
+            grad += gaussian_noise(tuple(grad.shape), self.dp.noise_std, self.noise_rng)
+            rows = np.arange(self.n_items)
+            self.item_adam.step(self.E0, torch.from_numpy(rows), grad / self.users_per_round)
+        else:
+            rows = np.flatnonzero(devices)
+            if rows.size:
+                g = grad[rows] / torch.from_numpy(devices[rows]).float()[:, None]
+                self.item_adam.step(self.E0, torch.from_numpy(rows), g)
         users = sum(up.users for up in updates)
         return {
             "loss": sum(up.loss_sum for up in updates) / max(users, 1),
@@ -213,21 +246,26 @@ class PretrainDevices:
         return np.searchsorted(self.users, users)
 
     # --- propagation -----------------------------------------------------------------------------
-    def _norm_matrix(self, users: np.ndarray) -> torch.Tensor:
-        """Sparse CSR (len(users) x n_items) matrix with 1 / sqrt(d_u d_i) at each interaction."""
+    def _norm_matrix(
+        self, users: np.ndarray, columns: np.ndarray | None = None, width: int | None = None
+    ) -> torch.Tensor:
+        """Sparse CSR (len(users) x n_items) matrix with 1 / sqrt(d_u d_i) at each interaction;
+        ``columns`` (one per interaction) and ``width`` renumber its columns."""
         lo, hi = self.bounds[users], self.bounds[users + 1]
         counts = hi - lo
         crow = torch.from_numpy(np.concatenate([[0], np.cumsum(counts)]))
         cols = self.edges.items[concat_ranges(lo, hi)]
         du = np.repeat(np.maximum(counts, 1), counts).astype(np.float32)
         vals = torch.from_numpy(1.0 / np.sqrt(du)) * self.inv_sqrt_di[torch.from_numpy(cols)]
+        if columns is not None:
+            cols = columns
         with warnings.catch_warnings():  # torch flags sparse CSR as beta
             warnings.simplefilter("ignore", UserWarning)
             return torch.sparse_csr_tensor(
                 crow,
                 torch.from_numpy(cols),
                 vals,
-                (users.size, self.n_items),
+                (users.size, width or self.n_items),
                 check_invariants=False,
             )
 
@@ -248,12 +286,19 @@ class PretrainDevices:
 
     # --- uploads -------------------------------------------------------------------------------
     def contribution_upload(
-        self, users: np.ndarray, layer_vectors: dict[int, torch.Tensor]
-    ) -> tuple[np.ndarray, torch.Tensor]:
+        self,
+        users: np.ndarray,
+        layer_vectors: dict[int, torch.Tensor],
+        clip: float | None = None,
+        sq_norms: torch.Tensor | None = None,
+    ) -> tuple[np.ndarray, torch.Tensor, int]:
         """The change of ``v_k = u_k / sqrt(d_u)`` on the users' item rows, summed over users.
 
-        ``layer_vectors[k]`` holds u_k of ``users``; the devices' last contributions are updated.
-        Returns the item rows (sorted) and a (layers, rows, dim) tensor, zero for absent k.
+        ``layer_vectors[k]`` holds u_k of ``users``; the devices' last contributions are updated
+        to what was sent. With ``clip``, each user's change (over all its rows and layers, plus
+        ``sq_norms``, the squared norm of the rest of its upload) is scaled to L2 norm at most
+        ``clip``. Returns the item rows (sorted), a (layers, rows, dim) tensor, zero for absent
+        k, and the per-user scales (all ones without ``clip``).
         """
         local = torch.from_numpy(self._local(users))
         lo, hi = self.bounds[users], self.bounds[users + 1]
@@ -264,24 +309,32 @@ class PretrainDevices:
         rows, where = np.unique(item_of_pair[by_item], return_inverse=True)
         where_t, owner_t = torch.from_numpy(where), torch.from_numpy(owner[by_item])
         scale = torch.from_numpy(1.0 / np.sqrt(np.maximum(counts, 1))).float()[:, None]
+        new = {k: uk.detach() * scale for k, uk in layer_vectors.items()}
+        changes = {k: v - self.contrib[k, local] for k, v in new.items()}
+        factors = torch.ones(users.size)
+        if clip is not None:
+            # each change sits on the user's d_u rows
+            sq = sum(c.pow(2).sum(-1) for c in changes.values()) * torch.from_numpy(counts).float()
+            factors = clip_factors(sq + (0 if sq_norms is None else sq_norms), clip)
+            changes = {k: c * factors[:, None] for k, c in changes.items()}
+            new = {k: self.contrib[k, local] + c for k, c in changes.items()}
         delta = torch.zeros(self.cfg.layers, rows.size, self.cfg.dim)
-        for k, uk in layer_vectors.items():
-            new = uk.detach() * scale
-            change = new - self.contrib[k, local]
-            self.contrib[k, local] = new
+        for k, change in changes.items():
+            self.contrib[k, local] = new[k]  # what the server now holds for these users
             delta[k].index_add_(0, where_t, change[owner_t])
-        return rows, delta
+        return rows, delta, factors
 
     def initial_contribution(
-        self, k: int, layers: list[torch.Tensor], batch: int = 4096
+        self, k: int, layers: list[torch.Tensor], batch: int = 4096, clip: float | None = None
     ) -> tuple[np.ndarray, torch.Tensor]:
-        """Round 0, layer ``k``: every hosted user's first contribution ``u_k / sqrt(d_u)``."""
+        """Round 0, layer ``k``: every hosted user's first contribution ``u_k / sqrt(d_u)``
+        (each scaled to L2 norm at most ``clip`` when given)."""
         users = self.users[self.user_degree[self.users] > 0]
         rows_all, deltas = [], []
         for start in range(0, users.size, batch):
             chunk = users[start : start + batch]
             ul = self.user_layers(chunk, self.U0[torch.from_numpy(self._local(chunk))], layers)
-            rows, delta = self.contribution_upload(chunk, {k: ul[k]})
+            rows, delta, _ = self.contribution_upload(chunk, {k: ul[k]}, clip)
             rows_all.append(rows)
             deltas.append(delta)
         if not rows_all:
@@ -303,7 +356,11 @@ class PretrainDevices:
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
     def device_round(
-        self, users: np.ndarray, layers: list[torch.Tensor], round_no: int
+        self,
+        users: np.ndarray,
+        layers: list[torch.Tensor],
+        round_no: int,
+        clip: float | None = None,
     ) -> DeviceUpdate:
         """What one node computes in round ``round_no`` for the hosted ``users`` taking part,
         from the tables it received.
@@ -311,6 +368,8 @@ class PretrainDevices:
         Updates those users' device state (u0, its Adam moments, last contributions) and returns
         the upload: the summed ``E0`` gradient on the touched rows with the number of hosted
         users that touched each row, and the summed contribution changes on the users' items.
+        With ``clip`` (user-level DP), each user's row gradients and contribution change are
+        scaled together to L2 norm at most ``clip`` before they are summed.
         """
         users = np.asarray(users, dtype=np.int64)
         users = users[self.user_degree[users] > 0]
@@ -319,22 +378,33 @@ class PretrainDevices:
         local = torch.from_numpy(self._local(users))
         lo, hi = self.bounds[users], self.bounds[users + 1]
         counts = hi - lo
-        pair_user = torch.from_numpy(np.repeat(np.arange(users.size), counts))
-        pos = torch.from_numpy(self.edges.items[concat_ranges(lo, hi)])
-        neg = torch.from_numpy(self._negatives(users, round_no))
+        owner = np.repeat(np.arange(users.size), counts)
+        pair_user = torch.from_numpy(owner)
+        pos_items = self.edges.items[concat_ranges(lo, hi)]
+        neg_items = self._negatives(users, round_no)
+        # every (user, row) pair gets its own copy of the E0 row, so that the gradient of each
+        # user's loss stays apart (per-user clipping) until the rows are summed
+        pos_keys, neg_keys = owner * self.n_items + pos_items, owner * self.n_items + neg_items
+        keys = np.unique(np.concatenate([pos_keys, neg_keys]))
+        key_rows = keys % self.n_items
+        pos, neg = np.searchsorted(keys, pos_keys), np.searchsorted(keys, neg_keys)
+        pos_t, neg_t = torch.from_numpy(pos), torch.from_numpy(neg)
+        pos_i, neg_i = torch.from_numpy(pos_items), torch.from_numpy(neg_items)
         weight = torch.from_numpy(1.0 / np.repeat(counts, counts)).float()  # per-user mean
         received = [layer.detach() for layer in layers]
         fixed = received[1:]
         n_layers = len(received)
-        E0 = received[0].clone().requires_grad_(True)
+        E0 = received[0][torch.from_numpy(key_rows)].clone().requires_grad_(True)
         # step 0: gradient for u0 and for the received E0 rows (the upload)
         u0 = self.U0[local].clone().requires_grad_(True)
-        ul = self.user_layers(users, u0, [E0] + fixed)
-        up = (E0[pos] + sum(f[pos] for f in fixed)) / n_layers
-        un = (E0[neg] + sum(f[neg] for f in fixed)) / n_layers
-        item_sq = E0[pos].pow(2).sum(-1) + E0[neg].pow(2).sum(-1)
+        A = self._norm_matrix(users)
+        ul = [u0, torch.sparse.mm(self._norm_matrix(users, pos, keys.size), E0)]
+        ul += [torch.sparse.mm(A, fixed[k - 1]) for k in range(1, self.cfg.layers)]
+        up = (E0[pos_t] + sum(f[pos_i] for f in fixed)) / n_layers
+        un = (E0[neg_t] + sum(f[neg_i] for f in fixed)) / n_layers
+        item_sq = E0[pos_t].pow(2).sum(-1) + E0[neg_t].pow(2).sum(-1)
         loss = self._pair_loss(torch.stack(ul).mean(0), u0, up, un, item_sq, pair_user, weight)
-        g_u0, grad_e0 = torch.autograd.grad(loss, [u0, E0])
+        g_u0, grad_keys = torch.autograd.grad(loss, [u0, E0])
         loss_sum = float(loss.detach())
         self.user_adam.step(self.U0, local, g_u0)
         # further local steps move only u0; the propagated part u_1..u_K is fixed by the tables
@@ -346,12 +416,19 @@ class PretrainDevices:
             loss = self._pair_loss(uf, u0, up, un, item_sq, pair_user, weight)
             (g_u0,) = torch.autograd.grad(loss, [u0])
             self.user_adam.step(self.U0, local, g_u0)
-        owner = pair_user.numpy()
-        keys = np.unique(
-            np.concatenate([owner * self.n_items + pos.numpy(), owner * self.n_items + neg.numpy()])
+        key_owner = torch.from_numpy(keys // self.n_items)
+        grad_sq = torch.zeros(users.size).index_add_(0, key_owner, grad_keys.pow(2).sum(-1))
+        # contributions with the new u0 and the tables received
+        ul = self.user_layers(users, self.U0[local], received)
+        contrib_rows, delta, factors = self.contribution_upload(
+            users, {k: ul[k] for k in range(self.cfg.layers)}, clip, grad_sq
         )
-        row_devices_all = np.bincount(keys % self.n_items, minlength=self.n_items)
-        rows = np.flatnonzero(row_devices_all)
+        if clip is not None:
+            grad_keys = grad_keys * factors[key_owner][:, None]
+        rows, where = np.unique(key_rows, return_inverse=True)
+        grad = torch.zeros(rows.size, self.cfg.dim).index_add_(
+            0, torch.from_numpy(where), grad_keys
+        )
         d, k = self.cfg.dim, self.cfg.layers
         # as if alone: per touched row its id, device count and gradient; per interaction its
         # row id and K contributions; per user its loss sum and count
@@ -360,20 +437,16 @@ class PretrainDevices:
             + counts.sum() * (INT64_BYTES + FLOAT32_BYTES * k * d)
             + (FLOAT64_BYTES + INT64_BYTES) * users.size
         )
-        # contributions with the new u0 and the tables received
-        ul = self.user_layers(users, self.U0[local], received)
-        contrib_rows, delta = self.contribution_upload(
-            users, {k: ul[k] for k in range(self.cfg.layers)}
-        )
         return DeviceUpdate(
             rows=rows,
-            grad=grad_e0[torch.from_numpy(rows)],
-            row_devices=row_devices_all[rows],
+            grad=grad,
+            row_devices=np.bincount(where, minlength=rows.size),
             contrib_rows=contrib_rows,
             contrib_delta=delta,
             loss_sum=loss_sum,
             users=int(users.size),
             solo_bytes=solo,
+            clipped=int((factors < 1).sum()),
         )
 
     def _pair_loss(self, uf, u0, up, un, item_sq, pair_user, weight) -> torch.Tensor:
@@ -395,12 +468,17 @@ class FedLightGCN:
         item_degree: np.ndarray,
         cfg: FedLightGCNConfig,
         seed: int = 0,
+        dp: DPConfig | None = None,
     ) -> None:
         self.n_users, self.n_items, self.cfg, self.seed = n_users, n_items, cfg, seed
-        self.server = PretrainServer(n_items, item_degree, cfg, seed)
         self.devices = PretrainDevices(
             np.arange(n_users), n_users, n_items, edges, item_degree, cfg, seed
         )
+        active = int((self.devices.user_degree > 0).sum())
+        self.server = PretrainServer(
+            n_items, item_degree, cfg, seed, dp, active / rounds_per_pass_for(cfg.cohort_fraction)
+        )
+        self.clip = None if dp is None else dp.clip
         self.round = 0
 
     @property
@@ -426,8 +504,9 @@ class FedLightGCN:
         """Round 0: every device sends its first contributions, layer by layer (K exchanges)."""
         for k in range(self.cfg.layers):
             self.server.add_contributions(
-                *self.devices.initial_contribution(k, self.server.item_layers())
+                *self.devices.initial_contribution(k, self.server.item_layers(), clip=self.clip)
             )
+            self.server.noise_contributions([k])
 
     def run_round(self, users: np.ndarray, num_nodes: int = 1) -> dict[str, float]:
         """One round: the cohort's users, packed into ``num_nodes`` nodes, against the same
@@ -435,7 +514,7 @@ class FedLightGCN:
         self.round += 1
         layers = self.server.item_layers()
         chunks = np.array_split(np.asarray(users, dtype=np.int64), num_nodes)
-        updates = [self.devices.device_round(c, layers, self.round) for c in chunks]
+        updates = [self.devices.device_round(c, layers, self.round, self.clip) for c in chunks]
         return self.server.apply(updates)
 
     @torch.no_grad()
@@ -452,10 +531,12 @@ def train_fed_lightgcn(
     cfg: FedLightGCNConfig,
     seed: int = 0,
     on_pass: Callable[[FedLightGCN, dict], None] | None = None,
+    dp: DPConfig | None = None,
 ) -> FedLightGCN:
-    """Rounds of sampled cohorts; ``on_pass`` is called after every full pass over the users."""
+    """Rounds of sampled cohorts; ``on_pass`` is called after every full pass over the users.
+    ``dp`` turns on user-level DP (``pretraining_releases`` counts what to account)."""
     torch.manual_seed(seed)
-    model = FedLightGCN(n_users, n_items, edges, item_degree, cfg, seed)
+    model = FedLightGCN(n_users, n_items, edges, item_degree, cfg, seed, dp)
     model.initialise()
     rounds_per_pass = rounds_per_pass_for(cfg.cohort_fraction)
     all_users = np.arange(n_users)
@@ -474,3 +555,9 @@ def train_fed_lightgcn(
                 },
             )
     return model
+
+
+def pretraining_releases(cfg: FedLightGCNConfig, rounds: int) -> int:
+    """Aggregates one user's data can enter in a pretraining of ``rounds`` rounds: the ``layers``
+    init exchanges, and one round in each (started) pass."""
+    return cfg.layers + -(-rounds // rounds_per_pass_for(cfg.cohort_fraction))

@@ -1,0 +1,162 @@
+"""User-level differential privacy: the accountant, per-user clipping, noised pretraining."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import brentq
+from scipy.stats import norm
+
+from peel_fed.fedlightgcn import (
+    FedLightGCN,
+    FedLightGCNConfig,
+    pretraining_releases,
+    train_fed_lightgcn,
+)
+from peel_fed.metrics import evaluate_ranking
+from peel_fed.privacy import DPConfig, PrivacyError, epsilon, noise_for_epsilon
+from peel_fed.scoring import dot_score_fn
+from peel_fed.synthetic import checkerboard
+
+CFG = FedLightGCNConfig(dim=16, layers=3, rounds=0, cohort_fraction=0.5, local_steps=2)
+
+
+def _board():
+    return checkerboard(n_users=120, n_items=80, n_clusters=2, p_in=0.3, p_out=0.02, seed=3)
+
+
+def _analytic_gaussian_epsilon(sigma: float, delta: float) -> float:
+    """Exact epsilon of one Gaussian mechanism of sensitivity 1 (Balle and Wang, ICML 2018,
+    Theorem 8): delta(eps) = Phi(1/(2s) - eps s) - e^eps Phi(-1/(2s) - eps s)."""
+
+    def gap(eps: float) -> float:
+        a = 1 / (2 * sigma)
+        return norm.cdf(a - eps * sigma) - math.exp(eps) * norm.cdf(-a - eps * sigma) - delta
+
+    return brentq(gap, 1e-9, 500)
+
+
+@pytest.mark.parametrize("sigma, releases", [(1.0, 10), (4.0, 23), (0.8, 1)])
+def test_the_accountant_matches_the_analytic_gaussian_mechanism(sigma, releases):
+    # T Gaussian releases of noise multiplier s compose exactly to one of s / sqrt(T)
+    delta = 1e-5
+    exact = _analytic_gaussian_epsilon(sigma / math.sqrt(releases), delta)
+    assert epsilon(sigma, releases, delta) == pytest.approx(exact, rel=0.01)
+
+
+def test_the_noise_for_a_target_epsilon_reaches_it_and_no_more():
+    sigma = noise_for_epsilon(4.0, 23, 1e-5)
+    assert epsilon(sigma, 23, 1e-5) <= 4.0
+    assert epsilon(sigma * 0.99, 23, 1e-5) > 4.0
+    assert epsilon(0.0, 3, 1e-5) == math.inf and epsilon(1.0, 0, 1e-5) == 0.0
+
+
+@pytest.mark.parametrize(
+    "call, words",
+    [
+        (lambda: DPConfig(0.0, 1.0, 1e-5), "dp-clip"),
+        (lambda: DPConfig(1.0, -1.0, 1e-5), "dp-noise-multiplier"),
+        (lambda: DPConfig(1.0, 1.0, 1.5), "dp-delta"),
+        (lambda: noise_for_epsilon(-1.0, 3, 1e-5), "dp-target-epsilon"),
+        (lambda: noise_for_epsilon(1e-7, 3, 1e-5), "unreachable"),
+    ],
+)
+def test_out_of_range_parameters_are_one_line_errors(call, words):
+    with pytest.raises(PrivacyError) as err:
+        call()
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def _upload_norms(fed: FedLightGCN, users: np.ndarray, clip: float | None) -> np.ndarray:
+    """The L2 norm of each user's whole round upload, each user sent alone."""
+    layers = fed.server.item_layers()
+    out = []
+    for u in users:
+        up = fed.devices.device_round(np.array([u]), layers, 1, clip)
+        out.append(torch.cat([up.grad.ravel(), up.contrib_delta.ravel()]).norm().item())
+    return np.array(out)
+
+
+def test_clipping_bounds_each_user_s_whole_upload():
+    ds = _board()
+    users = np.arange(0, 40)
+    plain = _model(ds)
+    plain.initialise()
+    norms = _upload_norms(plain, users, None)
+    clip = float(np.median(norms))
+    clipped = _model(ds)
+    clipped.initialise()
+    got = _upload_norms(clipped, users, clip)
+    assert (got <= clip * (1 + 1e-5)).all()
+    small = norms < clip
+    assert small.any() and (~small).any()
+    np.testing.assert_allclose(got[small], norms[small], rtol=1e-5)  # under the bound: untouched
+    np.testing.assert_allclose(got[~small], clip, rtol=1e-5)
+
+
+def test_clipping_is_per_user_so_packing_does_not_change_the_upload():
+    ds = _board()
+    cohort = np.arange(0, 60)
+    a, b = _model(ds), _model(ds)
+    for m in (a, b):
+        m.clip = 0.05
+        m.initialise()
+    a.run_round(cohort, num_nodes=1)
+    b.run_round(cohort, num_nodes=60)
+    np.testing.assert_allclose(a.E0.numpy(), b.E0.numpy(), atol=1e-6)
+    np.testing.assert_allclose(a.S.numpy(), b.S.numpy(), atol=1e-5)
+
+
+def _model(ds, dp=None):
+    return FedLightGCN(ds.n_users, ds.n_items, ds.train, ds.item_popularity(), CFG, 7, dp)
+
+
+def test_noise_zero_and_a_clip_above_every_upload_reproduce_the_run_without_dp():
+    ds = _board()
+    cfg = FedLightGCNConfig(dim=16, rounds=6, cohort_fraction=0.5, local_steps=2)
+    args = (ds.n_users, ds.n_items, ds.train, ds.item_popularity(), cfg)
+    plain = train_fed_lightgcn(*args, seed=1)
+    dp = train_fed_lightgcn(*args, seed=1, dp=DPConfig(1e6, 0.0, 1e-5))
+    np.testing.assert_allclose(dp.E0.numpy(), plain.E0.numpy(), atol=1e-6)
+    np.testing.assert_allclose(dp.U0.numpy(), plain.U0.numpy(), atol=1e-6)
+    np.testing.assert_allclose(dp.S.numpy(), plain.S.numpy(), atol=1e-5)
+
+
+def test_the_server_noises_every_row_of_every_released_sum():
+    ds = _board()
+    dp = DPConfig(clip=0.5, noise_multiplier=2.0, delta=1e-5)
+    fed = _model(ds, dp)
+    fed.server.noise_contributions([1])
+    assert fed.S[0].abs().sum() == 0 and fed.S[2].abs().sum() == 0  # only the released layer
+    assert (fed.S[1] != 0).all()
+    assert fed.S[1].std().item() == pytest.approx(1.0, rel=0.05)  # sigma * clip
+    before = fed.E0.clone()
+    fed.server.apply([])  # an empty round still moves every row: noise only
+    assert (fed.E0 != before).all(dim=1).all()
+
+
+def test_noised_pretraining_repeats_with_its_seed_and_learns_at_a_loose_epsilon():
+    ds = _board()
+    cfg = FedLightGCNConfig(
+        dim=16, rounds=60, cohort_fraction=0.5, server_lr=2e-2, user_lr=2e-2, local_steps=1
+    )
+    args = (ds.n_users, ds.n_items, ds.train, ds.item_popularity(), cfg)
+    releases = pretraining_releases(cfg, cfg.rounds)
+    assert releases == 3 + 30
+    dp = DPConfig(clip=0.5, noise_multiplier=noise_for_epsilon(50.0, releases, 1e-3), delta=1e-3)
+    a = train_fed_lightgcn(*args, seed=1, dp=dp)
+    b = train_fed_lightgcn(*args, seed=1, dp=dp)
+    assert torch.equal(a.E0, b.E0) and torch.equal(a.S, b.S)
+
+    def recall(model):
+        u, v = model.final_embeddings()
+        return evaluate_ranking(dot_score_fn(u, v), ds.n_users, ds.train, ds.test)["recall@20"]
+
+    strict = DPConfig(clip=0.5, noise_multiplier=noise_for_epsilon(0.5, releases, 1e-3), delta=1e-3)
+    loose, tight = recall(a), recall(train_fed_lightgcn(*args, seed=1, dp=strict))
+    candidates = ds.n_items - np.bincount(ds.train.users, minlength=ds.n_users).mean()
+    assert loose > 2 * 20 / candidates  # far above a random ranking
+    assert loose > tight
