@@ -149,12 +149,13 @@ def pretrain(msg: Message, context: Context) -> Message:
         devices.load_state(saved)
     layers = [torch.from_numpy(layer) for layer in down.layers]
     users = int(node.users.size)
+    clip = step.dp_clip or None
     if step.step == "final":
         state.save_user_vectors(context, devices.final_user_vectors(layers))
         state.save_arrays(context, "pretrain", devices.state_arrays())
         return _reply(msg, encode_final_reply(users))
     if step.step == "init":
-        rows, delta = devices.initial_contribution(step.k, layers)
+        rows, delta = devices.initial_contribution(step.k, layers, clip=clip)
         if not step.secure:
             state.save_arrays(context, "pretrain", devices.state_arrays())
             return _reply(msg, encode_contribution(rows, delta.numpy(), users))
@@ -162,7 +163,7 @@ def pretrain(msg: Message, context: Context) -> Message:
         counts = encode_pretrain_row_counts(node.ds.n_items, rows, np.ones(rows.size), 0.0, users)
     elif step.step == "round":
         taking_part = round_participants(devices.seed, node.users, step.round, step.rounds_per_pass)
-        up = devices.device_round(taking_part, layers, step.round)
+        up = devices.device_round(taking_part, layers, step.round, clip)
         if not step.secure:
             state.save_arrays(context, "pretrain", devices.state_arrays())
             return _reply(msg, encode_device_update(up))

@@ -17,8 +17,9 @@ from peel_fed.blocks import (
     split_budget_list,
 )
 from peel_fed.controller import ControllerConfig
-from peel_fed.fedlightgcn import FedLightGCNConfig
+from peel_fed.fedlightgcn import FedLightGCNConfig, pretraining_releases, rounds_per_pass_for
 from peel_fed.fedpee import FedPEEConfig
+from peel_fed.privacy import DPConfig, PrivacyError, noise_for_epsilon
 from peel_fed.renames import RENAMED_RUN_CONFIG_KEYS, with_current_keys
 
 
@@ -60,6 +61,13 @@ class FedConfig:
     pretrain_user_lr: float = 2e-2
     # pretraining row uploads by secure aggregation over the round's row union (costs bytes)
     secure_rows: bool = False
+    # user-level differential privacy of pretraining (``peel_fed.privacy``), off while dp-clip
+    # is 0: each user's upload clipped to dp-clip, Gaussian noise of dp-noise-multiplier times
+    # the clip on every sum, or the noise that meets dp-target-epsilon at dp-delta
+    dp_clip: float = 0.0
+    dp_noise_multiplier: float = 0.0
+    dp_target_epsilon: float = 0.0
+    dp_delta: float = 1e-5
     # grouping
     num_user_groups: int = 4
     kmeans_iters: int = 8
@@ -118,6 +126,7 @@ class FedConfig:
                     check_budget_format(text)
                 except BudgetError as exc:
                     raise ConfigError(f"{key.replace('_', '-')}: {exc}") from None
+        self._check_privacy()
         try:
             fracs = self.drill_fractions()
         except ValueError:
@@ -153,6 +162,42 @@ class FedConfig:
         except BudgetError as exc:
             raise ConfigError(f"budgets: {exc}") from None
         return layout, budgets, own
+
+    def _check_privacy(self) -> None:
+        if min(self.dp_clip, self.dp_noise_multiplier, self.dp_target_epsilon) < 0:
+            raise ConfigError("dp-clip, dp-noise-multiplier and dp-target-epsilon must be >= 0")
+        if self.dp_clip == 0:
+            if self.dp_noise_multiplier or self.dp_target_epsilon:
+                raise ConfigError("dp-noise-multiplier and dp-target-epsilon need dp-clip > 0")
+            return
+        if self.dp_noise_multiplier and self.dp_target_epsilon:
+            raise ConfigError("set dp-noise-multiplier or dp-target-epsilon, not both")
+        if self.secure_rows:
+            raise ConfigError(
+                "user-level DP with secure-rows (distributed DP) is not built yet: use one"
+            )
+        try:
+            self.dp_pretraining()
+        except PrivacyError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def pretraining_releases(self) -> int:
+        """The aggregates of pretraining that one user's data enters (``init`` exchanges and
+        one round per pass)."""
+        rounds = self.pretrain_passes * rounds_per_pass_for(self.pretrain_cohort_fraction)
+        return pretraining_releases(self.lightgcn(), rounds)
+
+    def dp_pretraining(self) -> DPConfig | None:
+        """The DP settings of pretraining (None without ``dp-clip``); a target epsilon is turned
+        into its noise multiplier by the accountant."""
+        if self.dp_clip == 0:
+            return None
+        sigma = self.dp_noise_multiplier
+        if self.dp_target_epsilon:
+            sigma = noise_for_epsilon(
+                self.dp_target_epsilon, self.pretraining_releases(), self.dp_delta
+            )
+        return DPConfig(self.dp_clip, sigma, self.dp_delta)
 
     def lightgcn(self) -> FedLightGCNConfig:
         """The pretraining part of this config."""

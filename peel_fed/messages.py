@@ -255,6 +255,7 @@ class PretrainStep:
     k: int | None = None
     round: int | None = None
     rounds_per_pass: int | None = None
+    dp_clip: float = 0.0  # user-level DP: each user's upload scaled to this L2 bound (0: off)
 
     def to_config(self) -> Config:
         rec: Config = {
@@ -265,6 +266,8 @@ class PretrainStep:
             "secure": self.secure,
             "step": self.step,
         }
+        if self.dp_clip:
+            rec["dp-clip"] = float(self.dp_clip)
         if self.k is not None:
             rec["k"] = self.k
         if self.round is not None:
@@ -288,6 +291,7 @@ class PretrainStep:
             k=opt("k"),
             round=opt("round"),
             rounds_per_pass=opt("rounds-per-pass"),
+            dp_clip=float(rec.get("dp-clip", 0.0)),
         )
 
 

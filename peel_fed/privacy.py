@@ -121,7 +121,7 @@ def noise_for_epsilon(target_epsilon: float, releases: int, delta: float) -> flo
     while hi / lo > 1 + 1e-3:  # epsilon(lo) > target >= epsilon(hi)
         mid = (lo * hi) ** 0.5
         lo, hi = (lo, mid) if epsilon(mid, releases, delta) <= target_epsilon else (mid, hi)
-    return hi
+    return float(hi)
 
 
 def clip_factors(sq_norms: torch.Tensor, clip: float) -> torch.Tensor:
@@ -135,3 +135,37 @@ def gaussian_noise(shape: tuple[int, ...], std: float, rng: np.random.Generator)
     if std == 0:
         return torch.zeros(shape)
     return torch.from_numpy(rng.normal(0.0, std, size=shape).astype(np.float32))
+
+
+# the releases that no epsilon here covers: said in every report, so no one reads a total into it
+NOT_COVERED = (
+    "statistics: item degrees, user and interaction counts (secure sums, released exactly)",
+    "grouping: k-means centroid sums and counts",
+    "bit-plane orders: second moments and item counts per user group",
+    "PEE learning: row gradients, block-weight gradients and loss sums",
+    "evaluation: metric sums",
+)
+
+
+def privacy_report(dp: DPConfig, releases: dict[str, int]) -> dict:
+    """The privacy section of a run's report: settings, the DP event, epsilon per phase (keyed
+    like ``releases``) and over all of them, and what is not covered. An infinite epsilon (no
+    noise) is written as the string ``"inf"``."""
+
+    def eps(n: int) -> float | str:
+        value = epsilon(dp.noise_multiplier, n, dp.delta)
+        return round(value, 4) if np.isfinite(value) else "inf"
+
+    total = int(sum(releases.values()))
+    return {
+        "mechanism": "user-level central DP: each user's upload clipped on its device, Gaussian "
+        "noise on every released sum by the server",
+        "accountant": ACCOUNTANT,
+        "dp_event": repr(dp_event(dp.noise_multiplier, total)),
+        "clip": dp.clip,
+        "noise_multiplier": round(dp.noise_multiplier, 6),
+        "delta": dp.delta,
+        "releases": dict(releases),
+        "epsilon": {**{phase: eps(n) for phase, n in releases.items()}, "covered": eps(total)},
+        "not_covered": list(NOT_COVERED),
+    }

@@ -25,6 +25,7 @@ from peel_fed.messages import (
     encode_pretrain_down,
     encode_rows_down,
 )
+from peel_fed.privacy import privacy_report
 from strategies.base import PhaseStrategy, node_sample, reply_contents, upload_users
 from strategies.log import PhaseLog
 from strategies.phases import exchange, secure_sum
@@ -38,7 +39,16 @@ class PretrainStrategy(PhaseStrategy):
     def __init__(self, cfg: FedConfig, log: PhaseLog, data: DataSpec, stats: StatsResult) -> None:
         super().__init__(cfg, log, data)
         self.stats = stats
-        self.server = PretrainServer(stats.n_items, stats.fit_degree, cfg.lightgcn(), cfg.seed)
+        self.dp = cfg.dp_pretraining()
+        per_pass = rounds_per_pass_for(cfg.pretrain_cohort_fraction)
+        self.server = PretrainServer(
+            stats.n_items,
+            stats.fit_degree,
+            cfg.lightgcn(),
+            cfg.seed,
+            self.dp,
+            stats.users / per_pass,
+        )
         self.history: list[dict] = []
 
     def step(self, step: str, **at: int) -> PretrainStep:
@@ -52,6 +62,7 @@ class PretrainStrategy(PhaseStrategy):
             cfg.pretrain_user_lr,
             cfg.secure_rows,
             **at,
+            dp_clip=cfg.dp_clip,
         )
 
     def configure(self, step: PretrainStep) -> RecordDict:
@@ -60,11 +71,19 @@ class PretrainStrategy(PhaseStrategy):
         down = PretrainDown(self.data, step, layers, self.stats.fit_degree)
         return to_record_dict(encode_pretrain_down(down))
 
-    def aggregate_contributions(self, replies: dict[int, RecordDict]) -> None:
-        """An ``init`` step in the clear: add every node's first contributions."""
+    def aggregate_contributions(self, replies: dict[int, RecordDict], k: int) -> None:
+        """An ``init`` step of layer ``k`` in the clear: add every node's first contributions
+        (and, with DP, noise on the layer's sum)."""
         for content in replies.values():
             rows, delta = decode_contribution(from_record_dict(content))
             self.server.add_contributions(rows, torch.from_numpy(delta))
+        self.server.noise_contributions([k])
+
+    def privacy(self) -> dict | None:
+        """What ``results.json`` says of privacy: settings, DP event and epsilon per phase."""
+        if self.dp is None:
+            return None
+        return privacy_report(self.dp, {"pretrain": self.cfg.pretraining_releases()})
 
     def aggregate_round(self, replies: dict[int, RecordDict]) -> dict[str, float]:
         """A training round in the clear: apply every node's upload, in arrival order."""
@@ -114,7 +133,7 @@ class PretrainStrategy(PhaseStrategy):
                 grid, nodes, "train.pretrain", content, timeout, "pretrain/init", k
             )
             self.log.add(rep)
-            self.aggregate_contributions(reply_contents(replies))
+            self.aggregate_contributions(reply_contents(replies), k)
         per_pass = rounds_per_pass_for(cfg.pretrain_cohort_fraction)
         rounds = cfg.pretrain_passes * per_pass
         rng = np.random.default_rng([cfg.seed, 11])

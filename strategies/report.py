@@ -73,6 +73,7 @@ def results_markdown(report: dict) -> str:
                 f"({pre['dense_upload_bytes']:,} B)."
             )
     lines += _participation_lines(report.get("participation"))
+    lines += privacy_lines(report.get("privacy"))
     timing = report.get("timing")
     if timing:
         lines.append(
@@ -92,6 +93,20 @@ def results_markdown(report: dict) -> str:
         + ")"
     )
     return "\n".join(lines) + "\n"
+
+
+def privacy_lines(privacy: dict | None) -> list[str]:
+    """The privacy paragraph: epsilon per phase, its settings, and what it does not cover."""
+    if not privacy:
+        return ["\nPrivacy: no differential privacy (dp-clip 0)."]
+    eps = ", ".join(f"{phase} {value}" for phase, value in privacy["epsilon"].items())
+    return [
+        f"\nPrivacy: {privacy['mechanism']}. Epsilon at delta {privacy['delta']:g}: {eps} "
+        f"(clip {privacy['clip']:g}, noise multiplier {privacy['noise_multiplier']:g}, "
+        f"{privacy['dp_event']}, accountant {privacy['accountant']}). Not covered: "
+        + "; ".join(privacy["not_covered"])
+        + "."
+    ]
 
 
 MAX_NODE_ROWS = 40

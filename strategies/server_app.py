@@ -90,6 +90,7 @@ def run_pipeline(grid: Grid, cfg: FedConfig) -> dict:
         "unit_weights": [s.weights().round(4).tolist() for s in pee.servers],
         **evaluation,
         "pretrain": pretraining.history,
+        "privacy": pretraining.privacy(),
         "pee": pee.history,
         "bytes": phase_log.bytes_report(stats),
         "failures": phase_log.failures(),

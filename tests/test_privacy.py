@@ -160,3 +160,73 @@ def test_noised_pretraining_repeats_with_its_seed_and_learns_at_a_loose_epsilon(
     candidates = ds.n_items - np.bincount(ds.train.users, minlength=ds.n_users).mean()
     assert loose > 2 * 20 / candidates  # far above a random ranking
     assert loose > tight
+
+
+@pytest.fixture
+def pipeline(monkeypatch):
+    """``run_pipeline`` on the tiny board with in-process devices (no Ray, no SuperLink)."""
+    from flwr.supercore.task_identity import TaskIdentity
+    from test_adapters import SMALL, LocalGrid
+
+    from peel_fed.fedconfig import FedConfig
+    from strategies.server_app import run_pipeline
+
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    return lambda **dp: run_pipeline(LocalGrid(3), FedConfig(**SMALL, **dp))
+
+
+def test_the_federated_pipeline_clips_on_devices_noises_and_reports_epsilon(pipeline):
+    plain = pipeline()
+    assert plain["privacy"] is None
+
+    def losses(report):
+        return np.array([r["loss"] for r in report["pretrain"]])
+
+    # a clip above every upload and no noise: the plain run; a tiny clip: the devices clipped
+    np.testing.assert_allclose(losses(pipeline(dp_clip=1e6)), losses(plain), rtol=1e-6)
+    assert not np.allclose(losses(pipeline(dp_clip=1e-4)), losses(plain), rtol=1e-3)
+    noised = pipeline(dp_clip=0.5, dp_target_epsilon=8.0, dp_delta=1e-3)
+    rep = noised["privacy"]
+    assert rep["releases"] == {"pretrain": 3 + 2}  # 3 init exchanges, 2 passes
+    assert rep["epsilon"]["pretrain"] == pytest.approx(8.0, rel=0.01)
+    assert rep["epsilon"]["pretrain"] <= 8.0
+    assert rep["epsilon"]["pretrain"] == pytest.approx(
+        epsilon(rep["noise_multiplier"], 5, 1e-3), rel=1e-3
+    )
+    assert "GaussianDpEvent" in rep["dp_event"] and "count=5" in rep["dp_event"]
+    assert any(line.startswith("PEE learning") for line in rep["not_covered"])
+    assert [r["rows"] for r in noised["pretrain"]] == [noised["dataset"]["items"]] * 4
+
+
+@pytest.mark.parametrize(
+    "dp, words",
+    [
+        (dict(dp_noise_multiplier=1.0), "need dp-clip"),
+        (dict(dp_clip=1.0, dp_noise_multiplier=1.0, dp_target_epsilon=2.0), "not both"),
+        (dict(dp_clip=1.0, secure_rows=True), "secure-rows"),
+        (dict(dp_clip=1.0, dp_target_epsilon=1e-9), "unreachable"),
+        (dict(dp_clip=-1.0), "must be >= 0"),
+    ],
+)
+def test_dp_run_config_errors_are_one_line(dp, words):
+    from peel_fed.fedconfig import ConfigError, FedConfig
+
+    with pytest.raises(ConfigError) as err:
+        FedConfig(**dp)
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_strategy_noises_each_init_exchange_on_its_own_layer():
+    from test_adapters import DATA, SMALL, _stats_result
+
+    from peel_fed.fedconfig import FedConfig
+    from strategies.log import PhaseLog
+    from strategies.pretrain import PretrainStrategy
+
+    cfg = FedConfig(**SMALL, dp_clip=0.5, dp_noise_multiplier=2.0)
+    strategy = PretrainStrategy(cfg, PhaseLog(cfg, []), DATA, _stats_result(cfg))
+    strategy.aggregate_contributions({}, 1)  # no node replied: the release is noise alone
+    S = strategy.server.S
+    assert (S[1] != 0).all() and S[0].abs().sum() == 0 and S[2].abs().sum() == 0
+    assert S[1].std().item() == pytest.approx(1.0, rel=0.2)
