@@ -307,7 +307,14 @@ def pee(msg: Message, context: Context) -> Message:
     uploads = {}
     for g in sorted(set(groups.tolist())):
         users = node.users[(groups == g) & taking_part]
-        uploads[g] = devices.device_round(users, down.tables[g], down.alphas[g], round_.round)
+        uploads[g] = devices.device_round(
+            users,
+            down.tables[g],
+            down.alphas[g],
+            round_.round,
+            round_.dp_clip or None,
+            round_.dp_private,
+        )
     state.save_arrays(context, "pee", devices.state_arrays())
     if round_.secure:
         # secure rows: keep the upload, send masked per-group row counts and the user count

@@ -61,9 +61,10 @@ class FedConfig:
     pretrain_user_lr: float = 2e-2
     # pretraining row uploads by secure aggregation over the round's row union (costs bytes)
     secure_rows: bool = False
-    # user-level differential privacy of pretraining (``peel_fed.privacy``), off while dp-clip
-    # is 0: each user's upload clipped to dp-clip, Gaussian noise of dp-noise-multiplier times
-    # the clip on every sum, or the noise that meets dp-target-epsilon at dp-delta
+    # user-level differential privacy of pretraining and PEE learning (``peel_fed.privacy``), off
+    # while dp-clip is 0: each user's upload clipped to dp-clip, Gaussian noise of
+    # dp-noise-multiplier times the clip on every sum, or the noise that meets dp-target-epsilon
+    # at dp-delta over both phases
     dp_clip: float = 0.0
     dp_noise_multiplier: float = 0.0
     dp_target_epsilon: float = 0.0
@@ -177,26 +178,26 @@ class FedConfig:
                 "user-level DP with secure-rows (distributed DP) is not built yet: use one"
             )
         try:
-            self.dp_pretraining()
+            self.dp_settings()
         except PrivacyError as exc:
             raise ConfigError(str(exc)) from None
 
-    def pretraining_releases(self) -> int:
-        """The aggregates of pretraining that one user's data enters (``init`` exchanges and
-        one round per pass)."""
+    def dp_releases(self) -> dict[str, int]:
+        """Per private phase, the aggregates that one user's data enters: pretraining's ``init``
+        exchanges and one round per pass, and one PEE round per pass (a user is in one group)."""
         rounds = self.pretrain_passes * rounds_per_pass_for(self.pretrain_cohort_fraction)
-        return pretraining_releases(self.lightgcn(), rounds)
+        pee_passes = -(-self.pee_rounds // rounds_per_pass_for(self.pee_cohort_fraction))
+        return {"pretrain": pretraining_releases(self.lightgcn(), rounds), "pee": pee_passes}
 
-    def dp_pretraining(self) -> DPConfig | None:
-        """The DP settings of pretraining (None without ``dp-clip``); a target epsilon is turned
-        into its noise multiplier by the accountant."""
+    def dp_settings(self) -> DPConfig | None:
+        """The DP settings of pretraining and PEE learning (None without ``dp-clip``); a target
+        epsilon is turned into the noise multiplier that meets it over both phases."""
         if self.dp_clip == 0:
             return None
         sigma = self.dp_noise_multiplier
         if self.dp_target_epsilon:
-            sigma = noise_for_epsilon(
-                self.dp_target_epsilon, self.pretraining_releases(), self.dp_delta
-            )
+            releases = sum(self.dp_releases().values())
+            sigma = noise_for_epsilon(self.dp_target_epsilon, releases, self.dp_delta)
         return DPConfig(self.dp_clip, sigma, self.dp_delta)
 
     def lightgcn(self) -> FedLightGCNConfig:

@@ -35,6 +35,7 @@ from peel_fed.lightgcn import NegativeSampler
 from peel_fed.optim import RowAdam
 from peel_fed.partition import user_rng
 from peel_fed.peel import sampled_budget_weights, unit_order_for
+from peel_fed.privacy import DPConfig, clip_factors, gaussian_noise
 from peel_fed.scoring import bpr_loss, pair_scores
 
 NEG_STREAM = 3_000_003  # + round: a device's PEE negatives
@@ -86,10 +87,16 @@ class PEEGroupServer:
         layout: BlockLayout,
         cfg: FedPEEConfig,
         seed: int = 0,
+        dp: DPConfig | None = None,
+        users_per_round: float = 1.0,
     ) -> None:
         self.layout, self.cfg, self.popularity = layout, cfg, popularity
         self.table = torch.tensor(item_table, dtype=torch.float32)
         self.adam = RowAdam(tuple(self.table.shape), cfg.server_lr)
+        # user-level DP (``peel_fed.privacy``): noise on every row of the table's gradient sum
+        # and on the weight gradient, both divided by the group's expected users per round
+        self.dp, self.users_per_round = dp, max(float(users_per_round), 1.0)
+        self.noise_rng = np.random.default_rng([seed, 29])
         torch.manual_seed(seed)
         self.controller = Controller(layout.num_item_groups, layout.num_blocks, cfg.controller)
         self.group_loss = np.zeros(layout.num_item_groups)
@@ -115,6 +122,15 @@ class PEEGroupServer:
             loss_sum += up.loss_sum
             loss_cnt += up.loss_count
             users += up.users
+        if self.dp is not None and self.dp.noise_std > 0:
+            # the loss features are not uploaded under DP (``PEEDevices.device_round``)
+            std, rng = self.dp.noise_std, self.noise_rng
+            grad += gaussian_noise(tuple(grad.shape), std, rng)
+            wgrad = wgrad + gaussian_noise(wgrad.shape, std, rng).double().numpy()
+            rows = np.arange(self.table.shape[0])
+            self.adam.step(self.table, torch.from_numpy(rows), grad / self.users_per_round)
+            self.controller.apply_weight_grad(self.features, wgrad / self.users_per_round)
+            return {"users": users, "loss": None, "rows": int(rows.size)}  # loss kept at home
         rows = np.flatnonzero(devices)
         if rows.size:
             g = grad[rows] / torch.from_numpy(devices[rows]).float()[:, None]
@@ -187,9 +203,20 @@ class PEEDevices:
         return owner, pos, neg, weight
 
     def device_round(
-        self, users: np.ndarray, table: np.ndarray, alpha: np.ndarray, round_no: int
+        self,
+        users: np.ndarray,
+        table: np.ndarray,
+        alpha: np.ndarray,
+        round_no: int,
+        clip: float | None = None,
+        private: bool = False,
     ) -> PEEUpload:
-        """One round for the hosted ``users`` (all in one user group) against ``table``."""
+        """One round for the hosted ``users`` (all in one user group) against ``table``.
+
+        With ``clip`` (user-level DP), each user's row gradients and weight gradient are scaled
+        together to L2 norm at most ``clip`` before they are summed; ``private`` (DP noise on the
+        server) also keeps the per-item-group loss statistics on the device.
+        """
         users = np.asarray(users, dtype=np.int64)
         users = users[np.diff(self.fit_bounds)[users] > 0]
         num_item_groups, n_blocks = self.layout.num_item_groups, self.layout.num_blocks
@@ -207,6 +234,7 @@ class PEEDevices:
             )
         local = torch.from_numpy(np.searchsorted(self.users, users))
         T = torch.as_tensor(table, dtype=torch.float32)
+        n_items = T.shape[0]
         # each device's elastic budget for this round: the weights it would rank with
         if self.cfg.elastic:
             per_user = np.stack(
@@ -230,21 +258,27 @@ class PEEDevices:
         w = torch.from_numpy(weight).float()
         a_pos = alpha_u[owner_t, self.item_groups[pos_t]]
         a_neg = alpha_u[owner_t, self.item_groups[neg_t]]
-        Tg = T.clone().requires_grad_(True)
+        # every (user, row) pair gets its own copy of the row, so that each user's gradient
+        # stays apart (per-user clipping) until the rows are summed
+        pos_keys, neg_keys = owner * n_items + pos, owner * n_items + neg
+        keys = np.unique(np.concatenate([pos_keys, neg_keys]))
+        key_rows = keys % n_items
+        pos_k = torch.from_numpy(np.searchsorted(keys, pos_keys))
+        neg_k = torch.from_numpy(np.searchsorted(keys, neg_keys))
+        Tk = T[torch.from_numpy(key_rows)].clone().requires_grad_(True)
         loss_sum_g = np.zeros(num_item_groups)
         loss_cnt_g = np.zeros(num_item_groups)
-        grad_rows = None
+        grad_keys = None
         for step in range(self.cfg.local_steps):
             u = self.vecs[local].clone().requires_grad_(True)
-            table_now = Tg if step == 0 else T
-            s_pos = pair_scores(u[owner_t], table_now[pos_t], a_pos, n_blocks)
-            s_neg = pair_scores(u[owner_t], table_now[neg_t], a_neg, n_blocks)
+            t_pos, t_neg = (Tk[pos_k], Tk[neg_k]) if step == 0 else (T[pos_t], T[neg_t])
+            s_pos = pair_scores(u[owner_t], t_pos, a_pos, n_blocks)
+            s_neg = pair_scores(u[owner_t], t_neg, a_neg, n_blocks)
             pair = bpr_loss(s_pos, s_neg, reduction="none")
-            sq = u.pow(2).sum(-1)[owner_t] + table_now[pos_t].pow(2).sum(-1)
-            sq = sq + table_now[neg_t].pow(2).sum(-1)
+            sq = u.pow(2).sum(-1)[owner_t] + t_pos.pow(2).sum(-1) + t_neg.pow(2).sum(-1)
             loss = ((pair + self.cfg.l2 * 0.5 * sq) * w).sum()
             if step == 0:
-                g_u, grad_rows = torch.autograd.grad(loss, [u, Tg])
+                g_u, grad_keys = torch.autograd.grad(loss, [u, Tk])
                 pl = pair.detach().numpy()
                 groups_pos = self.layout.item_groups[pos]
                 loss_sum_g = np.bincount(groups_pos, weights=pl, minlength=num_item_groups)
@@ -252,21 +286,30 @@ class PEEDevices:
             else:
                 (g_u,) = torch.autograd.grad(loss, [u])
             self.adam.step(self.vecs, local, g_u)
-        keys = np.unique(np.concatenate([owner * T.shape[0] + pos, owner * T.shape[0] + neg]))
-        row_devices = np.bincount(keys % T.shape[0], minlength=T.shape[0])
-        rows = np.flatnonzero(row_devices)
+        rows, where = np.unique(key_rows, return_inverse=True)
+        row_devices = np.bincount(where, minlength=rows.size)
         # as if alone: per touched row its id, device count and gradient; per user its weight
         # gradient, per-item-group loss sums and counts, and two counts
-        per_user = (num_item_groups * n_blocks + 2 + 2 * num_item_groups) * FLOAT64_BYTES
+        per_user_bytes = (num_item_groups * n_blocks + 2 + 2 * num_item_groups) * FLOAT64_BYTES
         row_bytes = INT64_BYTES + INT64_BYTES + FLOAT32_BYTES * T.shape[1]
-        solo = int(keys.size * row_bytes + per_user * users.size)
+        solo = int(keys.size * row_bytes + per_user_bytes * users.size)
         # outer level: dL_val / d alpha of each device's mean validation loss, tables fixed
-        wgrad, val_devices = self.validation_weight_grad(users, T, alpha, round_no)
+        wgrads, val_devices = self.validation_weight_grad(users, T, alpha, round_no)
+        if clip is not None:
+            key_owner = torch.from_numpy(keys // n_items)
+            sq_norms = torch.zeros(users.size).index_add_(0, key_owner, grad_keys.pow(2).sum(-1))
+            sq_norms += torch.from_numpy(wgrads).float().pow(2).sum((1, 2))
+            factors = clip_factors(sq_norms, clip)
+            grad_keys = grad_keys * factors[key_owner][:, None]
+            wgrads = wgrads * factors.double().numpy()[:, None, None]
+        if private:
+            loss_sum_g, loss_cnt_g = np.zeros(num_item_groups), np.zeros(num_item_groups)
+        grad = torch.zeros(rows.size, T.shape[1]).index_add_(0, torch.from_numpy(where), grad_keys)
         return PEEUpload(
             rows=rows,
-            grad=grad_rows[torch.from_numpy(rows)].numpy(),
-            row_devices=row_devices[rows],
-            weight_grad=wgrad,
+            grad=grad.numpy(),
+            row_devices=row_devices,
+            weight_grad=wgrads.sum(0),
             val_devices=val_devices,
             loss_sum=loss_sum_g,
             loss_count=loss_cnt_g,
@@ -277,22 +320,28 @@ class PEEDevices:
     def validation_weight_grad(
         self, users: np.ndarray, T: torch.Tensor, alpha: np.ndarray, round_no: int
     ) -> tuple[np.ndarray, int]:
-        users = users[np.diff(self.val_bounds)[users] > 0]
-        if users.size == 0:
-            return np.zeros_like(alpha, dtype=np.float64), 0
-        local = torch.from_numpy(np.searchsorted(self.users, users))
+        """Per user (aligned with ``users``) ``dL_val / d alpha`` of its mean validation loss,
+        zero for users without validation data, and how many users have some."""
+        out = np.zeros((users.size, *np.shape(alpha)))
+        has_val = np.diff(self.val_bounds)[users] > 0
+        val_users = users[has_val]
+        if val_users.size == 0:
+            return out, 0
+        local = torch.from_numpy(np.searchsorted(self.users, val_users))
         owner, pos, neg, weight = self._pairs(
-            self.val, self.val_bounds, users, NEG_STREAM + 1_000_000 + round_no
+            self.val, self.val_bounds, val_users, NEG_STREAM + 1_000_000 + round_no
         )
         owner_t, pos_t, neg_t = (torch.from_numpy(x) for x in (owner, pos, neg))
-        a = torch.tensor(alpha, dtype=torch.float32, requires_grad=True)
+        a = torch.tensor(alpha, dtype=torch.float32).expand(val_users.size, *np.shape(alpha))
+        a = a.clone().requires_grad_(True)  # one copy per user: per-user gradients
         u = self.vecs[local][owner_t]
         n_blocks = self.layout.num_blocks
-        s_pos = pair_scores(u, T[pos_t], a[self.item_groups[pos_t]], n_blocks)
-        s_neg = pair_scores(u, T[neg_t], a[self.item_groups[neg_t]], n_blocks)
+        s_pos = pair_scores(u, T[pos_t], a[owner_t, self.item_groups[pos_t]], n_blocks)
+        s_neg = pair_scores(u, T[neg_t], a[owner_t, self.item_groups[neg_t]], n_blocks)
         loss = (bpr_loss(s_pos, s_neg, reduction="none") * torch.from_numpy(weight).float()).sum()
         (grad,) = torch.autograd.grad(loss, a)
-        return grad.numpy().astype(np.float64), int(users.size)
+        out[has_val] = grad.numpy().astype(np.float64)
+        return out, int(val_users.size)
 
 
 def train_fed_pee(

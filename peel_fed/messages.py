@@ -489,9 +489,11 @@ class PEERound:
     num_item_groups: int
     num_user_groups: int
     secure: bool
+    dp_clip: float = 0.0  # user-level DP: each user's upload scaled to this L2 bound (0: off)
+    dp_private: bool = False  # DP noise on the server: loss statistics stay on the device
 
     def to_config(self) -> Config:
-        return {
+        rec: Config = {
             "round": self.round,
             "rounds-per-pass": self.rounds_per_pass,
             "local-steps": self.local_steps,
@@ -502,6 +504,10 @@ class PEERound:
             "num-user-groups": self.num_user_groups,
             "secure": self.secure,
         }
+        if self.dp_clip:
+            rec["dp-clip"] = float(self.dp_clip)
+            rec["dp-private"] = bool(self.dp_private)
+        return rec
 
     @classmethod
     def from_config(cls, rec: Config) -> PEERound:
@@ -515,6 +521,8 @@ class PEERound:
             num_item_groups=int(rec["num-item-groups"]),
             num_user_groups=int(rec["num-user-groups"]),
             secure=bool(rec.get("secure", False)),
+            dp_clip=float(rec.get("dp-clip", 0.0)),
+            dp_private=bool(rec.get("dp-private", False)),
         )
 
 

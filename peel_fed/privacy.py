@@ -1,19 +1,22 @@
 """User-level differential privacy: per-user clipping, seeded Gaussian noise, and the accountant.
 
 Mechanism (central DP, the Gaussian mechanism on sums). In every exchange that a user's data
-enters, the device scales that user's whole upload (its ``E0`` row gradients and its contribution
-changes, as one vector) to L2 norm at most ``clip``; the server adds Gaussian noise of standard
+enters, the device scales that user's whole upload to L2 norm at most ``clip`` (pretraining: its
+``E0`` row gradients and contribution changes; PEE learning: its row gradients and its
+block-weight gradient, each as one vector); the server adds Gaussian noise of standard
 deviation ``noise_multiplier * clip`` to every coordinate of the summed upload, on every row of
 the table (noise on the touched rows only would reveal which rows were touched), and divides the
-gradient by the *expected* number of users in the round, never by data-dependent counts.
+gradients by the *expected* number of users in the round, never by data-dependent counts. Under
+noise, PEE devices keep their per-item-group loss statistics (controller features) at home.
 
 Accounting. Adding or removing one user changes exactly one aggregate per release: each ``init``
-exchange (every user takes part) and one training round of each pass (a user's round comes from a
-hash of the seed and its own id, so it does not depend on the other users). We claim no
-amplification by sampling: the DP event is ``SelfComposedDpEvent(GaussianDpEvent(sigma),
-releases)``, and epsilon comes from the privacy-loss-distribution accountant of Google's
-``dp-accounting`` package. Not covered: the statistics phase (item degrees and user and training
-counts are released exactly), and the group assignment; the report says so.
+exchange of pretraining (every user takes part), and one round of each pass of pretraining and
+of PEE learning (a user's round comes from a hash of the seed and its own id, so it does not
+depend on the other users; a user is in one user group). We claim no amplification by sampling:
+the DP event is ``SelfComposedDpEvent(GaussianDpEvent(sigma), releases)``, and epsilon comes from
+the privacy-loss-distribution accountant of Google's ``dp-accounting`` package. Not covered
+(``NOT_COVERED``, named in every report): the statistics, the grouping, the bit-plane orders and
+the evaluation, whose sums are released exactly.
 
 Flower's DP helpers (``flwr.supercore.differential_privacy``) clip a node's whole update and draw
 noise from numpy's global generator. Here a node hosts many users, each clipped alone, and every
@@ -142,7 +145,7 @@ NOT_COVERED = (
     "statistics: item degrees, user and interaction counts (secure sums, released exactly)",
     "grouping: k-means centroid sums and counts",
     "bit-plane orders: second moments and item counts per user group",
-    "PEE learning: row gradients, block-weight gradients and loss sums",
+    "participation: how many users took part in each round, per user group",
     "evaluation: metric sums",
 )
 

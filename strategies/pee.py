@@ -54,9 +54,17 @@ class PEEStrategy(PhaseStrategy):
         super().__init__(cfg, log, data)
         self.layout, self.groups = stats.layout, groups
         pcfg = cfg.pee()
+        self.dp = cfg.dp_settings()
+        per_pass = rounds_per_pass_for(cfg.pee_cohort_fraction)
         self.servers = [
             PEEGroupServer(
-                item_table, stats.train_popularity, self.layout, pcfg, cfg.seed * 1000 + g
+                item_table,
+                stats.train_popularity,
+                self.layout,
+                pcfg,
+                cfg.seed * 1000 + g,
+                self.dp,
+                groups.sizes[g] / per_pass,
             )
             for g in range(cfg.num_user_groups)
         ]
@@ -73,6 +81,8 @@ class PEEStrategy(PhaseStrategy):
             num_item_groups=self.layout.num_item_groups,
             num_user_groups=cfg.num_user_groups,
             secure=cfg.secure_rows,
+            dp_clip=cfg.dp_clip,
+            dp_private=self.dp is not None and self.dp.noise_std > 0,
         )
 
     def configure(self, round_: PEERound, group_ids) -> RecordDict:

@@ -25,7 +25,6 @@ from peel_fed.messages import (
     encode_pretrain_down,
     encode_rows_down,
 )
-from peel_fed.privacy import privacy_report
 from strategies.base import PhaseStrategy, node_sample, reply_contents, upload_users
 from strategies.log import PhaseLog
 from strategies.phases import exchange, secure_sum
@@ -39,7 +38,7 @@ class PretrainStrategy(PhaseStrategy):
     def __init__(self, cfg: FedConfig, log: PhaseLog, data: DataSpec, stats: StatsResult) -> None:
         super().__init__(cfg, log, data)
         self.stats = stats
-        self.dp = cfg.dp_pretraining()
+        self.dp = cfg.dp_settings()
         per_pass = rounds_per_pass_for(cfg.pretrain_cohort_fraction)
         self.server = PretrainServer(
             stats.n_items,
@@ -78,12 +77,6 @@ class PretrainStrategy(PhaseStrategy):
             rows, delta = decode_contribution(from_record_dict(content))
             self.server.add_contributions(rows, torch.from_numpy(delta))
         self.server.noise_contributions([k])
-
-    def privacy(self) -> dict | None:
-        """What ``results.json`` says of privacy: settings, DP event and epsilon per phase."""
-        if self.dp is None:
-            return None
-        return privacy_report(self.dp, {"pretrain": self.cfg.pretraining_releases()})
 
     def aggregate_round(self, replies: dict[int, RecordDict]) -> dict[str, float]:
         """A training round in the clear: apply every node's upload, in arrival order."""

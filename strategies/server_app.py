@@ -21,6 +21,7 @@ from peel_fed.console import log
 from peel_fed.fedconfig import FedConfig
 from peel_fed.loading import dataset_name
 from peel_fed.messages import DataSpec
+from peel_fed.privacy import privacy_report
 from strategies.evaluation import EvaluationStrategy
 from strategies.grouping import GroupingStrategy
 from strategies.log import PhaseLog
@@ -90,7 +91,7 @@ def run_pipeline(grid: Grid, cfg: FedConfig) -> dict:
         "unit_weights": [s.weights().round(4).tolist() for s in pee.servers],
         **evaluation,
         "pretrain": pretraining.history,
-        "privacy": pretraining.privacy(),
+        "privacy": privacy_report(pretraining.dp, cfg.dp_releases()) if pretraining.dp else None,
         "pee": pee.history,
         "bytes": phase_log.bytes_report(stats),
         "failures": phase_log.failures(),

@@ -10,12 +10,14 @@ import torch
 from scipy.optimize import brentq
 from scipy.stats import norm
 
+from clients.records import from_record_dict
 from peel_fed.fedlightgcn import (
     FedLightGCN,
     FedLightGCNConfig,
     pretraining_releases,
     train_fed_lightgcn,
 )
+from peel_fed.messages import decode_device_update, decode_pee_reply
 from peel_fed.metrics import evaluate_ranking
 from peel_fed.privacy import DPConfig, PrivacyError, epsilon, noise_for_epsilon
 from peel_fed.scoring import dot_score_fn
@@ -173,7 +175,26 @@ def pipeline(monkeypatch):
 
     for attr in ("_run_id", "_node_id", "_task_id"):
         monkeypatch.setattr(TaskIdentity, attr, 1)
-    return lambda **dp: run_pipeline(LocalGrid(3), FedConfig(**SMALL, **dp))
+
+    class RecordingGrid(LocalGrid):
+        """Keeps every training reply the devices send."""
+
+        def __init__(self, num_nodes: int) -> None:
+            super().__init__(num_nodes)
+            self.sent: list = []
+
+        def pull_messages(self, message_ids):
+            replies = super().pull_messages(message_ids)
+            self.sent.extend(r for r in replies if r.metadata.message_type.startswith("train."))
+            return replies
+
+    def run(**dp):
+        grid = RecordingGrid(3)
+        report = run_pipeline(grid, FedConfig(**SMALL, **dp))
+        report["sent"] = grid.sent
+        return report
+
+    return run
 
 
 def test_the_federated_pipeline_clips_on_devices_noises_and_reports_epsilon(pipeline):
@@ -181,22 +202,45 @@ def test_the_federated_pipeline_clips_on_devices_noises_and_reports_epsilon(pipe
     assert plain["privacy"] is None
 
     def losses(report):
-        return np.array([r["loss"] for r in report["pretrain"]])
+        pee = [g["loss"] for r in report["pee"] for g in r["groups"]]
+        return np.array([r["loss"] for r in report["pretrain"]] + pee)
 
     # a clip above every upload and no noise: the plain run; a tiny clip: the devices clipped
+    # (pretraining and PEE learning alike)
     np.testing.assert_allclose(losses(pipeline(dp_clip=1e6)), losses(plain), rtol=1e-6)
-    assert not np.allclose(losses(pipeline(dp_clip=1e-4)), losses(plain), rtol=1e-3)
+    tiny = losses(pipeline(dp_clip=1e-4))
+    assert not np.allclose(tiny[:4], losses(plain)[:4], rtol=1e-3)
+    assert not np.allclose(tiny[5:], losses(plain)[5:], rtol=1e-3)  # round 1 of PEE sees no clip
+    # every node's upload is a sum of its users' clipped uploads
+    clip = 1e-4
+    sent = pipeline(dp_clip=clip)["sent"]
+    checked = 0
+    for reply in sent:
+        content = from_record_dict(reply.content)
+        kind = reply.metadata.message_type
+        if kind == "train.pretrain" and "grad" in content.arrays:
+            up = decode_device_update(content)
+            norm = torch.cat([up.grad.ravel(), up.contrib_delta.ravel()]).norm().item()
+            assert norm <= up.users * clip * (1 + 1e-4)
+            checked += up.users > 0
+        if kind == "train.pee":
+            for up in decode_pee_reply(content, 4).values():
+                norm = np.sqrt((up.grad**2).sum() + (up.weight_grad**2).sum())
+                assert norm <= up.users * clip * (1 + 1e-4)
+                checked += up.users > 0
+    assert checked >= 8
     noised = pipeline(dp_clip=0.5, dp_target_epsilon=8.0, dp_delta=1e-3)
     rep = noised["privacy"]
-    assert rep["releases"] == {"pretrain": 3 + 2}  # 3 init exchanges, 2 passes
-    assert rep["epsilon"]["pretrain"] == pytest.approx(8.0, rel=0.01)
-    assert rep["epsilon"]["pretrain"] <= 8.0
-    assert rep["epsilon"]["pretrain"] == pytest.approx(
-        epsilon(rep["noise_multiplier"], 5, 1e-3), rel=1e-3
-    )
-    assert "GaussianDpEvent" in rep["dp_event"] and "count=5" in rep["dp_event"]
-    assert any(line.startswith("PEE learning") for line in rep["not_covered"])
-    assert [r["rows"] for r in noised["pretrain"]] == [noised["dataset"]["items"]] * 4
+    assert rep["releases"] == {"pretrain": 3 + 2, "pee": 1}  # 3 init exchanges, 2 + 1 passes
+    eps = rep["epsilon"]
+    assert eps["covered"] == pytest.approx(8.0, rel=0.01) and eps["covered"] <= 8.0
+    assert eps["covered"] == pytest.approx(epsilon(rep["noise_multiplier"], 6, 1e-3), rel=1e-3)
+    assert eps["pretrain"] < eps["covered"] and eps["pee"] < eps["pretrain"]
+    assert "GaussianDpEvent" in rep["dp_event"] and "count=6" in rep["dp_event"]
+    assert any(line.startswith("statistics") for line in rep["not_covered"])
+    items = noised["dataset"]["items"]
+    assert [r["rows"] for r in noised["pretrain"]] == [items] * 4
+    assert all(g["rows"] == items and g["loss"] is None for r in noised["pee"] for g in r["groups"])
 
 
 @pytest.mark.parametrize(
@@ -230,3 +274,69 @@ def test_the_strategy_noises_each_init_exchange_on_its_own_layer():
     S = strategy.server.S
     assert (S[1] != 0).all() and S[0].abs().sum() == 0 and S[2].abs().sum() == 0
     assert S[1].std().item() == pytest.approx(1.0, rel=0.2)
+
+
+def _pee_devices():
+    from peel_fed.blocks import BlockLayout, popularity_item_groups
+    from peel_fed.data import split_validation
+    from peel_fed.fedpee import FedPEEConfig, PEEDevices
+
+    ds = _board()
+    split = split_validation(ds.train, ds.n_users, 0.2, seed=0)
+    layout = BlockLayout(popularity_item_groups(ds.item_popularity(), 4), 16, 4)
+    rng = np.random.default_rng(0)
+    vecs = rng.normal(0, 0.3, (ds.n_users, 16)).astype(np.float32)
+    table = rng.normal(0, 0.3, (ds.n_items, 16)).astype(np.float32)
+    alpha = np.full((4, 4), 0.5)
+    cfg = FedPEEConfig(local_steps=2)
+    devices = PEEDevices(np.arange(ds.n_users), vecs, ds.n_users, split.fit, split.val, layout, cfg)
+    return devices, table, alpha
+
+
+def test_pee_clipping_bounds_each_user_s_rows_and_weight_gradient_together():
+    users = np.arange(30)
+    norms = {}
+    for clip in (None, 0.25):
+        devices, table, alpha = _pee_devices()
+        norms[clip] = []
+        for u in users:
+            up = devices.device_round(np.array([u]), table, alpha, 1, clip)
+            norms[clip].append(np.sqrt((up.grad**2).sum() + (up.weight_grad**2).sum()))
+    plain, clipped = np.array(norms[None]), np.array(norms[0.25])
+    assert (plain > 0.25).any() and (plain < 0.25).any()
+    np.testing.assert_allclose(clipped, np.minimum(plain, 0.25), rtol=1e-4)
+    # per user: one node with all of them uploads the sum of their clipped uploads
+    devices, table, alpha = _pee_devices()
+    together = devices.device_round(users, table, alpha, 1, 0.05)
+    alone = []
+    for u in users:
+        devices, table, alpha = _pee_devices()
+        alone.append(devices.device_round(np.array([u]), table, alpha, 1, 0.05))
+    full = np.zeros_like(table)
+    for up in alone:
+        full[up.rows] += up.grad
+    np.testing.assert_allclose(full[together.rows], together.grad, atol=1e-6)
+    np.testing.assert_allclose(sum(up.weight_grad for up in alone), together.weight_grad, atol=1e-6)
+
+
+def test_under_noise_pee_devices_keep_their_loss_statistics():
+    devices, table, alpha = _pee_devices()
+    up = devices.device_round(np.arange(30), table, alpha, 1, 0.05, private=True)
+    assert up.loss_sum.sum() == 0 and up.loss_count.sum() == 0
+    devices, table, alpha = _pee_devices()
+    assert devices.device_round(np.arange(30), table, alpha, 1, 0.05).loss_count.sum() > 0
+
+
+def test_under_noise_the_pee_server_noises_every_row_and_the_weight_gradient():
+    from peel_fed.fedpee import FedPEEConfig, PEEGroupServer
+
+    devices, table, alpha = _pee_devices()
+    layout = devices.layout
+    popularity = np.ones(table.shape[0])
+    dp = DPConfig(clip=0.5, noise_multiplier=2.0, delta=1e-5)
+    server = PEEGroupServer(table, popularity, layout, FedPEEConfig(), 0, dp, 10.0)
+    weights = server.weights()
+    stats = server.apply([])  # nobody took part: the release is noise alone
+    assert (server.table.numpy() != table).all(axis=1).all()
+    assert not np.allclose(server.weights(), weights)
+    assert stats["rows"] == table.shape[0] and stats["loss"] is None
