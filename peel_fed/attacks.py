@@ -73,11 +73,15 @@ class UserView:
         return self.contrib_total.mean(axis=0)
 
 
-def item_inference(scores: np.ndarray, true_items: np.ndarray, k: int = 20) -> dict[str, float]:
-    """AUC of ``true_items`` against every other item under ``scores``, precision@k, and the
-    precision@k of a random guess."""
+def item_inference(
+    scores: np.ndarray, true_items: np.ndarray, k: int | None = None
+) -> dict[str, float]:
+    """AUC of ``true_items`` against every other item under ``scores``, precision@k (``k``
+    defaults to the number of true items: a perfect ranking scores 1), and the precision@k of a
+    random guess."""
     labels = np.zeros(scores.size, dtype=bool)
     labels[np.asarray(true_items, dtype=np.int64)] = True
+    k = int(labels.sum()) if k is None else k
     top = np.argsort(-scores, kind="stable")[:k]
     return {
         "auc": float(roc_auc_score(labels, scores)),
