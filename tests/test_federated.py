@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 from conftest import session_members, stop_session
 
+from clients.records import from_record_dict
+from peel_fed.audit import NodeSecrets, audit
 from peel_fed.fedconfig import ConfigError, FedConfig
 from peel_fed.loading import load_dataset
 from peel_fed.partition import partition_users, user_rng
@@ -269,6 +271,16 @@ def test_no_upload_carries_an_interaction_list_or_a_user_vector(failing_run):
                 assert not any(r.tobytes() in vec_set for r in rows), "an upload is a user vector"
             checked += 1
     assert checked > 50
+    # what the server can decode (fixed point, masked or not) holds no user's data either
+    everyone = NodeSecrets.of_users(np.arange(ds.n_users), ds.train, ds.n_users, ds.n_items)
+    everyone.item_counts += counts
+    decoded = [
+        (r.metadata.message_type, from_record_dict(r.content), everyone)
+        for r in uploads
+        if r.has_content()
+    ]
+    assert sum("secagg" in c.arrays for _, c, _ in decoded) > 20
+    assert audit(decoded) == []
 
 
 def _listening_sockets(pids) -> set[tuple[int, str, int]]:
