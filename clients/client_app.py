@@ -132,7 +132,11 @@ def pretrain(msg: Message, context: Context) -> Message:
     node = state.node_data(down.data, context)
     step = down.step
     cfg = FedLightGCNConfig(
-        dim=step.dim, layers=step.layers, local_steps=step.local_steps, user_lr=step.user_lr
+        dim=step.dim,
+        layers=step.layers,
+        local_steps=step.local_steps,
+        user_lr=step.user_lr,
+        decoys=step.decoys,
     )
     devices = PretrainDevices(
         node.users,

@@ -69,6 +69,9 @@ class FedConfig:
     dp_noise_multiplier: float = 0.0
     dp_target_epsilon: float = 0.0
     dp_delta: float = 1e-5
+    # decoy items per user in pretraining (FedPerGNN's pseudo-interacted items): each device
+    # uploads gradients and contributions for this many items it never interacted with
+    decoy_items: int = 0
     # grouping
     num_user_groups: int = 4
     kmeans_iters: int = 8
@@ -110,7 +113,7 @@ class FedConfig:
         ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
-        for key in ("pretrain_passes", "kmeans_iters", "pee_rounds"):
+        for key in ("pretrain_passes", "kmeans_iters", "pee_rounds", "decoy_items"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key.replace('_', '-')} must be >= 0, got {getattr(self, key)}")
         if self.dim % self.num_blocks:
@@ -209,6 +212,7 @@ class FedConfig:
             local_steps=self.pretrain_local_steps,
             server_lr=self.pretrain_server_lr,
             user_lr=self.pretrain_user_lr,
+            decoys=self.decoy_items,
         )
 
     def pee(self) -> FedPEEConfig:

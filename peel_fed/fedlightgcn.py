@@ -58,8 +58,12 @@ class FedLightGCNConfig:
     user_lr: float = 2e-2
     l2: float = 1e-4
     init_std: float = 0.1
+    # decoy items per user (FedPerGNN's pseudo-interacted items): uploaded as if interacted
+    decoys: int = 0
 
     def __post_init__(self) -> None:
+        if self.decoys < 0:
+            raise ValueError(f"decoy-items must be >= 0, got {self.decoys}")
         if not 0 < self.cohort_fraction <= 1:
             raise ValueError(f"cohort-fraction must be in (0, 1], got {self.cohort_fraction}")
         if self.rounds < 0 or self.local_steps < 1 or self.layers < 1:
@@ -95,6 +99,8 @@ class DeviceUpdate:
 
 INIT_STREAM = 1_000_003  # user_rng stream of a device's initial ego vector
 SLOT_STREAM = 2_000_003  # user_slots stream (plus the pass number) for client sampling
+DECOY_STREAM = 7_000_003  # a device's decoy items (fixed for the run)
+DECOY_NEG_STREAM = 8_000_003  # + round: negatives of the decoy pairs
 
 
 def initial_user_vectors(seed: int, users: np.ndarray, dim: int, std: float) -> torch.Tensor:
@@ -301,10 +307,8 @@ class PretrainDevices:
         k, and the per-user scales (all ones without ``clip``).
         """
         local = torch.from_numpy(self._local(users))
-        lo, hi = self.bounds[users], self.bounds[users + 1]
-        counts = hi - lo
-        owner = np.repeat(np.arange(users.size), counts)
-        item_of_pair = self.edges.items[concat_ranges(lo, hi)]
+        counts = self.bounds[users + 1] - self.bounds[users]
+        owner, item_of_pair = self._contribution_pairs(users)
         by_item = np.argsort(item_of_pair, kind="stable")  # sorted index_add_ is ~3x faster
         rows, where = np.unique(item_of_pair[by_item], return_inverse=True)
         where_t, owner_t = torch.from_numpy(where), torch.from_numpy(owner[by_item])
@@ -313,8 +317,9 @@ class PretrainDevices:
         changes = {k: v - self.contrib[k, local] for k, v in new.items()}
         factors = torch.ones(users.size)
         if clip is not None:
-            # each change sits on the user's d_u rows
-            sq = sum(c.pow(2).sum(-1) for c in changes.values()) * torch.from_numpy(counts).float()
+            # each change sits on the user's rows (d_u items and its decoys)
+            rows_of = torch.from_numpy(np.bincount(owner, minlength=users.size)).float()
+            sq = sum(c.pow(2).sum(-1) for c in changes.values()) * rows_of
             factors = clip_factors(sq + (0 if sq_norms is None else sq_norms), clip)
             changes = {k: c * factors[:, None] for k, c in changes.items()}
             new = {k: self.contrib[k, local] + c for k, c in changes.items()}
@@ -344,6 +349,28 @@ class PretrainDevices:
         out = torch.zeros(self.cfg.layers, uniq.size, self.cfg.dim)
         out.index_add_(1, torch.from_numpy(where), torch.cat(deltas, dim=1))
         return uniq, out
+
+    def decoy_items(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each user's decoys (``cfg.decoys`` items it never interacted with, drawn once by its
+        own generator, so the same in every round): (owner index into ``users``, item)."""
+        k = self.cfg.decoys
+        if k == 0 or len(users) == 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        items = [
+            np.unique(self.sampler.sample(np.full(k, u), user_rng(self.seed, int(u), DECOY_STREAM)))
+            for u in users
+        ]
+        owner = np.repeat(np.arange(len(users)), [i.size for i in items])
+        return owner, np.concatenate(items)
+
+    def _contribution_pairs(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(owner index into ``users``, item) of every row a contribution goes to: the users'
+        items, and their decoys, which carry the same contribution (a fake edge)."""
+        lo, hi = self.bounds[users], self.bounds[users + 1]
+        owner = np.repeat(np.arange(users.size), hi - lo)
+        items = self.edges.items[concat_ranges(lo, hi)]
+        d_owner, d_items = self.decoy_items(users)
+        return np.concatenate([owner, d_owner]), np.concatenate([items, d_items])
 
     def _negatives(self, users: np.ndarray, round_no: int) -> np.ndarray:
         """One negative per training pair, drawn by each user's own generator."""
@@ -382,10 +409,27 @@ class PretrainDevices:
         pair_user = torch.from_numpy(owner)
         pos_items = self.edges.items[concat_ranges(lo, hi)]
         neg_items = self._negatives(users, round_no)
+        # decoys: pairs of (decoy, negative) whose gradient goes up as a positive's would, with
+        # the user's vector held fixed (its own training sees only its real items)
+        d_owner, d_items = self.decoy_items(users)
+        d_neg = (
+            np.concatenate(
+                [
+                    self.sampler.sample(
+                        np.full(int((d_owner == i).sum()), u),
+                        user_rng(self.seed, int(u), DECOY_NEG_STREAM + round_no),
+                    )
+                    for i, u in enumerate(users)
+                ]
+            )
+            if d_items.size
+            else np.zeros(0, dtype=np.int64)
+        )
         # every (user, row) pair gets its own copy of the E0 row, so that the gradient of each
         # user's loss stays apart (per-user clipping) until the rows are summed
         pos_keys, neg_keys = owner * self.n_items + pos_items, owner * self.n_items + neg_items
-        keys = np.unique(np.concatenate([pos_keys, neg_keys]))
+        dpos_keys, dneg_keys = d_owner * self.n_items + d_items, d_owner * self.n_items + d_neg
+        keys = np.unique(np.concatenate([pos_keys, neg_keys, dpos_keys, dneg_keys]))
         key_rows = keys % self.n_items
         pos, neg = np.searchsorted(keys, pos_keys), np.searchsorted(keys, neg_keys)
         pos_t, neg_t = torch.from_numpy(pos), torch.from_numpy(neg)
@@ -404,8 +448,12 @@ class PretrainDevices:
         un = (E0[neg_t] + sum(f[neg_i] for f in fixed)) / n_layers
         item_sq = E0[pos_t].pow(2).sum(-1) + E0[neg_t].pow(2).sum(-1)
         loss = self._pair_loss(torch.stack(ul).mean(0), u0, up, un, item_sq, pair_user, weight)
-        g_u0, grad_keys = torch.autograd.grad(loss, [u0, E0])
         loss_sum = float(loss.detach())
+        if d_items.size:
+            loss = loss + self._decoy_loss(
+                torch.stack(ul).mean(0).detach(), E0, fixed, keys, d_owner, d_items, d_neg, counts
+            )
+        g_u0, grad_keys = torch.autograd.grad(loss, [u0, E0])
         self.user_adam.step(self.U0, local, g_u0)
         # further local steps move only u0; the propagated part u_1..u_K is fixed by the tables
         propagated = sum(layer.detach() for layer in ul[1:])
@@ -448,6 +496,21 @@ class PretrainDevices:
             solo_bytes=solo,
             clipped=int((factors < 1).sum()),
         )
+
+    def _decoy_loss(self, uf, E0, fixed, keys, d_owner, d_items, d_neg, counts) -> torch.Tensor:
+        """The decoy pairs' BPR + L2 on the item rows, each weighted like one of the user's own
+        pairs (``1 / d_u``), with the user's vectors ``uf`` fixed."""
+        n = len(fixed) + 1
+        dp = torch.from_numpy(np.searchsorted(keys, d_owner * self.n_items + d_items))
+        dn = torch.from_numpy(np.searchsorted(keys, d_owner * self.n_items + d_neg))
+        di, dni = torch.from_numpy(d_items), torch.from_numpy(d_neg)
+        up = (E0[dp] + sum(f[di] for f in fixed)) / n
+        un = (E0[dn] + sum(f[dni] for f in fixed)) / n
+        ue = uf[torch.from_numpy(d_owner)]
+        pair = bpr_loss(pair_scores(ue, up), pair_scores(ue, un), reduction="none")
+        reg = 0.5 * (E0[dp].pow(2).sum(-1) + E0[dn].pow(2).sum(-1))
+        w = torch.from_numpy(1.0 / counts[d_owner]).float()
+        return ((pair + self.cfg.l2 * reg) * w).sum()
 
     def _pair_loss(self, uf, u0, up, un, item_sq, pair_user, weight) -> torch.Tensor:
         """Sum over users of their mean BPR + L2 over their (positive, negative) pairs."""

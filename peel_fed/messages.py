@@ -256,6 +256,7 @@ class PretrainStep:
     round: int | None = None
     rounds_per_pass: int | None = None
     dp_clip: float = 0.0  # user-level DP: each user's upload scaled to this L2 bound (0: off)
+    decoys: int = 0  # decoy items per user, uploaded as if interacted
 
     def to_config(self) -> Config:
         rec: Config = {
@@ -268,6 +269,8 @@ class PretrainStep:
         }
         if self.dp_clip:
             rec["dp-clip"] = float(self.dp_clip)
+        if self.decoys:
+            rec["decoys"] = int(self.decoys)
         if self.k is not None:
             rec["k"] = self.k
         if self.round is not None:
@@ -292,6 +295,7 @@ class PretrainStep:
             round=opt("round"),
             rounds_per_pass=opt("rounds-per-pass"),
             dp_clip=float(rec.get("dp-clip", 0.0)),
+            decoys=int(rec.get("decoys", 0)),
         )
 
 

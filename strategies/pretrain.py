@@ -62,6 +62,7 @@ class PretrainStrategy(PhaseStrategy):
             cfg.secure_rows,
             **at,
             dp_clip=cfg.dp_clip,
+            decoys=cfg.decoy_items,
         )
 
     def configure(self, step: PretrainStep) -> RecordDict:

@@ -77,3 +77,55 @@ def test_central_dp_does_not_hide_uploads_from_the_server(observed):
     dp = DPConfig(clip=0.5, noise_multiplier=2.0, delta=1e-5)
     got = _scores(ds, *observe_pretraining(*args, dp=dp))
     assert got["clear"][0] > 0.99  # the server reads each clipped upload before the noise
+
+
+def test_decoys_are_fixed_unseen_items_that_leave_the_user_s_own_training_alone():
+    from dataclasses import replace
+
+    from peel_fed.fedlightgcn import PretrainDevices, PretrainServer
+    from peel_fed.lightgcn import NegativeSampler
+
+    ds = checkerboard(n_users=120, n_items=80, n_clusters=2, p_in=0.3, p_out=0.02, seed=3)
+    cfg = FedLightGCNConfig(dim=16, layers=3, cohort_fraction=0.5, local_steps=2)
+    layers = PretrainServer(ds.n_items, ds.item_popularity(), cfg, 7).item_layers()
+    users = np.arange(0, 120, 3)
+
+    def device(c):
+        return PretrainDevices(
+            np.arange(ds.n_users), ds.n_users, ds.n_items, ds.train, ds.item_popularity(), c, 7
+        )
+
+    plain, decoyed = device(cfg), device(replace(cfg, decoys=5))
+    owner, items = decoyed.decoy_items(users)
+    assert np.array_equal(items, decoyed.decoy_items(users)[1])  # the same in every round
+    assert not NegativeSampler(ds.train, ds.n_items).is_known(users[owner], items).any()
+    assert np.bincount(owner).max() <= 5 and np.bincount(owner).min() >= 3
+    a = plain.device_round(users, layers, 1)
+    b = decoyed.device_round(users, layers, 1)
+    np.testing.assert_array_equal(plain.U0.numpy(), decoyed.U0.numpy())  # own training alone
+    assert a.loss_sum == b.loss_sum
+    assert np.array_equal(b.contrib_rows, np.union1d(a.contrib_rows, items))
+    assert np.isin(items, b.rows).all()
+
+
+def test_decoys_hide_which_contribution_rows_are_real_but_not_that_the_user_sent_them(observed):
+    from dataclasses import replace
+
+    ds, args = observed
+    decoyed = (*args[:4], replace(args[4], decoys=15), *args[5:])
+    plain = observe_pretraining(*args)[0]["clear"]
+    hidden = observe_pretraining(*decoyed)[0]["clear"]
+    bounds = ds.train.user_bounds(ds.n_users)
+
+    def precision(views):
+        return np.mean(
+            [
+                item_inference(v.item_scores(), ds.train.items[bounds[u] : bounds[u + 1]])[
+                    "precision_at_k"
+                ]
+                for u, v in views.items()
+            ]
+        )
+
+    assert precision(plain) > 0.99
+    assert precision(hidden) < 0.75  # about d_u / (d_u + 15) when the attacker cannot tell

@@ -98,3 +98,8 @@ def test_clear_mode_is_audited_and_reports_what_leaks(run):
     found = audit(run(secure_rows=False))
     assert any(f.startswith("train.pretrain") and "item list" in f for f in found)
     assert not any(f.startswith("query.stats") for f in found)  # statistics stay masked
+
+
+def test_with_decoys_no_clear_upload_is_exactly_a_user_s_item_list(run):
+    found = audit(run(secure_rows=False, decoy_items=3))
+    assert not any("item list" in f for f in found)
