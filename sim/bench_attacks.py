@@ -4,8 +4,9 @@ Federated LightGCN pretraining (the main job's settings) with ``--targets`` user
 of its own; the server keeps every view it can decode of each (``peel_fed.attacks``) and runs
 item inference (AUC of the user's training items against every other item, precision@k, k its
 number of training items, against random guessing) and user-vector reconstruction (cosine with
-the true final vector). Settings: clear uploads, secure rows (cohort sums), and central DP at
-``--dp-epsilon`` (the server reads each clipped upload before it adds the noise). Prints and
+the true final vector). Settings: clear uploads, secure rows (cohort sums), central DP at
+``--dp-epsilon`` (the server reads each clipped upload before it adds the noise), and clear
+uploads with ``--decoys`` decoy items per user. Prints and
 saves JSON and markdown, atomically.
 
     python -m sim.bench_attacks --targets 100 --out docs/results/gowalla/bench-attacks.json
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dp-epsilon", type=float, default=8.0)
     p.add_argument("--dp-clip", type=float, default=3.0)
     p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--decoys", type=int, default=30, help="decoy items per user (0: no row)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench-attacks.json")
     args = p.parse_args(argv)
@@ -57,6 +60,9 @@ def main(argv: list[str] | None = None) -> dict:
             *base, seed=args.seed, dp=DPConfig(args.dp_clip, sigma, args.delta)
         ),
     }
+    if args.decoys:
+        decoyed = (*base[:4], replace(cfg, decoys=args.decoys), *base[5:])
+        runs[f"{args.decoys} decoys"] = observe_pretraining(*decoyed, seed=args.seed)
     report: dict = {"dataset": ds.name, "args": vars(args), "rounds": rounds, "rows": []}
     for run, (views, finals) in runs.items():
         for setting, per_user in views.items():

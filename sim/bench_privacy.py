@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--passes", type=int, default=FedConfig.pretrain_passes)
     p.add_argument("--epsilons", default="1,4,8", help="comma-separated target epsilons")
+    p.add_argument("--decoys", default="", help="comma-separated decoy items per user (no DP)")
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--clip", type=float, default=0.0, help="0: the median first-round norm")
     p.add_argument("--seed", type=int, default=0)
@@ -81,14 +83,21 @@ def main(argv: list[str] | None = None) -> dict:
         "accountant": ACCOUNTANT,
         "runs": [],
     }
-    targets = [None] + [float(e) for e in args.epsilons.split(",") if e.strip()]
-    for target in targets:
+    targets = [(None, 0)] + [(float(e), 0) for e in args.epsilons.split(",") if e.strip()]
+    targets += [(None, int(k)) for k in args.decoys.split(",") if k.strip()]
+    for target, decoys in targets:
         dp = None
         if target is not None:
             dp = DPConfig(clip, noise_for_epsilon(target, releases, args.delta), args.delta)
         t0 = time.perf_counter()
         model = train_fed_lightgcn(
-            ds.n_users, ds.n_items, ds.train, ds.item_popularity(), cfg, args.seed, dp=dp
+            ds.n_users,
+            ds.n_items,
+            ds.train,
+            ds.item_popularity(),
+            replace(cfg, decoys=decoys),
+            args.seed,
+            dp=dp,
         )
         seconds = time.perf_counter() - t0
         m = evaluate_ranking(
@@ -96,6 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
         row = {
             "target_epsilon": target,
+            "decoys": decoys,
             "epsilon": None if dp is None else epsilon(dp.noise_multiplier, releases, args.delta),
             "noise_multiplier": None if dp is None else dp.noise_multiplier,
             "dp_event": None if dp is None else repr(dp_event(dp.noise_multiplier, releases)),
@@ -111,17 +121,19 @@ def main(argv: list[str] | None = None) -> dict:
         f"{cfg.rounds} rounds ({args.passes} passes, cohort fraction {cfg.cohort_fraction}), "
         f"clip {clip:.4g}, delta {args.delta:g}, {releases} Gaussian releases per user, "
         f"accountant {ACCOUNTANT}, seed {args.seed}. Command: `python -m sim.bench_privacy "
-        f"--epsilons {args.epsilons} --passes {args.passes}`.",
+        f"--epsilons {args.epsilons} --passes {args.passes}"
+        + (f" --decoys {args.decoys}" if args.decoys else "")
+        + "`.",
         "",
-        "| target epsilon | epsilon | noise multiplier | Recall@20 | NDCG@20 | share of no DP "
-        "| train s | time over no DP |",
-        "|---|---|---|---|---|---|---|---|",
+        "| target epsilon | decoys | epsilon | noise multiplier | Recall@20 | NDCG@20 "
+        "| share of no DP | train s | time over no DP |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["runs"]:
         r["recall_share"] = r["recall@20"] / base["recall@20"]
         r["time_ratio"] = r["train_seconds"] / base["train_seconds"]
         lines.append(
-            f"| {r['target_epsilon'] or 'no DP'} | "
+            f"| {r['target_epsilon'] or 'no DP'} | {r['decoys']} | "
             + (f"{r['epsilon']:.3f}" if r["epsilon"] is not None else "-")
             + " | "
             + (f"{r['noise_multiplier']:.3f}" if r["noise_multiplier"] is not None else "-")
