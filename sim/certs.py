@@ -155,3 +155,35 @@ def make_test_certificates(
         mode = 0o600 if name.endswith(".key") else 0o644
         write_atomic(out / name, lambda fh, data=data: fh.write(data), mode=mode)
     return Certificates.in_dir(out)
+
+
+@dataclass(frozen=True)
+class NodeKey:
+    """A SuperNode's authentication key pair (OpenSSH files, EC P-384, as Flower expects)."""
+
+    private_key: Path
+    public_key: Path
+
+
+def make_node_key(folder: str | Path, name: str) -> NodeKey:
+    """Write ``<name>`` (private) and ``<name>.pub`` in ``folder``: the SuperNode starts with
+    the private key (``--auth-supernode-private-key``); the SuperLink's operator registers the
+    public one (``flwr supernode register``)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    folder = Path(folder).expanduser().resolve()
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    out = NodeKey(folder / name, folder / f"{name}.pub")
+    out.private_key.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out.private_key, lambda fh: fh.write(private), mode=0o600)
+    write_atomic(out.public_key, lambda fh: fh.write(public + b"\n"))
+    return out

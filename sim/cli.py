@@ -244,6 +244,12 @@ def _add_deploy(sub) -> None:
         "--insecure", action="store_true", help="no TLS (plain HTTP between the processes)"
     )
     local.add_argument(
+        "--no-node-auth",
+        action="store_true",
+        help="admit any SuperNode that trusts the CA (default with TLS: only SuperNodes whose "
+        "public key was registered, one fresh key pair per node)",
+    )
+    local.add_argument(
         "--certs",
         default=None,
         help="folder with ca.crt, server.pem, server.key (default: make a test CA for this run)",
@@ -412,6 +418,7 @@ def _deploy(args) -> None:
             node_budgets=list(args.node_budgets) if args.node_budgets else None,
             keep_workdir=args.keep_workdir,
             timeout_s=args.timeout_s,
+            node_auth=not args.no_node_auth,
         )
     except DeploymentError as exc:
         print(f"peel-fed: error: {exc}", file=sys.stderr)

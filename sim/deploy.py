@@ -100,11 +100,14 @@ def run_local_deployment(
     keep_workdir: bool = False,
     timeout_s: float | None = None,
     on_line: Callable[[str], None] = print,
+    node_auth: bool = True,
 ) -> DeployResult:
     """Run the whole pipeline on a SuperLink and ``num_nodes`` SuperNodes on this machine.
 
     With ``tls`` and no ``certs``, a test CA and certificate for 127.0.0.1 are made in the work
-    folder; ``node_budgets`` (cycled) sets each SuperNode's ``device-budget``. Returns the
+    folder; ``node_budgets`` (cycled) sets each SuperNode's ``device-budget``. With TLS and
+    ``node_auth`` (the default), the SuperLink admits only SuperNodes whose public key was
+    registered: each node gets a fresh key pair, registered before it starts. Returns the
     report the ServerApp wrote; raises ``DeploymentError`` (naming the log folder) if the run
     fails. Every process is stopped before returning.
     """
@@ -135,15 +138,24 @@ def run_local_deployment(
     fed = LocalFederation(work, certs if tls else None, log=on_line)
     if "FLWR_SUPEREXEC_TASK_POLL_INTERVAL" not in os.environ:
         fed.env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(superexec_poll_interval(num_nodes))
+    node_auth = node_auth and tls
     try:
-        fed.start_superlink()
+        fed.start_superlink(node_auth=node_auth)
         for pid in range(num_nodes):
             extra = {}
             if cfg.data_dir:
                 extra["data-dir"] = cfg.data_dir
             if node_budgets:
                 extra["device-budget"] = node_budgets[pid % len(node_budgets)]
+            if node_auth:
+                from sim.certs import make_node_key
+
+                key = make_node_key(work / "keys", f"supernode-{pid}")
+                fed.register_node(key.public_key)
+                extra["auth_key"] = key.private_key
             fed.add_node(pid, num_nodes, **extra)
+        if node_auth:
+            on_line(f"SuperNode authentication on: {num_nodes} public keys registered")
         fed.wait_for_nodes()
         on_line(f"{num_nodes} SuperNodes connected; logs in {work / 'logs'}")
         started = time.time()

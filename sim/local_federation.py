@@ -167,8 +167,11 @@ class LocalFederation:
             ]
         return ["--root-certificates", str(self.certs.ca_cert)]
 
-    def start_superlink(self, wait_s: float = 60.0) -> Process:
-        """Start the SuperLink on a free port and wait until its health endpoint answers."""
+    def start_superlink(self, wait_s: float = 60.0, node_auth: bool = False) -> Process:
+        """Start the SuperLink on a free port and wait until its health endpoint answers.
+        ``node_auth`` admits only SuperNodes whose public key was registered (TLS only)."""
+        if node_auth and self.certs is None:
+            raise DeploymentError("SuperNode authentication needs TLS")
         port = free_port()
         cmd = [
             _tool("flower-superlink"),
@@ -180,6 +183,7 @@ class LocalFederation:
             "--database",
             str(self.workdir / "superlink.db"),
             "--disable-runtime-dependency-installation",
+            *(["--enable-supernode-auth"] if node_auth else []),
         ]
         self.superlink = self._start("superlink", cmd, self.workdir / "superlink", port)
         deadline = time.monotonic() + wait_s
@@ -206,8 +210,21 @@ class LocalFederation:
         except OSError:
             return False
 
-    def add_node(self, partition_id: int, num_partitions: int, **node_config) -> Process:
-        """Start a SuperNode hosting partition ``partition_id`` of ``num_partitions``.
+    def register_node(self, public_key: Path) -> None:
+        """``flwr supernode register``: admit the SuperNode holding this key's private half."""
+        cmd = [_tool("flwr"), "supernode", "register", str(public_key), self.connection()]
+        home = self.workdir / "cli"
+        env = configure_flower_env(dict(self.env), flwr_home=home, keep_set=False)
+        done = subprocess.run(cmd, env=env, cwd=home, capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            tail = (done.stdout + done.stderr).strip().splitlines()[-1:] or ["no output"]
+            raise DeploymentError(f"flwr supernode register failed: {tail[0]}")
+
+    def add_node(
+        self, partition_id: int, num_partitions: int, auth_key: Path | None = None, **node_config
+    ) -> Process:
+        """Start a SuperNode hosting partition ``partition_id`` of ``num_partitions``, signing
+        its requests with ``auth_key`` (a private key file) when given.
 
         Further node config (``data-dir``, ``device-budget``) is passed as given.
         """
@@ -227,6 +244,7 @@ class LocalFederation:
             str(port),
             "--node-config",
             str(config_path),
+            *(["--auth-supernode-private-key", str(auth_key)] if auth_key else []),
         ]
         node = self._start(name, cmd, home, port)
         self.nodes.append(node)

@@ -52,11 +52,12 @@ def test_tls_deployment_runs_the_pipeline_and_leaves_nothing_behind(tmp_path):
     cfg = FedConfig(**SMOKE_RUN, min_nodes=3, out_dir=str(out))
     probes: dict[str, object] = {}
     lines: list[str] = []
+    rogue: list[subprocess.Popen] = []
 
     def on_line(line: str) -> None:
         lines.append(line)
         if line.startswith("SuperLink on 127.0.0.1:"):
-            port = int(line.split(":")[1].split()[0])
+            probes["port"] = port = int(line.split(":")[1].split()[0])
             ca = work / "certs" / "ca.crt"
             with urllib.request.urlopen(
                 f"https://127.0.0.1:{port}/health",
@@ -69,11 +70,25 @@ def test_tls_deployment_runs_the_pipeline_and_leaves_nothing_behind(tmp_path):
                 probes["http"] = "served"
             except Exception:  # noqa: BLE001 (reset, bad status line: any failure will do)
                 probes["http"] = "refused"
+        if line.startswith("SuperNode authentication on") and not rogue:
+            # SuperNodes that trust the CA try to join on a taken partition: one with only the
+            # CA (the rogue of the bug report), one with a key nobody registered
+            for name, key in (("no-key", False), ("unknown-key", True)):
+                rogue.append(_rogue_supernode(tmp_path / name, probes["port"], work, key))
 
-    result = run_local_deployment(
-        cfg, 3, tls=True, node_budgets=["50%", "100%"], workdir=work, on_line=on_line
-    )
-    assert probes == {"https": 200, "http": "refused"}
+    try:
+        result = run_local_deployment(
+            cfg, 3, tls=True, node_budgets=["50%", "100%"], workdir=work, on_line=on_line
+        )
+        assert [proc.wait(timeout=120) != 0 for proc in rogue] == [True, True]  # gave up
+    finally:
+        for proc in rogue:
+            proc.kill()
+            proc.wait()
+    for name in ("no-key", "unknown-key"):
+        log = (tmp_path / name / "log").read_text()
+        assert "Failed to initialize the connection" in log and "SuperNode ID" not in log
+    assert probes == {"https": 200, "http": "refused", "port": probes["port"]}
     assert any("[peel-fed] evaluation" in ln for ln in lines)  # progress was streamed
     report = result.report
     assert json.loads((out / "results.json").read_text()) == report
@@ -91,6 +106,41 @@ def test_tls_deployment_runs_the_pipeline_and_leaves_nothing_behind(tmp_path):
     assert report["timing"]["replies"] == 14 * 3  # SMOKE_RUN's 14 exchanges x 3 nodes
     _assert_nothing_left(result.pids, result.ports, work)
     assert not work.exists()  # a successful run removes its work folder
+
+
+def _rogue_supernode(home: Path, port: int, work: Path, with_key: bool) -> subprocess.Popen:
+    """A SuperNode on partition 0 with only the CA, or also a fresh key nobody registered;
+    its output in ``home/log``. The CA is copied: the run's work folder goes when it ends."""
+    from sim.certs import make_node_key
+    from sim.flower_env import configure_flower_env
+    from sim.local_federation import _tool, free_port
+
+    home.mkdir(parents=True)
+    ca = home / "ca.crt"
+    ca.write_bytes((work / "certs" / "ca.crt").read_bytes())
+    key = make_node_key(home, "rogue")
+    config = home / "node-config.toml"
+    config.write_text("partition-id = 0\nnum-partitions = 3\n")
+    cmd = [
+        _tool("flower-supernode"),
+        "--root-certificates",
+        str(ca),
+        "--superlink",
+        f"127.0.0.1:{port}",
+        "--port",
+        str(free_port()),
+        "--node-config",
+        str(config),
+        *(["--auth-supernode-private-key", str(key.private_key)] if with_key else []),
+    ]
+    with open(home / "log", "wb") as fh:
+        return subprocess.Popen(
+            cmd,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=configure_flower_env(dict(os.environ), flwr_home=home, keep_set=False),
+            cwd=home,
+        )
 
 
 def test_killed_supernode_and_late_joiner_do_not_stop_the_run(tmp_path):
