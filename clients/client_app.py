@@ -167,7 +167,7 @@ def pretrain(msg: Message, context: Context) -> Message:
         counts = encode_pretrain_row_counts(node.ds.n_items, rows, np.ones(rows.size), 0.0, users)
     elif step.step == "round":
         taking_part = round_participants(devices.seed, node.users, step.round, step.rounds_per_pass)
-        up = devices.device_round(taking_part, layers, step.round, clip)
+        up = devices.device_round(taking_part, layers, step.round, clip, step.dp_private)
         if not step.secure:
             state.save_arrays(context, "pretrain", devices.state_arrays())
             return _reply(msg, encode_device_update(up))

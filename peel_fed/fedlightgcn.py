@@ -190,8 +190,9 @@ class PretrainServer:
                 g = grad[rows] / torch.from_numpy(devices[rows]).float()[:, None]
                 self.item_adam.step(self.E0, torch.from_numpy(rows), g)
         users = sum(up.users for up in updates)
+        private = self.dp is not None and self.dp.noise_std > 0  # the loss stays on the devices
         return {
-            "loss": sum(up.loss_sum for up in updates) / max(users, 1),
+            "loss": None if private else sum(up.loss_sum for up in updates) / max(users, 1),
             "users": users,
             "rows": int(rows.size),
         }
@@ -388,6 +389,7 @@ class PretrainDevices:
         layers: list[torch.Tensor],
         round_no: int,
         clip: float | None = None,
+        private: bool = False,
     ) -> DeviceUpdate:
         """What one node computes in round ``round_no`` for the hosted ``users`` taking part,
         from the tables it received.
@@ -396,7 +398,8 @@ class PretrainDevices:
         the upload: the summed ``E0`` gradient on the touched rows with the number of hosted
         users that touched each row, and the summed contribution changes on the users' items.
         With ``clip`` (user-level DP), each user's row gradients and contribution change are
-        scaled together to L2 norm at most ``clip`` before they are summed.
+        scaled together to L2 norm at most ``clip`` before they are summed; ``private`` (DP
+        noise on the server) also keeps the loss on the device.
         """
         users = np.asarray(users, dtype=np.int64)
         users = users[self.user_degree[users] > 0]
@@ -491,7 +494,7 @@ class PretrainDevices:
             row_devices=np.bincount(where, minlength=rows.size),
             contrib_rows=contrib_rows,
             contrib_delta=delta,
-            loss_sum=loss_sum,
+            loss_sum=0.0 if private else loss_sum,
             users=int(users.size),
             solo_bytes=solo,
             clipped=int((factors < 1).sum()),
@@ -542,6 +545,7 @@ class FedLightGCN:
             n_items, item_degree, cfg, seed, dp, active / rounds_per_pass_for(cfg.cohort_fraction)
         )
         self.clip = None if dp is None else dp.clip
+        self.private = dp is not None and dp.noise_std > 0
         self.round = 0
 
     @property
@@ -577,7 +581,10 @@ class FedLightGCN:
         self.round += 1
         layers = self.server.item_layers()
         chunks = np.array_split(np.asarray(users, dtype=np.int64), num_nodes)
-        updates = [self.devices.device_round(c, layers, self.round, self.clip) for c in chunks]
+        updates = [
+            self.devices.device_round(c, layers, self.round, self.clip, self.private)
+            for c in chunks
+        ]
         return self.server.apply(updates)
 
     @torch.no_grad()

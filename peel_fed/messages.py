@@ -257,6 +257,7 @@ class PretrainStep:
     rounds_per_pass: int | None = None
     dp_clip: float = 0.0  # user-level DP: each user's upload scaled to this L2 bound (0: off)
     decoys: int = 0  # decoy items per user, uploaded as if interacted
+    dp_private: bool = False  # DP noise on the server: the loss stays on the device
 
     def to_config(self) -> Config:
         rec: Config = {
@@ -271,6 +272,8 @@ class PretrainStep:
             rec["dp-clip"] = float(self.dp_clip)
         if self.decoys:
             rec["decoys"] = int(self.decoys)
+        if self.dp_private:
+            rec["dp-private"] = True
         if self.k is not None:
             rec["k"] = self.k
         if self.round is not None:
@@ -296,6 +299,7 @@ class PretrainStep:
             rounds_per_pass=opt("rounds-per-pass"),
             dp_clip=float(rec.get("dp-clip", 0.0)),
             decoys=int(rec.get("decoys", 0)),
+            dp_private=bool(rec.get("dp-private", False)),
         )
 
 

@@ -63,6 +63,7 @@ class PretrainStrategy(PhaseStrategy):
             **at,
             dp_clip=cfg.dp_clip,
             decoys=cfg.decoy_items,
+            dp_private=self.dp is not None and self.dp.noise_std > 0,
         )
 
     def configure(self, step: PretrainStep) -> RecordDict:
@@ -149,7 +150,8 @@ class PretrainStrategy(PhaseStrategy):
             s = self.aggregate_round(contents)
             self.history.append({"round": r, **s, "failed": len(rep.failed)})
             bar.update(1)
-            bar.set_postfix(loss=f"{s['loss']:.4f}", failed=len(rep.failed))
+            loss = "kept on the devices" if s["loss"] is None else f"{s['loss']:.4f}"
+            bar.set_postfix(loss=loss, failed=len(rep.failed))
         bar.close()
         content = self.configure(self.step("final"))
         _, rep = exchange(grid, nodes, "train.pretrain", content, timeout, "final")

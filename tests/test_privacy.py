@@ -218,7 +218,7 @@ def test_the_federated_pipeline_clips_on_devices_noises_and_reports_epsilon(pipe
     for reply in sent:
         content = from_record_dict(reply.content)
         kind = reply.metadata.message_type
-        if kind == "train.pretrain" and "grad" in content.arrays:
+        if kind == "train.pretrain" and "grad" in content.arrays.get("upload", {}):
             up = decode_device_update(content)
             norm = torch.cat([up.grad.ravel(), up.contrib_delta.ravel()]).norm().item()
             assert norm <= up.users * clip * (1 + 1e-4)
@@ -228,7 +228,7 @@ def test_the_federated_pipeline_clips_on_devices_noises_and_reports_epsilon(pipe
                 norm = np.sqrt((up.grad**2).sum() + (up.weight_grad**2).sum())
                 assert norm <= up.users * clip * (1 + 1e-4)
                 checked += up.users > 0
-    assert checked >= 8
+    assert checked >= 12  # pretraining rounds and PEE rounds
     noised = pipeline(dp_clip=0.5, dp_target_epsilon=8.0, dp_delta=1e-3)
     rep = noised["privacy"]
     assert rep["releases"] == {"pretrain": 3 + 2, "pee": 1}  # 3 init exchanges, 2 + 1 passes
@@ -240,6 +240,13 @@ def test_the_federated_pipeline_clips_on_devices_noises_and_reports_epsilon(pipe
     assert any(line.startswith("statistics") for line in rep["not_covered"])
     items = noised["dataset"]["items"]
     assert [r["rows"] for r in noised["pretrain"]] == [items] * 4
+    assert all(r["loss"] is None for r in noised["pretrain"])  # the loss stayed on the devices
+    sent = [
+        decode_device_update(content)
+        for content in (from_record_dict(r.content) for r in noised["sent"])
+        if "grad" in content.arrays.get("upload", {})
+    ]
+    assert sent and all(up.loss_sum == 0 for up in sent)
     assert all(g["rows"] == items and g["loss"] is None for r in noised["pee"] for g in r["groups"])
 
 
