@@ -415,18 +415,16 @@ class PretrainDevices:
         # decoys: pairs of (decoy, negative) whose gradient goes up as a positive's would, with
         # the user's vector held fixed (its own training sees only its real items)
         d_owner, d_items = self.decoy_items(users)
-        d_neg = (
-            np.concatenate(
-                [
-                    self.sampler.sample(
-                        np.full(int((d_owner == i).sum()), u),
-                        user_rng(self.seed, int(u), DECOY_NEG_STREAM + round_no),
-                    )
-                    for i, u in enumerate(users)
-                ]
-            )
-            if d_items.size
-            else np.zeros(0, dtype=np.int64)
+        per_user = np.bincount(d_owner, minlength=users.size)
+        d_neg = np.concatenate(
+            [np.zeros(0, dtype=np.int64)]
+            + [
+                self.sampler.sample(
+                    np.full(int(n), u), user_rng(self.seed, int(u), DECOY_NEG_STREAM + round_no)
+                )
+                for u, n in zip(users, per_user, strict=True)
+                if n
+            ]
         )
         # every (user, row) pair gets its own copy of the E0 row, so that the gradient of each
         # user's loss stays apart (per-user clipping) until the rows are summed
