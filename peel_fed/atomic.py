@@ -68,6 +68,13 @@ def write_json_atomic(path: str | Path, obj: Any) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def write_report(path: str | Path, report: Any, markdown: str) -> Path:
+    """A benchmark's figures: ``report`` as JSON at ``path`` and ``markdown`` beside it
+    (``.md``), each written atomically; returns the markdown's path."""
+    write_json_atomic(path, report)
+    return write_text_atomic(Path(path).with_suffix(".md"), markdown)
+
+
 def to_jsonable(obj: Any) -> Any:
     """``obj`` with tuples as lists and numpy scalars as Python numbers, for :mod:`json`."""
     if isinstance(obj, dict):

@@ -54,7 +54,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from peel_fed.atomic import write_json_atomic, write_text_atomic
+from peel_fed.atomic import write_report
 from peel_fed.blocks import (
     FLOAT32_BYTES,
     BlockLayout,
@@ -384,9 +384,8 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
     }
     out = Path(args.out)
-    write_json_atomic(out, report)
     md = device_markdown(report)
-    write_text_atomic(out.with_suffix(".md"), md)
+    write_report(out, report, md)
     print(md, flush=True)
     print(f"saved {out} and {out.with_suffix('.md')}")
     return report

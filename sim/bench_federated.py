@@ -16,7 +16,7 @@ import platform
 import time
 from pathlib import Path
 
-from peel_fed.atomic import write_json_atomic, write_text_atomic
+from peel_fed.atomic import write_report
 from peel_fed.fedconfig import FedConfig
 from peel_fed.lightgcn import LightGCNConfig
 from peel_fed.peel import PEELConfig
@@ -125,9 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
         "federated": fed,
         "centralized": cen,
     }
-    write_json_atomic(args.out, report)
     md = comparison_markdown(report)
-    write_text_atomic(Path(args.out).with_suffix(".md"), md)
+    write_report(args.out, report, md)
     print(md, flush=True)
     return report
 

@@ -17,12 +17,11 @@ import argparse
 import platform
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from peel_fed.atomic import write_json_atomic, write_text_atomic
+from peel_fed.atomic import write_report
 from peel_fed.fedconfig import FedConfig
 from peel_fed.fedlightgcn import (
     FedLightGCN,
@@ -142,9 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     text = "\n".join(lines) + "\n"
     print(text)
-    write_json_atomic(args.out, report)
-    write_text_atomic(Path(args.out).with_suffix(".md"), text)
-    print(f"saved {args.out}")
+    print(f"saved {args.out} and {write_report(args.out, report, text)}")
     return report
 
 
