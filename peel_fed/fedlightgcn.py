@@ -232,6 +232,7 @@ class PretrainDevices:
         self.user_adam = RowAdam((self.users.size, cfg.dim), cfg.user_lr)
         self.contrib = torch.zeros(cfg.layers, self.users.size, cfg.dim)
         self.sampler = sampler or NegativeSampler(edges, n_items)
+        self._decoys: tuple[np.ndarray, np.ndarray] | None = None  # see decoy_items
 
     # --- state kept between messages -----------------------------------------------------------
     def state_arrays(self) -> dict[str, np.ndarray]:
@@ -357,12 +358,20 @@ class PretrainDevices:
         k = self.cfg.decoys
         if k == 0 or len(users) == 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-        items = [
-            np.unique(self.sampler.sample(np.full(k, u), user_rng(self.seed, int(u), DECOY_STREAM)))
-            for u in users
-        ]
-        owner = np.repeat(np.arange(len(users)), [i.size for i in items])
-        return owner, np.concatenate(items)
+        if self._decoys is None:  # drawn once for every hosted user: (CSR bounds, items)
+            drawn = [
+                np.unique(
+                    self.sampler.sample(np.full(k, u), user_rng(self.seed, int(u), DECOY_STREAM))
+                )
+                for u in self.users
+            ]
+            bounds = np.concatenate([[0], np.cumsum([d.size for d in drawn])])
+            self._decoys = (bounds, np.concatenate(drawn))
+        bounds, all_items = self._decoys
+        local = self._local(np.asarray(users, dtype=np.int64))
+        lo, hi = bounds[local], bounds[local + 1]
+        owner = np.repeat(np.arange(len(users)), hi - lo)
+        return owner, all_items[concat_ranges(lo, hi)]
 
     def _contribution_pairs(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(owner index into ``users``, item) of every row a contribution goes to: the users'

@@ -15,6 +15,8 @@ saves JSON and markdown, atomically.
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 import time
 from dataclasses import replace
 
@@ -89,8 +91,9 @@ def main(argv: list[str] | None = None) -> dict:
         f"{args.targets} users, each on its own node, over {rounds} rounds ({args.passes} "
         f"passes) and the init exchanges; central DP: clip {args.dp_clip:g}, noise multiplier "
         f"{sigma:.3f} (epsilon {args.dp_epsilon:g} over {releases} releases, delta "
-        f"{args.delta:g}). Command: `python -m sim.bench_attacks --passes {args.passes} "
-        f"--targets {args.targets}`.",
+        f"{args.delta:g}). Command: `python -m sim.bench_attacks "
+        + shlex.join(sys.argv[1:] if argv is None else argv)
+        + "`.",
         "",
         "| server's view | item AUC (median) | precision@k | random precision@k "
         "| vector cosine (median) |",

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import platform
+import shlex
+import sys
 import time
 from dataclasses import replace
 
@@ -120,8 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{cfg.rounds} rounds ({args.passes} passes, cohort fraction {cfg.cohort_fraction}), "
         f"clip {clip:.4g}, delta {args.delta:g}, {releases} Gaussian releases per user, "
         f"accountant {ACCOUNTANT}, seed {args.seed}. Command: `python -m sim.bench_privacy "
-        f"--epsilons {args.epsilons} --passes {args.passes}"
-        + (f" --decoys {args.decoys}" if args.decoys else "")
+        + shlex.join(sys.argv[1:] if argv is None else argv)
         + "`.",
         "",
         "| target epsilon | decoys | epsilon | noise multiplier | Recall@20 | NDCG@20 "
