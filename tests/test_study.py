@@ -301,7 +301,7 @@ def test_retrained_models_skip_a_budget_below_one_dimension(tmp_path):
     """5% of the quick table (512 B) is below a 1-dimensional float32 table of 160 items (640 B)
     and below any quantized one (row meta alone is 640 B): no model, no row, no failure."""
     cfg = _quick_config(tmp_path, budgets=("5%", "100%"))
-    report = run_study(cfg, ["lightgcn-per-budget", "retrained-quantized"])
+    report = run_study(cfg, ["lightgcn-per-budget", "per-budget-quantized"])
     got = sorted((r["method"], r["budget"]) for r in report["rows"])
     assert got == [
         ("LightGCN retrained per budget", "100%"),

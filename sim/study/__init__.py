@@ -8,7 +8,7 @@ federated pipeline:
 2. ``pruning``: magnitude pruning of the pretrained item table, stored sparsely, with float32
    and with int8 values (``peel_fed.baselines``, ``peel_fed.budget_rows``);
 3. ``lightgcn-per-budget``: LightGCN retrained for each budget at the largest dimension that
-   fits it; ``retrained-quantized``: those models row-quantized (d and bits chosen on
+   fits it; ``per-budget-quantized``: those models row-quantized (d and bits chosen on
    validation);
 4. ``matryoshka``: one nested (Matryoshka) LightGCN cut to every budget: its leading columns at
    float32, and the best row-quantized cut by validation Recall@20 (``peel_fed.matryoshka``);

@@ -87,7 +87,7 @@ def step_lightgcn_per_budget(cfg: StudyConfig) -> dict:
     return {"rows": rows}
 
 
-def step_retrained_quantized(cfg: StudyConfig) -> dict:
+def step_per_budget_quantized(cfg: StudyConfig) -> dict:
     """The ``lightgcn-per-budget`` models, row-quantized: at each budget every (model of size d,
     bits in 8, 4, 2, 1) whose quantized table fits, chosen by validation Recall@20
     (``peel_fed.budget_rows.QuantizedChoice``), reported on test."""

@@ -103,7 +103,7 @@ def budget_bytes(cfg: StudyConfig, full_table_bytes: int) -> list[tuple[str, int
 def per_budget_config(base, dim: int):
     """``base`` (a pipeline config) for a plain LightGCN of size ``dim``: no blocks and no
     diversity regulariser (the ``lightgcn-per-budget`` models, also read by
-    ``retrained-quantized``, so both hit the same pretrain cache)."""
+    ``per-budget-quantized``, so both hit the same pretrain cache)."""
     return replace(
         base,
         lightgcn=replace(base.lightgcn, dim=dim, diversity_weight=0.0, num_blocks=1),

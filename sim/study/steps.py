@@ -20,9 +20,9 @@ from sim.study.baseline_steps import (
     step_cover_first,
     step_lightgcn_per_budget,
     step_matryoshka,
+    step_per_budget_quantized,
     step_pretraining_choice,
     step_pruning,
-    step_retrained_quantized,
 )
 from sim.study.config import (
     STUDY_BUDGETS,
@@ -231,7 +231,7 @@ STEPS: dict[str, Callable[[StudyConfig], dict]] = {
     "centralized": step_centralized,
     "pruning": step_pruning,
     "lightgcn-per-budget": step_lightgcn_per_budget,
-    "retrained-quantized": step_retrained_quantized,
+    "per-budget-quantized": step_per_budget_quantized,
     "matryoshka": step_matryoshka,
     "peel-as-published": step_peel_as_published,
     "federated": step_federated,
