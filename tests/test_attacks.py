@@ -129,3 +129,22 @@ def test_decoys_hide_which_contribution_rows_are_real_but_not_that_the_user_sent
 
     assert precision(plain) > 0.99
     assert precision(hidden) < 0.75  # about d_u / (d_u + 15) when the attacker cannot tell
+
+
+def test_the_attack_benchmark_writes_its_report(tmp_path):
+    from sim.bench_attacks import main
+
+    out = tmp_path / "attacks.json"
+    report = main(
+        ["--dataset", "checkerboard", "--targets", "6", "--decoys", "4", "--out", str(out)]
+    )
+    settings = [r["setting"] for r in report["rows"]]
+    assert settings == [
+        "clear (no DP)",
+        "secure rows (no DP)",
+        "clear (central DP, epsilon 8)",
+        "clear (4 decoys)",
+    ]
+    clear, secure = report["rows"][0], report["rows"][1]
+    assert clear["auc_median"] > 0.99 and secure["auc_median"] < clear["auc_median"]
+    assert out.is_file() and "--targets 6" in out.with_suffix(".md").read_text()

@@ -347,3 +347,20 @@ def test_under_noise_the_pee_server_noises_every_row_and_the_weight_gradient():
     assert (server.table.numpy() != table).all(axis=1).all()
     assert not np.allclose(server.weights(), weights)
     assert stats["rows"] == table.shape[0] and stats["loss"] is None
+
+
+def test_the_privacy_benchmark_writes_its_report(tmp_path):
+    from sim.bench_privacy import main
+
+    out = tmp_path / "privacy.json"
+    args = ["--dataset", "checkerboard", "--passes", "1", "--epsilons", "8", "--out", str(out)]
+    report = main(args + ["--decoys", "3", "--repeats", "2"])
+    assert [(r["target_epsilon"], r["decoys"]) for r in report["runs"]] == [
+        (None, 0),
+        (8.0, 0),
+        (None, 3),
+    ]
+    noised = report["runs"][1]
+    assert noised["epsilon"] == pytest.approx(8.0, rel=0.01) and noised["epsilon"] <= 8.0
+    assert all(len(r["train_seconds_runs"]) == 2 for r in report["runs"])
+    assert out.is_file() and out.with_suffix(".md").is_file()
