@@ -43,7 +43,7 @@ from peel_fed.data import Interactions, concat_ranges
 from peel_fed.lightgcn import NegativeSampler
 from peel_fed.optim import RowAdam
 from peel_fed.partition import user_rng, user_slots
-from peel_fed.privacy import DPConfig, clip_factors, gaussian_noise
+from peel_fed.privacy import DPConfig, clip_factors, gaussian_noise, noised
 from peel_fed.scoring import bpr_loss, pair_scores
 
 
@@ -87,9 +87,6 @@ class DeviceUpdate:
     loss_sum: float
     users: int
     solo_bytes: int = 0  # what the users would upload if each were alone (same encoding)
-    # users whose upload was scaled down to the DP clip bound (kept on the device: a count sent
-    # in the clear would be a release the accountant does not cover)
-    clipped: int = 0
 
     @classmethod
     def empty(cls, cfg: FedLightGCNConfig) -> DeviceUpdate:
@@ -160,7 +157,7 @@ class PretrainServer:
     def noise_contributions(self, layers: range | list[int]) -> None:
         """User-level DP: Gaussian noise on every row of the released sums ``S_k``, once per
         aggregate (nothing without DP). An ``init`` exchange releases only its layer's sum."""
-        if self.dp is None or self.dp.noise_std == 0:
+        if not noised(self.dp):
             return
         for k in layers:
             self.S[k] += gaussian_noise(tuple(self.S[k].shape), self.dp.noise_std, self.noise_rng)
@@ -179,7 +176,8 @@ class PretrainServer:
             grad.index_add_(0, torch.from_numpy(up.rows), up.grad)
             np.add.at(devices, up.rows, up.row_devices)
             self.add_contributions(up.contrib_rows, up.contrib_delta)
-        if self.dp is not None and self.dp.noise_std > 0:
+        private = noised(self.dp)  # the loss stays on the devices
+        if private:
             self.noise_contributions(range(self.cfg.layers))
             grad += gaussian_noise(tuple(grad.shape), self.dp.noise_std, self.noise_rng)
             rows = np.arange(self.n_items)
@@ -190,7 +188,6 @@ class PretrainServer:
                 g = grad[rows] / torch.from_numpy(devices[rows]).float()[:, None]
                 self.item_adam.step(self.E0, torch.from_numpy(rows), g)
         users = sum(up.users for up in updates)
-        private = self.dp is not None and self.dp.noise_std > 0  # the loss stays on the devices
         return {
             "loss": None if private else sum(up.loss_sum for up in updates) / max(users, 1),
             "users": users,
@@ -299,7 +296,7 @@ class PretrainDevices:
         layer_vectors: dict[int, torch.Tensor],
         clip: float | None = None,
         sq_norms: torch.Tensor | None = None,
-    ) -> tuple[np.ndarray, torch.Tensor, int]:
+    ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
         """The change of ``v_k = u_k / sqrt(d_u)`` on the users' item rows, summed over users.
 
         ``layer_vectors[k]`` holds u_k of ``users``; the devices' last contributions are updated
@@ -457,11 +454,12 @@ class PretrainDevices:
         up = (E0[pos_t] + sum(f[pos_i] for f in fixed)) / n_layers
         un = (E0[neg_t] + sum(f[neg_i] for f in fixed)) / n_layers
         item_sq = E0[pos_t].pow(2).sum(-1) + E0[neg_t].pow(2).sum(-1)
-        loss = self._pair_loss(torch.stack(ul).mean(0), u0, up, un, item_sq, pair_user, weight)
+        uf = torch.stack(ul).mean(0)
+        loss = self._pair_loss(uf, u0, up, un, item_sq, pair_user, weight)
         loss_sum = float(loss.detach())
         if d_items.size:
             loss = loss + self._decoy_loss(
-                torch.stack(ul).mean(0).detach(), E0, fixed, keys, d_owner, d_items, d_neg, counts
+                uf.detach(), E0, fixed, keys, d_owner, d_items, d_neg, counts
             )
         g_u0, grad_keys = torch.autograd.grad(loss, [u0, E0])
         self.user_adam.step(self.U0, local, g_u0)
@@ -504,7 +502,6 @@ class PretrainDevices:
             loss_sum=0.0 if private else loss_sum,
             users=int(users.size),
             solo_bytes=solo,
-            clipped=int((factors < 1).sum()),
         )
 
     def _decoy_loss(self, uf, E0, fixed, keys, d_owner, d_items, d_neg, counts) -> torch.Tensor:
@@ -552,7 +549,7 @@ class FedLightGCN:
             n_items, item_degree, cfg, seed, dp, active / rounds_per_pass_for(cfg.cohort_fraction)
         )
         self.clip = None if dp is None else dp.clip
-        self.private = dp is not None and dp.noise_std > 0
+        self.private = noised(dp)
         self.round = 0
 
     @property

@@ -35,7 +35,7 @@ from peel_fed.lightgcn import NegativeSampler
 from peel_fed.optim import RowAdam
 from peel_fed.partition import user_rng
 from peel_fed.peel import sampled_budget_weights, unit_order_for
-from peel_fed.privacy import DPConfig, clip_factors, gaussian_noise
+from peel_fed.privacy import DPConfig, clip_factors, gaussian_noise, noised
 from peel_fed.scoring import bpr_loss, pair_scores
 
 NEG_STREAM = 3_000_003  # + round: a device's PEE negatives
@@ -122,7 +122,7 @@ class PEEGroupServer:
             loss_sum += up.loss_sum
             loss_cnt += up.loss_count
             users += up.users
-        if self.dp is not None and self.dp.noise_std > 0:
+        if noised(self.dp):
             # the loss features are not uploaded under DP (``PEEDevices.device_round``)
             std, rng = self.dp.noise_std, self.noise_rng
             grad += gaussian_noise(tuple(grad.shape), std, rng)

@@ -25,6 +25,7 @@ run must repeat with its seed, so the two operations live here; the arithmetic i
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,6 +68,12 @@ class DPConfig:
         return self.noise_multiplier * self.clip
 
 
+def noised(dp: DPConfig | None) -> bool:
+    """Whether ``dp`` adds noise (without it, DP only clips: epsilon is infinite, the plain
+    aggregation stays, and devices may send their loss statistics)."""
+    return dp is not None and dp.noise_std > 0
+
+
 def dp_event(noise_multiplier: float, releases: int):
     """The ``dp_accounting`` event of ``releases`` Gaussian releases with sensitivity 1 each."""
     import dp_accounting
@@ -98,6 +105,7 @@ def epsilon(noise_multiplier: float, releases: int, delta: float) -> float:
     return float(acc.get_epsilon(delta))
 
 
+@functools.lru_cache(maxsize=64)
 def noise_for_epsilon(target_epsilon: float, releases: int, delta: float) -> float:
     """The smallest noise multiplier whose ``releases`` Gaussian releases stay within
     ``target_epsilon`` at ``delta`` (bisection on the accountant, relative precision 1e-3)."""

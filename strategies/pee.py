@@ -24,6 +24,7 @@ from peel_fed.messages import (
     encode_pee_rows_down,
     pee_row_unions,
 )
+from peel_fed.privacy import noised
 from strategies.base import PhaseStrategy, node_sample, reply_contents, upload_users
 from strategies.grouping import GroupingResult
 from strategies.log import PhaseLog
@@ -82,7 +83,7 @@ class PEEStrategy(PhaseStrategy):
             num_user_groups=cfg.num_user_groups,
             secure=cfg.secure_rows,
             dp_clip=cfg.dp_clip,
-            dp_private=self.dp is not None and self.dp.noise_std > 0,
+            dp_private=noised(self.dp),
         )
 
     def configure(self, round_: PEERound, group_ids) -> RecordDict:

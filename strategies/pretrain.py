@@ -25,6 +25,7 @@ from peel_fed.messages import (
     encode_pretrain_down,
     encode_rows_down,
 )
+from peel_fed.privacy import noised
 from strategies.base import PhaseStrategy, node_sample, reply_contents, upload_users
 from strategies.log import PhaseLog
 from strategies.phases import exchange, secure_sum
@@ -63,7 +64,7 @@ class PretrainStrategy(PhaseStrategy):
             **at,
             dp_clip=cfg.dp_clip,
             decoys=cfg.decoy_items,
-            dp_private=self.dp is not None and self.dp.noise_std > 0,
+            dp_private=noised(self.dp),
         )
 
     def configure(self, step: PretrainStep) -> RecordDict:
