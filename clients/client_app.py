@@ -10,6 +10,9 @@ between messages (:mod:`clients.state`).
 
 Every handler decodes its message (:mod:`peel_fed.messages`), calls the core, and encodes the
 reply; secure-aggregation uploads go up masked (:func:`masked_reply`).
+
+Long file: one named action per phase, each a thin adapter; they share the reply and state
+helpers and read best side by side.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from flwr.clientapp.typing import Mod
 from clients import state
 from clients.records import from_record_dict, to_record_dict
 from clients.timing import timing_mod
-from peel_fed.clustering import UserGroups, kmeans_partial_sums
+from peel_fed.clustering import UserGroups, fold_in_user_vectors, kmeans_partial_sums
 from peel_fed.messages import (
     Content,
     decode_centroids,
@@ -130,6 +133,7 @@ def pretrain(msg: Message, context: Context) -> Message:
     content = from_record_dict(msg.content)
     down = decode_pretrain_down(content)
     node = state.node_data(down.data, context)
+    store = state.device_store(context, down.data)
     step = down.step
     cfg = FedLightGCNConfig(
         dim=step.dim,
@@ -148,20 +152,34 @@ def pretrain(msg: Message, context: Context) -> Message:
         down.data.seed,
         sampler=node.fit_sampler,
     )
-    saved = state.load_arrays(context, "pretrain")
+    # the state after the previous step: a step the server redoes after a crash starts from it
+    version = step.k - step.layers if step.step == "init" else step.round
+    saved = store.load("pretrain", before=None if step.step == "final" else version)
     if saved is not None:
         devices.load_state(saved)
+    elif down.data.resumed and (step.step != "init" or step.k > 0):
+        if step.step != "final":
+            raise state.DeviceStateLost(
+                "device state lost: no saved pretraining state on this node after the server "
+                "resumed; its users sit out pretraining and fold in at the end"
+            )
     layers = [torch.from_numpy(layer) for layer in down.layers]
     users = int(node.users.size)
     clip = step.dp_clip or None
     if step.step == "final":
-        state.save_user_vectors(context, devices.final_user_vectors(layers))
-        state.save_arrays(context, "pretrain", devices.state_arrays())
+        if saved is None and down.data.resumed:  # lost: rebuild as a cold-start user would
+            bounds = node.split.fit.user_bounds(node.ds.n_users)
+            own = [node.split.fit.items[bounds[u] : bounds[u + 1]] for u in node.users]
+            table = torch.stack(layers).mean(0).numpy()
+            vectors = fold_in_user_vectors(node.users, own, table, down.degree)
+        else:
+            vectors = devices.final_user_vectors(layers)
+        store.save_user_vectors(vectors)
         return _reply(msg, encode_final_reply(users))
     if step.step == "init":
         rows, delta = devices.initial_contribution(step.k, layers, clip=clip)
         if not step.secure:
-            state.save_arrays(context, "pretrain", devices.state_arrays())
+            store.save("pretrain", devices.state_arrays(), version)
             return _reply(msg, encode_contribution(rows, delta.numpy(), users))
         pending = {"contrib-rows": rows, "contrib-delta": delta.numpy()}
         counts = encode_pretrain_row_counts(node.ds.n_items, rows, np.ones(rows.size), 0.0, users)
@@ -169,7 +187,7 @@ def pretrain(msg: Message, context: Context) -> Message:
         taking_part = round_participants(devices.seed, node.users, step.round, step.rounds_per_pass)
         up = devices.device_round(taking_part, layers, step.round, clip, step.dp_private)
         if not step.secure:
-            state.save_arrays(context, "pretrain", devices.state_arrays())
+            store.save("pretrain", devices.state_arrays(), version)
             return _reply(msg, encode_device_update(up))
         pending = {
             "rows": up.rows,
@@ -182,7 +200,7 @@ def pretrain(msg: Message, context: Context) -> Message:
         )
     else:
         raise ValueError(f"unknown pretrain step {step.step!r}")
-    return _hold_pretrain_upload(msg, context, content, devices, pending, counts)
+    return _hold_pretrain_upload(msg, context, content, devices, pending, counts, saved, version)
 
 
 def _hold_pretrain_upload(
@@ -192,31 +210,39 @@ def _hold_pretrain_upload(
     devices: PretrainDevices,
     pending: dict[str, np.ndarray],
     counts: np.ndarray,
+    saved: dict[str, np.ndarray] | None,
+    version: int,
 ) -> Message:
     """Secure-rows mode, first half: keep the upload on the device and send only the masked
     per-row device counts, from which the server learns the union of the cohort's rows. The
     contribution change is committed only once its values have been aggregated (``train.rows``),
     so a failure in between is resent in a later round."""
-    state.save_arrays(
-        context, "pretrain-pending", {**pending, "contrib-new": devices.contrib.numpy().copy()}
+    store = state.device_store(context, decode_data(content))
+    store.save(
+        "pretrain-pending",
+        {
+            **pending,
+            "contrib-new": devices.contrib.numpy().copy(),
+            "version": np.array([version]),
+        },
     )
     device_state = devices.state_arrays()
-    saved = state.load_arrays(context, "pretrain")
     if saved is not None:
         device_state["contrib"] = saved["contrib"]
     else:
         device_state["contrib"] = np.zeros_like(device_state["contrib"])
-    state.save_arrays(context, "pretrain", device_state)
+    store.save("pretrain", device_state, version)
     return masked_reply(msg, context, content, counts)
 
 
 def rows(msg: Message, context: Context) -> Message:
     """Secure-rows mode, second half: the pending upload laid out densely over the cohort's row
     union (``E0`` gradient rows, then the contribution change per layer), masked."""
-    pending = state.load_arrays(context, "pretrain-pending")
+    content = from_record_dict(msg.content)
+    store = state.device_store(context, decode_data(content))
+    pending = store.load("pretrain-pending")
     if pending is None:
         raise RuntimeError("train.rows without a pending pretraining upload")
-    content = from_record_dict(msg.content)
     union = decode_rows_down(content)
     vector = encode_pretrain_rows(
         union,
@@ -226,10 +252,9 @@ def rows(msg: Message, context: Context) -> Message:
         pending["contrib-delta"],
     )
     reply = masked_reply(msg, context, content, vector)
-    device_state = state.load_arrays(context, "pretrain")
-    device_state["contrib"] = pending["contrib-new"]
-    state.save_arrays(context, "pretrain", device_state)
-    state.drop(context, "pretrain-pending")
+    device_state = {**store.load("pretrain"), "contrib": pending["contrib-new"]}
+    store.save("pretrain", device_state, int(pending["version"][0]))
+    store.drop("pretrain-pending")
     return reply
 
 
@@ -238,19 +263,22 @@ def kmeans(msg: Message, context: Context) -> Message:
     """One Lloyd step's share, securely aggregated: per-centroid sums and counts."""
     content = from_record_dict(msg.content)
     centroids = decode_centroids(content)
-    sums, counts = kmeans_partial_sums(state.user_vectors(context), centroids)
+    store = state.device_store(context, decode_data(content))
+    sums, counts = kmeans_partial_sums(store.user_vectors(), centroids)
     return masked_reply(msg, context, content, encode_kmeans_sums(sums, counts))
 
 
-def _nearest_groups(context: Context, centroids: np.ndarray) -> np.ndarray:
-    return UserGroups(np.zeros(0, dtype=np.int64), centroids).nearest(state.user_vectors(context))
+def _nearest_groups(store: state.DeviceStore, centroids: np.ndarray) -> np.ndarray:
+    return UserGroups(np.zeros(0, dtype=np.int64), centroids).nearest(store.user_vectors())
 
 
 def group(msg: Message, context: Context) -> Message:
     """Join the nearest final centroid; the server learns how many hosted users joined each."""
-    centroids = decode_centroids(from_record_dict(msg.content))
-    groups = _nearest_groups(context, centroids)
-    state.save_user_groups(context, groups)
+    content = from_record_dict(msg.content)
+    centroids = decode_centroids(content)
+    store = state.device_store(context, decode_data(content))
+    groups = _nearest_groups(store, centroids)
+    store.save_user_groups(groups)
     return _reply(msg, encode_group_counts(np.bincount(groups, minlength=centroids.shape[0])))
 
 
@@ -262,12 +290,13 @@ def planes(msg: Message, context: Context) -> Message:
     content = from_record_dict(msg.content)
     centroids = decode_centroids(content)
     node = state.node_data(decode_data(content), context)
-    groups = state.user_groups(context)
+    store = state.device_store(context, decode_data(content))
+    groups = store.user_groups()
     if groups is None:  # missed the grouping round: join the nearest centroid now
-        groups = _nearest_groups(context, centroids)
+        groups = _nearest_groups(store, centroids)
     vector = plane_stats_vector(
         node.users,
-        state.user_vectors(context),
+        store.user_vectors(),
         groups,
         centroids.shape[0],
         node.ds.train,
@@ -287,13 +316,14 @@ def pee(msg: Message, context: Context) -> Message:
     down = decode_pee_down(content)
     node = state.node_data(down.data, context)
     round_, seed = down.round, down.data.seed
-    groups = state.user_groups(context)
+    store = state.device_store(context, down.data)
+    groups = store.user_groups()
     if groups is None:
         raise RuntimeError("PEE learning before grouping on this node")
     cfg = FedPEEConfig(local_steps=round_.local_steps, user_lr=round_.user_lr, elastic=True)
     devices = PEEDevices(
         node.users,
-        state.user_vectors(context),
+        store.user_vectors(),
         node.ds.n_users,
         node.split.fit,
         node.split.val,
@@ -301,7 +331,9 @@ def pee(msg: Message, context: Context) -> Message:
         cfg,
         seed,
     )
-    saved = state.load_arrays(context, "pee")
+    # the state after the previous round (a PEE state lost with its device starts over from
+    # the pretrained vectors, as in round 1)
+    saved = store.load("pee", before=round_.round)
     if saved is not None:
         devices.load_state(saved)
     taking_part = np.isin(
@@ -319,10 +351,10 @@ def pee(msg: Message, context: Context) -> Message:
             round_.dp_clip or None,
             round_.dp_private,
         )
-    state.save_arrays(context, "pee", devices.state_arrays())
+    store.save("pee", devices.state_arrays(), round_.round)
     if round_.secure:
         # secure rows: keep the upload, send masked per-group row counts and the user count
-        state.save_arrays(context, "pee-pending", encode_pee_uploads(uploads))
+        store.save("pee-pending", encode_pee_uploads(uploads))
         counts = encode_pee_row_counts(uploads, round_.num_user_groups, down.layout.n_items)
         return masked_reply(msg, context, content, counts)
     return _reply(msg, encode_pee_reply(uploads))
@@ -331,14 +363,15 @@ def pee(msg: Message, context: Context) -> Message:
 def pee_rows(msg: Message, context: Context) -> Message:
     """Secure rows, second half of a PEE round: per user group, the pending table-row gradients
     laid out over the group's row union, then dL_val/d alpha and the loss statistics, masked."""
-    pending = state.load_arrays(context, "pee-pending")
+    content = from_record_dict(msg.content)
+    store = state.device_store(context, decode_data(content))
+    pending = store.load("pee-pending")
     if pending is None:
         raise RuntimeError("train.peerows without a pending PEE upload")
-    content = from_record_dict(msg.content)
     round_, unions = decode_pee_rows_down(content)
     uploads = decode_pee_uploads(pending, round_.num_item_groups)
     reply = masked_reply(msg, context, content, encode_pee_rows(uploads, unions, round_))
-    state.drop(context, "pee-pending")
+    store.drop("pee-pending")
     return reply
 
 
@@ -353,11 +386,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     content = from_record_dict(msg.content)
     down = decode_evaluate_down(content)
     node = state.node_data(down.data, context)
-    groups = state.user_groups(context)
+    store = state.device_store(context, down.data)
+    groups = store.user_groups()
     if groups is None:  # missed the grouping round (late or timed out): join the nearest now
-        groups = _nearest_groups(context, down.centroids)
-    pee_state = state.load_arrays(context, "pee")
-    pretrained = state.user_vectors(context)
+        groups = _nearest_groups(store, down.centroids)
+    pee_state = store.load("pee")
+    pretrained = store.user_vectors()
     vector = evaluation_vector(
         down.spec,
         down.tables,

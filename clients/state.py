@@ -7,12 +7,21 @@ vectors, their Adam moments, last contributions), ``pretrain-pending`` and ``pee
 (an upload held back between the two halves of a secure-rows round), ``user-vectors`` (final
 pretrained user vectors), ``group`` (each hosted user's group), ``pee`` (PEE user vectors and
 their moments).
+
+With a job name (the server keeps checkpoints, :mod:`strategies.checkpoint`) and a state folder
+(node config ``state-dir``, else run config ``device-state-dir``), :class:`DeviceStore` also
+mirrors ``pretrain``, ``user-vectors``, ``group`` and ``pee`` to files, as a phone keeps its
+state in its own storage: a resumed run reads them back. Round-versioned records keep the
+version before the latest too, so a round the server redoes after a crash starts from the state
+the device had before it.
 """
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from flwr.app import ConfigRecord, Context
 
 from clients.records import from_array_record, to_array_record
+from peel_fed.atomic import write_atomic
 from peel_fed.data import Dataset, Interactions, TrainValSplit, split_validation
 from peel_fed.loading import load_dataset
 from peel_fed.messages import Arrays, DataSpec
@@ -87,40 +97,105 @@ def node_budget(context: Context) -> str | None:
     return None
 
 
-def load_arrays(context: Context, name: str) -> Arrays | None:
-    """The state record ``name`` as numpy arrays, or None when the node has none."""
-    if name not in context.state.array_records:
+VERSION = "__version__"  # the array of a versioned record that holds its round
+
+
+class DeviceStateLost(RuntimeError):
+    """A resumed run found no saved state on this device."""
+
+
+@dataclass
+class DeviceStore:
+    """What a device keeps between messages: ``context.state``, mirrored to ``folder`` (files
+    readable by the device's owner only) when the run has a job name and the device a state
+    folder.
+
+    ``save(name, arrays, version=r)`` marks the record as the state after round ``r``;
+    ``load(name, before=r)`` returns the latest saved state of a round before ``r``, from memory
+    or, after a restart, from the files (the version before the latest is kept on file).
+    """
+
+    context: Context
+    folder: Path | None = None
+
+    def load(self, name: str, before: int | None = None) -> Arrays | None:
+        """The record ``name`` (of a round before ``before``), or None when the device has none."""
+        rec = self.context.state.array_records.get(name)
+        if rec is not None:
+            arrays = from_array_record(rec)
+            if _is_before(arrays, before):
+                return _without_version(arrays)
+        if self.folder is None:
+            return None
+        for path in (self._path(name), self._path(name, previous=True)):
+            if path.is_file():
+                with np.load(path) as npz:
+                    arrays = {k: npz[k] for k in npz.files}
+                if _is_before(arrays, before):
+                    self.context.state[name] = to_array_record(arrays)
+                    return _without_version(arrays)
         return None
-    return from_array_record(context.state.array_records[name])
+
+    def save(self, name: str, arrays: Arrays, version: int | None = None) -> None:
+        """Keep ``arrays`` as record ``name`` (the state after round ``version``, if given)."""
+        if version is not None:
+            arrays = {**arrays, VERSION: np.array([version], dtype=np.int64)}
+        self.context.state[name] = to_array_record(arrays)
+        if self.folder is None:
+            return
+        path = self._path(name)
+        if version is not None and path.is_file():
+            with np.load(path) as npz:
+                saved = int(npz[VERSION][0]) if VERSION in npz.files else None
+            if saved != version:  # a new round: the latest becomes the previous
+                path.replace(self._path(name, previous=True))
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        write_atomic(path, lambda fh: fh.write(buffer.getvalue()), mode=0o600)
+
+    def drop(self, name: str) -> None:
+        del self.context.state[name]
+
+    def _path(self, name: str, previous: bool = False) -> Path:
+        assert self.folder is not None
+        return self.folder / f"{name}{'.prev' if previous else ''}.npz"
+
+    def user_vectors(self) -> np.ndarray:
+        """The final pretrained user vectors of the hosted users."""
+        saved = self.load("user-vectors")
+        if saved is None:
+            raise RuntimeError("grouping before pretraining finished on this node")
+        return saved["vectors"]
+
+    def save_user_vectors(self, vectors: np.ndarray) -> None:
+        self.save("user-vectors", {"vectors": vectors})
+
+    def user_groups(self) -> np.ndarray | None:
+        """Each hosted user's group, or None when this node missed the grouping round."""
+        saved = self.load("group")
+        return None if saved is None else saved["group"]
+
+    def save_user_groups(self, groups: np.ndarray) -> None:
+        self.save("group", {"group": groups.astype(np.int64)})
 
 
-def save_arrays(context: Context, name: str, arrays: Arrays) -> None:
-    context.state[name] = to_array_record(arrays)
+def _is_before(arrays: Arrays, before: int | None) -> bool:
+    return before is None or (VERSION in arrays and int(arrays[VERSION][0]) < before)
 
 
-def drop(context: Context, name: str) -> None:
-    del context.state[name]
+def _without_version(arrays: Arrays) -> Arrays:
+    return {k: v for k, v in arrays.items() if k != VERSION}
 
 
-def user_vectors(context: Context) -> np.ndarray:
-    """The final pretrained user vectors of the hosted users."""
-    if "user-vectors" not in context.state.array_records:
-        raise RuntimeError("grouping before pretraining finished on this node")
-    return context.state.array_records["user-vectors"]["vectors"].numpy()
-
-
-def save_user_vectors(context: Context, vectors: np.ndarray) -> None:
-    save_arrays(context, "user-vectors", {"vectors": vectors})
-
-
-def user_groups(context: Context) -> np.ndarray | None:
-    """Each hosted user's group, or None when this node missed the grouping round."""
-    state = load_arrays(context, "group")
-    return None if state is None else state["group"]
-
-
-def save_user_groups(context: Context, groups: np.ndarray) -> None:
-    save_arrays(context, "group", {"group": groups.astype(np.int64)})
+def device_store(context: Context, data: DataSpec) -> DeviceStore:
+    """This node's store for the run ``data`` names: mirrored to
+    ``<state folder>/<job>/partition-<id>-of-<n>`` when the run has a job name and the node a
+    state folder (node config ``state-dir``, else the one the server names)."""
+    folder = str(context.node_config.get("state-dir", "") or data.state_dir)
+    if not (data.job and folder):
+        return DeviceStore(context)
+    pid, num = partition(context)
+    return DeviceStore(context, Path(folder) / data.job / f"partition-{pid}-of-{num}")
 
 
 def new_secagg_key(context: Context, round_tag: bytes) -> X25519PrivateKey:

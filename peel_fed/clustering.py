@@ -73,6 +73,21 @@ def cold_start_user_vector(
     return (item_table[items] * w[:, None]).sum(axis=0)
 
 
+def fold_in_user_vectors(
+    users: np.ndarray,
+    items_by_user: list[np.ndarray],
+    item_table: np.ndarray,
+    item_degree: np.ndarray,
+) -> np.ndarray:
+    """:func:`cold_start_user_vector` of each user from its own items (a user with none gets a
+    zero vector): how a device that lost its pretrained vectors rebuilds them."""
+    out = np.zeros((len(users), item_table.shape[1]), dtype=np.float32)
+    for i, items in enumerate(items_by_user):
+        if len(items):
+            out[i] = cold_start_user_vector(items, item_table, item_degree)
+    return out
+
+
 def kmeans_partial_sums(
     user_vectors: np.ndarray, centroids: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -41,6 +41,11 @@ class FedConfig:
     # (minutes on a large node), so it waits longer than a training round
     evaluate_timeout_s: float = 3600.0
     out_dir: str = ""
+    # continue from the checkpoint in out-dir (``strategies.checkpoint``) instead of starting over
+    resume: bool = False
+    # where devices mirror their state so a resumed run finds it (a node's own state-dir takes
+    # precedence; empty: devices keep state in memory only, and a resumed run folds them in)
+    device_state_dir: str = ""
     progress: bool = True
     # devices add wall-clock timestamps to their replies (process start, handler start and end),
     # so a deployed run's report can say where the time goes; off by default
@@ -91,6 +96,8 @@ class FedConfig:
     def __post_init__(self) -> None:
         if self.min_nodes < 1:
             raise ConfigError(f"min-nodes must be >= 1, got {self.min_nodes}")
+        if self.resume and not self.out_dir:
+            raise ConfigError("resume needs the out-dir that holds the run's checkpoint")
         if min(self.round_timeout_s, self.evaluate_timeout_s, self.node_wait_s) <= 0:
             raise ConfigError(
                 "round-timeout-s, evaluate-timeout-s and node-wait-s must be positive"

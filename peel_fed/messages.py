@@ -59,12 +59,23 @@ class Content:
 # --- what every phase sends: the data to load ---------------------------------------------------
 @dataclass(frozen=True)
 class DataSpec:
-    """What devices need to load their data (a node's own ``data-dir`` takes precedence)."""
+    """What devices need to load their data (a node's own ``data-dir`` takes precedence), and
+    where they keep their state.
+
+    ``job`` names the run across a crash and its resumption (empty: the server keeps no
+    checkpoint, so devices keep their state in memory only); ``state_dir`` is the folder devices
+    mirror their state to under that name (a node's own ``state-dir`` takes precedence);
+    ``resumed`` says the server resumed the job from a checkpoint, so a device that finds no
+    saved state has lost it (rather than never having had any).
+    """
 
     dataset: str
     data_dir: str = ""
     seed: int = 0
     val_fraction: float = 0.1
+    job: str = ""
+    state_dir: str = ""
+    resumed: bool = False
 
     def to_config(self) -> Config:
         return {
@@ -72,6 +83,9 @@ class DataSpec:
             "data-dir": self.data_dir,
             "seed": self.seed,
             "val-fraction": self.val_fraction,
+            "job": self.job,
+            "state-dir": self.state_dir,
+            "resumed": self.resumed,
         }
 
     @classmethod
@@ -81,6 +95,9 @@ class DataSpec:
             data_dir=str(rec.get("data-dir", "")),
             seed=int(rec.get("seed", 0)),
             val_fraction=float(rec.get("val-fraction", 0.1)),
+            job=str(rec.get("job", "")),
+            state_dir=str(rec.get("state-dir", "")),
+            resumed=bool(rec.get("resumed", False)),
         )
 
 

@@ -65,10 +65,15 @@ class GroupingStrategy(PhaseStrategy):
             )
             self.log.add(reports)
             centroids = self.aggregate_kmeans(total, centroids)
-        replies, rep = exchange(
-            grid, nodes, "query.group", self.configure(centroids), cfg.round_timeout_s, "group"
-        )
-        self.log.add(rep)
-        result = self.aggregate_groups(reply_contents(replies), centroids)
+        result = self.assign(grid, nodes, centroids)
         log(f"grouping: K-Means ({cfg.kmeans_iters} secure rounds), group sizes {result.sizes}")
         return result
+
+    def assign(self, grid: Grid, nodes: list[int], centroids: np.ndarray) -> GroupingResult:
+        """Every device joins its nearest centroid; the server learns the group sizes and which
+        groups each node's users joined (asked again when a resumed run has new node ids)."""
+        replies, rep = exchange(
+            grid, nodes, "query.group", self.configure(centroids), self.cfg.round_timeout_s, "group"
+        )
+        self.log.add(rep)
+        return self.aggregate_groups(reply_contents(replies), centroids)

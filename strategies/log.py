@@ -20,6 +20,8 @@ class PhaseLog:
     def __init__(self, cfg: FedConfig, nodes: list[int]) -> None:
         self.cfg, self.nodes = cfg, nodes
         self.reports: list[PhaseReport] = []
+        # (index of the first report, the nodes the run started or resumed with)
+        self.starts: list[tuple[int, list[int]]] = [(0, list(nodes))]
         self.users: list[dict[int, int]] = []
 
     def add(
@@ -31,6 +33,12 @@ class PhaseLog:
         for r in reports if isinstance(reports, list) else [reports]:
             self.reports.append(r)
             self.users.append(users or {})
+
+    def resumed(self, nodes: list[int]) -> None:
+        """A resumed run goes on with ``nodes`` (new ids after a restart): from the next
+        exchange on they are the run's own nodes, not late joiners; the old ones are gone."""
+        if len(self.reports) or nodes != self.nodes:
+            self.starts.append((len(self.reports), list(nodes)))
 
     def summaries(self) -> list[dict]:
         return [r.summary() for r in self.reports]
@@ -52,12 +60,19 @@ class PhaseLog:
         answered and failed; the nodes that connected after the run started (``late``, with the
         phase they were first seen in) and those that dropped off the SuperLink's list
         (``gone``, with the phase they were first missing from)."""
-        start = set(self.nodes)
-        per_node: dict[str, dict[str, dict[str, int]]] = {str(n): {} for n in self.nodes}
+        starts = dict(self.starts)
+        start: set[int] = set()
+        per_node: dict[str, dict[str, dict[str, int]]] = {
+            str(n): {} for _, nodes in self.starts for n in nodes
+        }
         late: dict[str, str] = {}
         gone: dict[str, str] = {}
-        for r in self.reports:
+        for i, r in enumerate(self.reports):
             phase = r.phase.split("/")[0]
+            if i in starts:  # the run (re)started with these nodes
+                for n in start - set(starts[i]):
+                    gone.setdefault(str(n), "resume")
+                start = set(starts[i])
             online = set(r.online)
             for n in online - start:
                 late.setdefault(str(n), phase)

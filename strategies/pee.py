@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,6 +70,10 @@ class PEEStrategy(PhaseStrategy):
             )
             for g in range(cfg.num_user_groups)
         ]
+        # where the phase stands (a checkpoint keeps it)
+        self.history: list[dict] = []
+        self.next_round = 1
+        self.sampling_rng = np.random.default_rng([cfg.seed, 13])
 
     def round_settings(self, round_: int, rounds_per_pass: int) -> PEERound:
         cfg = self.cfg
@@ -136,36 +141,41 @@ class PEEStrategy(PhaseStrategy):
         self.log.add(reports)
         return self.aggregate_rows(values, counts, unions)
 
-    def run(self, grid: Grid, nodes: list[int]) -> PEEResult:
+    def run(
+        self, grid: Grid, nodes: list[int], on_step: Callable[[str], None] | None = None
+    ) -> PEEResult:
+        """Run the rounds not done yet (all, unless resumed from a checkpoint); ``on_step`` is
+        called after each (``"pee round 3"``)."""
         cfg = self.cfg
         per_pass = rounds_per_pass_for(cfg.pee_cohort_fraction)
-        rng = np.random.default_rng([cfg.seed, 13])
-        history = []
         bar = progress_bar(cfg.pee_rounds, "PEE learning (rounds)", cfg.progress)
+        bar.update(self.next_round - 1)
         members = [n for n in nodes if n in self.groups.node_groups]
-        for r in range(1, cfg.pee_rounds + 1):
-            sample = node_sample(members, cfg.fraction_nodes, rng)
-            round_ = self.round_settings(r, per_pass)
-            if cfg.secure_rows:
-                history.append({"round": r, "groups": self._secure_round(grid, sample, round_)})
-                bar.update(1)
-                continue
-            contents = {
-                node: self.configure(round_, self.groups.node_groups[node]) for node in sample
-            }
-            replies, rep = exchange(
-                grid, sample, "train.pee", contents, cfg.round_timeout_s, "pee", r
-            )
-            answered = reply_contents(replies)
-            self.log.add(rep, upload_users(answered))
-            if len(replies) < min(cfg.min_nodes, len(sample)):
-                log(f"PEE round {r}: {len(replies)} replies < min-nodes; round skipped")
-                continue
-            history.append(
-                {"round": r, "groups": self.aggregate(answered), "failed": len(rep.failed)}
-            )
-            bar.update(1)
-            bar.set_postfix(failed=len(rep.failed))
+        for r in range(self.next_round, cfg.pee_rounds + 1):
+            sample = node_sample(members, cfg.fraction_nodes, self.sampling_rng)
+            self._round(grid, sample, self.round_settings(r, per_pass), bar)
+            self.next_round = r + 1
+            if on_step:
+                on_step(f"pee round {r}")
         bar.close()
         log(f"PEE learning: {cfg.pee_rounds} rounds for {cfg.num_user_groups} user groups")
-        return PEEResult(self.servers, history)
+        return PEEResult(self.servers, self.history)
+
+    def _round(self, grid: Grid, sample: list[int], round_: PEERound, bar) -> None:
+        cfg, r = self.cfg, round_.round
+        if cfg.secure_rows:
+            self.history.append({"round": r, "groups": self._secure_round(grid, sample, round_)})
+            bar.update(1)
+            return
+        contents = {node: self.configure(round_, self.groups.node_groups[node]) for node in sample}
+        replies, rep = exchange(grid, sample, "train.pee", contents, cfg.round_timeout_s, "pee", r)
+        answered = reply_contents(replies)
+        self.log.add(rep, upload_users(answered))
+        if len(replies) < min(cfg.min_nodes, len(sample)):
+            log(f"PEE round {r}: {len(replies)} replies < min-nodes; round skipped")
+            return
+        self.history.append(
+            {"round": r, "groups": self.aggregate(answered), "failed": len(rep.failed)}
+        )
+        bar.update(1)
+        bar.set_postfix(failed=len(rep.failed))

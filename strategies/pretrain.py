@@ -4,6 +4,8 @@ touched each row and adds the contribution changes to the item-side sums."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from flwr.app import RecordDict
@@ -50,6 +52,9 @@ class PretrainStrategy(PhaseStrategy):
             stats.users / per_pass,
         )
         self.history: list[dict] = []
+        # where the phase stands (a checkpoint keeps it): next init layer, next round, final sent
+        self.next_layer, self.next_round, self.finished = 0, 1, False
+        self.sampling_rng = np.random.default_rng([cfg.seed, 11])
 
     def step(self, step: str, **at: int) -> PretrainStep:
         """The settings of a ``step`` message (``k`` for init, ``round``/``rounds_per_pass``)."""
@@ -117,48 +122,66 @@ class PretrainStrategy(PhaseStrategy):
         self.log.add(reports)
         return self.aggregate_rows(values, first, has_grad)
 
-    def run(self, grid: Grid, nodes: list[int]) -> PretrainServer:
+    def run(
+        self, grid: Grid, nodes: list[int], on_step: Callable[[str], None] | None = None
+    ) -> PretrainServer:
+        """Run the steps not done yet (all, unless resumed from a checkpoint); ``on_step`` is
+        called after each (``"pretrain init 0"``, ``"pretrain round 3"``, ``"pretrain final"``)."""
         cfg = self.cfg
         timeout = cfg.round_timeout_s
-        for k in range(cfg.layers):
+        done = on_step or (lambda _: None)
+        for k in range(self.next_layer, cfg.layers):
             content = self.configure(self.step("init", k=k))
             if cfg.secure_rows:
                 self._secure_round(grid, nodes, content, k, False)
-                continue
-            replies, rep = exchange(
-                grid, nodes, "train.pretrain", content, timeout, "pretrain/init", k
-            )
-            self.log.add(rep)
-            self.aggregate_contributions(reply_contents(replies), k)
+            else:
+                replies, rep = exchange(
+                    grid, nodes, "train.pretrain", content, timeout, "pretrain/init", k
+                )
+                self.log.add(rep)
+                self.aggregate_contributions(reply_contents(replies), k)
+            self.next_layer = k + 1
+            done(f"pretrain init {k}")
         per_pass = rounds_per_pass_for(cfg.pretrain_cohort_fraction)
         rounds = cfg.pretrain_passes * per_pass
-        rng = np.random.default_rng([cfg.seed, 11])
         bar = progress_bar(rounds, "federated pretraining (rounds)", cfg.progress)
-        for r in range(1, rounds + 1):
-            sample = node_sample(nodes, cfg.fraction_nodes, rng)
-            content = self.configure(self.step("round", round=r, rounds_per_pass=per_pass))
-            if cfg.secure_rows:
-                s = self._secure_round(grid, sample, content, r, True)
-                self.history.append({"round": r, **s})
-                bar.update(1)
-                continue
-            replies, rep = exchange(grid, sample, "train.pretrain", content, timeout, "pretrain", r)
-            contents = reply_contents(replies)
-            self.log.add(rep, upload_users(contents))
-            if len(replies) < min(cfg.min_nodes, len(sample)):
-                log(f"pretrain round {r}: {len(replies)} replies < min-nodes; round skipped")
-                continue
-            s = self.aggregate_round(contents)
-            self.history.append({"round": r, **s, "failed": len(rep.failed)})
-            bar.update(1)
-            loss = "kept on the devices" if s["loss"] is None else f"{s['loss']:.4f}"
-            bar.set_postfix(loss=loss, failed=len(rep.failed))
+        bar.update(self.next_round - 1)
+        for r in range(self.next_round, rounds + 1):
+            self._round(grid, nodes, r, per_pass, bar)
+            self.next_round = r + 1
+            done(f"pretrain round {r}")
         bar.close()
-        content = self.configure(self.step("final"))
-        _, rep = exchange(grid, nodes, "train.pretrain", content, timeout, "final")
-        self.log.add(rep)
-        log(
-            f"pretraining: {rounds} rounds ({cfg.pretrain_passes} passes); final vectors kept on "
-            f"{len(rep.replied)}/{len(nodes)} nodes"
-        )
+        if not self.finished:
+            content = self.configure(self.step("final"))
+            _, rep = exchange(grid, nodes, "train.pretrain", content, timeout, "final")
+            self.log.add(rep)
+            log(
+                f"pretraining: {rounds} rounds ({cfg.pretrain_passes} passes); final vectors kept "
+                f"on {len(rep.replied)}/{len(nodes)} nodes"
+            )
+            self.finished = True
+            done("pretrain final")
         return self.server
+
+    def _round(self, grid: Grid, nodes: list[int], r: int, per_pass: int, bar) -> None:
+        cfg = self.cfg
+        sample = node_sample(nodes, cfg.fraction_nodes, self.sampling_rng)
+        content = self.configure(self.step("round", round=r, rounds_per_pass=per_pass))
+        if cfg.secure_rows:
+            s = self._secure_round(grid, sample, content, r, True)
+            self.history.append({"round": r, **s})
+            bar.update(1)
+            return
+        replies, rep = exchange(
+            grid, sample, "train.pretrain", content, cfg.round_timeout_s, "pretrain", r
+        )
+        contents = reply_contents(replies)
+        self.log.add(rep, upload_users(contents))
+        if len(replies) < min(cfg.min_nodes, len(sample)):
+            log(f"pretrain round {r}: {len(replies)} replies < min-nodes; round skipped")
+            return
+        s = self.aggregate_round(contents)
+        self.history.append({"round": r, **s, "failed": len(rep.failed)})
+        bar.update(1)
+        loss = "kept on the devices" if s["loss"] is None else f"{s['loss']:.4f}"
+        bar.set_postfix(loss=loss, failed=len(rep.failed))

@@ -22,6 +22,7 @@ from peel_fed.fedconfig import FedConfig
 from peel_fed.loading import dataset_name
 from peel_fed.messages import DataSpec
 from peel_fed.privacy import privacy_report
+from strategies.checkpoint import Checkpoint, check_same_federation
 from strategies.evaluation import EvaluationStrategy
 from strategies.grouping import GroupingStrategy
 from strategies.log import PhaseLog
@@ -36,34 +37,70 @@ app = ServerApp()
 
 
 def run_pipeline(grid: Grid, cfg: FedConfig) -> dict:
-    """Run the federated phases with ``cfg``; returns (and, with ``out-dir``, saves) the report."""
+    """Run the federated phases with ``cfg``; returns (and, with ``out-dir``, saves) the report.
+
+    With an ``out-dir`` the server writes a checkpoint after every phase and training round
+    (:mod:`strategies.checkpoint`); with ``resume`` it goes on from the last one.
+    """
     t_start = time.perf_counter()
+    checkpoint = Checkpoint(cfg)
+    resumed_at = checkpoint.at if cfg.resume else None
     nodes = wait_for_nodes(grid, cfg.min_nodes, cfg.node_wait_s)
     log(f"{len(nodes)} nodes connected")
-    data = DataSpec(cfg.dataset, cfg.data_dir, cfg.seed, cfg.val_fraction)
-    phase_log = PhaseLog(cfg, nodes)
-    seconds: dict[str, float] = {}
+    if resumed_at is not None:
+        log(f"resuming job {checkpoint.job} after {resumed_at or 'the start'}")
+    state_dir = cfg.device_state_dir or ""
+    data = DataSpec(
+        cfg.dataset,
+        cfg.data_dir,
+        cfg.seed,
+        cfg.val_fraction,
+        checkpoint.job,
+        state_dir,
+        resumed_at is not None,
+    )
+    phase_log = checkpoint.get("log") or PhaseLog(cfg, nodes)
+    phase_log.cfg = cfg
+    phase_log.resumed(nodes)
+    seconds: dict[str, float] = checkpoint.get("seconds", {})
     t = time.perf_counter()
 
     def lap(phase: str) -> None:
         nonlocal t
         now = time.perf_counter()
-        seconds[phase] = now - t
+        seconds[phase] = seconds.get(phase, 0.0) + now - t
         t = now
 
+    def save(at: str, **objects) -> None:
+        lap(at.split()[0])
+        checkpoint.save(at, log=phase_log, seconds=seconds, **objects)
+
     stats = StatsStrategy(cfg, phase_log, data).run(grid, nodes)
-    lap("stats")
-    pretraining = PretrainStrategy(cfg, phase_log, data, stats)
-    items = pretraining.run(grid, nodes).final_item_table()
-    lap("pretrain")
-    groups = GroupingStrategy(cfg, phase_log, data).run(grid, nodes, items)
-    lap("grouping")
-    planes = PlanesStrategy(cfg, phase_log, data).run(
-        grid, nodes, groups.centroids, items, stats.layout.item_groups
-    )
-    lap("planes")
-    pee = PEEStrategy(cfg, phase_log, data, stats, items, groups).run(grid, nodes)
-    lap("pee")
+    if checkpoint.get("stats") is not None:  # resumed: the same data, and its statistics
+        check_same_federation(checkpoint.get("stats"), stats)
+        stats = checkpoint.get("stats")
+    save("stats", stats=stats)
+    pretraining = checkpoint.get("pretrain") or PretrainStrategy(cfg, phase_log, data, stats)
+    pretraining.cfg, pretraining.data = cfg, data
+    items = pretraining.run(
+        grid, nodes, lambda at: save(at, pretrain=pretraining)
+    ).final_item_table()
+    grouping = GroupingStrategy(cfg, phase_log, data)
+    groups = checkpoint.get("groups")
+    if groups is None:
+        groups = grouping.run(grid, nodes, items)
+    else:  # node ids are new after a restart: ask again which groups each node's users joined
+        groups = grouping.assign(grid, nodes, groups.centroids)
+    save("grouping", groups=groups)
+    planes = checkpoint.get("planes")
+    if planes is None:
+        planes = PlanesStrategy(cfg, phase_log, data).run(
+            grid, nodes, groups.centroids, items, stats.layout.item_groups
+        )
+        save("planes", planes=planes)
+    strategy = checkpoint.get("pee") or PEEStrategy(cfg, phase_log, data, stats, items, groups)
+    strategy.cfg, strategy.data, strategy.groups = cfg, data, groups
+    pee = strategy.run(grid, nodes, lambda at: save(at, pee=strategy))
     evaluation = EvaluationStrategy(cfg, phase_log, data).run(
         grid, nodes, stats, items, pee, planes, groups.centroids
     )
@@ -100,6 +137,7 @@ def run_pipeline(grid: Grid, cfg: FedConfig) -> dict:
         "phase_seconds": seconds,
         "phases": phase_log.summaries(),
         "wall_seconds": time.perf_counter() - t_start,
+        "resumed_after": resumed_at,
     }
     print(results_markdown(report), flush=True)
     if cfg.out_dir:

@@ -119,3 +119,16 @@ def stop_session(proc: subprocess.Popen, grace_s: float = 20.0) -> list[int]:
         while session_members(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.2)
     return session_members(proc.pid)
+
+
+@pytest.fixture
+def server_identity(monkeypatch):
+    """What a running ServerApp sets before it builds messages."""
+    set_server_identity(monkeypatch)
+
+
+def set_server_identity(mp: pytest.MonkeyPatch) -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_run_id", "_node_id", "_task_id"):
+        mp.setattr(TaskIdentity, name, 1)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Context, Error, Message, Metadata, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from clients.client_app import group, keys, make_client_app, stats
 from clients.records import from_record_dict, to_array_record, to_record_dict
@@ -286,14 +285,6 @@ class LocalGrid:
 
     def pull_messages(self, message_ids: list[str]) -> list[Message]:
         return [self.replies.pop(m) for m in message_ids if m in self.replies]
-
-
-@pytest.fixture
-def server_identity(monkeypatch):
-    """What a running ServerApp sets before it builds messages."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
 def test_pipeline_in_process_clear_and_secure_rows_agree(server_identity):

@@ -396,13 +396,13 @@ def packing_runs():
 
 def test_packing_users_into_nodes_does_not_change_the_metrics(packing_runs):
     one_each, packed, _ = packing_runs
-    _assert_same_metrics(one_each, packed)
+    assert_same_metrics(one_each, packed)
     assert len(one_each["nodes"]) == 12 and len(packed["nodes"]) == 3
     # clear row uploads: a lone device sends a small fraction of a dense upload
     assert 0 < one_each["bytes"]["pretrain"]["sparse_over_dense"] < 0.5
 
 
-def _assert_same_metrics(a_run: dict, b_run: dict) -> None:
+def assert_same_metrics(a_run: dict, b_run: dict) -> None:
     assert a_run["user_group_sizes"] == b_run["user_group_sizes"]
     for a, b in zip(a_run["rows"], b_run["rows"], strict=True):
         assert a["method"] == b["method"] and a["users"] == b["users"]
@@ -491,4 +491,4 @@ def test_the_simulation_attaches_to_a_running_ray_cluster(packing_runs, tmp_path
         assert watch.seen(name) == {head.pid}, (name, watch.processes)
     assert watch.outside_loopback() == []
     assert head_sockets and all(_is_loopback(ip) for _, ip, _ in head_sockets), head_sockets
-    _assert_same_metrics(report, packing_runs[1])
+    assert_same_metrics(report, packing_runs[1])

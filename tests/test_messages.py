@@ -82,8 +82,10 @@ def test_record_bytes_of_known_contents():
     # "pk-7" + a 32 B key, "round-tag" + 16 B
     keys = Content(configs={"secagg": encode_peer_keys({7: b"k" * 32}, b"t" * 16)})
     assert record_bytes(to_record_dict(keys)) == 4 + 32 + 9 + 16
-    # data: keys "dataset", "data-dir", "seed", "val-fraction", a 17 B name, "" and two numbers
-    assert record_bytes(to_record_dict(data_content(DATA))) == (7 + 8 + 4 + 12) + 17 + 0 + 16
+    # data: keys "dataset", "data-dir", "seed", "val-fraction", "job", "state-dir", "resumed";
+    # a 17 B name, "" and two numbers, two more "" and a bool
+    names = 7 + 8 + 4 + 12 + 3 + 9 + 7
+    assert record_bytes(to_record_dict(data_content(DATA))) == names + 17 + 0 + 16 + 0 + 0 + 1
 
 
 def test_stats_vector_layout_and_rounding():
