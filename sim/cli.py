@@ -2,7 +2,7 @@
 
 Every command's options (``centralized``, ``simulate``, ``deploy``, ``study``) are built here, in
 one parser; the commands' work is in ``peel_fed.pipeline`` and the other ``sim`` modules.
-Long file: under 500 lines because it is one argparse tree with its help texts.
+Long file: about 550 lines because it is one argparse tree with its help texts.
 """
 
 from __future__ import annotations
@@ -218,6 +218,12 @@ def _add_run_args(p, out: str) -> None:
         help='run-config overrides as for flwr run, e.g. "pretrain-passes=5 num-user-groups=2"',
     )
     p.add_argument("--out", default=out, help=f"output folder (default {out})")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on from the checkpoint the run left in --out (after a crash or Ctrl-C), with "
+        "the same settings; devices read their state back from OUT/device-state",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -368,6 +374,10 @@ def _fed_config(args, num_nodes: int):
     if args.data_dir is not None:
         overrides["data-dir"] = str(Path(args.data_dir).resolve())
     overrides["out-dir"] = str(Path(args.out).resolve())
+    # the devices of a local run keep their state beside the server's checkpoint
+    overrides.setdefault("device-state-dir", str(Path(args.out).resolve() / "device-state"))
+    if args.resume:
+        overrides["resume"] = True
     if args.no_progress:
         overrides["progress"] = False
     cfg = FedConfig.from_run_config(overrides)
@@ -379,6 +389,10 @@ def _fed_config(args, num_nodes: int):
             f"--num-nodes ({num_nodes}) is more than the {ds.n_users} users of {ds.name}"
         )
     cfg.checked_layout(ds.item_popularity(), ds.n_users)
+    if cfg.resume:  # a missing or mismatched checkpoint is a one-line error before any process
+        from strategies.checkpoint import Checkpoint
+
+        Checkpoint(cfg)
     return cfg
 
 

@@ -122,8 +122,9 @@ def run_local_deployment(
         raise ValueError("the deployed run needs an out-dir for its results")
     # the ServerApp and the SuperNodes run in their own folders: hand them absolute paths
     paths = {"out-dir": str(Path(cfg.out_dir).resolve())}
-    if cfg.data_dir:
-        paths["data-dir"] = str(Path(cfg.data_dir).resolve())
+    for key, value in (("data-dir", cfg.data_dir), ("device-state-dir", cfg.device_state_dir)):
+        if value:
+            paths[key] = str(Path(value).resolve())
     cfg = FedConfig.from_run_config({**cfg.to_run_config(), **paths})
     out_dir = Path(cfg.out_dir)
     results = out_dir / "results.json"

@@ -1,8 +1,9 @@
 """Real deployment: a SuperLink and SuperNode processes on 127.0.0.1 (``sim.deploy``).
 
-Two end-to-end runs of the whole pipeline on ``checkerboard-tiny`` with few rounds: one with TLS
+End-to-end runs of the whole pipeline on ``checkerboard-tiny`` with few rounds: one with TLS
 and per-node memory budgets, one in which a SuperNode is killed mid-run and a replacement joins
-late. Both check the results and that no process or port is left behind.
+late, and one whose SuperLink and ServerApp are killed mid-pretraining and resumed. All check the
+results and that no process or port is left behind.
 """
 
 from __future__ import annotations
@@ -12,15 +13,20 @@ import os
 import ssl
 import subprocess
 import sys
+import threading
+import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+from test_adapters import LocalGrid
+from test_federated import assert_same_metrics
 
 from peel_fed.fedconfig import FedConfig
 from sim.certs import Certificates, make_test_certificates
 from sim.deploy import SMOKE_RUN, run_local_deployment
-from sim.local_federation import LocalFederation, pid_alive, port_in_use
+from sim.local_federation import LocalFederation, descendants, pid_alive, port_in_use
+from strategies.server_app import run_pipeline
 
 
 def _processes_using(folder: Path) -> list[int]:
@@ -280,3 +286,64 @@ def test_failing_run_is_a_one_line_error_and_stops_every_process(tmp_path):
     assert any("more user groups (50) than users (12)" in ln for ln in lines)
     assert _processes_using(work) == []
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def _kill_server_at(fed: LocalFederation, checkpoint: Path, at: str, killed: dict) -> None:
+    """Once the checkpoint says ``at``, SIGKILL the SuperLink and the ServerApp it runs (by
+    PID, as a crash: no goodbye to anyone)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if json.loads(checkpoint.read_text())["at"] == at:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
+    else:
+        return
+    killed["pids"] = [fed.superlink.popen.pid, *descendants(fed.superlink.popen.pid)]
+    killed["commands"] = [Path(f"/proc/{p}/cmdline").read_bytes() for p in killed["pids"]]
+    fed.kill(fed.superlink)
+
+
+def test_a_run_killed_mid_pretraining_resumes_and_ends_as_an_uninterrupted_one(
+    tmp_path, server_identity
+):
+    """Kill the SuperLink and the ServerApp after pretraining round 1 of 3, stop the rest, start
+    a new federation (new node ids) with ``--resume``: the devices read their state back from
+    file, and the metrics equal an uninterrupted run's (the same pipeline, run in process on
+    the same two partitions: a deployment gives the same numbers, only slower)."""
+    run = dict(SMOKE_RUN, pretrain_passes=3, timing=False)
+    reference = run_pipeline(LocalGrid(2), FedConfig(**run))
+    out = tmp_path / "out"
+    cfg = FedConfig(**run, out_dir=str(out), device_state_dir=str(out / "device-state"))
+    killed: dict = {}
+    with LocalFederation(tmp_path / "w1", certs=None, log=lambda _: None) as fed:
+        fed.start_superlink()
+        for p in range(2):
+            fed.add_node(p, 2)
+        fed.wait_for_nodes()
+        first_ids = sorted(n.node_id for n in fed.nodes)
+        proc = fed.start_run(cfg.to_run_config())
+        killer = threading.Thread(
+            target=_kill_server_at, args=(fed, out / "checkpoint.json", "pretrain round 1", killed)
+        )
+        killer.start()
+        code = fed.stream(proc, lambda _: None, timeout_s=300)
+        killer.join()
+        pids, ports = sorted(fed.started_pids()), fed.ports()
+    assert code != 0 and not (out / "results.json").exists()
+    assert any(b"flwr-serverapp" in c for c in killed["commands"])  # the ServerApp died too
+    _assert_nothing_left(pids, ports, tmp_path / "w1")
+    resumed_cfg = FedConfig(**{**cfg.__dict__, "resume": True})
+    result = run_local_deployment(resumed_cfg, 2, tls=False, workdir=tmp_path / "w2")
+    report = result.report
+    assert report["resumed_after"] in ("pretrain round 1", "pretrain round 2")
+    assert not set(report["nodes"]) & set(first_ids)  # a new federation
+    assert_same_metrics(reference, report)
+    for a, b in zip(report["pretrain"], reference["pretrain"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert sum(f["failed_replies"] for f in report["failures"].values()) == 0
+    saved = sorted(p.name for p in (out / "device-state").rglob("*.npz"))
+    assert "pretrain.npz" in saved and "pee.npz" in saved
+    _assert_nothing_left(result.pids, result.ports, tmp_path / "w2")
