@@ -40,12 +40,10 @@ man-in-the-middle) reads every share; there is no consistency round (step 3 of t
 secrets; the sum itself is released (add DP for that); a device that sends garbage corrupts the
 sum undetected. Sums are exact only within the ``FixedPoint`` range.
 
-Shamir: pycryptodome's ``Shamir`` over GF(2**128), in Flower's share layout (4-byte
-little-endian index, then one 16-byte share per 16-byte chunk of the PKCS#7-padded secret), so
-``flwr.common.secure_aggregation.crypto.shamir.combine_shares`` reads these shares and vice
-versa. Flower's module is not imported: importing it loads the whole ``flwr`` package (some 180
-modules, gRPC and protobuf) and the core may not import Flower; its Fernet helper is likewise
-replaced by AES-GCM from ``cryptography``.
+Shamir: ``peel_fed.shamir`` (pycryptodome's field in Flower's layout, which
+``flwr.common.secure_aggregation.crypto.shamir`` reads and writes too; Flower's module is not
+imported, the core may not import Flower). AES-GCM replaces Flower's Fernet helper. A device
+carries its round from one message (process) to the next with ``to_state``/``from_state``.
 """
 
 from __future__ import annotations
@@ -54,23 +52,24 @@ import hashlib
 import hmac
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
-from Crypto.Protocol.SecretSharing import Shamir
-from Crypto.Util.Padding import pad, unpad
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization as ser
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from peel_fed.secagg import FixedPoint, mask_vector, pair_seed
+from peel_fed.shamir import combine_shares, create_shares
 
 KEY_BYTES = 32
 PUBLIC_KEYS_BYTES = 2 * KEY_BYTES  # c_i public || s_i public
 SHARE_BYTES = 4 + 48  # index, then 3 chunks of a padded 32-byte secret
 _NONCE_BYTES = 12
 _SHARE_KEY_INFO = b"peel_fed.secagg_shamir.share-key.v1"
+_STATE_FORMAT = "peel_fed.secagg_shamir.client.v1"
+_STEPS = ("new", "setup", "shared", "received", "uploaded")
 
 
 class Reveal(NamedTuple):
@@ -86,42 +85,6 @@ def check_threshold(threshold: int, n: int) -> None:
         raise ValueError(f"threshold needs n/2 < t <= n, n >= 2; got t={threshold}, n={n}")
 
 
-def create_shares(secret: bytes, threshold: int, num: int) -> list[bytes]:
-    """Split ``secret`` into ``num`` Shamir shares, any ``threshold`` of which rebuild it.
-
-    Flower's layout: ``index (4 bytes LE) || one 16-byte share per chunk of pad(secret, 16)``.
-    """
-    padded = pad(bytes(secret), 16)
-    out = [bytearray(k.to_bytes(4, "little")) for k in range(1, num + 1)]
-    for start in range(0, len(padded), 16):
-        for index, share in Shamir.split(threshold, num, padded[start : start + 16], ssss=False):
-            out[index - 1] += share
-    return [bytes(s) for s in out]
-
-
-def combine_shares(shares: Sequence[bytes]) -> bytes:
-    """Rebuild a secret from shares of ``create_shares`` (at least the threshold of them).
-
-    Fewer shares than the threshold give a wrong value, caught by the padding check with
-    probability about ``1 - 2**-8`` (``ValueError``); otherwise a wrong secret comes back.
-    """
-    sizes = {len(s) for s in shares}
-    if not shares or len(sizes) != 1 or (sizes.pop() - 4) % 16:
-        raise ValueError("combine_shares: need one or more shares of equal, valid length")
-    indices = [int.from_bytes(s[:4], "little") for s in shares]
-    if len(set(indices)) != len(indices):
-        raise ValueError("combine_shares: duplicate share index")
-    pieces = []
-    for start in range(4, len(shares[0]), 16):
-        points = [(k, s[start : start + 16]) for k, s in zip(indices, shares, strict=True)]
-        pieces.append(Shamir.combine(points, ssss=False))
-    padded = b"".join(pieces)
-    try:
-        return unpad(padded, 16)
-    except ValueError:
-        raise ValueError("combine_shares: too few or corrupted shares") from None
-
-
 def _ids(a: int, b: int) -> bytes:
     return int(a).to_bytes(16, "big", signed=True) + int(b).to_bytes(16, "big", signed=True)
 
@@ -132,6 +95,10 @@ def _public(key: X25519PrivateKey) -> bytes:
 
 def _private(key: X25519PrivateKey) -> bytes:
     return key.private_bytes(ser.Encoding.Raw, ser.PrivateFormat.Raw, ser.NoEncryption())
+
+
+def _zip(state: Mapping[str, Any], *names: str) -> zip:
+    return zip(*(state[name] for name in names), strict=True)
 
 
 def relay(outgoing: Mapping[int, Mapping[int, bytes]]) -> dict[int, dict[int, bytes]]:
@@ -188,6 +155,73 @@ class ShamirSecAggClient:
         self._received = self._uploaded = False
         return _public(self._enc) + _public(self._mask)
 
+    def to_state(self) -> dict[str, int | bytes | str | list[int] | list[bytes]]:
+        """Everything ``from_state`` needs to go on with the round, as ``ConfigRecord`` values.
+
+        In Flower's deployment each message runs in a fresh process: keep this dict in
+        ``context.state`` between messages, on the device (it holds private keys and shares).
+        Fields: ``format``, ``client_id``, ``step`` (``new``, ``setup``, ``shared``, ``received``,
+        ``uploaded``); after ``setup`` also ``round_tag``, the private ``enc_key``,
+        ``mask_key`` and ``self_seed``, ``threshold``, ``cohort`` with its ``public_keys``,
+        ``share_owners`` with ``self_mask_shares`` and ``pair_secret_shares``, and the owners
+        whose shares were handed out, ``revealed_self_mask`` and ``revealed_pair_secret``.
+        """
+        state: dict = {"format": _STATE_FORMAT, "client_id": self.client_id, "step": "new"}
+        if self._round_tag is None:
+            return state
+        owners, cohort, shown = sorted(self._shares), sorted(self._keys), self._revealed.items()
+        return state | {
+            "step": _STEPS[4 if self._uploaded else 3 if self._received else 2 if cohort else 1],
+            "round_tag": self._round_tag,
+            "enc_key": _private(self._enc),
+            "mask_key": _private(self._mask),
+            "self_seed": bytes(self._self_seed),
+            "threshold": self._threshold,
+            "cohort": cohort,
+            "public_keys": [self._keys[k] for k in cohort],
+            "share_owners": owners,
+            "self_mask_shares": [self._shares[k][0] for k in owners],
+            "pair_secret_shares": [self._shares[k][1] for k in owners],
+            "revealed_self_mask": sorted(k for k, v in shown if v == "self_mask"),
+            "revealed_pair_secret": sorted(k for k, v in shown if v == "pair_secret"),
+        }
+
+    @classmethod
+    def from_state(
+        cls,
+        state: Mapping[str, Any],
+        fixed_point: FixedPoint | None = None,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+    ) -> ShamirSecAggClient:
+        """The client ``to_state`` saved, at the same step; ``ValueError`` if it is malformed."""
+        try:
+            if state["format"] != _STATE_FORMAT:
+                raise ValueError(f"format {state['format']!r}")
+            client, step = cls(int(state["client_id"]), fixed_point, random_bytes), state["step"]
+            if _STEPS.index(step) == 0:
+                return client
+            client._round_tag = bytes(state["round_tag"])
+            client._enc = X25519PrivateKey.from_private_bytes(bytes(state["enc_key"]))
+            client._mask = X25519PrivateKey.from_private_bytes(bytes(state["mask_key"]))
+            client._self_seed = bytes(state["self_seed"])
+            client._threshold = int(state["threshold"])
+            client._keys = {int(k): bytes(v) for k, v in _zip(state, "cohort", "public_keys")}
+            client._shares = {
+                int(k): (bytes(b), bytes(s))
+                for k, b, s in _zip(state, "share_owners", "self_mask_shares", "pair_secret_shares")
+            }
+            shown = {kind: {int(k) for k in state[f"revealed_{kind}"]} for kind in Reveal._fields}
+            if shown["self_mask"] & shown["pair_secret"]:
+                raise ValueError("both shares of a device revealed")
+            client._revealed = {k: kind for kind, ids in shown.items() for k in ids}
+            client._received, client._uploaded = step in _STEPS[3:], step == _STEPS[4]
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"from_state: not a valid ShamirSecAggClient state: {err}") from None
+        own = _public(client._enc) + _public(client._mask)
+        if client._keys and client._keys.get(client.client_id) != own:
+            raise ValueError(f"from_state: client {client.client_id}'s keys are not in its cohort")
+        return client
+
     def _box(self, peer: int) -> AESGCM:
         seed = pair_seed(self._enc, self._keys[peer][:KEY_BYTES], (self.client_id, peer))
         key = hmac.new(seed, _SHARE_KEY_INFO + self._round_tag, hashlib.sha256).digest()
@@ -196,17 +230,9 @@ class ShamirSecAggClient:
     def share_keys(self, public_keys: Mapping[int, bytes], threshold: int) -> dict[int, bytes]:
         """Step 1: encrypted shares of ``b_i`` and ``s_i`` for every other cohort member.
 
-        Parameters
-        ----------
-        public_keys : mapping of int to bytes
-            ``setup`` output of the whole cohort ``U1``, this device included.
-        threshold : int
-            ``t``, with ``n/2 < t <= n``.
-
-        Returns
-        -------
-        dict of int to bytes
-            ``{peer: nonce || AES-GCM(b-share || s-share)}`` for the server to relay.
+        ``public_keys``: the ``setup`` outputs of the whole cohort ``U1``, this device included;
+        ``threshold``: ``t``, with ``n/2 < t <= n``. Returns ``{peer: nonce || AES-GCM(b-share
+        || s-share)}`` for the server to relay.
         """
         if self._round_tag is None:
             raise ValueError(f"client {self.client_id}: share_keys before setup")
@@ -255,15 +281,7 @@ class ShamirSecAggClient:
     def masked(self, vector: np.ndarray) -> np.ndarray:
         """Step 2b: ``encode(x) + PRG(b_i) + sum_j ±PRG(s_ij)`` mod 2**64 over ``j`` in ``U2``.
 
-        Parameters
-        ----------
-        vector : array_like of float, 1-D
-            This device's private vector.
-
-        Returns
-        -------
-        numpy.ndarray
-            uint64 array of the same length.
+        ``vector``: this device's private vector (1-D floats); returns uint64, same length.
         """
         if not self._received:
             raise ValueError(f"client {self.client_id}: masked before receive_shares")
@@ -342,27 +360,12 @@ class ShamirSecAggServer:
         round_tag: bytes,
         length: int,
     ) -> np.ndarray:
-        """Step 4: the sum over the devices whose masked vector was accepted.
+        """Step 4: the sum (float64, ``(length,)``) over the devices whose upload was accepted.
 
-        Parameters
-        ----------
-        masked : mapping of int to numpy.ndarray
-            uint64 uploads ``U3`` (the survivors sent in ``unmask_request``).
-        reveals : mapping of int to Reveal
-            ``unmask_shares`` answers; at least ``t`` of survivors are needed.
-        public_keys : mapping of int to bytes
-            The cohort's ``setup`` outputs (``U1``).
-        shared : sequence of int
-            ``U2``, the devices whose shares were relayed.
-        round_tag : bytes
-            The round's tag, as given to ``setup``.
-        length : int
-            Vector length.
-
-        Returns
-        -------
-        numpy.ndarray
-            float64 array of shape ``(length,)``.
+        ``masked``: the uint64 uploads ``U3`` (the survivors sent in ``unmask_request``);
+        ``reveals``: the ``unmask_shares`` answers, at least ``t`` of them from survivors;
+        ``public_keys``: the cohort's ``setup`` outputs (``U1``); ``shared``: ``U2``, the devices
+        whose shares were relayed; ``round_tag``: as given to ``setup``; ``length``: of vectors.
         """
         t = self.threshold
         check_threshold(t, len(public_keys))

@@ -43,8 +43,8 @@ MAY_CHANGE = {
 }
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, unreadable, or of another run."""
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, or of another run (bad input: one line)."""
 
 
 class Checkpoint:

@@ -124,6 +124,7 @@ def exchange(
     A node that raises, times out, is no longer connected, or that the SuperLink reports as
     unavailable (no heartbeat) is recorded in ``report.failed``; the phase goes on with the rest.
     """
+    _check_stop()  # fast rounds may never wait for a reply, so look before each exchange too
     t0 = time.perf_counter()
     report = PhaseReport(phase=phase, round=round_, sent_to=list(node_ids))
     report.online = sorted(grid.get_node_ids())
