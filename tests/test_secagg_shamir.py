@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+from Crypto.Protocol.SecretSharing import Shamir, _Element
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from peel_fed.secagg import FixedPoint, mask_vector, pair_seed
@@ -21,6 +22,7 @@ from peel_fed.secagg_shamir import (
     relay,
     unmask_request,
 )
+from peel_fed.shamir import combine_chunk, gf_inv, gf_mul
 
 LENGTH = 500
 TOL = 2.0**-20
@@ -32,22 +34,33 @@ def _vectors(ids, seed: int) -> dict[int, np.ndarray]:
     return {i: rng.uniform(-10.0, 10.0, LENGTH) for i in ids}
 
 
-def _round(n, t, seed, before_share=(), before_upload=(), after_upload=()):
-    """One round in process; the ``before_*``/``after_upload`` devices drop at that step."""
+def _round(n, t, seed, before_share=(), before_upload=(), after_upload=(), hop=None):
+    """One round in process; the ``before_*``/``after_upload`` devices drop at that step.
+
+    ``hop(client)``, if given, replaces every device before each of its steps (a new process).
+    """
     rng = np.random.default_rng(seed)
     clients = {i: ShamirSecAggClient(i, random_bytes=rng.bytes) for i in range(n)}
     vectors = _vectors(range(n), seed + 1)
-    keys = {i: c.setup(TAG) for i, c in clients.items()}
-    outgoing = {i: c.share_keys(keys, t) for i, c in clients.items() if i not in before_share}
+
+    def on(i):
+        if hop is not None:
+            clients[i] = hop(clients[i])
+        return clients[i]
+
+    keys = {i: on(i).setup(TAG) for i in range(n)}
+    outgoing = {i: on(i).share_keys(keys, t) for i in range(n) if i not in before_share}
     shared = sorted(outgoing)
     inbox = relay(outgoing)
     for i in shared:
-        clients[i].receive_shares(inbox.get(i, {}))
-    uploads = {i: clients[i].masked(vectors[i]) for i in shared if i not in before_upload}
+        on(i).receive_shares(inbox.get(i, {}))
+    uploads = {i: on(i).masked(vectors[i]) for i in shared if i not in before_upload}
     survivors, dropped = unmask_request(shared, uploads)
     reveals = {
-        i: clients[i].unmask_shares(survivors, dropped) for i in survivors if i not in after_upload
+        i: on(i).unmask_shares(survivors, dropped) for i in survivors if i not in after_upload
     }
+    for i in range(n):
+        on(i)
     total = ShamirSecAggServer(t).unmask_sum(uploads, reveals, keys, shared, TAG, LENGTH)
     expected = np.sum([vectors[i] for i in survivors], axis=0)
     run = dict(clients=clients, keys=keys, vectors=vectors, shared=shared)
@@ -76,6 +89,56 @@ def test_shares_use_flowers_layout():
     secret = b"\x07" * 32
     assert flower.combine_shares(create_shares(secret, 3, 5)[1:4]) == secret
     assert combine_shares(flower.create_shares(secret, 3, 5)[:3]) == secret
+
+
+def test_field_arithmetic_matches_pycryptodome():
+    rng = np.random.default_rng(10)
+    for bits in (3, 8, 64, 127, 128, 128, 128):
+        for _ in range(20):
+            a, b = (int.from_bytes(rng.bytes(16), "big") >> (128 - bits) for _ in range(2))
+            assert gf_mul(a, b) == int(_Element(a) * _Element(b))
+            if a:
+                assert gf_inv(a) == int(_Element(a).inverse()) and gf_mul(a, gf_inv(a)) == 1
+
+
+@pytest.mark.parametrize("t", [1, 2, 5, 67])
+def test_fast_combine_matches_pycryptodome(t):
+    rng = np.random.default_rng(t)
+    secret = rng.bytes(16)
+    split = Shamir.split(t, t + 3, secret, ssss=False)
+    shares = [split[k] for k in rng.permutation(t + 3)]
+    assert combine_chunk(shares[:t]) == Shamir.combine(shares[:t], ssss=False) == secret
+    # any points at all: the same interpolation at 0, byte for byte
+    xs = rng.choice(np.arange(1, 2**16), size=t, replace=False)
+    points = [(int(x), rng.bytes(16)) for x in xs]
+    assert combine_chunk(points) == Shamir.combine(points, ssss=False)
+    if t > 1:  # t - 1 shares: some other value
+        assert combine_chunk(shares[: t - 1]) != secret
+
+
+@pytest.mark.parametrize("t", [1, 2, 5, 67])
+def test_pycryptodome_rebuilds_fast_shares(t):
+    rng = np.random.default_rng(100 + t)
+    secret, n = rng.bytes(32), t + 4
+    shares = create_shares(secret, t, n)
+    assert [int.from_bytes(s[:4], "little") for s in shares] == list(range(1, n + 1))
+    padded = secret + bytes([16] * 16)
+    picks = [shares[k] for k in rng.permutation(n)]
+    for c in range(3):
+        chunk = slice(4 + 16 * c, 20 + 16 * c)
+        points = [(int.from_bytes(s[:4], "little"), s[chunk]) for s in picks]
+        assert Shamir.combine(points[:t], ssss=False) == padded[16 * c : 16 * (c + 1)]
+        if t > 1:
+            assert Shamir.combine(points[: t - 1], ssss=False) != padded[16 * c : 16 * (c + 1)]
+    assert combine_shares(picks[:t]) == combine_shares(picks) == secret
+    if t > 1:
+        assert len({s[4:] for s in shares}) == n  # random polynomial: shares differ
+        try:
+            assert combine_shares(picks[: t - 1]) != secret
+        except ValueError as err:
+            assert "too few or corrupted" in str(err)
+    else:
+        assert {s[4:] for s in shares} == {padded}
 
 
 def test_threshold_must_be_a_strict_majority():
@@ -221,3 +284,79 @@ def test_bench_secagg_smoke(tmp_path, capsys):
     assert all(r["client_up_bytes"] > 64 * 8 and r["server_s"] > 0 for r in shamir)
     assert json.loads((out / "bench_secagg.json").read_text())["rows"] == rows
     assert "| shamir |" in (out / "bench_secagg.md").read_text()
+
+
+def _through_flower(state: dict) -> dict:
+    """``state`` in a ``ConfigRecord`` of a ``RecordDict``, to protobuf bytes and back."""
+    from flwr.app import ConfigRecord, RecordDict
+    from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+    wire = recorddict_to_proto(RecordDict({"secagg": ConfigRecord(state)})).SerializeToString()
+    proto = ProtoRecordDict()
+    proto.ParseFromString(wire)
+    return dict(recorddict_from_proto(proto).config_records["secagg"])
+
+
+def _new_process(client: ShamirSecAggClient) -> ShamirSecAggClient:
+    state = client.to_state()
+    restored = ShamirSecAggClient.from_state(_through_flower(state))
+    assert restored.to_state() == state
+    return restored
+
+
+def test_clients_restored_from_state_before_every_step_sum_exactly():
+    steps = []
+
+    def hop(client):
+        steps.append(client.to_state()["step"])
+        return _new_process(client)
+
+    total, expected, run = _round(
+        8, 5, 11, before_share=(7,), before_upload=(2,), after_upload=(4,), hop=hop
+    )
+    assert np.max(np.abs(total - expected)) < TOL
+    assert set(steps) == {"new", "setup", "shared", "received", "uploaded"}
+    # the restored devices still hold what a late upload needs to stay masked
+    clients = run["clients"]
+    assert all(clients[i].to_state()["revealed_pair_secret"] == [2] for i in run["reveals"])
+    assert clients[7].to_state()["step"] == "setup" and clients[2].to_state()["step"] == "received"
+
+
+def test_refusal_memory_survives_a_round_trip():
+    _, _, run = _round(5, 3, 12, before_upload=(3,))
+    survivors, dropped = [0, 1, 2, 4], [3]
+    for i in survivors:
+        client = _new_process(run["clients"][i])
+        with pytest.raises(ValueError, match=r"refuses both shares of the same device: \[3\]"):
+            client.unmask_shares(survivors + [3], [])
+        other = 4 if i != 4 else 0
+        with pytest.raises(
+            ValueError, match=rf"refuses both shares of the same device: \[{other}\]"
+        ):
+            client.unmask_shares([j for j in survivors if j != other], [3, other])
+        again = client.unmask_shares(survivors, dropped)  # the same request is answered again
+        assert again == run["reveals"][i]
+
+
+def test_from_state_rejects_malformed_states():
+    _, _, run = _round(4, 3, 13)
+    state = run["clients"][0].to_state()
+    assert (
+        ShamirSecAggClient.from_state(
+            {"format": state["format"], "client_id": 5, "step": "new"}
+        ).to_state()["step"]
+        == "new"
+    )
+    bad = [
+        state | {"format": "other"},
+        state | {"step": "done"},
+        state | {"revealed_pair_secret": [1]},  # 1 was revealed as a survivor
+        state | {"public_keys": state["public_keys"][:-1]},
+        state | {"enc_key": b"\x01" * 31},
+        state | {"client_id": 1},  # keys of another device
+        {k: v for k, v in state.items() if k != "mask_key"},
+    ]
+    for broken in bad:
+        with pytest.raises(ValueError, match="from_state"):
+            ShamirSecAggClient.from_state(broken)
