@@ -40,11 +40,14 @@ from peel_fed.messages import (
     decode_peer_keys,
     decode_pretrain_down,
     decode_rows_down,
+    decode_serve_offer,
     decode_session,
+    decode_units_down,
     encode_contribution,
     encode_device_update,
     encode_final_reply,
     encode_group_counts,
+    encode_held,
     encode_kmeans_sums,
     encode_masked,
     encode_pee_reply,
@@ -56,6 +59,7 @@ from peel_fed.messages import (
     encode_public_key,
     encode_revealed,
     encode_stats,
+    encode_wanted,
 )
 from peel_fed.secagg import SecAggClient
 
@@ -411,6 +415,103 @@ def evaluate(msg: Message, context: Context) -> Message:
     return masked_reply(msg, context, content, vector)
 
 
+# --- serving each device its own units ----------------------------------------------------------
+def _served(store: state.DeviceStore):
+    """The node's bit-plane stores as saved (None before its first offer)."""
+    from peel_fed.fedserve import NodePlanes
+
+    saved = store.load("served")
+    if saved is None:
+        return None
+    return NodePlanes.from_state_arrays(saved, saved["item-groups"], int(saved["dim"][0]))
+
+
+def _save_served(store: state.DeviceStore, planes) -> None:
+    store.save(
+        "served",
+        {**planes.state_arrays(), "item-groups": planes.item_groups, "dim": np.array([planes.dim])},
+    )
+
+
+def serve_offer(msg: Message, context: Context) -> Message:
+    """Work out the units the hosted users need (per group, the order's prefix at the largest
+    own budget among its users) beyond those held, and ask for them."""
+    from peel_fed.fedserve import NodePlanes, group_targets
+    from peel_fed.own_budget import own_budget_bytes
+
+    offer = decode_serve_offer(from_record_dict(msg.content))
+    node = state.node_data(offer.data, context)
+    store = state.device_store(context, offer.data)
+    groups = store.user_groups()
+    if groups is None:
+        raise RuntimeError("no user group on this node: it missed grouping")
+    own = own_budget_bytes(
+        offer.data.seed,
+        node.users,
+        offer.device_budgets,
+        offer.full_table_bytes,
+        state.node_budget(context),
+    )
+    planes = _served(store)
+    if planes is None:
+        planes = NodePlanes(offer.orders, offer.item_groups, offer.dim)
+    wanted = planes.wanted(group_targets(groups, own))
+    _save_served(store, planes)
+    return _reply(msg, encode_wanted(wanted))
+
+
+def serve_units(msg: Message, context: Context) -> Message:
+    """Keep the units the server sent (each in its group's store); the bytes held go up."""
+    from peel_fed.fedserve import decode_units
+
+    content = from_record_dict(msg.content)
+    store = state.device_store(context, decode_data(content))
+    planes = _served(store)
+    if planes is None:
+        raise RuntimeError("query.units before query.offer on this node")
+    planes.add(decode_units(*decode_units_down(content)))
+    _save_served(store, planes)
+    return _reply(msg, encode_held(planes.payload_bytes, max(planes.targets.values(), default=0)))
+
+
+def serve_evaluate(msg: Message, context: Context) -> Message:
+    """Rank with the units held at each user's own budget, then cut the budget step by step as
+    in the drill (shrinking in place, no server contact); the sums go up masked."""
+    _torch()
+    from peel_fed.blocks import parse_budget
+    from peel_fed.fedserve import served_sums
+    from peel_fed.own_budget import own_budget_bytes
+
+    content = from_record_dict(msg.content)
+    offer = decode_serve_offer(content)
+    node = state.node_data(offer.data, context)
+    store = state.device_store(context, offer.data)
+    planes = _served(store)
+    if planes is None:
+        raise RuntimeError("evaluate.served before any units on this node")
+    own = own_budget_bytes(
+        offer.data.seed,
+        node.users,
+        offer.device_budgets,
+        offer.full_table_bytes,
+        state.node_budget(context),
+    )
+    vector = served_sums(
+        planes,
+        node.users,
+        store.user_vectors(),
+        store.user_groups(),
+        own,
+        [parse_budget(c, offer.full_table_bytes) for c in offer.device_budgets],
+        offer.drill,
+        node.ds.n_users,
+        node.ds.train,
+        node.ds.test,
+    )
+    _save_served(store, planes)  # what is left after the deepest cut
+    return masked_reply(msg, context, content, vector)
+
+
 def make_client_app(mods: list[Mod] | None = None) -> ClientApp:
     """The device app; ``mods`` wrap every handler (tests use one to inject failures)."""
     client = ClientApp(mods=[timing_mod, *(mods or [])])
@@ -425,6 +526,9 @@ def make_client_app(mods: list[Mod] | None = None) -> ClientApp:
     client.train("pee")(pee)
     client.train("peerows")(pee_rows)
     client.evaluate("budgets")(evaluate)
+    client.query("offer")(serve_offer)
+    client.query("units")(serve_units)
+    client.evaluate("served")(serve_evaluate)
     return client
 
 

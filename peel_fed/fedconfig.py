@@ -89,6 +89,9 @@ class FedConfig:
     controller_lr: float = 1e-3
     # deployment and evaluation: budget levels of the table, the distribution each simulated
     # device draws its own budget from, and the dynamic-budget drill (fractions of its budget)
+    # after serving each device its own units, also evaluate every method at every budget level
+    # (a measurement: each device then downloads every group's full tables and the baselines')
+    compare_methods: bool = True
     budgets: str = "5%,10%,25%,50%,100%"
     device_budgets: str = "10%,25%,50%,100%"
     drill: str = "0.5,0.25"

@@ -20,16 +20,8 @@ from peel_fed.blocks import BlockLayout, BudgetError, parse_budget, select_prefi
 from peel_fed.data import Interactions
 from peel_fed.fedplanes import PlaneOrders, plane_metric_sums
 from peel_fed.metrics import per_user_metrics
-from peel_fed.partition import user_slots
+from peel_fed.own_budget import drill_cut, mean_metrics, own_budget_bytes, own_budget_rows
 from peel_fed.scoring import budget_score_fn, dot_score_fn
-
-BUDGET_STREAM = 5_000_003  # a device's own memory budget in simulation
-
-
-def device_budgets(seed: int, users: np.ndarray, choices: list[str], full_bytes: int) -> np.ndarray:
-    """Each device's memory budget in bytes, drawn uniformly from ``choices`` by its own hash."""
-    levels = np.array([parse_budget(c, full_bytes) for c in choices], dtype=np.int64)
-    return levels[user_slots(seed, users, BUDGET_STREAM, len(levels))]
 
 
 def ranking_metric_sums(
@@ -72,12 +64,6 @@ def ranking_metric_sums(
 BASELINES = ("first-k blocks", "random units")
 PRUNING = "magnitude pruning"
 ROW_QUANTIZATION = "row quantization, best bits x dims"  # bits x dims chosen on validation
-
-
-def drill_cut(budget_bytes: int, fraction: float) -> int:
-    """Bytes a device keeps when it cuts its budget to ``fraction`` of it (floored, with a
-    tolerance so that a fraction written as a ratio of two budgets gives the smaller one)."""
-    return int(np.floor(budget_bytes * fraction + 1e-6))
 
 
 @dataclass(frozen=True)
@@ -138,7 +124,7 @@ def _sums(per_user: np.ndarray, select: np.ndarray | None = None) -> np.ndarray:
     return rows.sum(axis=0) if rows.size else np.zeros(3)
 
 
-def _metric_sums(score_fn, users: np.ndarray, n_users: int, seen, targets) -> np.ndarray:
+def metric_sums(score_fn, users: np.ndarray, n_users: int, seen, targets) -> np.ndarray:
     """(Recall@20 sum, NDCG@20 sum, users with targets) of ``users`` ranking with ``score_fn``."""
     m = per_user_metrics(score_fn, n_users, seen, targets, ks=(20,), users=users)
     return np.array([m["recall@20"].sum(), m["ndcg@20"].sum(), m["user"].size], dtype=np.float64)
@@ -167,7 +153,7 @@ def compression_sums(
         try:
             pruned, _ = magnitude_prune(table, b)
             score = dot_score_fn(user_vectors, pruned, user_rows=row_of)
-            pruning.append(_metric_sums(score, users, n_users, train, test))
+            pruning.append(metric_sums(score, users, n_users, train, test))
         except BudgetError:
             pruning.append(np.zeros(3))
         try:
@@ -184,8 +170,8 @@ def compression_sums(
                 score = dot_score_fn(user_vectors[:, :d], values, user_rows=row_of)
                 cache[bits, d] = np.concatenate(
                     [
-                        _metric_sums(score, users, n_users, train, test),
-                        _metric_sums(score, users, n_users, *validation),
+                        metric_sums(score, users, n_users, train, test),
+                        metric_sums(score, users, n_users, *validation),
                     ]
                 )
             quant.append(cache[bits, d])
@@ -224,16 +210,7 @@ def evaluation_vector(
     """
     levels = np.array(spec.budget_bytes, dtype=np.int64)
     choice = np.array([parse_budget(c, spec.full_table_bytes) for c in spec.device_budgets])
-    if node_budget is None:
-        own = device_budgets(seed, users, list(spec.device_budgets), spec.full_table_bytes)
-    else:
-        mine = parse_budget(node_budget, spec.full_table_bytes)
-        if mine not in choice:
-            raise ValueError(
-                f"node device-budget {node_budget!r} ({mine} B) is not one of device-budgets "
-                f"{', '.join(spec.device_budgets)}"
-            )
-        own = np.full(users.size, mine, dtype=np.int64)
+    own = own_budget_bytes(seed, users, spec.device_budgets, spec.full_table_bytes, node_budget)
     ones = np.ones((layout.num_item_groups, layout.num_blocks))
     part_a, part_b, part_c = [], [], []
 
@@ -328,12 +305,8 @@ def evaluation_table(total: np.ndarray, spec: EvalSpec) -> dict:
     level: the bit width with the best validation Recall@20, its test means), own-budget classes
     with the dynamic-budget drill, and PEEL per user group."""
     trip = total.reshape(-1, 3)
-
-    def mean(t: np.ndarray) -> dict:
-        n = max(t[2], 1.0)
-        return {"recall@20": float(t[0] / n), "ndcg@20": float(t[1] / n), "users": int(round(t[2]))}
-
-    rows, drill, per_group = [], [], []
+    mean = mean_metrics
+    rows, per_group = [], []
     i = 0
     for method in spec.methods:
         for budget in spec.budget_bytes:
@@ -346,19 +319,11 @@ def evaluation_table(total: np.ndarray, spec: EvalSpec) -> dict:
                 }
             )
             i += 1
-    for choice in spec.device_budgets:
-        steps = [1.0, *spec.drill]
-        full = parse_budget(choice, spec.full_table_bytes)
-        for f in steps:
-            drill.append(
-                {
-                    "own_budget": choice,
-                    "fraction_of_own": f,
-                    "budget_bytes": drill_cut(full, f),
-                    **mean(trip[i]),
-                }
-            )
-            i += 1
+    own_rows = len(spec.device_budgets) * (1 + len(spec.drill))
+    drill = own_budget_rows(
+        trip[i : i + own_rows], spec.device_budgets, spec.drill, spec.full_table_bytes
+    )
+    i += own_rows
     for g in range(spec.num_user_groups):
         for budget in spec.budget_bytes:
             per_group.append({"group": g, "budget_bytes": int(budget), **mean(trip[i])})

@@ -732,6 +732,90 @@ def decode_pee_rows(
     return out
 
 
+# --- serving each device its own units (peel_fed.fedserve) ------------------------------------
+@dataclass
+class ServeOffer:
+    """What a node needs to ask for its own units: the bit-plane unit orders of its users'
+    groups, the item-group map, the embedding dimension, and how own budgets and the drill are
+    set (as in the evaluation)."""
+
+    data: DataSpec
+    orders: dict[int, np.ndarray]
+    item_groups: np.ndarray
+    dim: int
+    device_budgets: tuple[str, ...]
+    full_table_bytes: int
+    drill: tuple[float, ...]
+
+
+def encode_serve_offer(offer: ServeOffer) -> Content:
+    small = np.uint8 if int(offer.item_groups.max(initial=0)) < 256 else np.uint16
+    arrays = {f"order-{g}": o.astype(np.int16) for g, o in offer.orders.items()}
+    arrays["item-groups"] = offer.item_groups.astype(small)
+    return Content(
+        arrays={"serve": arrays},
+        configs={
+            "data": offer.data.to_config(),
+            "serve-spec": {
+                "dim": offer.dim,
+                "device-budgets": list(offer.device_budgets),
+                "full-table-bytes": offer.full_table_bytes,
+                "drill": list(offer.drill),
+            },
+        },
+    )
+
+
+def decode_serve_offer(content: Content) -> ServeOffer:
+    arrays, rec = content.arrays["serve"], content.configs["serve-spec"]
+    return ServeOffer(
+        data=decode_data(content),
+        orders={
+            int(k.split("-")[1]): np.asarray(v, dtype=np.int64)
+            for k, v in arrays.items()
+            if k.startswith("order-")
+        },
+        item_groups=np.asarray(arrays["item-groups"], dtype=np.int64),
+        dim=int(rec["dim"]),
+        device_budgets=tuple(str(b) for b in rec["device-budgets"]),
+        full_table_bytes=int(rec["full-table-bytes"]),
+        drill=tuple(float(f) for f in rec["drill"]),
+    )
+
+
+def encode_wanted(units: np.ndarray) -> Content:
+    """The (group, plane) units a node asks for."""
+    return Content(arrays={"wanted": {"units": np.asarray(units, dtype=np.int16).reshape(-1, 2)}})
+
+
+def decode_wanted(content: Content) -> np.ndarray:
+    return np.asarray(content.arrays["wanted"]["units"], dtype=np.int64).reshape(-1, 2)
+
+
+def encode_units_down(data: DataSpec, index: np.ndarray, payload: np.ndarray) -> Content:
+    """The units a node asked for (:func:`peel_fed.fedserve.encode_units`)."""
+    return Content(
+        arrays={"units": {"index": index, "payload": payload}}, configs={"data": data.to_config()}
+    )
+
+
+def decode_units_down(content: Content) -> tuple[np.ndarray, np.ndarray]:
+    rec = content.arrays["units"]
+    return np.asarray(rec["index"]), np.asarray(rec["payload"])
+
+
+def encode_held(payload_bytes: int, budget_bytes: int) -> Content:
+    """Bytes of the units a node holds, and the largest own budget among its users."""
+    return Content(
+        metrics={"held": {"payload-bytes": int(payload_bytes), "budget-bytes": int(budget_bytes)}}
+    )
+
+
+def decode_held(content: Content) -> tuple[int, int]:
+    rec = content.metrics["held"]
+    return int(rec["payload-bytes"]), int(rec["budget-bytes"])
+
+
 # --- evaluation ---------------------------------------------------------------------------------
 @dataclass
 class EvaluateDown:

@@ -90,6 +90,7 @@ class PlaneStore:
             bits=bits,
         )
         self.kept = 0  # units of the order held (a prefix)
+        self.units: list[PlaneUnit] = []  # their payloads, as received (what a device saves)
         self._unit_bytes = order_unit_bytes(self.order, self.group_sizes, self.dim)
 
     @property
@@ -109,6 +110,7 @@ class PlaneStore:
         planes = np.bincount(self.order[:k, 0], minlength=self.group_sizes.size)
         self.held = self.held.cut_to(planes[self.item_groups])
         self.kept = k
+        del self.units[k:]
         return dropped
 
     def grow(
@@ -124,7 +126,6 @@ class PlaneStore:
                 raise ValueError(f"asked for unit ({g}, {p}), got ({unit.group}, {unit.plane})")
             self._add(unit)
             added.append((g, p))
-            self.kept += 1
         return added
 
     def _add(self, unit: PlaneUnit) -> None:
@@ -141,6 +142,8 @@ class PlaneStore:
         if unit.plane == 0:
             meta = np.frombuffer(unit.meta, dtype="<f2")
             h.offset[rows], h.scale[rows] = meta[: rows.size], meta[rows.size :]
+        self.units.append(unit)
+        self.kept += 1
 
     def score_fn(self, user_vectors: np.ndarray, user_rows: np.ndarray | None = None) -> ScoreFn:
         """Scores of the device's users with what it holds (items with no plane: ``-inf``)."""

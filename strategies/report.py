@@ -32,13 +32,37 @@ def plot_recall_vs_budget(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def serve_lines(serve: dict) -> list[str]:
+    """What each node downloaded for its own PEE, against its budget."""
+    nodes = serve["nodes"]
+    if not nodes:
+        return []
+    over = [n for n, c in nodes.items() if c["payload_bytes"] > c["budget_bytes"]]
+    ratio = [c["payload_bytes"] / max(c["budget_bytes"], 1) for c in nodes.values()]
+    extra = [c["bytes_down"] - c["payload_bytes"] for c in nodes.values()]
+    stated = [c["stated_overhead_bytes"] for c in nodes.values()]
+    return [
+        f"Own PEE downloads: {len(nodes)} nodes received only the bit-plane units of their users' "
+        f"groups that fit their budget (a node hosting several users: the union). Units' bytes "
+        f"are {min(ratio):.0%}-{max(ratio):.0%} of the node's budget"
+        + (f" (over budget: {over})" if over else "")
+        + f"; everything else downloaded {min(extra):,}-{max(extra):,} B per node (stated "
+        f"overhead at most {max(stated):,} B). After the drill, devices grew back by asking for "
+        f"the units they had dropped.",
+    ]
+
+
 def results_markdown(report: dict) -> str:
     """The budget table, the drill and the bytes per phase, as markdown."""
     rows = sorted(report.get("rows", []), key=lambda r: r["budget_bytes"])
     lines = [
         f"## Federated PEEL on {report['dataset']['name']}: Recall@20 / NDCG@20 by budget",
         "",
-        *budget_table_lines(rows),
+        *(
+            budget_table_lines(rows)
+            if rows
+            else ["(compare-methods=false: only each device's own units were served and ranked)"]
+        ),
     ]
     if report.get("drill"):
         lines += [
@@ -48,6 +72,8 @@ def results_markdown(report: dict) -> str:
             "",
             *drill_lines(report["drill"]),
         ]
+    if report.get("serve"):
+        lines += ["", *serve_lines(report["serve"])]
     if report.get("bytes"):
         lines += [
             "",

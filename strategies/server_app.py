@@ -31,6 +31,7 @@ from strategies.phases import wait_for_nodes
 from strategies.planes import PlanesStrategy
 from strategies.pretrain import PretrainStrategy
 from strategies.report import plot_recall_vs_budget, results_markdown
+from strategies.serve import ServeStrategy
 from strategies.stats import StatsStrategy
 
 app = ServerApp()
@@ -101,9 +102,17 @@ def run_pipeline(grid: Grid, cfg: FedConfig) -> dict:
     strategy = checkpoint.get("pee") or PEEStrategy(cfg, phase_log, data, stats, items, groups)
     strategy.cfg, strategy.data, strategy.groups = cfg, data, groups
     pee = strategy.run(grid, nodes, lambda at: save(at, pee=strategy))
-    evaluation = EvaluationStrategy(cfg, phase_log, data).run(
-        grid, nodes, stats, items, pee, planes, groups.centroids
-    )
+    served = checkpoint.get("serve")
+    if served is None:
+        served = ServeStrategy(cfg, phase_log, data).run(grid, nodes, groups, planes, stats)
+        save("serve", serve=served)
+    if cfg.compare_methods:
+        evaluation = EvaluationStrategy(cfg, phase_log, data).run(
+            grid, nodes, stats, items, pee, planes, groups.centroids
+        )
+    else:  # no full tables go down: the drill is the one ranked with the devices' own units
+        evaluation = {"evaluated_nodes": served["evaluated_nodes"], "rows": [], "per_group": []}
+        evaluation["drill"] = served["drill"]
     lap("evaluate")
     report = {
         "config": {
@@ -130,6 +139,7 @@ def run_pipeline(grid: Grid, cfg: FedConfig) -> dict:
         "pretrain": pretraining.history,
         "privacy": privacy_report(pretraining.dp, cfg.dp_releases()) if pretraining.dp else None,
         "pee": pee.history,
+        "serve": served,
         "bytes": phase_log.bytes_report(stats),
         "failures": phase_log.failures(),
         "participation": phase_log.participation(),
@@ -144,8 +154,11 @@ def run_pipeline(grid: Grid, cfg: FedConfig) -> dict:
         out = Path(cfg.out_dir)
         write_json_atomic(out / "results.json", report)
         write_text_atomic(out / "results.md", results_markdown(report))
-        plot_recall_vs_budget(report, out / "recall_vs_budget.png")
-        log(f"wrote results.json, results.md and recall_vs_budget.png in {out}")
+        written = "results.json, results.md"
+        if report["rows"]:
+            plot_recall_vs_budget(report, out / "recall_vs_budget.png")
+            written += " and recall_vs_budget.png"
+        log(f"wrote {written} in {out}")
     log(f"done in {report['wall_seconds']:.0f} s")
     return report
 

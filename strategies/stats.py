@@ -11,8 +11,8 @@ from flwr.serverapp import Grid
 from clients.records import to_record_dict
 from peel_fed.blocks import BlockLayout
 from peel_fed.console import log
-from peel_fed.fedeval import drill_cut
 from peel_fed.messages import data_content, decode_stats
+from peel_fed.own_budget import drill_cut
 from strategies.base import PhaseStrategy
 from strategies.phases import secure_sum
 
