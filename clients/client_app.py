@@ -471,7 +471,8 @@ def serve_units(msg: Message, context: Context) -> Message:
         raise RuntimeError("query.units before query.offer on this node")
     planes.add(decode_units(*decode_units_down(content)))
     _save_served(store, planes)
-    return _reply(msg, encode_held(planes.payload_bytes, max(planes.targets.values(), default=0)))
+    # the budget the union answers to: per group its users joined, the largest own budget
+    return _reply(msg, encode_held(planes.payload_bytes, sum(planes.targets.values())))
 
 
 def serve_evaluate(msg: Message, context: Context) -> Message:

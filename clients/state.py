@@ -98,6 +98,9 @@ def node_budget(context: Context) -> str | None:
 
 
 VERSION = "__version__"  # the array of a versioned record that holds its round
+EPOCH = "__epoch__"  # and the run (0, then one more per resumption) that wrote it
+# versioned records, and the index of their kind in a resume point (pretraining, PEE learning)
+VERSIONED = {"pretrain": 0, "pee": 1}
 
 
 class DeviceStateLost(RuntimeError):
@@ -108,46 +111,56 @@ class DeviceStateLost(RuntimeError):
 class DeviceStore:
     """What a device keeps between messages: ``context.state``, mirrored to ``folder`` (files
     readable by the device's owner only) when the run has a job name and the device a state
-    folder.
+    folder. Records held only between the two halves of a round (``*-pending``) stay in memory.
 
     ``save(name, arrays, version=r)`` marks the record as the state after round ``r``;
     ``load(name, before=r)`` returns the latest saved state of a round before ``r``, from memory
     or, after a restart, from the files (the version before the latest is kept on file).
+
+    ``resume_points[e]`` is where the run resumed for the ``e + 1``-th time: the first
+    (pretraining version, PEE round) it redid. A record an earlier run wrote at or past the next
+    resume point was never applied by the server (the crash lost it): it is void, never loaded,
+    and overwritten rather than kept as the previous version.
     """
 
     context: Context
     folder: Path | None = None
+    resume_points: tuple[tuple[int, int], ...] = ()
 
     def load(self, name: str, before: int | None = None) -> Arrays | None:
         """The record ``name`` (of a round before ``before``), or None when the device has none."""
         rec = self.context.state.array_records.get(name)
         if rec is not None:
             arrays = from_array_record(rec)
-            if _is_before(arrays, before):
+            if self._usable(name, arrays, before):
                 return _without_version(arrays)
         if self.folder is None:
             return None
         for path in (self._path(name), self._path(name, previous=True)):
-            if path.is_file():
-                with np.load(path) as npz:
-                    arrays = {k: npz[k] for k in npz.files}
-                if _is_before(arrays, before):
-                    self.context.state[name] = to_array_record(arrays)
-                    return _without_version(arrays)
+            arrays = _read(path)
+            if arrays is not None and self._usable(name, arrays, before):
+                self.context.state[name] = to_array_record(arrays)
+                return _without_version(arrays)
         return None
 
     def save(self, name: str, arrays: Arrays, version: int | None = None) -> None:
         """Keep ``arrays`` as record ``name`` (the state after round ``version``, if given)."""
         if version is not None:
-            arrays = {**arrays, VERSION: np.array([version], dtype=np.int64)}
+            arrays = {
+                **arrays,
+                VERSION: np.array([version], dtype=np.int64),
+                EPOCH: np.array([len(self.resume_points)], dtype=np.int64),
+            }
         self.context.state[name] = to_array_record(arrays)
-        if self.folder is None:
+        if self.folder is None or name.endswith("-pending"):
             return
         path = self._path(name)
-        if version is not None and path.is_file():
-            with np.load(path) as npz:
-                saved = int(npz[VERSION][0]) if VERSION in npz.files else None
-            if saved != version:  # a new round: the latest becomes the previous
+        latest = _read(path) if version is not None else None
+        if latest is not None and self._usable(name, latest, None):
+            same = int(latest[VERSION][0]) == version and int(latest[EPOCH][0]) == int(
+                arrays[EPOCH][0]
+            )
+            if not same:  # a new round: the latest becomes the previous
                 path.replace(self._path(name, previous=True))
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
@@ -155,6 +168,18 @@ class DeviceStore:
 
     def drop(self, name: str) -> None:
         del self.context.state[name]
+        if self.folder is not None:
+            self._path(name).unlink(missing_ok=True)
+
+    def _usable(self, name: str, arrays: Arrays, before: int | None) -> bool:
+        kind = VERSIONED.get(name)
+        if kind is None:
+            return True
+        version = int(arrays[VERSION][0])
+        if before is not None and version >= before:
+            return False
+        epoch = int(arrays[EPOCH][0]) if EPOCH in arrays else 0
+        return epoch >= len(self.resume_points) or version < self.resume_points[epoch][kind]
 
     def _path(self, name: str, previous: bool = False) -> Path:
         assert self.folder is not None
@@ -179,12 +204,15 @@ class DeviceStore:
         self.save("group", {"group": groups.astype(np.int64)})
 
 
-def _is_before(arrays: Arrays, before: int | None) -> bool:
-    return before is None or (VERSION in arrays and int(arrays[VERSION][0]) < before)
+def _read(path: Path) -> Arrays | None:
+    if not path.is_file():
+        return None
+    with np.load(path) as npz:
+        return {k: npz[k] for k in npz.files}
 
 
 def _without_version(arrays: Arrays) -> Arrays:
-    return {k: v for k, v in arrays.items() if k != VERSION}
+    return {k: v for k, v in arrays.items() if k not in (VERSION, EPOCH)}
 
 
 def device_store(context: Context, data: DataSpec) -> DeviceStore:
@@ -193,9 +221,10 @@ def device_store(context: Context, data: DataSpec) -> DeviceStore:
     state folder (node config ``state-dir``, else the one the server names)."""
     folder = str(context.node_config.get("state-dir", "") or data.state_dir)
     if not (data.job and folder):
-        return DeviceStore(context)
+        return DeviceStore(context, None, data.resume_points)
     pid, num = partition(context)
-    return DeviceStore(context, Path(folder) / data.job / f"partition-{pid}-of-{num}")
+    path = Path(folder) / data.job / f"partition-{pid}-of-{num}"
+    return DeviceStore(context, path, data.resume_points)
 
 
 def new_secagg_key(context: Context, round_tag: bytes) -> X25519PrivateKey:

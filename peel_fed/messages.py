@@ -65,8 +65,10 @@ class DataSpec:
     ``job`` names the run across a crash and its resumption (empty: the server keeps no
     checkpoint, so devices keep their state in memory only); ``state_dir`` is the folder devices
     mirror their state to under that name (a node's own ``state-dir`` takes precedence);
-    ``resumed`` says the server resumed the job from a checkpoint, so a device that finds no
-    saved state has lost it (rather than never having had any).
+    ``resume_points`` lists, for each time the server resumed the job from a checkpoint, the
+    first (pretraining version, PEE round) it redid (:class:`clients.state.DeviceStore`): state a
+    device wrote from there on before the crash is void, and a device that finds no saved state
+    in a resumed job has lost it (rather than never having had any).
     """
 
     dataset: str
@@ -75,7 +77,11 @@ class DataSpec:
     val_fraction: float = 0.1
     job: str = ""
     state_dir: str = ""
-    resumed: bool = False
+    resume_points: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def resumed(self) -> bool:
+        return bool(self.resume_points)
 
     def to_config(self) -> Config:
         return {
@@ -85,7 +91,8 @@ class DataSpec:
             "val-fraction": self.val_fraction,
             "job": self.job,
             "state-dir": self.state_dir,
-            "resumed": self.resumed,
+            "resume-pretrain": [p[0] for p in self.resume_points],
+            "resume-pee": [p[1] for p in self.resume_points],
         }
 
     @classmethod
@@ -97,7 +104,13 @@ class DataSpec:
             val_fraction=float(rec.get("val-fraction", 0.1)),
             job=str(rec.get("job", "")),
             state_dir=str(rec.get("state-dir", "")),
-            resumed=bool(rec.get("resumed", False)),
+            resume_points=tuple(
+                zip(
+                    (int(v) for v in rec.get("resume-pretrain", [])),
+                    (int(v) for v in rec.get("resume-pee", [])),
+                    strict=True,
+                )
+            ),
         )
 
 
@@ -805,7 +818,8 @@ def decode_units_down(content: Content) -> tuple[np.ndarray, np.ndarray]:
 
 
 def encode_held(payload_bytes: int, budget_bytes: int) -> Content:
-    """Bytes of the units a node holds, and the largest own budget among its users."""
+    """Bytes of the units a node holds, and the budget they answer to: per user group its users
+    joined, the largest own budget among them, summed (one user: its own budget)."""
     return Content(
         metrics={"held": {"payload-bytes": int(payload_bytes), "budget-bytes": int(budget_bytes)}}
     )

@@ -29,11 +29,15 @@ from peel_fed.fedconfig import ConfigError, FedConfig
 if TYPE_CHECKING:
     from strategies.stats import StatsResult
 
+DONE = 2**62  # a resume point past every version: that phase finished
 CHECKPOINT = "checkpoint.pt"
 SUMMARY = "checkpoint.json"
-# run-config keys a resumed run may change: how long to wait and what to print, not the run
+# run-config keys a resumed run may change: how long to wait, what to print and where the
+# run's folders are (moved with their files), not the run
 MAY_CHANGE = {
     "resume",
+    "out-dir",
+    "device-state-dir",
     "progress",
     "timing",
     "node-wait-s",
@@ -58,8 +62,29 @@ class Checkpoint:
         self.state: dict[str, Any] = {}
         if cfg.resume:
             self._load(cfg)
-        else:
+            self.state["resume_points"] = [*self.resume_points, self._resume_point(cfg)]
+        else:  # replaces an earlier run's checkpoint at once: a crash now resumes this job
             self.state = {"job": uuid.uuid4().hex[:16] if self.path else "", "config": _run(cfg)}
+            self.save("start")
+
+    @property
+    def resume_points(self) -> tuple[tuple[int, int], ...]:
+        """For each resumption so far, the first (pretraining version, PEE round) it redid."""
+        return tuple(tuple(p) for p in self.state.get("resume_points", []))
+
+    def _resume_point(self, cfg: FedConfig) -> tuple[int, int]:
+        """Where this resumption starts: the pretraining version (``init`` of layer k is
+        ``k - layers``, round r is r) and the PEE round the checkpoint's phases go on from."""
+        pre, pee = self.state.get("pretrain"), self.state.get("pee")
+        if pre is None:
+            pretrain = -cfg.layers
+        elif pre.finished:
+            pretrain = DONE
+        elif pre.next_layer < cfg.layers:
+            pretrain = pre.next_layer - cfg.layers
+        else:
+            pretrain = pre.next_round
+        return pretrain, (1 if pee is None else pee.next_round)
 
     @property
     def job(self) -> str:
@@ -96,6 +121,10 @@ class Checkpoint:
             saved = state["config"]
         except Exception as exc:  # noqa: BLE001 (any unreadable file is the same error)
             raise CheckpointError(f"checkpoint {self.path} is unreadable: {exc}") from None
+        if state.get("at") == "done":
+            raise CheckpointError(
+                f"the run in {self.path.parent} finished: start a new one (without resume)"
+            )
         now = _run(cfg)
         changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         if changed:

@@ -58,7 +58,7 @@ def run_pipeline(grid: Grid, cfg: FedConfig) -> dict:
         cfg.val_fraction,
         checkpoint.job,
         state_dir,
-        resumed_at is not None,
+        checkpoint.resume_points,
     )
     phase_log = checkpoint.get("log") or PhaseLog(cfg, nodes)
     phase_log.cfg = cfg
@@ -80,9 +80,12 @@ def run_pipeline(grid: Grid, cfg: FedConfig) -> dict:
     if checkpoint.get("stats") is not None:  # resumed: the same data, and its statistics
         check_same_federation(checkpoint.get("stats"), stats)
         stats = checkpoint.get("stats")
-    save("stats", stats=stats)
+    else:
+        save("stats", stats=stats)
     pretraining = checkpoint.get("pretrain") or PretrainStrategy(cfg, phase_log, data, stats)
     pretraining.cfg, pretraining.data = cfg, data
+    if resumed_at is not None:  # devices rebuild their final vectors (or fold in, if lost)
+        pretraining.finished = False
     items = pretraining.run(
         grid, nodes, lambda at: save(at, pretrain=pretraining)
     ).final_item_table()
@@ -159,6 +162,7 @@ def run_pipeline(grid: Grid, cfg: FedConfig) -> dict:
             plot_recall_vs_budget(report, out / "recall_vs_budget.png")
             written += " and recall_vs_budget.png"
         log(f"wrote {written} in {out}")
+    checkpoint.save("done")  # after the results: a run that finished is not resumed
     log(f"done in {report['wall_seconds']:.0f} s")
     return report
 

@@ -109,7 +109,14 @@ def test_tls_deployment_runs_the_pipeline_and_leaves_nothing_behind(tmp_path):
     # node 1 at 100%, whatever each user would have drawn
     own = {d["own_budget"]: d["users"] for d in report["drill"] if d["fraction_of_own"] == 1}
     assert own == {"50%": 8, "100%": 4}
-    assert report["timing"]["replies"] == 14 * 3  # SMOKE_RUN's 14 exchanges x 3 nodes
+    assert report["timing"]["replies"] == 20 * 3  # SMOKE_RUN's 20 exchanges x 3 nodes
+    # each node got its own units: per group its 4 users joined, what its SuperNode's
+    # device-budget holds (50%, 100%, 50%)
+    served = report["serve"]["nodes"].values()
+    full = report["layout"]["full_table_bytes"]
+    per_group = sorted(c["budget_bytes"] / len(c["groups"]) for c in served)
+    assert per_group == [full // 2, full // 2, full]
+    assert all(c["payload_bytes"] <= c["budget_bytes"] for c in served)
     _assert_nothing_left(result.pids, result.ports, work)
     assert not work.exists()  # a successful run removes its work folder
 

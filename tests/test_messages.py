@@ -82,10 +82,11 @@ def test_record_bytes_of_known_contents():
     # "pk-7" + a 32 B key, "round-tag" + 16 B
     keys = Content(configs={"secagg": encode_peer_keys({7: b"k" * 32}, b"t" * 16)})
     assert record_bytes(to_record_dict(keys)) == 4 + 32 + 9 + 16
-    # data: keys "dataset", "data-dir", "seed", "val-fraction", "job", "state-dir", "resumed";
-    # a 17 B name, "" and two numbers, two more "" and a bool
-    names = 7 + 8 + 4 + 12 + 3 + 9 + 7
-    assert record_bytes(to_record_dict(data_content(DATA))) == names + 17 + 0 + 16 + 0 + 0 + 1
+    # data: keys "dataset", "data-dir", "seed", "val-fraction", "job", "state-dir",
+    # "resume-pretrain", "resume-pee"; a 17 B name, "" and two numbers, two more "", two
+    # empty lists
+    names = 7 + 8 + 4 + 12 + 3 + 9 + 15 + 10
+    assert record_bytes(to_record_dict(data_content(DATA))) == names + 17 + 0 + 16 + 0 + 0
 
 
 def test_stats_vector_layout_and_rounding():
@@ -313,6 +314,9 @@ def test_evaluation_download_round_trip():
     assert (back.layout.dim, back.layout.num_blocks) == (4, 2)
 
 
-@pytest.mark.parametrize("value", [DATA, DataSpec("gowalla")])
+@pytest.mark.parametrize(
+    "value",
+    [DATA, DataSpec("gowalla"), DataSpec("gowalla", job="j", resume_points=((4, 1), (9, 3)))],
+)
 def test_data_spec_round_trip(value):
     assert DataSpec.from_config(value.to_config()) == value
