@@ -135,3 +135,19 @@ def test_planes_at_budget_is_the_most_that_fits():
     store = served_store(code, orders[0], item_groups, 400)
     assert store.used_bytes == used <= 400
     assert store.kept == len(orders[0]) or used + store._unit_bytes[store.kept] > 400
+
+
+def test_the_serving_benchmark_counts_each_budget_s_download(tmp_path):
+    from sim.bench_serve import main
+
+    out = tmp_path / "serve.json"
+    report = main(
+        ["--dataset", "checkerboard-tiny", "--dim", "16", "--num-item-groups", "4",
+         "--budgets", "25%,50%", "--out", str(out)]
+    )  # fmt: skip
+    assert [r["budget"] for r in report["rows"]] == ["25%", "50%"]
+    for r in report["rows"]:
+        assert 0 < r["payload_bytes"] <= r["budget_bytes"]
+        assert r["bytes_down"] == r["payload_bytes"] + r["overhead_bytes"]
+        assert r["overhead_bytes"] <= r["stated_overhead_bytes"]
+    assert out.is_file() and out.with_suffix(".md").is_file()
