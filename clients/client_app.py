@@ -30,6 +30,7 @@ from clients.timing import timing_mod
 from peel_fed.clustering import UserGroups, fold_in_user_vectors, kmeans_partial_sums
 from peel_fed.messages import (
     Content,
+    DataSpec,
     decode_centroids,
     decode_data,
     decode_dropped,
@@ -412,6 +413,12 @@ def evaluate(msg: Message, context: Context) -> Message:
         node_budget=state.node_budget(context),
         validation=(node.split.fit, node.split.val),
     )
+    if down.spec.with_served:  # the drill ranked with its own units, in the same secure sum
+        served = _served_drill(
+            store, node, down.data, down.spec.device_budgets, down.spec.full_table_bytes,
+            down.spec.drill, groups, pretrained, context,
+        )  # fmt: skip
+        vector = np.concatenate([vector, served])
     return masked_reply(msg, context, content, vector)
 
 
@@ -475,41 +482,64 @@ def serve_units(msg: Message, context: Context) -> Message:
     return _reply(msg, encode_held(planes.payload_bytes, sum(planes.targets.values())))
 
 
-def serve_evaluate(msg: Message, context: Context) -> Message:
+def _served_drill(
+    store: state.DeviceStore,
+    node: state.NodeData,
+    data: DataSpec,
+    choices: tuple[str, ...],
+    full_table_bytes: int,
+    drill: tuple[float, ...],
+    groups: np.ndarray,
+    vectors: np.ndarray,
+    context: Context,
+) -> np.ndarray:
     """Rank with the units held at each user's own budget, then cut the budget step by step as
-    in the drill (shrinking in place, no server contact); the sums go up masked."""
-    _torch()
+    in the drill (shrinking in place, no server contact); the stores are saved as cut."""
     from peel_fed.blocks import parse_budget
     from peel_fed.fedserve import served_sums
     from peel_fed.own_budget import own_budget_bytes
 
-    content = from_record_dict(msg.content)
-    offer = decode_serve_offer(content)
-    node = state.node_data(offer.data, context)
-    store = state.device_store(context, offer.data)
     planes = _served(store)
-    if planes is None:
-        raise RuntimeError("evaluate.served before any units on this node")
+    if planes is None:  # never served (it failed then): it counts no user here
+        return np.zeros(len(choices) * (1 + len(drill)) * 3)
     own = own_budget_bytes(
-        offer.data.seed,
-        node.users,
-        offer.device_budgets,
-        offer.full_table_bytes,
-        state.node_budget(context),
+        data.seed, node.users, choices, full_table_bytes, state.node_budget(context)
     )
     vector = served_sums(
         planes,
         node.users,
-        store.user_vectors(),
-        store.user_groups(),
+        vectors,
+        groups,
         own,
-        [parse_budget(c, offer.full_table_bytes) for c in offer.device_budgets],
-        offer.drill,
+        [parse_budget(c, full_table_bytes) for c in choices],
+        drill,
         node.ds.n_users,
         node.ds.train,
         node.ds.test,
     )
     _save_served(store, planes)  # what is left after the deepest cut
+    return vector
+
+
+def serve_evaluate(msg: Message, context: Context) -> Message:
+    """The drill ranked with the units the node holds, when the method comparison does not run
+    (otherwise it rides in ``evaluate.budgets``); the sums go up masked."""
+    _torch()
+    content = from_record_dict(msg.content)
+    offer = decode_serve_offer(content)
+    node = state.node_data(offer.data, context)
+    store = state.device_store(context, offer.data)
+    vector = _served_drill(
+        store,
+        node,
+        offer.data,
+        offer.device_budgets,
+        offer.full_table_bytes,
+        offer.drill,
+        store.user_groups(),
+        store.user_vectors(),
+        context,
+    )
     return masked_reply(msg, context, content, vector)
 
 

@@ -76,6 +76,9 @@ class EvalSpec:
     drill: tuple[float, ...]
     num_user_groups: int
     full_table_bytes: int
+    # devices also append the drill ranked with the units they were served
+    # (:func:`peel_fed.fedserve.served_sums`), so one secure sum carries both
+    with_served: bool = False
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -91,6 +94,7 @@ class EvalSpec:
             "drill": list(self.drill),
             "num-user-groups": self.num_user_groups,
             "full-table-bytes": self.full_table_bytes,
+            "with-served": self.with_served,
         }
 
     @classmethod
@@ -101,6 +105,7 @@ class EvalSpec:
             drill=tuple(float(f) for f in rec["drill"]),
             num_user_groups=int(rec["num-user-groups"]),
             full_table_bytes=int(rec["full-table-bytes"]),
+            with_served=bool(rec.get("with-served", False)),
         )
 
     def sizes(self) -> tuple[int, int, int, int]:

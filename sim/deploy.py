@@ -54,9 +54,10 @@ SMOKE_RUN = dict(
     progress=False,
     timing=True,
 )
-"""The smallest full pipeline (FedConfig fields): 12 users, 20 exchanges (statistics 2,
+"""The smallest full pipeline (FedConfig fields): 12 users, 18 exchanges (statistics 2,
 pretraining 3, K-Means 2, grouping 1, bit-plane orders 2, PEE learning 2, serving each device's
-own units 6, evaluation 2). The deployment tests and ``sim.bench_deploy`` run it."""
+own units 2, evaluation 2 (with the drill ranked on the served units), growing back 2). The
+deployment tests and ``sim.bench_deploy`` run it."""
 
 
 def _check_node_budget(budget: str, device_budgets: list[str]) -> None:

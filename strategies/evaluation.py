@@ -24,7 +24,7 @@ class EvaluationStrategy(PhaseStrategy):
     dynamic-budget drill (cutting their bit-planes), and send up metric sums by secure
     aggregation. A device that missed grouping joins the nearest centroid here."""
 
-    def eval_spec(self, stats: StatsResult) -> EvalSpec:
+    def eval_spec(self, stats: StatsResult, with_served: bool = False) -> EvalSpec:
         cfg = self.cfg
         return EvalSpec(
             budget_bytes=tuple(stats.budget_bytes),
@@ -32,6 +32,7 @@ class EvaluationStrategy(PhaseStrategy):
             drill=tuple(cfg.drill_fractions()),
             num_user_groups=cfg.num_user_groups,
             full_table_bytes=stats.layout.full_table_bytes,
+            with_served=with_served,
         )
 
     def configure(
@@ -71,13 +72,17 @@ class EvaluationStrategy(PhaseStrategy):
         pee: PEEResult,
         planes: PlaneOrders,
         centroids: np.ndarray,
-    ) -> dict:
-        spec = self.eval_spec(stats)
+        with_served: bool = False,
+    ) -> tuple[dict, np.ndarray]:
+        """The evaluation table; and, ``with_served``, the summed drill ranked with the units
+        each device was served (:mod:`strategies.serve`), which rides in the same secure sum
+        (else an empty array)."""
+        spec = self.eval_spec(stats, with_served)
         content = self.configure(spec, stats, item_table, pee, planes, centroids)
         total, contributed, reports = secure_sum(
             grid, nodes, "evaluate.budgets", content, self.cfg.evaluate_timeout_s, "evaluate"
         )
         self.log.add(reports)
-        table = self.aggregate(total, spec)
+        table = self.aggregate(total[: spec.length()], spec)
         log(f"evaluation (secure aggregation): {len(contributed)}/{len(nodes)} nodes")
-        return {"evaluated_nodes": contributed, **table}
+        return {"evaluated_nodes": contributed, **table}, total[spec.length() :]

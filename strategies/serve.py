@@ -87,15 +87,15 @@ class ServeStrategy(PhaseStrategy):
             }
         return out
 
-    def run(
+    def serve(
         self,
         grid: Grid,
         nodes: list[int],
         groups: GroupingResult,
         planes: PlaneOrders,
         stats: StatsResult,
-    ) -> dict:
-        cfg = self.cfg
+    ) -> dict[int, dict]:
+        """Every node in a group gets its own units; per node, what it cost."""
         members = [n for n in nodes if groups.node_groups.get(n)]
         first = self.fetch(grid, members, groups, planes, stats, "serve")
         if not first:
@@ -105,31 +105,47 @@ class ServeStrategy(PhaseStrategy):
             raise RuntimeError(
                 f"serving: no node got its units ({reasons or 'no node in a group'})"
             )
+        over = [n for n, c in first.items() if c["bytes_down"] > _allowed(c)]
+        log(
+            f"serving: {len(first)}/{len(nodes)} nodes got their own units "
+            f"(median {np.median([c['payload_bytes'] for c in first.values()]):,.0f} B)"
+            + (f"; over budget plus overhead: {over}" if over else "")
+        )
+        return first
+
+    def evaluate(
+        self, grid: Grid, nodes: list[int], planes: PlaneOrders, stats: StatsResult
+    ) -> tuple[np.ndarray, list[int]]:
+        """``evaluate.served``: the drill's sums, ranked with the units each node holds (when
+        the method comparison does not carry them); the sum and the nodes in it."""
         spec = to_record_dict(encode_serve_offer(self.offer([], planes, stats)))
         total, contributed, reports = secure_sum(
-            grid, sorted(first), "evaluate.served", spec, cfg.evaluate_timeout_s, "serve/evaluate"
+            grid, nodes, "evaluate.served", spec, self.cfg.evaluate_timeout_s, "serve/evaluate"
         )
         self.log.add(reports)
-        drill = own_budget_rows(
+        return total, contributed
+
+    def drill_rows(self, total: np.ndarray, stats: StatsResult) -> list[dict]:
+        cfg = self.cfg
+        return own_budget_rows(
             total.reshape(-1, 3),
             cfg.budget_list("device_budgets"),
             cfg.drill_fractions(),
             stats.layout.full_table_bytes,
         )
-        grown = self.fetch(grid, contributed, groups, planes, stats, "serve/grow")
-        over = [n for n, c in first.items() if c["bytes_down"] > _allowed(c)]
-        log(
-            f"serving: {len(first)}/{len(nodes)} nodes got their own units "
-            f"(median {np.median([c['payload_bytes'] for c in first.values()] or [0]):,.0f} B); "
-            f"{len(contributed)} ranked on the device; {len(grown)} grew back after the drill"
-            + (f"; over budget plus overhead: {over}" if over else "")
-        )
-        return {
-            "nodes": {str(n): c for n, c in first.items()},
-            "drill": drill,
-            "evaluated_nodes": contributed,
-            "grow_back": {str(n): c for n, c in grown.items()},
-        }
+
+    def grow_back(
+        self,
+        grid: Grid,
+        nodes: list[int],
+        groups: GroupingResult,
+        planes: PlaneOrders,
+        stats: StatsResult,
+    ) -> dict[int, dict]:
+        """After the drill, each node asks for the units it dropped."""
+        grown = self.fetch(grid, nodes, groups, planes, stats, "serve/grow")
+        log(f"serving: {len(grown)}/{len(nodes)} nodes grew back to their budget after the drill")
+        return grown
 
 
 def _allowed(cost: dict) -> int:

@@ -105,17 +105,30 @@ def run_pipeline(grid: Grid, cfg: FedConfig) -> dict:
     strategy = checkpoint.get("pee") or PEEStrategy(cfg, phase_log, data, stats, items, groups)
     strategy.cfg, strategy.data, strategy.groups = cfg, data, groups
     pee = strategy.run(grid, nodes, lambda at: save(at, pee=strategy))
+    serving = ServeStrategy(cfg, phase_log, data)
     served = checkpoint.get("serve")
     if served is None:
-        served = ServeStrategy(cfg, phase_log, data).run(grid, nodes, groups, planes, stats)
+        served = {"nodes": serving.serve(grid, nodes, groups, planes, stats)}
         save("serve", serve=served)
-    if cfg.compare_methods:
-        evaluation = EvaluationStrategy(cfg, phase_log, data).run(
-            grid, nodes, stats, items, pee, planes, groups.centroids
+    members = sorted(int(n) for n in served["nodes"])
+    if cfg.compare_methods:  # the served drill rides in the comparison's secure sum
+        evaluation, total = EvaluationStrategy(cfg, phase_log, data).run(
+            grid, nodes, stats, items, pee, planes, groups.centroids, with_served=True
         )
-    else:  # no full tables go down: the drill is the one ranked with the devices' own units
-        evaluation = {"evaluated_nodes": served["evaluated_nodes"], "rows": [], "per_group": []}
+        ranked = evaluation["evaluated_nodes"]
+    else:  # no full tables go down: only the drill ranked with the devices' own units
+        total, ranked = serving.evaluate(grid, members, planes, stats)
+        evaluation = {"evaluated_nodes": ranked, "rows": [], "per_group": []}
+    served["drill"] = serving.drill_rows(total, stats)
+    if not cfg.compare_methods:
         evaluation["drill"] = served["drill"]
+    grown = serving.grow_back(grid, [n for n in members if n in ranked], groups, planes, stats)
+    served = {
+        "nodes": {str(n): c for n, c in served["nodes"].items()},
+        "drill": served["drill"],
+        "evaluated_nodes": ranked,
+        "grow_back": {str(n): c for n, c in grown.items()},
+    }
     lap("evaluate")
     report = {
         "config": {
