@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from peel_fed.blocks import BudgetError
 from peel_fed.planes import (
     CODE_BITS,
     HeldPlanes,
@@ -103,9 +104,12 @@ class PlaneStore:
         return int(planes.sum())
 
     def shrink(self, budget_bytes: int) -> list[tuple[int, int]]:
-        """Drop the last held units until the rest fits ``budget_bytes`` (no server contact);
-        returns the dropped units, last first."""
-        k = min(self._prefix_at(budget_bytes), self.kept)
+        """Drop the last held units until the rest fits ``budget_bytes`` (no server contact;
+        a budget below the first unit keeps nothing); returns the dropped units, last first."""
+        try:
+            k = min(self._prefix_at(budget_bytes), self.kept)
+        except BudgetError:
+            k = 0
         dropped = [tuple(u) for u in self.order[k : self.kept][::-1].tolist()]
         planes = np.bincount(self.order[:k, 0], minlength=self.group_sizes.size)
         self.held = self.held.cut_to(planes[self.item_groups])

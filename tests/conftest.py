@@ -132,3 +132,12 @@ def set_server_identity(mp: pytest.MonkeyPatch) -> None:
 
     for name in ("_run_id", "_node_id", "_task_id"):
         mp.setattr(TaskIdentity, name, 1)
+
+
+@pytest.fixture(autouse=True)
+def _server_not_stopped():
+    """A test that interrupted a run (Ctrl-C, SIGTERM) leaves the server's stop flag set for
+    the process; a pipeline run in process by a later test must not see it."""
+    from strategies.phases import STOP
+
+    STOP.clear()

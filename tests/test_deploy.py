@@ -1,9 +1,10 @@
 """Real deployment: a SuperLink and SuperNode processes on 127.0.0.1 (``sim.deploy``).
 
-End-to-end runs of the whole pipeline on ``checkerboard-tiny`` with few rounds: one with TLS
-and per-node memory budgets, one in which a SuperNode is killed mid-run and a replacement joins
-late, and one whose SuperLink and ServerApp are killed mid-pretraining and resumed. All check the
-results and that no process or port is left behind.
+End-to-end runs of the whole pipeline on ``checkerboard-tiny`` with few rounds: one whose
+SuperLink and ServerApp are killed mid-pretraining and which is resumed on a new federation with
+TLS, SuperNode authentication and per-node memory budgets (two rogue SuperNodes try to join), and
+one in which a SuperNode is killed mid-run and a replacement joins late. Both check the results
+and that no process or port is left behind.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 import threading
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -53,9 +55,70 @@ def _assert_nothing_left(pids: list[int], ports: list[int], folder: Path) -> Non
     assert _processes_using(folder) == []
 
 
-def test_tls_deployment_runs_the_pipeline_and_leaves_nothing_behind(tmp_path):
+def _kill_server_at(fed: LocalFederation, checkpoint: Path, at: str, killed: dict) -> None:
+    """Once the checkpoint says ``at``, SIGKILL the SuperLink and the ServerApp it runs (by
+    PID, as a crash: no goodbye to anyone)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if json.loads(checkpoint.read_text())["at"] == at:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
+    else:
+        return
+    killed["pids"] = [fed.superlink.popen.pid, *descendants(fed.superlink.popen.pid)]
+    killed["commands"] = [Path(f"/proc/{p}/cmdline").read_bytes() for p in killed["pids"]]
+    fed.kill(fed.superlink)
+
+
+BUDGETS = ["50%", "100%"]  # each SuperNode's device-budget, cycled
+
+
+def _crash_mid_pretraining(tmp_path: Path, cfg: FedConfig) -> list[int]:
+    """Start the run on a plain local federation and kill the SuperLink and the ServerApp by
+    PID once pretraining round 1 is checkpointed; stop the rest. Returns the nodes' ids."""
+    killed: dict = {}
+    with LocalFederation(tmp_path / "w1", certs=None, log=lambda _: None) as fed:
+        fed.start_superlink()
+        for p in range(3):
+            fed.add_node(p, 3, **{"device-budget": BUDGETS[p % 2]})
+        fed.wait_for_nodes()
+        ids = sorted(n.node_id for n in fed.nodes)
+        proc = fed.start_run(cfg.to_run_config())
+        checkpoint = Path(cfg.out_dir) / "checkpoint.json"
+        killer = threading.Thread(
+            target=_kill_server_at, args=(fed, checkpoint, "pretrain round 1", killed)
+        )
+        killer.start()
+        code = fed.stream(proc, lambda _: None, timeout_s=300)
+        killer.join()
+        pids, ports = sorted(fed.started_pids()), fed.ports()
+    assert code != 0 and not (Path(cfg.out_dir) / "results.json").exists()
+    assert any(b"flwr-serverapp" in c for c in killed["commands"])  # the ServerApp died too
+    _assert_nothing_left(pids, ports, tmp_path / "w1")
+    return ids
+
+
+def test_a_run_killed_mid_pretraining_resumes_on_tls_and_leaves_nothing_behind(
+    tmp_path, server_identity
+):
+    """The SuperLink and the ServerApp are killed after pretraining round 1 of 2; the run is
+    resumed with ``deploy local``'s defaults: a new federation (new node ids) with TLS and
+    SuperNode authentication, while two rogue SuperNodes try to join. The devices read their
+    state back from file; the metrics equal an uninterrupted run's (the same pipeline in
+    process on the same partitions and budgets: a deployment gives the same numbers, only
+    slower); no process, port or work folder is left behind."""
+    run = dict(SMOKE_RUN, pretrain_passes=2, min_nodes=3)
+    reference_grid = LocalGrid(3)
+    for p, ctx in enumerate(reference_grid.contexts.values()):
+        ctx.node_config["device-budget"] = BUDGETS[p % 2]
+    reference = run_pipeline(reference_grid, FedConfig(**run))
     work, out = tmp_path / "work", tmp_path / "out"
-    cfg = FedConfig(**SMOKE_RUN, min_nodes=3, out_dir=str(out))
+    cfg = FedConfig(**run, out_dir=str(out), device_state_dir=str(out / "device-state"))
+    first_ids = _crash_mid_pretraining(tmp_path, cfg)
+
     probes: dict[str, object] = {}
     lines: list[str] = []
     rogue: list[subprocess.Popen] = []
@@ -84,8 +147,9 @@ def test_tls_deployment_runs_the_pipeline_and_leaves_nothing_behind(tmp_path):
 
     try:
         result = run_local_deployment(
-            cfg, 3, tls=True, node_budgets=["50%", "100%"], workdir=work, on_line=on_line
-        )
+            replace(cfg, resume=True), 3, tls=True, node_budgets=BUDGETS, workdir=work,
+            on_line=on_line,
+        )  # fmt: skip
         assert [proc.wait(timeout=120) != 0 for proc in rogue] == [True, True]  # gave up
     finally:
         for proc in rogue:
@@ -99,17 +163,29 @@ def test_tls_deployment_runs_the_pipeline_and_leaves_nothing_behind(tmp_path):
     report = result.report
     assert json.loads((out / "results.json").read_text()) == report
     assert (out / "results.md").is_file() and (out / "recall_vs_budget.png").is_file()
+    # resumed on a new federation, with the metrics of the uninterrupted run
+    assert report["resumed_after"] in ("pretrain round 1", "pretrain round 2")
+    assert not set(report["nodes"]) & set(first_ids)
+    assert_same_metrics(reference, report)
+    for a, b in zip(report["pretrain"], reference["pretrain"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    saved = sorted(p.name for p in (out / "device-state").rglob("*.npz"))
+    assert {"pretrain.npz", "pee.npz", "served.npz"} <= set(saved)
     assert len(report["nodes"]) == 3 and sorted(report["evaluated_nodes"]) == report["nodes"]
     assert report["dataset"]["users"] == 12
     assert {r["budget_fraction"] for r in report["rows"]} == {0.25, 0.5, 1.0}
     assert sum(f["failed_replies"] for f in report["failures"].values()) == 0
-    for per_phase in report["participation"]["nodes"].values():
+    for node in map(str, report["nodes"]):
+        per_phase = report["participation"]["nodes"][node]
         assert all(p["replied"] == p["sent"] > 0 for p in per_phase.values())
     # device-budget from each SuperNode's node config: nodes 0 and 2 (4 users each) at 50%,
     # node 1 at 100%, whatever each user would have drawn
     own = {d["own_budget"]: d["users"] for d in report["drill"] if d["fraction_of_own"] == 1}
     assert own == {"50%": 8, "100%": 4}
-    assert report["timing"]["replies"] == 18 * 3  # SMOKE_RUN's 18 exchanges x 3 nodes
+    # 21 exchanges x 3 nodes: those before the checkpoint (statistics 2, init 1, round 1)
+    # and the resumed run's (statistics again 2, round 2, final, K-Means 2, grouping, planes 2,
+    # PEE 2, serving 2, evaluation 2, growing back 2)
+    assert report["timing"]["replies"] == 21 * 3
     # each node got its own units: per group its 4 users joined, what its SuperNode's
     # device-budget holds (50%, 100%, 50%)
     served = report["serve"]["nodes"].values()
@@ -293,64 +369,3 @@ def test_failing_run_is_a_one_line_error_and_stops_every_process(tmp_path):
     assert any("more user groups (50) than users (12)" in ln for ln in lines)
     assert _processes_using(work) == []
     assert not (tmp_path / "out" / "results.json").exists()
-
-
-def _kill_server_at(fed: LocalFederation, checkpoint: Path, at: str, killed: dict) -> None:
-    """Once the checkpoint says ``at``, SIGKILL the SuperLink and the ServerApp it runs (by
-    PID, as a crash: no goodbye to anyone)."""
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if json.loads(checkpoint.read_text())["at"] == at:
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.02)
-    else:
-        return
-    killed["pids"] = [fed.superlink.popen.pid, *descendants(fed.superlink.popen.pid)]
-    killed["commands"] = [Path(f"/proc/{p}/cmdline").read_bytes() for p in killed["pids"]]
-    fed.kill(fed.superlink)
-
-
-def test_a_run_killed_mid_pretraining_resumes_and_ends_as_an_uninterrupted_one(
-    tmp_path, server_identity
-):
-    """Kill the SuperLink and the ServerApp after pretraining round 1 of 3, stop the rest, start
-    a new federation (new node ids) with ``--resume``: the devices read their state back from
-    file, and the metrics equal an uninterrupted run's (the same pipeline, run in process on
-    the same two partitions: a deployment gives the same numbers, only slower)."""
-    run = dict(SMOKE_RUN, pretrain_passes=3, timing=False)
-    reference = run_pipeline(LocalGrid(2), FedConfig(**run))
-    out = tmp_path / "out"
-    cfg = FedConfig(**run, out_dir=str(out), device_state_dir=str(out / "device-state"))
-    killed: dict = {}
-    with LocalFederation(tmp_path / "w1", certs=None, log=lambda _: None) as fed:
-        fed.start_superlink()
-        for p in range(2):
-            fed.add_node(p, 2)
-        fed.wait_for_nodes()
-        first_ids = sorted(n.node_id for n in fed.nodes)
-        proc = fed.start_run(cfg.to_run_config())
-        killer = threading.Thread(
-            target=_kill_server_at, args=(fed, out / "checkpoint.json", "pretrain round 1", killed)
-        )
-        killer.start()
-        code = fed.stream(proc, lambda _: None, timeout_s=300)
-        killer.join()
-        pids, ports = sorted(fed.started_pids()), fed.ports()
-    assert code != 0 and not (out / "results.json").exists()
-    assert any(b"flwr-serverapp" in c for c in killed["commands"])  # the ServerApp died too
-    _assert_nothing_left(pids, ports, tmp_path / "w1")
-    resumed_cfg = FedConfig(**{**cfg.__dict__, "resume": True})
-    result = run_local_deployment(resumed_cfg, 2, tls=False, workdir=tmp_path / "w2")
-    report = result.report
-    assert report["resumed_after"] in ("pretrain round 1", "pretrain round 2")
-    assert not set(report["nodes"]) & set(first_ids)  # a new federation
-    assert_same_metrics(reference, report)
-    for a, b in zip(report["pretrain"], reference["pretrain"], strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-    assert sum(f["failed_replies"] for f in report["failures"].values()) == 0
-    saved = sorted(p.name for p in (out / "device-state").rglob("*.npz"))
-    assert "pretrain.npz" in saved and "pee.npz" in saved
-    _assert_nothing_left(result.pids, result.ports, tmp_path / "w2")

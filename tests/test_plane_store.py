@@ -12,6 +12,7 @@ from peel_fed.planes import (
     PlaneCode,
     greedy_plane_order,
     held_bytes,
+    order_unit_bytes,
     plane_unit_bytes,
     planes_at_budget,
     second_moments,
@@ -90,6 +91,17 @@ def test_shrinking_on_the_device_equals_being_served_the_smaller_budget():
     assert _same(store, code, order, item_groups, 400)
     k60 = int(planes_at_budget(order, np.bincount(item_groups), code.dim, 60)[0].sum())
     assert asked == [tuple(u) for u in order[k60 : store.kept].tolist()]
+
+
+def test_a_cut_below_the_first_unit_keeps_nothing():
+    code, item_groups, order = _setup(seed=1)
+    store = served_store(code, order, item_groups, 400)
+    first = int(order_unit_bytes(order, np.bincount(item_groups), code.dim)[0])
+    dropped = store.shrink(first - 1)
+    assert store.kept == 0 and store.used_bytes == 0 and store.units == []
+    held = planes_at_budget(order, np.bincount(item_groups), code.dim, 400)[0]
+    assert len(dropped) == int(held.sum())
+    assert not store.held.decode()[1].any()  # nothing left to rank with
 
 
 def test_a_wrong_or_truncated_unit_is_refused():
