@@ -146,6 +146,7 @@ def pretrain(msg: Message, context: Context) -> Message:
         local_steps=step.local_steps,
         user_lr=step.user_lr,
         decoys=step.decoys,
+        ldp_noise=step.ldp_noise,
     )
     devices = PretrainDevices(
         node.users,

@@ -74,6 +74,9 @@ class FedConfig:
     dp_noise_multiplier: float = 0.0
     dp_target_epsilon: float = 0.0
     dp_delta: float = 1e-5
+    # local DP of pretraining uploads (FedPerGNN's noise on uploads): each user adds Gaussian
+    # noise of this many times dp-clip to every value of its clipped upload, on its device
+    ldp_noise_multiplier: float = 0.0
     # decoy items per user in pretraining (FedPerGNN's pseudo-interacted items): each device
     # uploads gradients and contributions for this many items it never interacted with
     decoy_items: int = 0
@@ -178,11 +181,18 @@ class FedConfig:
         return layout, budgets, own
 
     def _check_privacy(self) -> None:
-        if min(self.dp_clip, self.dp_noise_multiplier, self.dp_target_epsilon) < 0:
-            raise ConfigError("dp-clip, dp-noise-multiplier and dp-target-epsilon must be >= 0")
+        values = (self.dp_clip, self.dp_noise_multiplier, self.dp_target_epsilon)
+        if min(*values, self.ldp_noise_multiplier) < 0:
+            raise ConfigError(
+                "dp-clip, dp-noise-multiplier, dp-target-epsilon and ldp-noise-multiplier must be "
+                ">= 0"
+            )
         if self.dp_clip == 0:
-            if self.dp_noise_multiplier or self.dp_target_epsilon:
-                raise ConfigError("dp-noise-multiplier and dp-target-epsilon need dp-clip > 0")
+            if self.dp_noise_multiplier or self.dp_target_epsilon or self.ldp_noise_multiplier:
+                raise ConfigError(
+                    "dp-noise-multiplier, dp-target-epsilon and ldp-noise-multiplier need "
+                    "dp-clip > 0"
+                )
             return
         if self.dp_noise_multiplier and self.dp_target_epsilon:
             raise ConfigError("set dp-noise-multiplier or dp-target-epsilon, not both")
@@ -223,6 +233,7 @@ class FedConfig:
             server_lr=self.pretrain_server_lr,
             user_lr=self.pretrain_user_lr,
             decoys=self.decoy_items,
+            ldp_noise=self.ldp_noise_multiplier,
         )
 
     def pee(self) -> FedPEEConfig:

@@ -60,10 +60,15 @@ class FedLightGCNConfig:
     init_std: float = 0.1
     # decoy items per user (FedPerGNN's pseudo-interacted items): uploaded as if interacted
     decoys: int = 0
+    # local DP (FedPerGNN's noise on uploads): each user adds Gaussian noise of this many times
+    # the clip to every value of its clipped upload before it leaves the device
+    ldp_noise: float = 0.0
 
     def __post_init__(self) -> None:
         if self.decoys < 0:
             raise ValueError(f"decoy-items must be >= 0, got {self.decoys}")
+        if not (np.isfinite(self.ldp_noise) and self.ldp_noise >= 0):
+            raise ValueError(f"ldp-noise-multiplier must be >= 0, got {self.ldp_noise}")
         if not 0 < self.cohort_fraction <= 1:
             raise ValueError(f"cohort-fraction must be in (0, 1], got {self.cohort_fraction}")
         if self.rounds < 0 or self.local_steps < 1 or self.layers < 1:
@@ -98,6 +103,7 @@ INIT_STREAM = 1_000_003  # user_rng stream of a device's initial ego vector
 SLOT_STREAM = 2_000_003  # user_slots stream (plus the pass number) for client sampling
 DECOY_STREAM = 7_000_003  # a device's decoy items (fixed for the run)
 DECOY_NEG_STREAM = 8_000_003  # + round: negatives of the decoy pairs
+LDP_STREAM = 9_000_003  # + round (init: + layer - layers): a device's local DP noise
 
 
 def initial_user_vectors(seed: int, users: np.ndarray, dim: int, std: float) -> torch.Tensor:
@@ -188,8 +194,9 @@ class PretrainServer:
                 g = grad[rows] / torch.from_numpy(devices[rows]).float()[:, None]
                 self.item_adam.step(self.E0, torch.from_numpy(rows), g)
         users = sum(up.users for up in updates)
+        home = private or self.cfg.ldp_noise > 0  # local DP: devices keep their loss too
         return {
-            "loss": None if private else sum(up.loss_sum for up in updates) / max(users, 1),
+            "loss": None if home else sum(up.loss_sum for up in updates) / max(users, 1),
             "users": users,
             "rows": int(rows.size),
         }
@@ -296,6 +303,7 @@ class PretrainDevices:
         layer_vectors: dict[int, torch.Tensor],
         clip: float | None = None,
         sq_norms: torch.Tensor | None = None,
+        noise: dict[int, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
         """The change of ``v_k = u_k / sqrt(d_u)`` on the users' item rows, summed over users.
 
@@ -303,7 +311,9 @@ class PretrainDevices:
         to what was sent. With ``clip``, each user's change (over all its rows and layers, plus
         ``sq_norms``, the squared norm of the rest of its upload) is scaled to L2 norm at most
         ``clip``. Returns the item rows (sorted), a (layers, rows, dim) tensor, zero for absent
-        k, and the per-user scales (all ones without ``clip``).
+        k, and the per-user scales (all ones without ``clip``). ``noise[k]`` (local DP), one
+        row per (user, row) pair in :meth:`_contribution_pairs` order, is added to what is sent,
+        not to what the device keeps.
         """
         local = torch.from_numpy(self._local(users))
         counts = self.bounds[users + 1] - self.bounds[users]
@@ -325,8 +335,44 @@ class PretrainDevices:
         delta = torch.zeros(self.cfg.layers, rows.size, self.cfg.dim)
         for k, change in changes.items():
             self.contrib[k, local] = new[k]  # what the server now holds for these users
-            delta[k].index_add_(0, where_t, change[owner_t])
+            sent = change[owner_t]
+            if noise is not None:
+                sent = sent + torch.from_numpy(noise[k][by_item])
+            delta[k].index_add_(0, where_t, sent)
         return rows, delta, factors
+
+    def local_noise(
+        self, users: np.ndarray, stream: int, rows_per_user: np.ndarray, clip: float | None
+    ) -> np.ndarray | None:
+        """Local DP: each user's own Gaussian noise (std ``ldp_noise * clip``) for
+        ``rows_per_user[j]`` rows of ``dim`` values, stacked in user order; None without it."""
+        if not self.cfg.ldp_noise:
+            return None
+        if clip is None:
+            raise ValueError("local DP noise needs dp-clip (its scale is a multiple of the clip)")
+        std = self.cfg.ldp_noise * clip
+        parts = [
+            user_rng(self.seed, int(u), stream).normal(0.0, std, (int(n), self.cfg.dim))
+            for u, n in zip(users, rows_per_user, strict=True)
+        ]
+        return np.concatenate(parts).astype(np.float32) if parts else None
+
+    def _pair_noise(
+        self, users: np.ndarray, stream: int, layers: range | list[int], clip: float | None
+    ) -> dict[int, np.ndarray] | None:
+        """Local DP noise of every contribution row (per layer), in _contribution_pairs order."""
+        if not self.cfg.ldp_noise:
+            return None
+        owner, _ = self._contribution_pairs(users)
+        per_user = np.bincount(owner, minlength=users.size)
+        order = np.argsort(owner, kind="stable")  # noise is drawn user by user
+        out = {}
+        for k in layers:
+            drawn = self.local_noise(users, stream + 7919 * (k + 1), per_user, clip)
+            noise = np.empty_like(drawn)
+            noise[order] = drawn
+            out[k] = noise
+        return out
 
     def initial_contribution(
         self, k: int, layers: list[torch.Tensor], batch: int = 4096, clip: float | None = None
@@ -338,7 +384,8 @@ class PretrainDevices:
         for start in range(0, users.size, batch):
             chunk = users[start : start + batch]
             ul = self.user_layers(chunk, self.U0[torch.from_numpy(self._local(chunk))], layers)
-            rows, delta, _ = self.contribution_upload(chunk, {k: ul[k]}, clip)
+            noise = self._pair_noise(chunk, LDP_STREAM + k - self.cfg.layers, [k], clip)
+            rows, delta, _ = self.contribution_upload(chunk, {k: ul[k]}, clip, noise=noise)
             rows_all.append(rows)
             deltas.append(delta)
         if not rows_all:
@@ -476,11 +523,20 @@ class PretrainDevices:
         grad_sq = torch.zeros(users.size).index_add_(0, key_owner, grad_keys.pow(2).sum(-1))
         # contributions with the new u0 and the tables received
         ul = self.user_layers(users, self.U0[local], received)
+        stream = LDP_STREAM + round_no
         contrib_rows, delta, factors = self.contribution_upload(
-            users, {k: ul[k] for k in range(self.cfg.layers)}, clip, grad_sq
+            users,
+            {k: ul[k] for k in range(self.cfg.layers)},
+            clip,
+            grad_sq,
+            noise=self._pair_noise(users, stream, range(self.cfg.layers), clip),
         )
         if clip is not None:
             grad_keys = grad_keys * factors[key_owner][:, None]
+        rows_per_user = np.bincount(keys // self.n_items, minlength=users.size)
+        key_noise = self.local_noise(users, stream, rows_per_user, clip)  # keys are user-sorted
+        if key_noise is not None:
+            grad_keys = grad_keys + torch.from_numpy(key_noise)
         rows, where = np.unique(key_rows, return_inverse=True)
         grad = torch.zeros(rows.size, self.cfg.dim).index_add_(
             0, torch.from_numpy(where), grad_keys

@@ -288,6 +288,7 @@ class PretrainStep:
     dp_clip: float = 0.0  # user-level DP: each user's upload scaled to this L2 bound (0: off)
     decoys: int = 0  # decoy items per user, uploaded as if interacted
     dp_private: bool = False  # DP noise on the server: the loss stays on the device
+    ldp_noise: float = 0.0  # local DP: each user's noise on its upload, in multiples of dp_clip
 
     def to_config(self) -> Config:
         rec: Config = {
@@ -304,6 +305,8 @@ class PretrainStep:
             rec["decoys"] = int(self.decoys)
         if self.dp_private:
             rec["dp-private"] = True
+        if self.ldp_noise:
+            rec["ldp-noise"] = float(self.ldp_noise)
         if self.k is not None:
             rec["k"] = self.k
         if self.round is not None:
@@ -330,6 +333,7 @@ class PretrainStep:
             dp_clip=float(rec.get("dp-clip", 0.0)),
             decoys=int(rec.get("decoys", 0)),
             dp_private=bool(rec.get("dp-private", False)),
+            ldp_noise=float(rec.get("ldp-noise", 0.0)),
         )
 
 

@@ -158,6 +158,30 @@ NOT_COVERED = (
 )
 
 
+def local_epsilon(noise: float, releases: int, delta: float) -> float:
+    """Epsilon at ``delta`` of local DP: ``releases`` uploads of one user, each clipped to L2
+    norm ``clip`` and sent with Gaussian noise of ``noise * clip`` on every value. The server
+    sees each upload; two uploads of the same user differ by up to ``2 * clip``, so each is a
+    Gaussian release of noise multiplier ``noise / 2``, composed without any sampling gain."""
+    return epsilon(noise / 2, releases, delta)
+
+
+def local_privacy_report(noise: float, releases: int, delta: float) -> dict:
+    """The local-DP part of a run's privacy report (pretraining uploads only)."""
+    value = local_epsilon(noise, releases, delta)
+    return {
+        "mechanism": "local DP of pretraining uploads: each user clips its upload and adds "
+        "Gaussian noise on its device (the server sees noised uploads; which rows a user touched "
+        "is not hidden, see decoy-items); PEE learning uploads are not locally noised",
+        "accountant": ACCOUNTANT,
+        "noise_multiplier_per_value": noise,
+        "sensitivity": "2 x dp-clip (one user's two possible uploads)",
+        "releases": int(releases),
+        "delta": delta,
+        "epsilon": round(value, 4) if np.isfinite(value) else "inf",
+    }
+
+
 def privacy_report(dp: DPConfig, releases: dict[str, int]) -> dict:
     """The privacy section of a run's report: settings, the DP event, epsilon per phase (keyed
     like ``releases``) and over all of them, and what is not covered. An infinite epsilon (no

@@ -69,7 +69,8 @@ class PretrainStrategy(PhaseStrategy):
             **at,
             dp_clip=cfg.dp_clip,
             decoys=cfg.decoy_items,
-            dp_private=noised(self.dp),
+            dp_private=noised(self.dp) or cfg.ldp_noise_multiplier > 0,
+            ldp_noise=cfg.ldp_noise_multiplier,
         )
 
     def configure(self, step: PretrainStep) -> RecordDict:

@@ -132,7 +132,16 @@ def privacy_lines(privacy: dict | None) -> list[str]:
         f"{privacy['dp_event']}, accountant {privacy['accountant']}). Not covered: "
         + "; ".join(privacy["not_covered"])
         + "."
-    ]
+    ] + (
+        [
+            f"Local DP: {privacy['local']['mechanism']}. Epsilon at delta "
+            f"{privacy['local']['delta']:g}: {privacy['local']['epsilon']} per user over "
+            f"{privacy['local']['releases']} uploads (noise "
+            f"{privacy['local']['noise_multiplier_per_value']:g} x clip per value)."
+        ]
+        if "local" in privacy
+        else []
+    )
 
 
 MAX_NODE_ROWS = 40

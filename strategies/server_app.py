@@ -21,7 +21,7 @@ from peel_fed.console import log
 from peel_fed.fedconfig import FedConfig
 from peel_fed.loading import dataset_name
 from peel_fed.messages import DataSpec
-from peel_fed.privacy import privacy_report
+from peel_fed.privacy import local_privacy_report, privacy_report
 from strategies.checkpoint import Checkpoint, check_same_federation
 from strategies.evaluation import EvaluationStrategy
 from strategies.grouping import GroupingStrategy
@@ -153,7 +153,7 @@ def run_pipeline(grid: Grid, cfg: FedConfig) -> dict:
         "unit_weights": [s.weights().round(4).tolist() for s in pee.servers],
         **evaluation,
         "pretrain": pretraining.history,
-        "privacy": privacy_report(pretraining.dp, cfg.dp_releases()) if pretraining.dp else None,
+        "privacy": privacy_section(cfg, pretraining.dp),
         "pee": pee.history,
         "serve": served,
         "bytes": phase_log.bytes_report(stats),
@@ -177,6 +177,18 @@ def run_pipeline(grid: Grid, cfg: FedConfig) -> dict:
         log(f"wrote {written} in {out}")
     checkpoint.save("done")  # after the results: a run that finished is not resumed
     log(f"done in {report['wall_seconds']:.0f} s")
+    return report
+
+
+def privacy_section(cfg: FedConfig, dp) -> dict | None:
+    """The report's privacy section: central DP (epsilon per phase) and local DP, if on."""
+    if dp is None:
+        return None
+    report = privacy_report(dp, cfg.dp_releases())
+    if cfg.ldp_noise_multiplier:
+        report["local"] = local_privacy_report(
+            cfg.ldp_noise_multiplier, cfg.dp_releases()["pretrain"], cfg.dp_delta
+        )
     return report
 
 

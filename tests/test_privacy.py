@@ -258,6 +258,8 @@ def test_the_federated_pipeline_clips_on_devices_noises_and_reports_epsilon(pipe
         (dict(dp_clip=1.0, secure_rows=True), "secure-rows"),
         (dict(dp_clip=1.0, dp_target_epsilon=1e-9), "unreachable"),
         (dict(dp_clip=-1.0), "must be >= 0"),
+        (dict(ldp_noise_multiplier=1.0), "need dp-clip"),
+        (dict(dp_clip=1.0, ldp_noise_multiplier=-1.0), "must be >= 0"),
     ],
 )
 def test_dp_run_config_errors_are_one_line(dp, words):
@@ -364,3 +366,68 @@ def test_the_privacy_benchmark_writes_its_report(tmp_path):
     assert noised["epsilon"] == pytest.approx(8.0, rel=0.01) and noised["epsilon"] <= 8.0
     assert all(len(r["train_seconds_runs"]) == 2 for r in report["runs"])
     assert out.is_file() and out.with_suffix(".md").is_file()
+
+
+def test_local_dp_noises_every_uploaded_value_on_the_device_and_keeps_none_of_it():
+    """Each user adds Gaussian noise of ldp_noise x clip to every value it sends (row gradients
+    and contribution changes); the device's own record of its contributions stays un-noised,
+    and the noise is its own (seeded by user and round), so packing does not change it."""
+    from dataclasses import replace as dc_replace
+
+    ds = _board()
+    clip, users = 0.5, np.arange(0, 60)
+    fed = _model(ds)
+    fed.clip = clip
+    fed.initialise()
+    layers, before = fed.server.item_layers(), fed.devices.state_arrays()
+    runs = {}
+    for ldp in (0.0, 2.0):  # the same devices, from the same state, on the same tables
+        fed.devices.load_state(before)
+        fed.devices.cfg = dc_replace(CFG, ldp_noise=ldp)
+        up = fed.devices.device_round(users, layers, 1, clip)
+        runs[ldp] = (up, fed.devices.contrib.clone())
+    (plain, kept_plain), (noisy, kept_noisy) = runs[0.0], runs[2.0]
+    assert np.array_equal(plain.rows, noisy.rows)
+    assert torch.equal(kept_plain, kept_noisy)  # the device keeps what it would without noise
+    # a row summed over n users carries n users' noise: normalise by sqrt(n)
+    grad_noise = (noisy.grad - plain.grad) / torch.from_numpy(noisy.row_devices).sqrt()[:, None]
+    assert float(grad_noise.std()) == pytest.approx(2.0 * clip, rel=0.05)
+    contrib_noise = noisy.contrib_delta - plain.contrib_delta
+    assert float(contrib_noise.abs().mean()) > 0.5 * clip
+    # the same users packed one per node upload the same noise in sum
+    fed.devices.load_state(before)
+    alone = [fed.devices.device_round(np.array([u]), layers, 1, clip) for u in users]
+    total = torch.zeros_like(noisy.contrib_delta)
+    for up in alone:
+        idx = torch.from_numpy(np.searchsorted(noisy.contrib_rows, up.contrib_rows))
+        total[:, idx] += up.contrib_delta
+    np.testing.assert_allclose(total.numpy(), noisy.contrib_delta.numpy(), atol=1e-4)
+
+
+def test_local_epsilon_is_the_gaussian_mechanism_at_twice_the_clip():
+    """Local DP: two uploads of one user differ by up to 2 x clip, so noise s x clip per value
+    is a Gaussian mechanism of multiplier s / 2 (the analytic epsilon, Balle and Wang)."""
+    from peel_fed.privacy import local_epsilon
+
+    exact = _analytic_gaussian_epsilon(8.0 / 2, 1e-5)
+    assert local_epsilon(8.0, 1, 1e-5) == pytest.approx(exact, rel=0.01)
+    assert local_epsilon(8.0, 4, 1e-5) == pytest.approx(
+        _analytic_gaussian_epsilon(8.0 / 2 / 2, 1e-5), rel=0.01
+    )
+
+
+def test_a_local_dp_run_reports_its_epsilon_and_keeps_the_loss_on_the_devices(server_identity):
+    from test_adapters import SMALL, LocalGrid
+
+    from peel_fed.fedconfig import FedConfig
+    from peel_fed.privacy import local_epsilon
+    from strategies.server_app import run_pipeline
+
+    cfg = FedConfig(**SMALL, dp_clip=1.0, ldp_noise_multiplier=4.0)
+    report = run_pipeline(LocalGrid(3), cfg)
+    local = report["privacy"]["local"]
+    releases = cfg.dp_releases()["pretrain"]
+    assert local["releases"] == releases
+    assert local["epsilon"] == round(local_epsilon(4.0, releases, cfg.dp_delta), 4)
+    assert all(r["loss"] is None for r in report["pretrain"])  # a loss sum is a release too
+    assert report["privacy"]["noise_multiplier"] == 0  # no central noise: clipped sums only
