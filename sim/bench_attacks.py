@@ -5,8 +5,9 @@ of its own; the server keeps every view it can decode of each (``peel_fed.attack
 item inference (AUC of the user's training items against every other item, precision@k, k its
 number of training items, against random guessing) and user-vector reconstruction (cosine with
 the true final vector). Settings: clear uploads, secure rows (cohort sums), central DP at
-``--dp-epsilon`` (the server reads each clipped upload before it adds the noise), and clear
-uploads with ``--decoys`` decoy items per user. Prints and
+``--dp-epsilon`` (the server reads each clipped upload before it adds the noise), clear
+uploads with ``--decoys`` decoy items per user, and local DP (``--ldp-noise``: each user noises
+its clipped upload on its device). Prints and
 saves JSON and markdown, atomically.
 
     python -m sim.bench_attacks --targets 100 --out docs/results/gowalla/bench-attacks.json
@@ -27,7 +28,7 @@ from peel_fed.attacks import cosine, item_inference, observe_pretraining
 from peel_fed.fedconfig import FedConfig
 from peel_fed.fedlightgcn import pretraining_releases, rounds_per_pass_for
 from peel_fed.loading import load_dataset
-from peel_fed.privacy import DPConfig, noise_for_epsilon
+from peel_fed.privacy import DPConfig, local_epsilon, noise_for_epsilon
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -40,6 +41,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dp-clip", type=float, default=3.0)
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--decoys", type=int, default=30, help="decoy items per user (0: no row)")
+    p.add_argument(
+        "--ldp-noise",
+        type=float,
+        default=0.0,
+        help="local DP: noise per uploaded value in multiples of --dp-clip (0: no row)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench-attacks.json")
     args = p.parse_args(argv)
@@ -64,6 +71,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.decoys:
         decoyed = (*base[:4], replace(cfg, decoys=args.decoys), *base[5:])
         runs[f"{args.decoys} decoys"] = observe_pretraining(*decoyed, seed=args.seed)
+    if args.ldp_noise:
+        local = (*base[:4], replace(cfg, ldp_noise=args.ldp_noise), *base[5:])
+        eps = local_epsilon(args.ldp_noise, releases, args.delta)
+        runs[f"local DP, noise {args.ldp_noise:g} x clip, epsilon {eps:.3g}"] = observe_pretraining(
+            *local, seed=args.seed, dp=DPConfig(args.dp_clip, 0.0, args.delta)
+        )
     report: dict = {"dataset": ds.name, "args": vars(args), "rounds": rounds, "rows": []}
     for run, (views, finals) in runs.items():
         for setting, per_user in views.items():

@@ -136,15 +136,19 @@ def test_the_attack_benchmark_writes_its_report(tmp_path):
 
     out = tmp_path / "attacks.json"
     report = main(
-        ["--dataset", "checkerboard", "--targets", "6", "--decoys", "4", "--out", str(out)]
-    )
+        ["--dataset", "checkerboard", "--targets", "6", "--decoys", "4", "--ldp-noise", "4",
+         "--out", str(out)]
+    )  # fmt: skip
     settings = [r["setting"] for r in report["rows"]]
-    assert settings == [
+    assert settings[:4] == [
         "clear (no DP)",
         "secure rows (no DP)",
         "clear (central DP, epsilon 8)",
         "clear (4 decoys)",
     ]
-    clear, secure = report["rows"][0], report["rows"][1]
+    assert len(settings) == 5 and settings[4].startswith("clear (local DP, noise 4 x clip")
+    clear, secure, local = report["rows"][0], report["rows"][1], report["rows"][4]
     assert clear["auc_median"] > 0.99 and secure["auc_median"] < clear["auc_median"]
+    # local noise hides the values, not which rows were touched: the vector is what it blurs
+    assert local["cosine_median"] < clear["cosine_median"]
     assert out.is_file() and "--targets 6" in out.with_suffix(".md").read_text()
