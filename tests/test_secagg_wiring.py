@@ -230,3 +230,15 @@ def test_pipeline_in_process_shamir_and_pairwise_agree(server_identity, secure_r
     assert shamir["dataset"]["users"] == load_dataset(TINY).n_users
     stats = [p["phase"] for p in shamir["phases"] if p["phase"].startswith("stats")]
     assert stats == ["stats/keys", "stats/shares", "stats", "stats/reveal"]
+
+
+def test_bench_secure_sum_runs_both_protocols_and_checks_the_sum(tmp_path):
+    from sim.bench_secure_sum import main
+
+    out = tmp_path / "bench.json"
+    report = main(["--nodes", "4", "--length", "16", "--repeats", "1", "--out", str(out)])
+    rows = {(r["protocol"], r["dropped"]): r for r in report["rows"]}
+    assert set(rows) == {("pairwise", 0), ("shamir", 0)}
+    assert rows["pairwise", 0]["exchanges"] == 2 and rows["shamir", 0]["exchanges"] == 4
+    assert max(r["max_abs_error"] for r in rows.values()) < 1e-5
+    assert out.is_file() and out.with_suffix(".md").is_file()
