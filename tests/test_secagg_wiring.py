@@ -51,6 +51,17 @@ def test_config_names_the_protocol_and_a_threshold_in_range():
     assert shamir_threshold(1.0, 5) == 5
 
 
+def test_a_resumed_run_may_switch_the_protocol():
+    """Each secure sum is a session of its own and gives the same sums either way; a checkpoint
+    written before the keys existed (no secagg in its config) resumes too."""
+    from strategies.checkpoint import MAY_CHANGE, _run
+
+    old = FedConfig().to_run_config()
+    del old["secagg"], old["secagg-threshold"]  # as a checkpoint of an older version saved it
+    saved = {k: v for k, v in old.items() if k not in MAY_CHANGE}
+    assert _run(FedConfig(secagg="shamir", secagg_threshold=0.9)) == saved == _run(FedConfig())
+
+
 def _stats_of(partitions: list[int], num: int) -> np.ndarray:
     """The statistics vectors of the listed partitions, summed (what the server should get)."""
     ds = load_dataset(TINY)
