@@ -35,15 +35,19 @@ from peel_fed.messages import (
     decode_data,
     decode_dropped,
     decode_evaluate_down,
+    decode_inbox,
     decode_pee_down,
     decode_pee_rows_down,
     decode_pee_uploads,
     decode_peer_keys,
     decode_pretrain_down,
+    decode_protocol,
     decode_rows_down,
     decode_serve_offer,
     decode_session,
+    decode_share_request,
     decode_units_down,
+    decode_unmask_request,
     encode_contribution,
     encode_device_update,
     encode_final_reply,
@@ -59,6 +63,8 @@ from peel_fed.messages import (
     encode_pretrain_rows,
     encode_public_key,
     encode_revealed,
+    encode_share_ciphertexts,
+    encode_shares_revealed,
     encode_stats,
     encode_wanted,
 )
@@ -84,27 +90,59 @@ def _reply(msg: Message, content: Content) -> Message:
 
 
 def masked_reply(msg: Message, context: Context, content: Content, vector: np.ndarray) -> Message:
-    """``vector`` masked with this node's pairwise masks for the cohort named in ``content``
-    (the decoded contents of ``msg``)."""
+    """``vector`` masked for the session named in ``content`` (the decoded contents of ``msg``):
+    pairwise masks for the cohort's keys, or (Shamir) the self-mask and pairwise masks after
+    taking the shares in the node's inbox. The upload names the public keys it was masked under.
+    """
+    vector = np.asarray(vector, dtype=np.float64)
+    if decode_protocol(content) == "shamir":
+        inbox, round_tag = decode_inbox(content)
+        client = state.shamir_client(context, round_tag)
+        client.receive_shares(inbox)
+        masked = client.masked(vector)
+        state.save_shamir_client(context, client)
+        return _reply(msg, encode_masked(masked, state.shamir_public_keys(client)))
     peer_keys, round_tag = decode_peer_keys(content)
     client = state.secagg_client(context, round_tag)
-    masked = client.masked(np.asarray(vector, dtype=np.float64), peer_keys, round_tag)
+    masked = client.masked(vector, peer_keys, round_tag)
     return _reply(msg, encode_masked(masked, client.public_key()))
 
 
 # --- secure aggregation -------------------------------------------------------------------------
 def keys(msg: Message, context: Context) -> Message:
-    """Start a secure-aggregation session: a fresh X25519 key pair for the session named in the
-    message; the public half goes up."""
-    round_tag = decode_session(from_record_dict(msg.content))
+    """Start a secure-aggregation session for the round tag and protocol named in the message:
+    a fresh X25519 key pair (pairwise; its public half goes up), or a fresh Shamir round (two
+    key pairs and a self-mask seed; both public halves go up)."""
+    content = from_record_dict(msg.content)
+    round_tag = decode_session(content)
+    if decode_protocol(content) == "shamir":
+        return _reply(msg, encode_public_key(state.new_shamir_client(context, round_tag)))
     private = state.new_secagg_key(context, round_tag)
     public = SecAggClient(context.node_id, private_key=private).public_key()
     return _reply(msg, encode_public_key(public))
 
 
+def shares(msg: Message, context: Context) -> Message:
+    """Shamir only: split this node's self-mask seed and mask key among the cohort (threshold
+    ``t``) and send each peer's pair of shares encrypted to that peer (the server relays them)."""
+    keys_, round_tag, threshold = decode_share_request(from_record_dict(msg.content))
+    client = state.shamir_client(context, round_tag)
+    ciphertexts = client.share_keys(keys_, threshold)
+    state.save_shamir_client(context, client)
+    return _reply(msg, encode_share_ciphertexts(ciphertexts))
+
+
 def reveal(msg: Message, context: Context) -> Message:
-    """Round keys shared with peers that dropped out, so the server can remove their masks."""
+    """Pairwise: round keys shared with peers that dropped out, so the server can remove their
+    masks. Shamir: shares of the survivors' self-mask seeds and of the dropped nodes' mask keys
+    (never both for one node: the client refuses)."""
     content = from_record_dict(msg.content)
+    if decode_protocol(content) == "shamir":
+        round_tag, survivors, dropped = decode_unmask_request(content)
+        client = state.shamir_client(context, round_tag)
+        answer = client.unmask_shares(survivors, dropped)
+        state.save_shamir_client(context, client)
+        return _reply(msg, encode_shares_revealed(answer.self_mask, answer.pair_secret))
     peer_keys, round_tag = decode_peer_keys(content)
     revealed = state.secagg_client(context, round_tag).reveal_pair_seeds(
         decode_dropped(content), peer_keys, round_tag
@@ -548,6 +586,7 @@ def make_client_app(mods: list[Mod] | None = None) -> ClientApp:
     """The device app; ``mods`` wrap every handler (tests use one to inject failures)."""
     client = ClientApp(mods=[timing_mod, *(mods or [])])
     client.query("keys")(keys)
+    client.query("shares")(shares)
     client.query("reveal")(reveal)
     client.query("stats")(stats)
     client.train("pretrain")(pretrain)

@@ -2,7 +2,8 @@
 
 ``context.state`` persists between the messages of a run on a node in both runtimes; module
 globals do not in deployment (a fresh process per message), so the data cache is a speed-up only.
-State records, by name: ``secagg`` (this node's secure-aggregation key), ``pretrain`` (ego
+State records, by name: ``secagg`` (this node's secure-aggregation session: the pairwise key,
+or the Shamir client's ``to_state``), ``pretrain`` (ego
 vectors, their Adam moments, last contributions), ``pretrain-pending`` and ``pee-pending``
 (an upload held back between the two halves of a secure-rows round), ``user-vectors`` (final
 pretrained user vectors), ``group`` (each hosted user's group), ``pee`` (PEE user vectors and
@@ -36,6 +37,7 @@ from peel_fed.messages import Arrays, DataSpec
 from peel_fed.partition import partition_users
 from peel_fed.renames import RENAMED_NODE_CONFIG_KEYS, renamed_key
 from peel_fed.secagg import SecAggClient
+from peel_fed.secagg_shamir import ShamirSecAggClient
 
 if TYPE_CHECKING:
     from peel_fed.lightgcn import NegativeSampler
@@ -245,10 +247,51 @@ def secagg_client(context: Context, round_tag: bytes) -> SecAggClient:
     under another session's key would make the server's sum garbage, while a node that fails
     is a dropout the server recovers from.
     """
-    rec = context.state.config_records.get("secagg")
-    if rec is None:
-        raise RuntimeError("secure aggregation used before query.keys")
-    if bytes(rec["round-tag"]) != round_tag:
+    rec = _session(context)
+    if "private-key" not in rec or bytes(rec["round-tag"]) != round_tag:
         raise RuntimeError("secure-aggregation message of another session than this node's key")
     key = X25519PrivateKey.from_private_bytes(bytes(rec["private-key"]))
     return SecAggClient(context.node_id, private_key=key)
+
+
+def _session(context: Context) -> ConfigRecord:
+    rec = context.state.config_records.get("secagg")
+    if rec is None:
+        raise RuntimeError("secure aggregation used before query.keys")
+    return rec
+
+
+def new_shamir_client(context: Context, round_tag: bytes) -> bytes:
+    """Start this node's Shamir session ``round_tag`` (fresh keys and self-mask seed, kept in
+    ``context.state``); returns its 64 bytes of public keys."""
+    client = ShamirSecAggClient(context.node_id)
+    public = client.setup(round_tag)
+    save_shamir_client(context, client)
+    return public
+
+
+def shamir_client(context: Context, round_tag: bytes) -> ShamirSecAggClient:
+    """This node's Shamir client for the session ``round_tag``, as the last message left it.
+
+    As with the pairwise key, a message of another session (or protocol) raises: the node is a
+    dropout, which the threshold absorbs. Save it back with :func:`save_shamir_client`.
+    """
+    rec = _session(context)
+    if rec.get("round_tag") is None or bytes(rec["round_tag"]) != round_tag:
+        raise RuntimeError("secure-aggregation message of another session than this node's key")
+    client = ShamirSecAggClient.from_state(dict(rec))
+    if client.client_id != context.node_id:
+        raise RuntimeError("secure-aggregation state of another node")
+    return client
+
+
+def save_shamir_client(context: Context, client: ShamirSecAggClient) -> None:
+    """Keep the client's round (private keys, shares held, what it revealed) for the next
+    message: a fresh process in deployment, so nothing lives in module globals."""
+    context.state["secagg"] = ConfigRecord(client.to_state())
+
+
+def shamir_public_keys(client: ShamirSecAggClient) -> bytes:
+    """The client's own 64 bytes of public keys (its entry in the cohort it shared with)."""
+    saved = client.to_state()
+    return bytes(saved["public_keys"][saved["cohort"].index(client.client_id)])

@@ -22,6 +22,8 @@ from peel_fed.fedpee import FedPEEConfig
 from peel_fed.privacy import DPConfig, PrivacyError, noise_for_epsilon
 from peel_fed.renames import RENAMED_RUN_CONFIG_KEYS, with_current_keys
 
+SECAGG_PROTOCOLS = ("pairwise", "shamir")
+
 
 class ConfigError(ValueError):
     """An invalid run-config value."""
@@ -66,6 +68,11 @@ class FedConfig:
     pretrain_user_lr: float = 2e-2
     # pretraining row uploads by secure aggregation over the round's row union (costs bytes)
     secure_rows: bool = False
+    # secure aggregation: "pairwise" masks (a survivor that drops before revealing fails the sum)
+    # or "shamir" (double masking, peel_fed.secagg_shamir: up to n - t dropouts at any step, late
+    # uploads stay masked; one more exchange), with t = max(ceil(threshold * n), n // 2 + 1)
+    secagg: str = "pairwise"
+    secagg_threshold: float = 0.67
     # user-level differential privacy of pretraining and PEE learning (``peel_fed.privacy``), off
     # while dp-clip is 0: each user's upload clipped to dp-clip, Gaussian noise of
     # dp-noise-multiplier times the clip on every sum, or the noise that meets dp-target-epsilon
@@ -143,6 +150,12 @@ class FedConfig:
                     check_budget_format(text)
                 except BudgetError as exc:
                     raise ConfigError(f"{key.replace('_', '-')}: {exc}") from None
+        if self.secagg not in SECAGG_PROTOCOLS:
+            raise ConfigError(
+                f"secagg must be one of {', '.join(SECAGG_PROTOCOLS)}, got {self.secagg!r}"
+            )
+        if not 0.5 < self.secagg_threshold <= 1:
+            raise ConfigError(f"secagg-threshold must be in (0.5, 1], got {self.secagg_threshold}")
         self._check_privacy()
         try:
             fracs = self.drill_fractions()

@@ -154,13 +154,22 @@ def decode_dropped(content: Content) -> list[int]:
     return [int(d) for d in content.configs["secagg"]["dropped"]]
 
 
-def encode_session(round_tag: bytes) -> Content:
-    """``query.keys``: the secure-aggregation session (its round tag) the new key is for."""
-    return Content(configs={"secagg": {"round-tag": round_tag}})
+def encode_session(round_tag: bytes, protocol: str = "pairwise") -> Content:
+    """``query.keys``: the secure-aggregation session (its round tag) the new key is for, and
+    its protocol (named only when it is not ``pairwise``, so pairwise sessions read as before)."""
+    rec: Config = {"round-tag": round_tag}
+    if protocol != "pairwise":
+        rec["protocol"] = protocol
+    return Content(configs={"secagg": rec})
 
 
 def decode_session(content: Content) -> bytes:
     return bytes(content.configs["secagg"]["round-tag"])
+
+
+def decode_protocol(content: Content) -> str:
+    """The protocol a secure-aggregation message belongs to (``pairwise`` when unnamed)."""
+    return str(content.configs["secagg"].get("protocol", "pairwise"))
 
 
 def encode_masked(masked: np.ndarray, public_key: bytes) -> Content:
@@ -176,6 +185,81 @@ def decode_masked(content: Content) -> np.ndarray:
 
 def decode_masked_key(content: Content) -> bytes:
     return np.asarray(content.arrays["secagg"]["public-key"], dtype=np.uint8).tobytes()
+
+
+# Double masking with Shamir shares (``peel_fed.secagg_shamir``): ``query.keys`` (as above, the
+# protocol named; 64 B of public keys up), ``query.shares`` (the cohort's keys and the threshold
+# down, a share ciphertext per peer up), the phase's message (the node's inbox of ciphertexts
+# down with the phase contents, the masked vector up), ``query.reveal`` (survivors and dropped
+# down, shares of self-mask seeds and of dropped nodes' mask keys up).
+def encode_share_request(
+    public_keys: dict[int, bytes], round_tag: bytes, threshold: int
+) -> Content:
+    """``query.shares``: the cohort's public keys, the round tag and the threshold ``t``."""
+    rec = encode_peer_keys(public_keys, round_tag)
+    rec.update({"protocol": "shamir", "threshold": int(threshold)})
+    return Content(configs={"secagg": rec})
+
+
+def decode_share_request(content: Content) -> tuple[dict[int, bytes], bytes, int]:
+    """The cohort's public keys by node id, the round tag and the threshold."""
+    keys, round_tag = decode_peer_keys(content)
+    return keys, round_tag, int(content.configs["secagg"]["threshold"])
+
+
+def _by_node(prefix: str, rec: Config) -> dict[int, bytes]:
+    return {int(k[len(prefix) :]): bytes(v) for k, v in rec.items() if k.startswith(prefix)}
+
+
+def encode_share_ciphertexts(ciphertexts: dict[int, bytes]) -> Content:
+    """A node's share ciphertexts, by the peer each is for (the server relays them)."""
+    return Content(configs={"secagg": {f"ct-{n}": ct for n, ct in ciphertexts.items()}})
+
+
+def decode_share_ciphertexts(content: Content) -> dict[int, bytes]:
+    return _by_node("ct-", content.configs["secagg"])
+
+
+def encode_inbox(inbox: dict[int, bytes], round_tag: bytes) -> Config:
+    """The ``secagg`` record of a phase's message: the ciphertexts for this node by sender."""
+    rec: Config = {f"ct-{n}": ct for n, ct in inbox.items()}
+    rec.update({"round-tag": round_tag, "protocol": "shamir"})
+    return rec
+
+
+def decode_inbox(content: Content) -> tuple[dict[int, bytes], bytes]:
+    """The ciphertexts for this node by sender, and the round tag."""
+    rec = content.configs["secagg"]
+    return _by_node("ct-", rec), bytes(rec["round-tag"])
+
+
+def encode_unmask_request(round_tag: bytes, survivors: list[int], dropped: list[int]) -> Config:
+    """The ``secagg`` record of ``query.reveal``: who uploaded and who dropped after sharing."""
+    return {
+        "round-tag": round_tag,
+        "protocol": "shamir",
+        "survivors": [int(n) for n in survivors],
+        "dropped": [int(n) for n in dropped],
+    }
+
+
+def decode_unmask_request(content: Content) -> tuple[bytes, list[int], list[int]]:
+    rec = content.configs["secagg"]
+    survivors, dropped = rec["survivors"], rec["dropped"]
+    return bytes(rec["round-tag"]), [int(n) for n in survivors], [int(n) for n in dropped]
+
+
+def encode_shares_revealed(self_mask: dict[int, bytes], pair_secret: dict[int, bytes]) -> Content:
+    """A node's answer to ``query.reveal``: its shares of survivors' self-mask seeds (``b-``)
+    and of dropped nodes' mask keys (``s-``)."""
+    rec: Config = {f"b-{n}": share for n, share in self_mask.items()}
+    rec.update({f"s-{n}": share for n, share in pair_secret.items()})
+    return Content(configs={"secagg": rec})
+
+
+def decode_shares_revealed(content: Content) -> tuple[dict[int, bytes], dict[int, bytes]]:
+    rec = content.configs["secagg"]
+    return _by_node("b-", rec), _by_node("s-", rec)
 
 
 def encode_revealed(revealed: dict[int, bytes]) -> Content:

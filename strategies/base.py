@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
 
 from clients.records import from_record_dict
 from peel_fed.fedconfig import FedConfig
 from peel_fed.messages import DataSpec, decode_upload_users
 from strategies.log import PhaseLog
+from strategies.phases import PhaseReport, secure_sum
 
 
 class PhaseStrategy:
@@ -23,6 +25,30 @@ class PhaseStrategy:
 
     def __init__(self, cfg: FedConfig, log: PhaseLog, data: DataSpec) -> None:
         self.cfg, self.log, self.data = cfg, log, data
+
+    def secure_sum(
+        self,
+        grid: Grid,
+        node_ids: list[int],
+        message_type: str,
+        content: RecordDict,
+        timeout: float,
+        phase: str,
+        round_: int = 0,
+    ) -> tuple[np.ndarray, list[int], list[PhaseReport]]:
+        """:func:`strategies.phases.secure_sum` with the run's protocol (run config ``secagg``
+        and ``secagg-threshold``): the one place a phase reads them."""
+        return secure_sum(
+            grid,
+            node_ids,
+            message_type,
+            content,
+            timeout,
+            phase,
+            round_,
+            protocol=self.cfg.secagg,
+            threshold=self.cfg.secagg_threshold,
+        )
 
 
 def reply_contents(replies: dict[int, Message]) -> dict[int, RecordDict]:

@@ -33,8 +33,12 @@ DONE = 2**62  # a resume point past every version: that phase finished
 CHECKPOINT = "checkpoint.pt"
 SUMMARY = "checkpoint.json"
 # run-config keys a resumed run may change: how long to wait, what to print and where the
-# run's folders are (moved with their files), not the run
+# run's folders are (moved with their files), not the run; nor does the secure-aggregation
+# protocol (each secure sum is a session of its own, and both protocols give the same sums), so
+# a checkpoint written before the keys existed resumes too
 MAY_CHANGE = {
+    "secagg",
+    "secagg-threshold",
     "resume",
     "out-dir",
     "device-state-dir",

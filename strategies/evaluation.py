@@ -14,7 +14,6 @@ from peel_fed.fedplanes import PlaneOrders
 from peel_fed.messages import EvaluateDown, encode_evaluate_down
 from strategies.base import PhaseStrategy
 from strategies.pee import PEEResult
-from strategies.phases import secure_sum
 from strategies.stats import StatsResult
 
 
@@ -79,7 +78,7 @@ class EvaluationStrategy(PhaseStrategy):
         (else an empty array)."""
         spec = self.eval_spec(stats, with_served)
         content = self.configure(spec, stats, item_table, pee, planes, centroids)
-        total, contributed, reports = secure_sum(
+        total, contributed, reports = self.secure_sum(
             grid, nodes, "evaluate.budgets", content, self.cfg.evaluate_timeout_s, "evaluate"
         )
         self.log.add(reports)

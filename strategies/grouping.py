@@ -13,7 +13,7 @@ from peel_fed.clustering import initial_centroids, kmeans_step
 from peel_fed.console import log
 from peel_fed.messages import decode_group_counts, decode_kmeans_sums, encode_centroids
 from strategies.base import PhaseStrategy, reply_contents
-from strategies.phases import exchange, secure_sum
+from strategies.phases import exchange
 
 
 @dataclass
@@ -54,7 +54,7 @@ class GroupingStrategy(PhaseStrategy):
         k = cfg.num_user_groups
         centroids = initial_centroids(item_table, k, seed=cfg.seed)
         for it in range(cfg.kmeans_iters if k > 1 else 0):
-            total, _, reports = secure_sum(
+            total, _, reports = self.secure_sum(
                 grid,
                 nodes,
                 "query.kmeans",

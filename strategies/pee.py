@@ -29,7 +29,7 @@ from peel_fed.privacy import noised
 from strategies.base import PhaseStrategy, node_sample, reply_contents, upload_users
 from strategies.grouping import GroupingResult
 from strategies.log import PhaseLog
-from strategies.phases import exchange, secure_sum
+from strategies.phases import exchange
 from strategies.stats import StatsResult
 
 
@@ -132,10 +132,12 @@ class PEEStrategy(PhaseStrategy):
         Every group's table goes to every node (one content for all)."""
         timeout, r = self.cfg.round_timeout_s, round_.round
         content = self.configure(round_, range(self.cfg.num_user_groups))
-        total, counted, reports = secure_sum(grid, nodes, "train.pee", content, timeout, "pee", r)
+        total, counted, reports = self.secure_sum(
+            grid, nodes, "train.pee", content, timeout, "pee", r
+        )
         self.log.add(reports)
         counts, unions, down = self.configure_rows(total, round_)
-        values, _, reports = secure_sum(
+        values, _, reports = self.secure_sum(
             grid, counted, "train.peerows", down, timeout, "pee/rows", r
         )
         self.log.add(reports)

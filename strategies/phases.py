@@ -3,6 +3,7 @@ failures. Aggregation logic lives in ``peel_fed``; this module only moves record
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -18,10 +19,22 @@ from peel_fed.messages import (
     decode_masked_key,
     decode_public_key,
     decode_revealed,
+    decode_share_ciphertexts,
+    decode_shares_revealed,
+    encode_inbox,
     encode_peer_keys,
     encode_session,
+    encode_share_request,
+    encode_unmask_request,
 )
 from peel_fed.secagg import FixedPoint, SecAggServer
+from peel_fed.secagg_shamir import (
+    Reveal,
+    ShamirSecAggServer,
+    check_threshold,
+    relay,
+    unmask_request,
+)
 
 
 def _scalar_bytes(value) -> int:
@@ -195,6 +208,14 @@ def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float) -> list[int]:
         time.sleep(0.5)
 
 
+def shamir_threshold(fraction: float, n: int) -> int:
+    """``t`` for a cohort of ``n`` nodes: ``max(ceil(fraction * n), n // 2 + 1)``, at most ``n``
+    (``fraction`` is run config ``secagg-threshold``, in (0.5, 1])."""
+    t = min(n, max(math.ceil(round(fraction * n, 9)), n // 2 + 1))
+    check_threshold(t, n)
+    return t
+
+
 def secure_sum(
     grid: Grid,
     node_ids: list[int],
@@ -203,15 +224,23 @@ def secure_sum(
     timeout: float,
     phase: str,
     round_: int = 0,
+    protocol: str = "pairwise",
+    threshold: float = 0.67,
 ) -> tuple[np.ndarray, list[int], list[PhaseReport]]:
-    """Sum of one vector per node, by pairwise-mask secure aggregation (``peel_fed.secagg``).
+    """Sum of one vector per node, by secure aggregation: pairwise masks (``peel_fed.secagg``)
+    or, with ``protocol="shamir"``, double masking with Shamir shares (:func:`shamir_sum`, whose
+    threshold is ``shamir_threshold(threshold, cohort)``).
 
-    Three exchanges: ``query.keys`` (public keys up), ``message_type`` (the cohort's keys down,
-    masked vectors up; ``content`` goes along), and, only if nodes dropped out in between,
-    ``query.reveal`` (the survivors' round keys with the dropped nodes). Returns the sum over the
-    nodes whose vector arrived, those node ids, and a report per exchange. If a survivor fails to
-    reveal, its own vector cannot be unmasked and the phase raises.
+    Pairwise, three exchanges: ``query.keys`` (public keys up), ``message_type`` (the cohort's
+    keys down, masked vectors up; ``content`` goes along), and, only if nodes dropped out in
+    between, ``query.reveal`` (the survivors' round keys with the dropped nodes). Returns the sum
+    over the nodes whose vector arrived, those node ids, and a report per exchange. If a survivor
+    fails to reveal, its own vector cannot be unmasked and the phase raises.
     """
+    if protocol == "shamir":
+        return shamir_sum(grid, node_ids, message_type, content, timeout, phase, round_, threshold)
+    if protocol != "pairwise":
+        raise ValueError(f"{phase}: unknown secure-aggregation protocol {protocol!r}")
     reports: list[PhaseReport] = []
     round_tag = os.urandom(16)  # names the session: a node keeps its key for this tag only
     ask_keys = to_record_dict(encode_session(round_tag))
@@ -220,17 +249,44 @@ def secure_sum(
     )
     reports.append(rep)
     public = {n: decode_public_key(from_record_dict(r.content)) for n, r in replies.items()}
-    cohort = sorted(public)
-    if len(cohort) < 2:
-        reasons = "; ".join(sorted(set(rep.failed.values())))
-        raise RuntimeError(
-            f"{phase}: secure aggregation needs at least 2 nodes, got {len(cohort)}"
-            + (f" ({reasons})" if reasons else "")
-        )
+    cohort = _cohort(public, rep, phase)
     down = RecordDict({name: rec for name, rec in content.items()})
     down["secagg"] = ConfigRecord(encode_peer_keys(public, round_tag))
     replies, rep = exchange(grid, cohort, message_type, down, timeout, phase, round_)
     reports.append(rep)
+    masked, length = _masked_uploads(replies, rep, public, phase)
+    dropped = [n for n in cohort if n not in masked]
+    revealed: dict[int, dict[int, bytes]] = {}
+    if dropped:
+        ask = RecordDict({"secagg": ConfigRecord(encode_peer_keys(public, round_tag, dropped))})
+        replies, rep = exchange(
+            grid, sorted(masked), "query.reveal", ask, timeout, f"{phase}/reveal", round_
+        )
+        reports.append(rep)
+        revealed = {n: decode_revealed(from_record_dict(r.content)) for n, r in replies.items()}
+    total = SecAggServer().unmask_sum(masked, cohort, revealed, length, FixedPoint())
+    return total, sorted(masked), reports
+
+
+def _reasons(rep: PhaseReport) -> str:
+    reasons = "; ".join(sorted(set(rep.failed.values())))
+    return f" ({reasons})" if reasons else ""
+
+
+def _cohort(public: dict[int, bytes], rep: PhaseReport, phase: str) -> list[int]:
+    """The nodes whose public keys arrived (at least 2)."""
+    if len(public) < 2:
+        raise RuntimeError(
+            f"{phase}: secure aggregation needs at least 2 nodes, got {len(public)}" + _reasons(rep)
+        )
+    return sorted(public)
+
+
+def _masked_uploads(
+    replies: dict[int, Message], rep: PhaseReport, public: dict[int, bytes], phase: str
+) -> tuple[dict[int, np.ndarray], int]:
+    """The masked uploads masked under the session's keys (others are dropouts) and their
+    common length; at least 2 of them."""
     masked = {}
     for n, r in replies.items():
         up = from_record_dict(r.content)
@@ -240,8 +296,7 @@ def secure_sum(
             continue
         masked[n] = decode_masked(up)
     if not masked:
-        reasons = "; ".join(sorted(set(rep.failed.values())))
-        raise RuntimeError(f"{phase}: no node sent its masked vector ({reasons})")
+        raise RuntimeError(f"{phase}: no node sent its masked vector{_reasons(rep)}")
     if len(masked) < 2:
         # unmasking one survivor's upload would hand the server that node's own vector
         raise RuntimeError(
@@ -254,15 +309,75 @@ def secure_sum(
             f"{phase}: nodes sent vectors of different lengths {lengths} (do they load the same "
             "dataset and agree on num-partitions?)"
         )
-    length = next(iter(lengths.values()))
-    dropped = [n for n in cohort if n not in masked]
-    revealed: dict[int, dict[int, bytes]] = {}
-    if dropped:
-        ask = RecordDict({"secagg": ConfigRecord(encode_peer_keys(public, round_tag, dropped))})
-        replies, rep = exchange(
-            grid, sorted(masked), "query.reveal", ask, timeout, f"{phase}/reveal", round_
+    return masked, next(iter(lengths.values()))
+
+
+def _enough(left: int, t: int, n: int, rep: PhaseReport, phase: str, step: str) -> None:
+    if left < t:
+        raise RuntimeError(
+            f"{phase}: secure aggregation (shamir) has {left} of {n} nodes left after {step}, "
+            f"fewer than the threshold t={t}{_reasons(rep)}"
         )
-        reports.append(rep)
-        revealed = {n: decode_revealed(from_record_dict(r.content)) for n, r in replies.items()}
-    total = SecAggServer().unmask_sum(masked, cohort, revealed, length, FixedPoint())
-    return total, sorted(masked), reports
+
+
+def shamir_sum(
+    grid: Grid,
+    node_ids: list[int],
+    message_type: str,
+    content: RecordDict,
+    timeout: float,
+    phase: str,
+    round_: int = 0,
+    threshold: float = 0.67,
+) -> tuple[np.ndarray, list[int], list[PhaseReport]]:
+    """Sum of one vector per node by double masking with Shamir shares (``peel_fed.secagg_shamir``).
+
+    Four exchanges, always: ``query.keys`` (the session; 64 B of public keys up), ``query.shares``
+    (the cohort's keys and ``t`` down, a share ciphertext per peer up, relayed by the server),
+    ``message_type`` (``content`` with the node's inbox of ciphertexts down, the masked vector up)
+    and ``query.reveal`` (survivors and dropped down, shares up). A node failing at any step is a
+    dropout; fewer than ``t`` nodes left at any step raises. Returns the sum over the nodes whose
+    upload was accepted, those node ids, and a report per exchange.
+    """
+    reports: list[PhaseReport] = []
+    round_tag = os.urandom(16)
+    ask = to_record_dict(encode_session(round_tag, "shamir"))
+    replies, rep = exchange(grid, node_ids, "query.keys", ask, timeout, f"{phase}/keys", round_)
+    reports.append(rep)
+    public = {n: decode_public_key(from_record_dict(r.content)) for n, r in replies.items()}
+    n = len(_cohort(public, rep, phase))
+    t = shamir_threshold(threshold, n)
+    ask = to_record_dict(encode_share_request(public, round_tag, t))
+    replies, rep = exchange(
+        grid, sorted(public), "query.shares", ask, timeout, f"{phase}/shares", round_
+    )
+    reports.append(rep)
+    outgoing = {
+        s: decode_share_ciphertexts(from_record_dict(r.content)) for s, r in replies.items()
+    }
+    shared = sorted(outgoing)
+    _enough(len(shared), t, n, rep, phase, "query.shares")
+    inbox = relay(outgoing)
+    downs = {}
+    for node in shared:
+        downs[node] = RecordDict({name: rec for name, rec in content.items()})
+        downs[node]["secagg"] = ConfigRecord(encode_inbox(inbox.get(node, {}), round_tag))
+    replies, rep = exchange(grid, shared, message_type, downs, timeout, phase, round_)
+    reports.append(rep)
+    masked, length = _masked_uploads(replies, rep, public, phase)
+    _enough(len(masked), t, n, rep, phase, message_type)
+    survivors, dropped = unmask_request(shared, masked)
+    ask = RecordDict({"secagg": ConfigRecord(encode_unmask_request(round_tag, survivors, dropped))})
+    replies, rep = exchange(
+        grid, survivors, "query.reveal", ask, timeout, f"{phase}/reveal", round_
+    )
+    reports.append(rep)
+    reveals = {
+        r: Reveal(*decode_shares_revealed(from_record_dict(m.content))) for r, m in replies.items()
+    }
+    _enough(len(reveals), t, n, rep, phase, "query.reveal")
+    try:
+        total = ShamirSecAggServer(t).unmask_sum(masked, reveals, public, shared, round_tag, length)
+    except ValueError as exc:
+        raise RuntimeError(f"{phase}: {exc}") from None
+    return total, survivors, reports

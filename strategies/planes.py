@@ -12,7 +12,6 @@ from peel_fed.console import log
 from peel_fed.fedplanes import PlaneOrders, PlaneStats, plane_orders
 from peel_fed.messages import encode_centroids
 from strategies.base import PhaseStrategy
-from strategies.phases import secure_sum
 
 
 class PlanesStrategy(PhaseStrategy):
@@ -37,7 +36,7 @@ class PlanesStrategy(PhaseStrategy):
         item_table: np.ndarray,
         item_groups: np.ndarray,
     ) -> PlaneOrders:
-        total, contributed, reports = secure_sum(
+        total, contributed, reports = self.secure_sum(
             grid,
             nodes,
             "query.planes",

@@ -30,7 +30,7 @@ from peel_fed.messages import (
 from peel_fed.privacy import noised
 from strategies.base import PhaseStrategy, node_sample, reply_contents, upload_users
 from strategies.log import PhaseLog
-from strategies.phases import exchange, secure_sum
+from strategies.phases import exchange
 from strategies.stats import StatsResult
 
 
@@ -112,12 +112,12 @@ class PretrainStrategy(PhaseStrategy):
         that union; the server only ever sees sums over the nodes."""
         timeout = self.cfg.round_timeout_s
         phase = "pretrain" if has_grad else "pretrain/init"
-        total, counted, reports = secure_sum(
+        total, counted, reports = self.secure_sum(
             grid, nodes, "train.pretrain", content, timeout, phase, round_
         )
         self.log.add(reports)
         first, down = self.configure_rows(total)
-        values, _, reports = secure_sum(
+        values, _, reports = self.secure_sum(
             grid, counted, "train.rows", down, timeout, f"{phase}/rows", round_
         )
         self.log.add(reports)

@@ -27,7 +27,7 @@ from peel_fed.messages import (
 from peel_fed.own_budget import own_budget_rows
 from strategies.base import PhaseStrategy
 from strategies.grouping import GroupingResult
-from strategies.phases import exchange, secure_sum
+from strategies.phases import exchange
 from strategies.stats import StatsResult
 
 
@@ -119,7 +119,7 @@ class ServeStrategy(PhaseStrategy):
         """``evaluate.served``: the drill's sums, ranked with the units each node holds (when
         the method comparison does not carry them); the sum and the nodes in it."""
         spec = to_record_dict(encode_serve_offer(self.offer([], planes, stats)))
-        total, contributed, reports = secure_sum(
+        total, contributed, reports = self.secure_sum(
             grid, nodes, "evaluate.served", spec, self.cfg.evaluate_timeout_s, "serve/evaluate"
         )
         self.log.add(reports)

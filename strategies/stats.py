@@ -14,7 +14,6 @@ from peel_fed.console import log
 from peel_fed.messages import data_content, decode_stats
 from peel_fed.own_budget import drill_cut
 from strategies.base import PhaseStrategy
-from strategies.phases import secure_sum
 
 
 @dataclass
@@ -76,11 +75,12 @@ class StatsStrategy(PhaseStrategy):
         return StatsResult(sums.train, sums.fit, sums.users, n_items, layout, budget_bytes)
 
     def run(self, grid: Grid, nodes: list[int]) -> StatsResult:
-        total, contributed, reports = secure_sum(
+        total, contributed, reports = self.secure_sum(
             grid, nodes, "query.stats", self.configure(), self.cfg.round_timeout_s, "stats"
         )
         self.log.add(reports)
-        failed = sorted({n for r in reports for n in r.failed})
+        # nodes whose counts are missing (with Shamir, one failing after its upload is counted)
+        failed = sorted(set(nodes) - set(contributed))
         result = self.aggregate(total, len(failed))
         log(
             f"stats (secure aggregation): {len(contributed)}/{len(nodes)} nodes, "

@@ -79,17 +79,26 @@ def run(monkeypatch):
     return go
 
 
-def test_secure_rows_leak_nothing_the_audit_can_find(run):
-    uploads = run(secure_rows=True)
+@pytest.mark.parametrize("secagg", ["pairwise", "shamir"])
+def test_secure_rows_leak_nothing_the_audit_can_find(run, secagg):
+    uploads = run(secure_rows=True, secagg=secagg)
     assert sum(c.arrays.get("secagg") is not None for _, c, _ in uploads) >= 20
+    assert (secagg == "shamir") == any(kind == "query.shares" for kind, _, _ in uploads)
     assert audit(uploads) == []
 
 
-def test_a_planted_leak_masking_disabled_fails_the_audit(run, monkeypatch):
-    import peel_fed.secagg as secagg
+@pytest.mark.parametrize("secagg", ["pairwise", "shamir"])
+def test_a_planted_leak_masking_disabled_fails_the_audit(run, monkeypatch, secagg):
+    import peel_fed.secagg as pairwise
+    import peel_fed.secagg_shamir as shamir
 
-    monkeypatch.setattr(secagg, "mask_vector", lambda seed, tag, n: np.zeros(n, dtype=np.uint64))
-    found = audit(run(secure_rows=True))
+    def no_mask(seed, tag, n):
+        return np.zeros(n, dtype=np.uint64)
+
+    # every mask of both protocols (Shamir's self-masks and pairwise masks) comes from here
+    monkeypatch.setattr(pairwise, "mask_vector", no_mask)
+    monkeypatch.setattr(shamir, "mask_vector", no_mask)
+    found = audit(run(secure_rows=True, secagg=secagg))
     assert any("query.stats" in f and "item counts" in f for f in found)
     assert any("train.rows" in f and "plain values" in f for f in found)
 

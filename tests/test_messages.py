@@ -25,6 +25,7 @@ from peel_fed.messages import (
     decode_device_update,
     decode_evaluate_down,
     decode_group_counts,
+    decode_inbox,
     decode_kmeans_sums,
     decode_masked,
     decode_masked_key,
@@ -37,13 +38,19 @@ from peel_fed.messages import (
     decode_pretrain_down,
     decode_pretrain_row_counts,
     decode_pretrain_rows,
+    decode_protocol,
     decode_revealed,
     decode_session,
+    decode_share_ciphertexts,
+    decode_share_request,
+    decode_shares_revealed,
     decode_stats,
+    decode_unmask_request,
     encode_contribution,
     encode_device_update,
     encode_evaluate_down,
     encode_group_counts,
+    encode_inbox,
     encode_kmeans_sums,
     encode_masked,
     encode_pee_down,
@@ -57,7 +64,11 @@ from peel_fed.messages import (
     encode_pretrain_rows,
     encode_revealed,
     encode_session,
+    encode_share_ciphertexts,
+    encode_share_request,
+    encode_shares_revealed,
     encode_stats,
+    encode_unmask_request,
     pee_row_unions,
 )
 from peel_fed.planes import PlaneCode
@@ -128,6 +139,34 @@ def test_secagg_keys_and_reveals_round_trip():
     assert decode_masked(up).tolist() == [1.5, -2.0]
     assert decode_masked_key(up) == b"p" * 32
     assert decode_session(_wire(encode_session(b"t" * 16))) == b"t" * 16
+
+
+def test_shamir_messages_round_trip():
+    big = 2**64 - 3  # Flower node ids are unsigned 64-bit
+    # query.keys names the protocol; a pairwise session reads (and weighs) as before
+    assert decode_protocol(_wire(encode_session(b"t" * 16))) == "pairwise"
+    assert encode_session(b"t" * 16).configs == {"secagg": {"round-tag": b"t" * 16}}
+    session = _wire(encode_session(b"t" * 16, "shamir"))
+    assert decode_session(session) == b"t" * 16 and decode_protocol(session) == "shamir"
+    # query.shares down: the cohort's 64 B public keys and t
+    ask = _wire(encode_share_request({7: b"a" * 64, big: b"b" * 64}, b"t" * 16, 2))
+    assert decode_share_request(ask) == ({7: b"a" * 64, big: b"b" * 64}, b"t" * 16, 2)
+    assert decode_protocol(ask) == "shamir"
+    # ... and a ciphertext per peer up
+    cts = {7: b"c" * 132, big: b"d" * 132}
+    assert decode_share_ciphertexts(_wire(encode_share_ciphertexts(cts))) == cts
+    # the phase's secagg record: this node's inbox
+    inbox = _wire(Content(configs={"secagg": encode_inbox(cts, b"t" * 16)}))
+    assert decode_inbox(inbox) == (cts, b"t" * 16) and decode_protocol(inbox) == "shamir"
+    # query.reveal down (an empty dropped list survives the records) and the shares up
+    for dropped in ([big], []):
+        rec = encode_unmask_request(b"t" * 16, [7, 9], dropped)
+        got = decode_unmask_request(_wire(Content(configs={"secagg": rec})))
+        assert got == (b"t" * 16, [7, 9], dropped)
+    b_shares, s_shares = {7: b"x" * 52, 9: b"y" * 52}, {big: b"z" * 52}
+    up = _wire(encode_shares_revealed(b_shares, s_shares))
+    assert decode_shares_revealed(up) == (b_shares, s_shares)
+    assert decode_shares_revealed(_wire(encode_shares_revealed({}, {}))) == ({}, {})
 
 
 def _pretrain_down() -> PretrainDown:
