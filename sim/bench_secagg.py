@@ -138,7 +138,8 @@ def default_threshold(n: int, fraction: float) -> int:
     return min(n, max(math.ceil(fraction * n - 1e-9), n // 2 + 1))
 
 
-def _size(b: float) -> str:
+def human_bytes(b: float) -> str:
+    """``b`` bytes as B, KiB or MiB, for the tables."""
     for unit, scale in (("MiB", 2**20), ("KiB", 2**10)):
         if b >= scale:
             return f"{b / scale:.1f} {unit}"
@@ -163,8 +164,8 @@ def markdown(report: dict, command: str) -> str:
     for r in report["rows"]:
         lines.append(
             f"| {r['protocol']} | {r['clients']} | {r['threshold'] or '-'} | {r['dropped']} | "
-            f"{_size(r['client_up_bytes'])} | {_size(r['client_down_bytes'])} | "
-            f"{_size(r['server_bytes'])} | {r['client_s']:.3f} | {r['server_s']:.3f} | "
+            f"{human_bytes(r['client_up_bytes'])} | {human_bytes(r['client_down_bytes'])} | "
+            f"{human_bytes(r['server_bytes'])} | {r['client_s']:.3f} | {r['server_s']:.3f} | "
             f"{r['max_abs_error']:.1e} |"
         )
     return "\n".join(lines) + "\n"

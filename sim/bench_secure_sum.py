@@ -35,6 +35,7 @@ from clients.client_app import make_client_app, masked_reply
 from clients.records import from_record_dict, to_record_dict
 from peel_fed.atomic import write_report
 from peel_fed.messages import Content
+from sim.bench_secagg import human_bytes
 from strategies.phases import secure_sum, shamir_threshold
 
 PROTOCOLS = ("pairwise", "shamir")
@@ -111,13 +112,6 @@ def one_round(n: int, drop: set[int], protocol: str, length: int, threshold: flo
     }
 
 
-def _size(b: float) -> str:
-    for unit, scale in (("MiB", 2**20), ("KiB", 2**10)):
-        if b >= scale:
-            return f"{b / scale:.1f} {unit}"
-    return f"{b:.0f} B"
-
-
 def markdown(report: dict, command: str) -> str:
     a = report["args"]
     lines = [
@@ -138,8 +132,8 @@ def markdown(report: dict, command: str) -> str:
     for r in report["rows"]:
         lines.append(
             f"| {r['protocol']} | {r['nodes']} | {r['threshold'] or '-'} | {r['dropped']} | "
-            f"{r['exchanges']} | {_size(r['down_bytes_per_node'])} | "
-            f"{_size(r['up_bytes_per_node'])} | {r['wall_s']:.3f} | {r['server_s']:.3f} | "
+            f"{r['exchanges']} | {human_bytes(r['down_bytes_per_node'])} | "
+            f"{human_bytes(r['up_bytes_per_node'])} | {r['wall_s']:.3f} | {r['server_s']:.3f} | "
             f"{1e3 * (r['wall_s'] - r['server_s']) / r['nodes']:.1f} | "
             f"{r['max_abs_error']:.1e} |"
         )
