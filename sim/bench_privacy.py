@@ -34,7 +34,14 @@ from peel_fed.fedlightgcn import (
 )
 from peel_fed.loading import load_dataset
 from peel_fed.metrics import evaluate_ranking
-from peel_fed.privacy import ACCOUNTANT, DPConfig, dp_event, epsilon, noise_for_epsilon
+from peel_fed.privacy import (
+    ACCOUNTANT,
+    DPConfig,
+    dp_event,
+    epsilon,
+    local_epsilon,
+    noise_for_epsilon,
+)
 from peel_fed.scoring import dot_score_fn
 
 
@@ -53,6 +60,14 @@ def median_upload_norm(ds, cfg, seed: int, sample: int = 500) -> float:
     return float(np.median(norms))
 
 
+def _setting(row: dict) -> str:
+    if row["ldp_noise"]:
+        return f"local DP, noise {row['ldp_noise']:g} x clip"
+    if row["target_epsilon"]:
+        return f"central DP, target epsilon {row['target_epsilon']:g}"
+    return "no DP"
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dataset", default="gowalla")
@@ -60,6 +75,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--passes", type=int, default=FedConfig.pretrain_passes)
     p.add_argument("--epsilons", default="1,4,8", help="comma-separated target epsilons")
     p.add_argument("--decoys", default="", help="comma-separated decoy items per user (no DP)")
+    p.add_argument(
+        "--ldp-noises",
+        default="",
+        help="comma-separated local DP noises per uploaded value, in multiples of the clip",
+    )
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--clip", type=float, default=0.0, help="0: the median first-round norm")
     p.add_argument("--seed", type=int, default=0)
@@ -86,12 +106,15 @@ def main(argv: list[str] | None = None) -> dict:
         "accountant": ACCOUNTANT,
         "runs": [],
     }
-    targets = [(None, 0)] + [(float(e), 0) for e in args.epsilons.split(",") if e.strip()]
-    targets += [(None, int(k)) for k in args.decoys.split(",") if k.strip()]
-    for target, decoys in targets:
+    targets = [(None, 0, 0.0)] + [(float(e), 0, 0.0) for e in args.epsilons.split(",") if e.strip()]
+    targets += [(None, int(k), 0.0) for k in args.decoys.split(",") if k.strip()]
+    targets += [(None, 0, float(n)) for n in args.ldp_noises.split(",") if n.strip()]
+    for target, decoys, ldp in targets:
         dp = None
         if target is not None:
             dp = DPConfig(clip, noise_for_epsilon(target, releases, args.delta), args.delta)
+        if ldp:  # clipped on the devices, noised there, no central noise
+            dp = DPConfig(clip, 0.0, args.delta)
         runs = []  # the same seed gives the same model: repeats only time it again
         for _ in range(args.repeats):
             t0 = time.perf_counter()
@@ -100,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
                 ds.n_items,
                 ds.train,
                 ds.item_popularity(),
-                replace(cfg, decoys=decoys),
+                replace(cfg, decoys=decoys, ldp_noise=ldp),
                 args.seed,
                 dp=dp,
             )
@@ -112,7 +135,14 @@ def main(argv: list[str] | None = None) -> dict:
         row = {
             "target_epsilon": target,
             "decoys": decoys,
-            "epsilon": None if dp is None else epsilon(dp.noise_multiplier, releases, args.delta),
+            "ldp_noise": ldp,
+            "epsilon": (
+                local_epsilon(ldp, releases, args.delta)
+                if ldp
+                else None
+                if dp is None
+                else epsilon(dp.noise_multiplier, releases, args.delta)
+            ),
             "noise_multiplier": None if dp is None else dp.noise_multiplier,
             "dp_event": None if dp is None else repr(dp_event(dp.noise_multiplier, releases)),
             "train_seconds": seconds,
@@ -131,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
         + shlex.join(sys.argv[1:] if argv is None else argv)
         + "`.",
         "",
-        "| target epsilon | decoys | epsilon | noise multiplier | Recall@20 | NDCG@20 "
+        "| setting | decoys | epsilon | noise multiplier | Recall@20 | NDCG@20 "
         "| share of no DP | train s (median) | time over no DP |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -139,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
         r["recall_share"] = r["recall@20"] / base["recall@20"]
         r["time_ratio"] = r["train_seconds"] / base["train_seconds"]
         lines.append(
-            f"| {r['target_epsilon'] or 'no DP'} | {r['decoys']} | "
+            f"| {_setting(r)} | {r['decoys']} | "
             + (f"{r['epsilon']:.3f}" if r["epsilon"] is not None else "-")
             + " | "
             + (f"{r['noise_multiplier']:.3f}" if r["noise_multiplier"] is not None else "-")

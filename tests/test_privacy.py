@@ -19,7 +19,7 @@ from peel_fed.fedlightgcn import (
 )
 from peel_fed.messages import decode_device_update, decode_pee_reply
 from peel_fed.metrics import evaluate_ranking
-from peel_fed.privacy import DPConfig, PrivacyError, epsilon, noise_for_epsilon
+from peel_fed.privacy import DPConfig, PrivacyError, epsilon, local_epsilon, noise_for_epsilon
 from peel_fed.scoring import dot_score_fn
 from peel_fed.synthetic import checkerboard
 
@@ -356,14 +356,17 @@ def test_the_privacy_benchmark_writes_its_report(tmp_path):
 
     out = tmp_path / "privacy.json"
     args = ["--dataset", "checkerboard", "--passes", "1", "--epsilons", "8", "--out", str(out)]
-    report = main(args + ["--decoys", "3", "--repeats", "2"])
-    assert [(r["target_epsilon"], r["decoys"]) for r in report["runs"]] == [
-        (None, 0),
-        (8.0, 0),
-        (None, 3),
+    report = main(args + ["--decoys", "3", "--ldp-noises", "3", "--repeats", "2"])
+    assert [(r["target_epsilon"], r["decoys"], r["ldp_noise"]) for r in report["runs"]] == [
+        (None, 0, 0.0),
+        (8.0, 0, 0.0),
+        (None, 3, 0.0),
+        (None, 0, 3.0),
     ]
-    noised = report["runs"][1]
+    noised, local = report["runs"][1], report["runs"][3]
     assert noised["epsilon"] == pytest.approx(8.0, rel=0.01) and noised["epsilon"] <= 8.0
+    assert local["epsilon"] == pytest.approx(local_epsilon(3.0, report["releases"], 1e-5))
+    assert "local DP, noise 3 x clip" in out.with_suffix(".md").read_text()
     assert all(len(r["train_seconds_runs"]) == 2 for r in report["runs"])
     assert out.is_file() and out.with_suffix(".md").is_file()
 
