@@ -372,7 +372,10 @@ def _fed_config(args, num_nodes: int):
         if value is not None:
             overrides[key] = value
     if args.data_dir is not None:
-        overrides["data-dir"] = str(Path(args.data_dir).resolve())
+        overrides["data-dir"] = args.data_dir
+    for key in ("data-dir", "device-state-dir"):  # absolute, as the checkpoint keeps them
+        if overrides.get(key):
+            overrides[key] = str(Path(str(overrides[key])).resolve())
     overrides["out-dir"] = str(Path(args.out).resolve())
     # the devices of a local run keep their state beside the server's checkpoint
     overrides.setdefault("device-state-dir", str(Path(args.out).resolve() / "device-state"))

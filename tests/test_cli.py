@@ -336,3 +336,28 @@ def test_simulate_refuses_a_ray_address_nobody_answers_at(capsys, tmp_path, tiny
     assert rc == 2 and err.startswith(f"peel-fed: error: no Ray cluster answers at {address}")
     rc, err = _simulate(capsys, *args, "head-without-port")
     assert rc == 2 and "--ray-address must be HOST:PORT" in err
+
+
+def test_a_resume_finds_its_checkpoint_with_relative_folders(tmp_path, tiny_dir, monkeypatch):
+    """Folders given relative in --run-config are made absolute, as the checkpoint keeps them,
+    so a resume from another working folder still matches; a missing checkpoint is one line."""
+    import argparse
+
+    from sim.cli import _fed_config
+
+    monkeypatch.chdir(tiny_dir.parent)
+    args = argparse.Namespace(
+        run_config=f"data-dir='{tiny_dir.name}' device-state-dir='state'",
+        dataset=None,
+        seed=None,
+        data_dir=None,
+        out=str(tmp_path / "out"),
+        no_progress=True,
+        resume=False,
+    )
+    cfg = _fed_config(args, 2)
+    assert cfg.data_dir == str(tiny_dir.resolve())
+    assert cfg.device_state_dir == str((tiny_dir.parent / "state").resolve())
+    args.resume = True
+    with pytest.raises(ValueError, match="nothing to resume: no checkpoint.pt in"):
+        _fed_config(args, 2)
