@@ -347,7 +347,10 @@ def test_a_resume_finds_its_checkpoint_with_relative_folders(tmp_path, tiny_dir,
 
     monkeypatch.chdir(tiny_dir.parent)
     args = argparse.Namespace(
-        run_config=f"data-dir='{tiny_dir.name}' device-state-dir='state'",
+        run_config=(
+            f"data-dir='{tiny_dir.name}' device-state-dir='state' num-item-groups=2 "
+            "num-user-groups=2 num-blocks=2 dim=4 budgets='100%' device-budgets='100%'"
+        ),
         dataset=None,
         seed=None,
         data_dir=None,
