@@ -157,7 +157,8 @@ class DeviceStore:
         if self.folder is None or name.endswith("-pending"):
             return
         path = self._path(name)
-        latest = _read(path) if version is not None else None
+        # only the latest's round and run are read: the rest of the file is not needed here
+        latest = _read(path, (VERSION, EPOCH)) if version is not None else None
         if latest is not None and self._usable(name, latest, None):
             same = int(latest[VERSION][0]) == version and int(latest[EPOCH][0]) == int(
                 arrays[EPOCH][0]
@@ -206,11 +207,12 @@ class DeviceStore:
         self.save("group", {"group": groups.astype(np.int64)})
 
 
-def _read(path: Path) -> Arrays | None:
+def _read(path: Path, names: tuple[str, ...] | None = None) -> Arrays | None:
+    """The arrays saved at ``path`` (only ``names``, when given and present), or None."""
     if not path.is_file():
         return None
-    with np.load(path) as npz:
-        return {k: npz[k] for k in npz.files}
+    with np.load(path) as npz:  # an npz member is read only when asked for
+        return {k: npz[k] for k in npz.files if names is None or k in names}
 
 
 def _without_version(arrays: Arrays) -> Arrays:

@@ -30,7 +30,7 @@ from peel_fed.blocks import BudgetError
 from peel_fed.data import Interactions
 from peel_fed.fedeval import metric_sums
 from peel_fed.own_budget import drill_cut
-from peel_fed.plane_store import PlaneStore, PlaneUnit
+from peel_fed.plane_store import PlaneStore, PlaneUnit, unit_payload
 from peel_fed.planes import PlaneCode, planes_at_budget
 
 # the stated overhead of the serving exchanges, per node: 1 B per item of the item-group map,
@@ -73,8 +73,6 @@ def decode_units(index: np.ndarray, payload: np.ndarray) -> list[PlaneUnit]:
 
 def serve_units(code: PlaneCode, item_groups: np.ndarray, wanted: np.ndarray) -> list[PlaneUnit]:
     """The payloads of the ``wanted`` (group, plane) units."""
-    from peel_fed.plane_store import unit_payload
-
     return [unit_payload(code, item_groups, int(g), int(p)) for g, p in wanted.tolist()]
 
 

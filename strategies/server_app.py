@@ -50,14 +50,13 @@ def run_pipeline(grid: Grid, cfg: FedConfig) -> dict:
     log(f"{len(nodes)} nodes connected")
     if resumed_at is not None:
         log(f"resuming job {checkpoint.job} after {resumed_at or 'the start'}")
-    state_dir = cfg.device_state_dir or ""
     data = DataSpec(
         cfg.dataset,
         cfg.data_dir,
         cfg.seed,
         cfg.val_fraction,
         checkpoint.job,
-        state_dir,
+        cfg.device_state_dir,
         checkpoint.resume_points,
     )
     phase_log = checkpoint.get("log") or PhaseLog(cfg, nodes)
