@@ -104,11 +104,10 @@ def run_pipeline(grid: Grid, cfg: FedConfig) -> dict:
     strategy = checkpoint.get("pee") or PEEStrategy(cfg, phase_log, data, stats, items, groups)
     strategy.cfg, strategy.data, strategy.groups = cfg, data, groups
     pee = strategy.run(grid, nodes, lambda at: save(at, pee=strategy))
+    # served again after a resume (node ids are new; a device that kept its units asks for none)
     serving = ServeStrategy(cfg, phase_log, data)
-    served = checkpoint.get("serve")
-    if served is None:
-        served = {"nodes": serving.serve(grid, nodes, groups, planes, stats)}
-        save("serve", serve=served)
+    served = {"nodes": serving.serve(grid, nodes, groups, planes, stats)}
+    save("serve")
     members = sorted(int(n) for n in served["nodes"])
     if cfg.compare_methods:  # the served drill rides in the comparison's secure sum
         evaluation, total = EvaluationStrategy(cfg, phase_log, data).run(

@@ -136,6 +136,8 @@ def test_a_resumed_run_ends_as_an_uninterrupted_one(
         if a["loss"] is not None:
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     assert sorted(resumed["evaluated_nodes"]) == [200, 201, 202]
+    assert sorted(resumed["serve"]["grow_back"]) == sorted(resumed["serve"]["nodes"])
+    assert sorted(resumed["serve"]["nodes"]) == ["200", "201", "202"]
     assert not any(p["failures"] for p in resumed["phases"])
     part = resumed["participation"]
     assert part["late"] == {} and set(part["gone"]) == {"100", "101", "102"}
