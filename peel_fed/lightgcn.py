@@ -22,6 +22,8 @@ from peel_fed.data import Interactions
 from peel_fed.scoring import bpr_loss, pair_scores
 
 LOSSES = ("bpr", "softmax")
+NEGATIVE_SAMPLING = ("uniform", "dns")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -44,6 +46,14 @@ class LightGCNConfig:
     converges in far fewer epochs than BPR (see ``sim/bench_lightgcn.py``). The model then scores
     by cosine, so :meth:`LightGCN.final_embeddings` returns unit-norm rows: a dot product on the
     exported tables is the score the loss trained.
+
+    ``negative_sampling="dns"`` (BPR only) is dynamic negative sampling (Zhang et al., "Optimizing
+    Top-N Collaborative Filtering via Dynamic Negative Item Sampling", SIGIR 2013): each positive
+    draws ``dns_candidates`` items (one guaranteed negative from the uniform sampler, the rest
+    uniform with the user's known positives masked out) and trains on the one the current model
+    scores highest. ``lr_schedule="cosine"`` decays the learning rate from ``lr`` to 0 along a
+    half cosine over the ``epochs`` (per step). Together they reach a much higher Recall@20 in
+    far less time than uniform BPR at a constant rate (measured in ``sim/bench_lightgcn.py``).
     """
 
     dim: int = 64
@@ -59,8 +69,24 @@ class LightGCNConfig:
     loss: str = "bpr"
     negatives: int = 1024
     temperature: float = 0.2
+    negative_sampling: str = "uniform"
+    dns_candidates: int = 16
+    lr_schedule: str = "constant"
 
     def __post_init__(self) -> None:
+        if self.negative_sampling not in NEGATIVE_SAMPLING:
+            raise ValueError(
+                f"negative sampling must be one of {', '.join(NEGATIVE_SAMPLING)}, "
+                f"got {self.negative_sampling!r}"
+            )
+        if self.negative_sampling == "dns" and self.loss != "bpr":
+            raise ValueError("negative sampling dns needs the bpr loss")
+        if self.dns_candidates < 1:
+            raise ValueError(f"dns candidates must be >= 1, got {self.dns_candidates}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"lr schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"
+            )
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.negatives <= 0 or self.temperature <= 0:
@@ -159,7 +185,11 @@ class LightGCN(nn.Module):
         return out[: self.n_users], out[self.n_users :]
 
     def loss(
-        self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor
+        self,
+        users: torch.Tensor,
+        pos: torch.Tensor,
+        neg: torch.Tensor,
+        finals: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """The ranking loss + L2 on the batch's layer-0 embeddings (+ optional diversity term).
 
@@ -169,9 +199,11 @@ class LightGCN(nn.Module):
         the prefixes ``cfg.prefix_dims`` of the loss on the final embeddings' leading ``[:d]``
         columns (for the softmax, of the unit-norm rows, so a prefix scores as a cut of the
         exported table). The mean (not the sum of Kusupati et al.) keeps the term on the plain
-        loss's scale, so the L2 and diversity weights keep their meaning.
+        loss's scale, so the L2 and diversity weights keep their meaning. ``finals`` passes the
+        step's :meth:`propagated` tables when the caller has computed them already (DNS scores
+        its candidates with them), so the graph is propagated once per step.
         """
-        user_final, item_final = self.propagated()
+        user_final, item_final = self.propagated() if finals is None else finals
         u, p, n = user_final[users], item_final[pos], item_final[neg]
         dims = self.cfg.prefix_dims
         if self.cfg.loss == "softmax":
@@ -240,6 +272,46 @@ class NegativeSampler:
         return neg
 
 
+def hardest_negatives(
+    user_final: torch.Tensor,
+    item_final: torch.Tensor,
+    users: torch.Tensor,
+    candidates: torch.Tensor,
+    known: torch.Tensor,
+) -> torch.Tensor:
+    """DNS: for each row, the candidate item the current model scores highest for its user.
+
+    ``candidates`` is (batch, M) item ids, ``known`` the (batch, M) mask of the user's own
+    positives, which are never chosen; column 0 must be a true negative, so every row has one.
+    Scores use the detached final tables (the choice is not differentiated).
+    """
+    with torch.no_grad():
+        u = user_final.detach()[users]
+        cand = item_final.detach()[candidates]
+        scores = torch.einsum("bd,bmd->bm", u, cand)
+        scores = scores.masked_fill(known, float("-inf"))
+        best = scores.argmax(dim=1)
+    return candidates.gather(1, best[:, None]).squeeze(1)
+
+
+def dns_candidates(
+    users: np.ndarray,
+    first_negative: np.ndarray,
+    sampler: NegativeSampler,
+    m: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(batch, m) candidate items and their known-positive mask: column 0 is ``first_negative``
+    (a sampled true negative), the other ``m - 1`` columns are uniform items."""
+    cand = np.empty((users.shape[0], m), dtype=np.int64)
+    cand[:, 0] = first_negative
+    if m > 1:
+        cand[:, 1:] = rng.integers(0, sampler.n_items, size=(users.shape[0], m - 1))
+    known = sampler.is_known(np.repeat(users, m), cand.reshape(-1)).reshape(cand.shape)
+    known[:, 0] = False
+    return cand, known
+
+
 def sampled_softmax_loss(
     users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, temperature: float
 ) -> torch.Tensor:
@@ -279,6 +351,11 @@ def bpr_batches(
         )
 
 
+def cosine_lr(base: float, step: int, total_steps: int) -> float:
+    """Half-cosine decay from ``base`` at step 0 towards 0 at ``total_steps``."""
+    return 0.5 * base * (1.0 + float(np.cos(np.pi * min(step, total_steps) / total_steps)))
+
+
 @dataclass
 class EpochLog:
     epoch: int
@@ -308,17 +385,34 @@ def train_lightgcn(
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sampler = NegativeSampler(edges, n_items)
     n_batches = (len(edges) + cfg.batch_size - 1) // cfg.batch_size
+    total_steps, step = max(cfg.epochs * n_batches, 1), 0
     bar = progress_bar(total=cfg.epochs * n_batches, desc="pretrain LightGCN", enabled=progress)
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         total, count = 0.0, 0
         shared = cfg.negatives if cfg.loss == "softmax" else 0
         for users, pos, neg in bpr_batches(edges, sampler, cfg.batch_size, rng, shared):
+            finals = None
+            if cfg.negative_sampling == "dns":
+                cand, known = dns_candidates(
+                    users.numpy(), neg.numpy(), sampler, cfg.dns_candidates, rng
+                )
+                finals = model.propagated()
+                neg = hardest_negatives(
+                    *finals,
+                    users.to(device),
+                    torch.from_numpy(cand).to(device),
+                    torch.from_numpy(known).to(device),
+                )
             users, pos, neg = users.to(device), pos.to(device), neg.to(device)
+            if cfg.lr_schedule == "cosine":
+                for group in opt.param_groups:
+                    group["lr"] = cosine_lr(cfg.lr, step, total_steps)
             opt.zero_grad(set_to_none=True)
-            loss, _ = model.loss(users, pos, neg)
+            loss, _ = model.loss(users, pos, neg, finals)
             loss.backward()
             opt.step()
+            step += 1
             total += float(loss.detach()) * users.shape[0]
             count += users.shape[0]
             bar.update(1)

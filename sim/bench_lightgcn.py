@@ -18,7 +18,15 @@ import time
 import torch
 
 from peel_fed.atomic import write_json_atomic
-from peel_fed.lightgcn import LOSSES, EpochLog, LightGCN, LightGCNConfig, train_lightgcn
+from peel_fed.lightgcn import (
+    LOSSES,
+    LR_SCHEDULES,
+    NEGATIVE_SAMPLING,
+    EpochLog,
+    LightGCN,
+    LightGCNConfig,
+    train_lightgcn,
+)
 from peel_fed.loading import load_dataset
 from peel_fed.metrics import evaluate_ranking
 from peel_fed.scoring import dot_score_fn
@@ -44,6 +52,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--loss", choices=LOSSES, default=LightGCNConfig.loss)
     p.add_argument("--negatives", type=int, default=LightGCNConfig.negatives)
     p.add_argument("--temperature", type=float, default=LightGCNConfig.temperature)
+    p.add_argument(
+        "--negative-sampling", choices=NEGATIVE_SAMPLING, default=LightGCNConfig.negative_sampling
+    )
+    p.add_argument("--dns-candidates", type=int, default=LightGCNConfig.dns_candidates)
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=LightGCNConfig.lr_schedule)
     p.add_argument("--dim", type=int, default=LightGCNConfig.dim)
     p.add_argument("--layers", type=int, default=LightGCNConfig.layers)
     p.add_argument("--eval-every", type=int, default=5)
@@ -67,6 +80,9 @@ def main(argv: list[str] | None = None) -> dict:
         loss=args.loss,
         negatives=args.negatives,
         temperature=args.temperature,
+        negative_sampling=args.negative_sampling,
+        dns_candidates=args.dns_candidates,
+        lr_schedule=args.lr_schedule,
     )
     report: dict = {
         "dataset": ds.name,
