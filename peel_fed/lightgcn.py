@@ -24,6 +24,7 @@ from peel_fed.scoring import bpr_loss, pair_scores
 LOSSES = ("bpr", "softmax")
 NEGATIVE_SAMPLING = ("uniform", "dns")
 LR_SCHEDULES = ("constant", "cosine")
+DNS_CHUNK = 256  # rows of a batch that share their DNS candidates (see dns_negatives)
 
 
 @dataclass
@@ -50,9 +51,10 @@ class LightGCNConfig:
     ``negative_sampling="dns"`` (BPR only) is dynamic negative sampling (Zhang et al., "Optimizing
     Top-N Collaborative Filtering via Dynamic Negative Item Sampling", SIGIR 2013): each positive
     draws ``dns_candidates`` items (one guaranteed negative from the uniform sampler, the rest
-    uniform with the user's known positives masked out) and trains on the one the current model
-    scores highest. ``lr_schedule="cosine"`` decays the learning rate from ``lr`` to 0 along a
-    half cosine over the ``epochs`` (per step). Together they reach a much higher Recall@20 in
+    uniform items shared by ``DNS_CHUNK`` rows of the shuffled batch) and trains on the one the
+    current model scores highest among those that are not the user's positives.
+    ``lr_schedule="cosine"`` decays the learning rate from ``lr`` to 0 along a half cosine over
+    the ``epochs`` (per step). Together they reach a much higher Recall@20 in
     far less time than uniform BPR at a constant rate (measured in ``sim/bench_lightgcn.py``).
     """
 
@@ -272,44 +274,51 @@ class NegativeSampler:
         return neg
 
 
-def hardest_negatives(
+def dns_negatives(
     user_final: torch.Tensor,
     item_final: torch.Tensor,
-    users: torch.Tensor,
-    candidates: torch.Tensor,
-    known: torch.Tensor,
-) -> torch.Tensor:
-    """DNS: for each row, the candidate item the current model scores highest for its user.
-
-    ``candidates`` is (batch, M) item ids, ``known`` the (batch, M) mask of the user's own
-    positives, which are never chosen; column 0 must be a true negative, so every row has one.
-    Scores use the detached final tables (the choice is not differentiated).
-    """
-    with torch.no_grad():
-        u = user_final.detach()[users]
-        cand = item_final.detach()[candidates]
-        scores = torch.einsum("bd,bmd->bm", u, cand)
-        scores = scores.masked_fill(known, float("-inf"))
-        best = scores.argmax(dim=1)
-    return candidates.gather(1, best[:, None]).squeeze(1)
-
-
-def dns_candidates(
     users: np.ndarray,
     first_negative: np.ndarray,
+    shared: np.ndarray,
     sampler: NegativeSampler,
-    m: int,
-    rng: np.random.Generator,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(batch, m) candidate items and their known-positive mask: column 0 is ``first_negative``
-    (a sampled true negative), the other ``m - 1`` columns are uniform items."""
-    cand = np.empty((users.shape[0], m), dtype=np.int64)
-    cand[:, 0] = first_negative
-    if m > 1:
-        cand[:, 1:] = rng.integers(0, sampler.n_items, size=(users.shape[0], m - 1))
-    known = sampler.is_known(np.repeat(users, m), cand.reshape(-1)).reshape(cand.shape)
-    known[:, 0] = False
-    return cand, known
+    chunk: int,
+) -> np.ndarray:
+    """DNS: for each row, the candidate item the current model scores highest for its user,
+    never one of the user's own positives.
+
+    Row ``r``'s candidates are ``first_negative[r]`` (a sampled true negative, so every row has
+    one) and the items ``shared[r // chunk]``, which the ``chunk`` consecutive rows of a
+    (shuffled) batch share: their scores are one small matrix product per chunk instead of a
+    gather of batch x M rows, which costs 100x more on CPU. Each row's candidates are still
+    uniform items. A top-scored known positive is masked and the next best taken, until no row's
+    pick is a positive. Scores use the detached final tables (the choice is not differentiated).
+    """
+    n_rows, n_chunks = users.shape[0], shared.shape[0]
+    if n_chunks * chunk < n_rows:
+        raise ValueError(f"{n_chunks} chunks of {chunk} rows do not cover {n_rows} rows")
+    if shared.shape[1] == 0:
+        return first_negative
+    with torch.no_grad():
+        dev = user_final.device
+        u = user_final.detach()[torch.from_numpy(users).to(dev)]
+        first = item_final.detach()[torch.from_numpy(first_negative).to(dev)]
+        padded = u.new_zeros((n_chunks * chunk, u.shape[1]))
+        padded[:n_rows] = u
+        cand = item_final.detach()[torch.from_numpy(shared).to(dev)]
+        by_chunk = torch.bmm(padded.view(n_chunks, chunk, -1), cand.transpose(1, 2))
+        scores = torch.cat(
+            [(u * first).sum(-1, keepdim=True), by_chunk.reshape(n_chunks * chunk, -1)[:n_rows]],
+            dim=1,
+        )
+        rows = np.arange(n_rows)
+        chunk_of = rows // chunk
+        while True:
+            best = scores.argmax(dim=1).cpu().numpy()
+            chosen = np.where(best == 0, first_negative, shared[chunk_of, np.maximum(best, 1) - 1])
+            bad = np.flatnonzero((best > 0) & sampler.is_known(users, chosen))
+            if bad.size == 0:
+                return chosen
+            scores[torch.from_numpy(bad).to(dev), torch.from_numpy(best[bad]).to(dev)] = -np.inf
 
 
 def sampled_softmax_loss(
@@ -394,15 +403,11 @@ def train_lightgcn(
         for users, pos, neg in bpr_batches(edges, sampler, cfg.batch_size, rng, shared):
             finals = None
             if cfg.negative_sampling == "dns":
-                cand, known = dns_candidates(
-                    users.numpy(), neg.numpy(), sampler, cfg.dns_candidates, rng
-                )
                 finals = model.propagated()
-                neg = hardest_negatives(
-                    *finals,
-                    users.to(device),
-                    torch.from_numpy(cand).to(device),
-                    torch.from_numpy(known).to(device),
+                n_chunks = -(-users.shape[0] // DNS_CHUNK)
+                shared = rng.integers(0, n_items, size=(n_chunks, cfg.dns_candidates - 1))
+                neg = torch.from_numpy(
+                    dns_negatives(*finals, users.numpy(), neg.numpy(), shared, sampler, DNS_CHUNK)
                 )
             users, pos, neg = users.to(device), pos.to(device), neg.to(device)
             if cfg.lr_schedule == "cosine":

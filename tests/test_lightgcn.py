@@ -272,34 +272,35 @@ def test_pretrain_cache_key_keeps_bpr_keys_and_separates_softmax():
     assert softmax != key(loss="softmax", negatives=7)
 
 
-def test_hardest_negative_is_the_top_scored_unmasked_candidate():
-    """Hand scores: user 0 = (1, 0), user 1 = (0, 1); items 0..3 = (3,0), (0,3), (1,1), (2,2).
-    User 0's candidates [2, 0, 3] score [1, 3, 2] but item 0 is masked (a known positive), so
-    item 3 wins; user 1's [2, 1, 0] score [1, 3, 0] and nothing is masked, so item 1 wins."""
-    from peel_fed.lightgcn import hardest_negatives
+def test_dns_negative_is_the_top_scored_candidate_that_is_not_a_positive():
+    """Hand scores, chunks of 2 rows: users 0 = (1, 0), 1 = (0, 1); items 0..3 = (3, 0), (0, 3),
+    (1, 1), (2, 2). Rows (user, first negative): (0, 2), (1, 2), (0, 2). Rows 0-1 share the
+    candidates [0, 3], row 2 has [1, 3]. User 0 likes item 0: row 0 scores [1, 3, 2], masks its
+    positive 0 and takes item 3; row 1 scores [1, 0, 2] and takes 3; row 2 scores [1, 0, 2] and
+    takes 3. With only the first negative, every row takes it."""
+    from peel_fed.lightgcn import dns_negatives
 
     user_final = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     item_final = torch.tensor([[3.0, 0.0], [0.0, 3.0], [1.0, 1.0], [2.0, 2.0]])
-    cand = torch.tensor([[2, 0, 3], [2, 1, 0]])
-    known = torch.tensor([[False, True, False], [False, False, False]])
-    neg = hardest_negatives(user_final, item_final, torch.tensor([0, 1]), cand, known)
-    assert neg.tolist() == [3, 1]
-
-
-def test_dns_candidates_keep_the_sampled_negative_first_and_mask_positives():
-    from peel_fed.lightgcn import dns_candidates
-
-    ds = from_pairs("tiny", N_USERS, N_ITEMS, np.array(EDGES), np.zeros((0, 2)))
-    sampler = NegativeSampler(ds.train, N_ITEMS)
-    users = np.repeat(np.arange(N_USERS), 50)
-    first = sampler.sample(users, np.random.default_rng(0))
-    cand, known = dns_candidates(users, first, sampler, 6, np.random.default_rng(1))
-    assert cand.shape == known.shape == (users.size, 6)
-    np.testing.assert_array_equal(cand[:, 0], first)
-    liked = np.zeros((N_USERS, N_ITEMS), dtype=bool)
-    liked[tuple(np.array(EDGES).T)] = True
-    np.testing.assert_array_equal(known, liked[users[:, None], cand])
-    assert known[:, 1:].any() and not known[:, 0].any()
+    known = from_pairs("k", 2, 4, np.array([(0, 0), (1, 1)]), np.zeros((0, 2))).train
+    sampler = NegativeSampler(known, 4)
+    users, first = np.array([0, 1, 0]), np.array([2, 2, 2])
+    shared = np.array([[0, 3], [1, 3]])
+    neg = dns_negatives(user_final, item_final, users, first, shared, sampler, chunk=2)
+    assert neg.tolist() == [3, 3, 3]
+    # make item 3 the worst for both users
+    item_final[3] = torch.tensor([-1.0, -1.0])
+    neg = dns_negatives(user_final, item_final, users, first, shared, sampler, chunk=2)
+    assert neg.tolist() == [2, 2, 2]  # row 0: 0 is masked, 2 beats 3; rows 1-2 likewise
+    users = np.array([1, 1, 1])
+    neg = dns_negatives(user_final, item_final, users, first, shared, sampler, chunk=2)
+    # rows 0-1: the first negative 2 (score 1) beats 0 (0) and 3 (-1); row 2: item 1 (3) is
+    # user 1's positive, so it is masked and the first negative wins again
+    assert neg.tolist() == [2, 2, 2]
+    only_first = dns_negatives(user_final, item_final, users, first, shared[:, :0], sampler, 2)
+    assert only_first.tolist() == [2, 2, 2]
+    with pytest.raises(ValueError, match="do not cover 3 rows"):
+        dns_negatives(user_final, item_final, users, first, shared[:1], sampler, chunk=2)
 
 
 def test_cosine_schedule_by_hand():
