@@ -24,7 +24,7 @@ from peel_fed.scoring import bpr_loss, pair_scores
 LOSSES = ("bpr", "softmax")
 NEGATIVE_SAMPLING = ("uniform", "dns")
 LR_SCHEDULES = ("constant", "cosine")
-DNS_CHUNK = 256  # rows of a batch that share their DNS candidates (see dns_negatives)
+DNS_CHUNK = 16  # rows of a batch that share their DNS candidates (see dns_negatives)
 
 
 @dataclass
@@ -289,9 +289,12 @@ def dns_negatives(
     Row ``r``'s candidates are ``first_negative[r]`` (a sampled true negative, so every row has
     one) and the items ``shared[r // chunk]``, which the ``chunk`` consecutive rows of a
     (shuffled) batch share: their scores are one small matrix product per chunk instead of a
-    gather of batch x M rows, which costs 100x more on CPU. Each row's candidates are still
-    uniform items. A top-scored known positive is masked and the next best taken, until no row's
-    pick is a positive. Scores use the detached final tables (the choice is not differentiated).
+    gather of batch x M rows. On Gowalla (a 32768-row batch, M = 64, one thread) that gather
+    takes 2.1 s, chunks of 16 rows 0.15 s and chunks of 256 0.06 s; but the larger the chunk,
+    the fewer distinct negatives a batch trains on, so ``DNS_CHUNK`` is 16. Each row's
+    candidates are still uniform items. A top-scored known positive is masked and the next best
+    taken, until no row's pick is a positive. Scores use the detached final tables (the choice
+    is not differentiated).
     """
     n_rows, n_chunks = users.shape[0], shared.shape[0]
     if n_chunks * chunk < n_rows:
