@@ -275,7 +275,7 @@ class NegativeSampler:
 
 
 def dns_negatives(
-    user_final: torch.Tensor,
+    user_rows: torch.Tensor,
     item_final: torch.Tensor,
     users: np.ndarray,
     first_negative: np.ndarray,
@@ -286,6 +286,7 @@ def dns_negatives(
     """DNS: for each row, the candidate item the current model scores highest for its user,
     never one of the user's own positives.
 
+    ``user_rows`` holds each row's final user vector, ``users`` its user id (for the positives).
     Row ``r``'s candidates are ``first_negative[r]`` (a sampled true negative, so every row has
     one) and the items ``shared[r // chunk]``, which the ``chunk`` consecutive rows of a
     (shuffled) batch share: their scores are one small matrix product per chunk instead of a
@@ -302,8 +303,8 @@ def dns_negatives(
     if shared.shape[1] == 0:
         return first_negative
     with torch.no_grad():
-        dev = user_final.device
-        u = user_final.detach()[torch.from_numpy(users).to(dev)]
+        dev = user_rows.device
+        u = user_rows.detach()
         first = item_final.detach()[torch.from_numpy(first_negative).to(dev)]
         padded = u.new_zeros((n_chunks * chunk, u.shape[1]))
         padded[:n_rows] = u
@@ -408,9 +409,18 @@ def train_lightgcn(
             if cfg.negative_sampling == "dns":
                 finals = model.propagated()
                 n_chunks = -(-users.shape[0] // DNS_CHUNK)
-                shared = rng.integers(0, n_items, size=(n_chunks, cfg.dns_candidates - 1))
+                candidates = rng.integers(0, n_items, size=(n_chunks, cfg.dns_candidates - 1))
+                user_rows = finals[0][users.to(device)]
                 neg = torch.from_numpy(
-                    dns_negatives(*finals, users.numpy(), neg.numpy(), shared, sampler, DNS_CHUNK)
+                    dns_negatives(
+                        user_rows,
+                        finals[1],
+                        users.numpy(),
+                        neg.numpy(),
+                        candidates,
+                        sampler,
+                        DNS_CHUNK,
+                    )
                 )
             users, pos, neg = users.to(device), pos.to(device), neg.to(device)
             if cfg.lr_schedule == "cosine":

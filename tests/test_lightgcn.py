@@ -286,21 +286,23 @@ def test_dns_negative_is_the_top_scored_candidate_that_is_not_a_positive():
     sampler = NegativeSampler(known, 4)
     users, first = np.array([0, 1, 0]), np.array([2, 2, 2])
     shared = np.array([[0, 3], [1, 3]])
-    neg = dns_negatives(user_final, item_final, users, first, shared, sampler, chunk=2)
+    neg = dns_negatives(user_final[users], item_final, users, first, shared, sampler, chunk=2)
     assert neg.tolist() == [3, 3, 3]
     # make item 3 the worst for both users
     item_final[3] = torch.tensor([-1.0, -1.0])
-    neg = dns_negatives(user_final, item_final, users, first, shared, sampler, chunk=2)
+    neg = dns_negatives(user_final[users], item_final, users, first, shared, sampler, chunk=2)
     assert neg.tolist() == [2, 2, 2]  # row 0: 0 is masked, 2 beats 3; rows 1-2 likewise
     users = np.array([1, 1, 1])
-    neg = dns_negatives(user_final, item_final, users, first, shared, sampler, chunk=2)
+    neg = dns_negatives(user_final[users], item_final, users, first, shared, sampler, chunk=2)
     # rows 0-1: the first negative 2 (score 1) beats 0 (0) and 3 (-1); row 2: item 1 (3) is
     # user 1's positive, so it is masked and the first negative wins again
     assert neg.tolist() == [2, 2, 2]
-    only_first = dns_negatives(user_final, item_final, users, first, shared[:, :0], sampler, 2)
+    only_first = dns_negatives(
+        user_final[users], item_final, users, first, shared[:, :0], sampler, 2
+    )
     assert only_first.tolist() == [2, 2, 2]
     with pytest.raises(ValueError, match="do not cover 3 rows"):
-        dns_negatives(user_final, item_final, users, first, shared[:1], sampler, chunk=2)
+        dns_negatives(user_final[users], item_final, users, first, shared[:1], sampler, chunk=2)
 
 
 def test_cosine_schedule_by_hand():
