@@ -40,7 +40,14 @@ import torch
 
 from peel_fed.blocks import FLOAT32_BYTES, FLOAT64_BYTES, INT64_BYTES
 from peel_fed.data import Interactions, concat_ranges
-from peel_fed.lightgcn import NegativeSampler
+from peel_fed.lightgcn import (
+    DNS_CHUNK,
+    LR_SCHEDULES,
+    NEGATIVE_SAMPLING,
+    NegativeSampler,
+    cosine_lr,
+    dns_negatives,
+)
 from peel_fed.optim import RowAdam
 from peel_fed.partition import user_rng, user_slots
 from peel_fed.privacy import DPConfig, clip_factors, gaussian_noise, noised
@@ -63,8 +70,27 @@ class FedLightGCNConfig:
     # local DP (FedPerGNN's noise on uploads): each user adds Gaussian noise of this many times
     # the clip to every value of its clipped upload before it leaves the device
     ldp_noise: float = 0.0
+    # dynamic negative sampling on each device (``peel_fed.lightgcn.dns_negatives``): each pair
+    # trains on the hardest of ``dns_candidates`` items for its user, scored with the tables the
+    # device received
+    negative_sampling: str = "uniform"
+    dns_candidates: int = 16
+    # the server's and the devices' learning rates decay along a half cosine over ``rounds``
+    lr_schedule: str = "constant"
 
     def __post_init__(self) -> None:
+        if self.negative_sampling not in NEGATIVE_SAMPLING:
+            raise ValueError(
+                f"pretrain-negative-sampling must be one of {', '.join(NEGATIVE_SAMPLING)}, "
+                f"got {self.negative_sampling!r}"
+            )
+        if self.dns_candidates < 1:
+            raise ValueError(f"pretrain-dns-candidates must be >= 1, got {self.dns_candidates}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"pretrain-lr-schedule must be one of {', '.join(LR_SCHEDULES)}, "
+                f"got {self.lr_schedule!r}"
+            )
         if self.decoys < 0:
             raise ValueError(f"decoy-items must be >= 0, got {self.decoys}")
         if not (np.isfinite(self.ldp_noise) and self.ldp_noise >= 0):
@@ -73,6 +99,13 @@ class FedLightGCNConfig:
             raise ValueError(f"cohort-fraction must be in (0, 1], got {self.cohort_fraction}")
         if self.rounds < 0 or self.local_steps < 1 or self.layers < 1:
             raise ValueError(f"invalid federated LightGCN config: {self}")
+
+
+def lr_factor(cfg: FedLightGCNConfig, round_no: int) -> float:
+    """The learning-rate multiplier of round ``round_no`` (1-based) of ``cfg.rounds``."""
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    return cosine_lr(1.0, round_no - 1, max(cfg.rounds, 1))
 
 
 def rounds_per_pass_for(cohort_fraction: float) -> int:
@@ -103,6 +136,7 @@ INIT_STREAM = 1_000_003  # user_rng stream of a device's initial ego vector
 SLOT_STREAM = 2_000_003  # user_slots stream (plus the pass number) for client sampling
 DECOY_STREAM = 7_000_003  # a device's decoy items (fixed for the run)
 DECOY_NEG_STREAM = 8_000_003  # + round: negatives of the decoy pairs
+DNS_STREAM = 10_000_003  # + round: a device's DNS candidates
 LDP_STREAM = 9_000_003  # + round (init: + layer - layers): a device's local DP noise
 
 
@@ -148,6 +182,10 @@ class PretrainServer:
         # divided by the expected users per round, a public number, not by per-row counts
         self.dp, self.users_per_round = dp, max(float(users_per_round), 1.0)
         self.noise_rng = np.random.default_rng([seed, 23])
+
+    def set_round(self, round_no: int) -> None:
+        """The server learning rate of round ``round_no`` (``cfg.lr_schedule``)."""
+        self.item_adam.lr = self.cfg.server_lr * lr_factor(self.cfg, round_no)
 
     def item_layers(self) -> list[torch.Tensor]:
         """[E0, L_1, ..., L_K] as the server holds them."""
@@ -436,6 +474,54 @@ class PretrainDevices:
         ]
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
+    def _dns_negatives(
+        self,
+        users: np.ndarray,
+        local: np.ndarray,
+        layers: list[torch.Tensor],
+        round_no: int,
+        owner: np.ndarray,
+        first: np.ndarray,
+    ) -> np.ndarray:
+        """DNS on the device: each pair's hardest of ``dns_candidates`` items for its user,
+        scored with the user's current final vector and the received item tables (as
+        centralized, :func:`peel_fed.lightgcn.dns_negatives`). The candidates come from each
+        user's own generator and are shared by ``DNS_CHUNK`` of its pairs; no chunk spans two
+        users, so a user's negatives do not depend on who else its node hosts."""
+        m = self.cfg.dns_candidates
+        if m == 1 or owner.size == 0:
+            return first
+        counts = np.bincount(owner, minlength=users.size)
+        chunks = -(-counts // DNS_CHUNK)
+        pair_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        chunk_start = np.concatenate([[0], np.cumsum(chunks)[:-1]])
+        rank = np.arange(owner.size) - pair_start[owner]  # pairs are sorted by owner
+        slot = chunk_start[owner] * DNS_CHUNK + rank
+        row_owner = np.repeat(np.arange(users.size), chunks * DNS_CHUNK)
+        padded_first = np.zeros(row_owner.size, dtype=np.int64)
+        padded_first[slot] = first
+        shared = np.concatenate(
+            [
+                user_rng(self.seed, int(u), DNS_STREAM + round_no).integers(
+                    0, self.n_items, size=(int(c), m - 1)
+                )
+                for u, c in zip(users, chunks, strict=True)
+            ]
+        )
+        with torch.no_grad():
+            uf = torch.stack(self.user_layers(users, self.U0[local], layers)).mean(0)
+            item_final = torch.stack(layers).mean(0)
+        chosen = dns_negatives(
+            uf[torch.from_numpy(row_owner)],
+            item_final,
+            users[row_owner],
+            padded_first,
+            shared,
+            self.sampler,
+            DNS_CHUNK,
+        )
+        return chosen[slot]
+
     def device_round(
         self,
         users: np.ndarray,
@@ -465,6 +551,10 @@ class PretrainDevices:
         pair_user = torch.from_numpy(owner)
         pos_items = self.edges.items[concat_ranges(lo, hi)]
         neg_items = self._negatives(users, round_no)
+        received = [layer.detach() for layer in layers]
+        if self.cfg.negative_sampling == "dns":
+            neg_items = self._dns_negatives(users, local, received, round_no, owner, neg_items)
+        self.user_adam.lr = self.cfg.user_lr * lr_factor(self.cfg, round_no)
         # decoys: pairs of (decoy, negative) whose gradient goes up as a positive's would, with
         # the user's vector held fixed (its own training sees only its real items)
         d_owner, d_items = self.decoy_items(users)
@@ -489,7 +579,6 @@ class PretrainDevices:
         pos_t, neg_t = torch.from_numpy(pos), torch.from_numpy(neg)
         pos_i, neg_i = torch.from_numpy(pos_items), torch.from_numpy(neg_items)
         weight = torch.from_numpy(1.0 / np.repeat(counts, counts)).float()  # per-user mean
-        received = [layer.detach() for layer in layers]
         fixed = received[1:]
         n_layers = len(received)
         E0 = received[0][torch.from_numpy(key_rows)].clone().requires_grad_(True)
@@ -639,6 +728,7 @@ class FedLightGCN:
         """One round: the cohort's users, packed into ``num_nodes`` nodes, against the same
         tables; then the server step. The packing does not change the result."""
         self.round += 1
+        self.server.set_round(self.round)
         layers = self.server.item_layers()
         chunks = np.array_split(np.asarray(users, dtype=np.int64), num_nodes)
         updates = [

@@ -18,7 +18,7 @@ import torch
 
 from peel_fed.atomic import write_json_atomic
 from peel_fed.fedlightgcn import FedLightGCNConfig, train_fed_lightgcn
-from peel_fed.lightgcn import LightGCNConfig, train_lightgcn
+from peel_fed.lightgcn import LR_SCHEDULES, NEGATIVE_SAMPLING, LightGCNConfig, train_lightgcn
 from peel_fed.loading import load_dataset
 from peel_fed.metrics import evaluate_ranking
 from peel_fed.scoring import dot_score_fn
@@ -34,6 +34,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--server-lr", type=float, default=FedLightGCNConfig.server_lr)
     p.add_argument("--user-lr", type=float, default=FedLightGCNConfig.user_lr)
     p.add_argument("--local-steps", type=int, default=FedLightGCNConfig.local_steps)
+    p.add_argument(
+        "--negative-sampling",
+        choices=NEGATIVE_SAMPLING,
+        default="uniform",
+        help="both sides: uniform negatives, or dynamic negative sampling (dns)",
+    )
+    p.add_argument("--dns-candidates", type=int, default=LightGCNConfig.dns_candidates)
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant")
+    p.add_argument(
+        "--skip-centralized", action="store_true", help="federated only (no side-by-side table)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench_fed_pretrain.json")
     args = p.parse_args(argv)
@@ -52,7 +63,12 @@ def main(argv: list[str] | None = None) -> dict:
     def evaluate(u, v) -> dict:
         return evaluate_ranking(dot_score_fn(u, v), ds.n_users, ds.train, ds.test, ks=(20,))
 
-    central_cfg = LightGCNConfig(epochs=args.passes)
+    recipe = dict(
+        negative_sampling=args.negative_sampling,
+        dns_candidates=args.dns_candidates,
+        lr_schedule=args.lr_schedule,
+    )
+    central_cfg = LightGCNConfig(epochs=args.passes, **recipe)
     t0 = time.perf_counter()
     eval_time = 0.0
 
@@ -66,7 +82,10 @@ def main(argv: list[str] | None = None) -> dict:
             report["centralized"].append(row)
             print("centralized", row, flush=True)
 
-    train_lightgcn(ds.n_users, ds.n_items, ds.train, central_cfg, seed=args.seed, on_epoch=on_epoch)
+    if not args.skip_centralized:
+        train_lightgcn(
+            ds.n_users, ds.n_items, ds.train, central_cfg, seed=args.seed, on_epoch=on_epoch
+        )
 
     fed_cfg = FedLightGCNConfig(
         rounds=int(args.passes * np.ceil(1 / args.cohort_fraction)),
@@ -74,6 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
         server_lr=args.server_lr,
         user_lr=args.user_lr,
         local_steps=args.local_steps,
+        **recipe,
     )
     t0 = time.perf_counter()
     eval_time = 0.0
@@ -103,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     print("\n| pass | centralized R@20 | federated R@20 | ratio | centralized s | federated s |")
     print("|---:|---:|---:|---:|---:|---:|")
-    for c, f in zip(report["centralized"], report["federated"], strict=True):
+    for c, f in zip(report["centralized"], report["federated"], strict=False):
         ratio = f["recall@20"] / c["recall@20"]
         print(
             f"| {c['pass']} | {c['recall@20']:.4f} | {f['recall@20']:.4f} | {ratio:.3f} | "
