@@ -185,6 +185,10 @@ def pretrain(msg: Message, context: Context) -> Message:
         user_lr=step.user_lr,
         decoys=step.decoys,
         ldp_noise=step.ldp_noise,
+        negative_sampling=step.negative_sampling,
+        dns_candidates=step.dns_candidates,
+        lr_schedule=step.lr_schedule,
+        rounds=step.total_rounds,
     )
     devices = PretrainDevices(
         node.users,

@@ -66,6 +66,12 @@ class FedConfig:
     pretrain_local_steps: int = 20
     pretrain_server_lr: float = 5e-2
     pretrain_user_lr: float = 2e-2
+    # negatives of pretraining: "uniform", or "dns" (dynamic negative sampling on each device:
+    # the hardest of pretrain-dns-candidates items, scored with the tables it received); the
+    # learning rates "constant", or "cosine" (a half cosine to 0 over the pretraining rounds)
+    pretrain_negative_sampling: str = "uniform"
+    pretrain_dns_candidates: int = 16
+    pretrain_lr_schedule: str = "constant"
     # pretraining row uploads by secure aggregation over the round's row union (costs bytes)
     secure_rows: bool = False
     # secure aggregation: "pairwise" masks (a survivor that drops before revealing fails the sum)
@@ -138,6 +144,10 @@ class FedConfig:
                 raise ConfigError(f"{key.replace('_', '-')} must be >= 0, got {getattr(self, key)}")
         if self.dim % self.num_blocks:
             raise ConfigError(f"num-blocks ({self.num_blocks}) must divide dim ({self.dim})")
+        try:
+            self.lightgcn()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         for key in ("budgets", "device_budgets"):
             try:
                 texts = self.budget_list(key)
@@ -247,6 +257,10 @@ class FedConfig:
             user_lr=self.pretrain_user_lr,
             decoys=self.decoy_items,
             ldp_noise=self.ldp_noise_multiplier,
+            rounds=self.pretrain_passes * rounds_per_pass_for(self.pretrain_cohort_fraction),
+            negative_sampling=self.pretrain_negative_sampling,
+            dns_candidates=self.pretrain_dns_candidates,
+            lr_schedule=self.pretrain_lr_schedule,
         )
 
     def pee(self) -> FedPEEConfig:

@@ -373,6 +373,10 @@ class PretrainStep:
     decoys: int = 0  # decoy items per user, uploaded as if interacted
     dp_private: bool = False  # DP noise on the server: the loss stays on the device
     ldp_noise: float = 0.0  # local DP: each user's noise on its upload, in multiples of dp_clip
+    negative_sampling: str = "uniform"  # or "dns": the device picks hard negatives
+    dns_candidates: int = 16
+    lr_schedule: str = "constant"  # or "cosine" over ``total_rounds``
+    total_rounds: int = 0
 
     def to_config(self) -> Config:
         rec: Config = {
@@ -391,6 +395,12 @@ class PretrainStep:
             rec["dp-private"] = True
         if self.ldp_noise:
             rec["ldp-noise"] = float(self.ldp_noise)
+        if self.negative_sampling != "uniform":
+            rec["negative-sampling"] = self.negative_sampling
+            rec["dns-candidates"] = int(self.dns_candidates)
+        if self.lr_schedule != "constant":
+            rec["lr-schedule"] = self.lr_schedule
+            rec["total-rounds"] = int(self.total_rounds)
         if self.k is not None:
             rec["k"] = self.k
         if self.round is not None:
@@ -418,6 +428,10 @@ class PretrainStep:
             decoys=int(rec.get("decoys", 0)),
             dp_private=bool(rec.get("dp-private", False)),
             ldp_noise=float(rec.get("ldp-noise", 0.0)),
+            negative_sampling=str(rec.get("negative-sampling", "uniform")),
+            dns_candidates=int(rec.get("dns-candidates", 16)),
+            lr_schedule=str(rec.get("lr-schedule", "constant")),
+            total_rounds=int(rec.get("total-rounds", 0)),
         )
 
 

@@ -71,6 +71,10 @@ class PretrainStrategy(PhaseStrategy):
             decoys=cfg.decoy_items,
             dp_private=noised(self.dp) or cfg.ldp_noise_multiplier > 0,
             ldp_noise=cfg.ldp_noise_multiplier,
+            negative_sampling=cfg.pretrain_negative_sampling,
+            dns_candidates=cfg.pretrain_dns_candidates,
+            lr_schedule=cfg.pretrain_lr_schedule,
+            total_rounds=self.server.cfg.rounds,
         )
 
     def configure(self, step: PretrainStep) -> RecordDict:
@@ -166,6 +170,7 @@ class PretrainStrategy(PhaseStrategy):
 
     def _round(self, grid: Grid, nodes: list[int], r: int, per_pass: int, bar) -> None:
         cfg = self.cfg
+        self.server.set_round(r)
         sample = node_sample(nodes, cfg.fraction_nodes, self.sampling_rng)
         content = self.configure(self.step("round", round=r, rounds_per_pass=per_pass))
         if cfg.secure_rows:

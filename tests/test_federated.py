@@ -52,6 +52,16 @@ def test_fedconfig_from_run_config_checks_keys_and_types():
         FedConfig.from_run_config({"min-nodes": "three"})
     with pytest.raises(ConfigError, match="min-nodes must be >= 1"):
         FedConfig.from_run_config({"min-nodes": 0})
+    with pytest.raises(ConfigError, match="pretrain-negative-sampling must be one of uniform, dns"):
+        FedConfig.from_run_config({"pretrain-negative-sampling": "hard"})
+    with pytest.raises(ConfigError, match="pretrain-dns-candidates must be >= 1, got 0"):
+        FedConfig.from_run_config({"pretrain-dns-candidates": 0})
+    with pytest.raises(ConfigError, match="pretrain-lr-schedule must be one of constant, cosine"):
+        FedConfig.from_run_config({"pretrain-lr-schedule": "linear"})
+    dns = FedConfig.from_run_config(
+        {"pretrain-negative-sampling": "dns", "pretrain-lr-schedule": "cosine"}
+    ).lightgcn()
+    assert (dns.negative_sampling, dns.lr_schedule, dns.rounds) == ("dns", "cosine", 20 * 4)
 
 
 FAILING_PARTITION = 1

@@ -195,6 +195,24 @@ def test_pretrain_download_round_trip():
     init = PretrainStep("init", 4, 2, 3, 0.01, True, k=1)
     assert PretrainStep.from_config(init.to_config()) == init
     assert "round" not in init.to_config()
+    dns = PretrainStep(
+        "round",
+        4,
+        2,
+        3,
+        0.01,
+        False,
+        round=5,
+        rounds_per_pass=2,
+        negative_sampling="dns",
+        dns_candidates=32,
+        lr_schedule="cosine",
+        total_rounds=80,
+    )
+    assert PretrainStep.from_config(dns.to_config()) == dns
+    assert {"negative-sampling", "dns-candidates", "lr-schedule", "total-rounds"} <= set(
+        dns.to_config()
+    )
 
 
 def test_device_update_round_trip_and_bytes():
