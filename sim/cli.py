@@ -14,7 +14,7 @@ from pathlib import Path
 from peel_fed.blocks import BudgetError, check_budget_format, split_budget_list
 from peel_fed.clustering import GroupingError
 from peel_fed.data import DataError
-from peel_fed.lightgcn import LOSSES, LightGCNConfig
+from peel_fed.lightgcn import LOSSES, LR_SCHEDULES, NEGATIVE_SAMPLING, LightGCNConfig
 from peel_fed.loading import dataset_name
 from peel_fed.peel import PEELConfig
 from peel_fed.pipeline import DEFAULT_BUDGETS, PipelineConfig
@@ -115,6 +115,24 @@ def _add_centralized(sub) -> None:
     )
     p.add_argument(
         "--temperature", type=float, default=lg.temperature, help="softmax loss: temperature"
+    )
+    p.add_argument(
+        "--negative-sampling",
+        choices=NEGATIVE_SAMPLING,
+        default=lg.negative_sampling,
+        help="pretraining negatives: uniform, or dns (the hardest of --dns-candidates items)",
+    )
+    p.add_argument(
+        "--dns-candidates",
+        type=int,
+        default=lg.dns_candidates,
+        help="dns: candidate items per positive",
+    )
+    p.add_argument(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        default=lg.lr_schedule,
+        help="pretraining learning rate: constant, or cosine (a half cosine to 0 over the epochs)",
     )
     _add_renamed(
         p,
@@ -507,6 +525,9 @@ def _main(argv: list[str] | None = None) -> int:
                     loss=args.loss,
                     negatives=args.negatives,
                     temperature=args.temperature,
+                    negative_sampling=args.negative_sampling,
+                    dns_candidates=args.dns_candidates,
+                    lr_schedule=args.lr_schedule,
                 ),
                 peel=PEELConfig(
                     num_item_groups=args.num_item_groups,
