@@ -40,7 +40,7 @@ from peel_fed.secagg import SecAggClient
 from peel_fed.secagg_shamir import ShamirSecAggClient
 
 if TYPE_CHECKING:
-    from peel_fed.lightgcn import NegativeSampler
+    from peel_fed.negatives import NegativeSampler
 
 
 @dataclass
@@ -53,7 +53,7 @@ class NodeData:
 
     @cached_property
     def fit_sampler(self) -> NegativeSampler:
-        from peel_fed.lightgcn import NegativeSampler
+        from peel_fed.negatives import NegativeSampler
 
         return NegativeSampler(self.split.fit, self.ds.n_items)
 

@@ -129,7 +129,7 @@ def observe_pretraining(
         round_participants,
         rounds_per_pass_for,
     )
-    from peel_fed.lightgcn import NegativeSampler
+    from peel_fed.negatives import NegativeSampler
 
     targets = np.unique(np.asarray(targets, dtype=np.int64))
     everyone = np.arange(n_users)

@@ -40,14 +40,8 @@ import torch
 
 from peel_fed.blocks import FLOAT32_BYTES, FLOAT64_BYTES, INT64_BYTES
 from peel_fed.data import Interactions, concat_ranges
-from peel_fed.lightgcn import (
-    DNS_CHUNK,
-    LR_SCHEDULES,
-    NEGATIVE_SAMPLING,
-    NegativeSampler,
-    cosine_lr,
-    dns_negatives,
-)
+from peel_fed.lightgcn import LR_SCHEDULES, NEGATIVE_SAMPLING, cosine_lr
+from peel_fed.negatives import DNS_CHUNK, NegativeSampler, dns_negatives
 from peel_fed.optim import RowAdam
 from peel_fed.partition import user_rng, user_slots
 from peel_fed.privacy import DPConfig, clip_factors, gaussian_noise, noised

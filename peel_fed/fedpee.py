@@ -31,7 +31,7 @@ from peel_fed.blocks import FLOAT32_BYTES, FLOAT64_BYTES, INT64_BYTES, BlockLayo
 from peel_fed.controller import Controller, ControllerConfig, controller_features
 from peel_fed.data import Interactions, concat_ranges
 from peel_fed.fedlightgcn import round_participants, rounds_per_pass_for
-from peel_fed.lightgcn import NegativeSampler
+from peel_fed.negatives import NegativeSampler
 from peel_fed.optim import RowAdam
 from peel_fed.partition import user_rng
 from peel_fed.peel import sampled_budget_weights, unit_order_for

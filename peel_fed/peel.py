@@ -26,7 +26,8 @@ from peel_fed.blocks import (
 )
 from peel_fed.controller import Controller, ControllerConfig, controller_features
 from peel_fed.data import Interactions
-from peel_fed.lightgcn import NegativeSampler, block_redundancy
+from peel_fed.lightgcn import block_redundancy
+from peel_fed.negatives import NegativeSampler
 from peel_fed.scoring import bpr_loss, budget_unit_weights, pair_scores
 
 

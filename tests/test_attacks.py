@@ -83,7 +83,7 @@ def test_decoys_are_fixed_unseen_items_that_leave_the_user_s_own_training_alone(
     from dataclasses import replace
 
     from peel_fed.fedlightgcn import PretrainDevices, PretrainServer
-    from peel_fed.lightgcn import NegativeSampler
+    from peel_fed.negatives import NegativeSampler
 
     ds = checkerboard(n_users=120, n_items=80, n_clusters=2, p_in=0.3, p_out=0.02, seed=3)
     cfg = FedLightGCNConfig(dim=16, layers=3, cohort_fraction=0.5, local_steps=2)

@@ -128,7 +128,7 @@ def test_device_dns_picks_each_pairs_hardest_candidate_that_is_not_a_positive():
     """Recomputed by brute force: every pair's negative is a non-positive item scoring at least
     as high, for its user, as every other non-positive candidate of its chunk."""
     from peel_fed.fedlightgcn import DNS_STREAM
-    from peel_fed.lightgcn import DNS_CHUNK
+    from peel_fed.negatives import DNS_CHUNK
     from peel_fed.partition import user_rng
 
     ds = _board()

@@ -10,13 +10,13 @@ from peel_fed.data import from_pairs
 from peel_fed.lightgcn import (
     LightGCN,
     LightGCNConfig,
-    NegativeSampler,
     block_redundancy,
     normalized_adjacency,
     propagate,
     train_lightgcn,
 )
 from peel_fed.metrics import evaluate_ranking
+from peel_fed.negatives import NegativeSampler
 from peel_fed.scoring import dot_score_fn
 
 # 3 users, 4 items; item 3 has no interactions (zero degree).
@@ -278,7 +278,7 @@ def test_dns_negative_is_the_top_scored_candidate_that_is_not_a_positive():
     candidates [0, 3], row 2 has [1, 3]. User 0 likes item 0: row 0 scores [1, 3, 2], masks its
     positive 0 and takes item 3; row 1 scores [1, 0, 2] and takes 3; row 2 scores [1, 0, 2] and
     takes 3. With only the first negative, every row takes it."""
-    from peel_fed.lightgcn import dns_negatives
+    from peel_fed.negatives import dns_negatives
 
     user_final = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     item_final = torch.tensor([[3.0, 0.0], [0.0, 3.0], [1.0, 1.0], [2.0, 2.0]])
