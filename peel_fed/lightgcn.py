@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -107,6 +107,22 @@ class LightGCNConfig:
                 f"nested dims must be strictly increasing and each in (0, {self.dim}) "
                 f"(the embedding dim), got {list(dims)}"
             )
+
+    def identity(self) -> dict:
+        """The fields that identify a trained model: all of them, except that ``nested_dims``
+        enters only when set, the softmax loss's fields only with that loss, and DNS and the
+        learning-rate schedule only when not uniform / constant, so that models trained before
+        an option existed keep their identity (and the pipeline's cache keys)."""
+        out = asdict(self)
+        unset = [
+            *(("loss", "negatives", "temperature") if self.loss == "bpr" else ()),
+            *(() if self.nested_dims else ("nested_dims",)),
+            *(("negative_sampling", "dns_candidates") * (self.negative_sampling == "uniform")),
+            *(("lr_schedule",) * (self.lr_schedule == "constant")),
+        ]
+        for name in unset:
+            del out[name]
+        return out
 
     @property
     def prefix_dims(self) -> tuple[int, ...]:

@@ -103,18 +103,10 @@ class Pretrained:
 
 
 def _pretrain_key(ds: Dataset, split_fit: Interactions, cfg: PipelineConfig) -> str:
-    """The cache key of a pretrained model: data, fit split, LightGCN config and seed.
-    ``nested_dims`` enters it only when set, the softmax loss's fields only with that loss, DNS
-    and the learning-rate schedule only when not the uniform / constant defaults, so plain BPR
-    models keep their earlier keys (and cached files)."""
-    lightgcn = asdict(cfg.lightgcn)
-    unset = ("loss", "negatives", "temperature") if lightgcn["loss"] == "bpr" else ()
-    for name in (*unset, *(() if lightgcn["nested_dims"] else ("nested_dims",))):
-        del lightgcn[name]
-    if lightgcn["negative_sampling"] == "uniform":
-        del lightgcn["negative_sampling"], lightgcn["dns_candidates"]
-    if lightgcn["lr_schedule"] == "constant":
-        del lightgcn["lr_schedule"]
+    """The cache key of a pretrained model: data, fit split, LightGCN config (its
+    :meth:`~peel_fed.lightgcn.LightGCNConfig.identity`, so earlier models keep their keys and
+    cached files) and seed."""
+    lightgcn = cfg.lightgcn.identity()
     h = hashlib.sha256()
     h.update(ds.name.encode())
     h.update(np.ascontiguousarray(split_fit.users).tobytes())
