@@ -386,3 +386,23 @@ def test_a_step_is_redone_when_the_data_changes_in_place(tmp_path, write_lightgc
     del saved["data"]  # as saved before fingerprints: matched on its key alone
     path.write_text(json.dumps(saved))
     assert runner.saved_step(cfg, "pruning") is not None
+
+
+def test_the_pretraining_recipe_enters_the_step_keys_unless_it_is_the_legacy_one(monkeypatch):
+    """Steps saved with the original recipe keep their keys (computed before the recipe was
+    keyed); another recipe, such as DNS with a cosine rate, gets new keys for every step."""
+    from dataclasses import replace
+
+    import sim.study.config as study_config
+
+    assert StudyConfig().key("pruning") == "f7336922ae6feed3"
+    assert StudyConfig(quick=True).key("bit-planes") == "2f2e080c8ca00906"
+    legacy = study_config.pipeline_config
+
+    def dns(cfg):
+        pcfg = legacy(cfg)
+        recipe = replace(pcfg.lightgcn, negative_sampling="dns", lr_schedule="cosine")
+        return replace(pcfg, lightgcn=recipe)
+
+    monkeypatch.setattr(study_config, "pipeline_config", dns)
+    assert StudyConfig().key("pruning") != "f7336922ae6feed3"

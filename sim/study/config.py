@@ -44,6 +44,9 @@ class StudyConfig:
             inputs["data_dir"] = str(Path(inputs["data_dir"]).resolve())
         if STEP_VERSIONS.get(step, 1) > 1:
             inputs["version"] = STEP_VERSIONS[step]
+        recipe = pipeline_config(self).lightgcn.identity()
+        if recipe != legacy_recipe(self.quick):  # steps saved before the recipe was keyed
+            inputs["pretraining"] = recipe
         blob = json.dumps({"step": step, **inputs}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -57,6 +60,17 @@ STEP_VERSIONS: dict[str, int] = {"pruning": 3, "federated": 3, "bit-planes": 2, 
 def work_folder(cfg: StudyConfig) -> Path:
     name = dataset_name(cfg.dataset, cfg.data_dir)
     return Path(cfg.work_dir) / name / f"seed-{cfg.seed}"
+
+
+def legacy_recipe(quick: bool) -> dict:
+    """The pretraining every step saved before the recipe entered the keys (uniform BPR at a
+    constant rate, 50 epochs; the quick study's smaller model): those steps keep their keys."""
+    from peel_fed.lightgcn import LightGCNConfig
+
+    legacy = LightGCNConfig(diversity_weight=0.01)
+    if quick:
+        legacy = replace(legacy, dim=16, epochs=5, batch_size=1024)
+    return legacy.identity()
 
 
 def pipeline_config(cfg: StudyConfig):
