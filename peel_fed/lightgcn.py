@@ -82,7 +82,9 @@ class LightGCNConfig:
                 f"got {self.negative_sampling!r}"
             )
         if self.negative_sampling == "dns" and self.loss != "bpr":
-            raise ValueError("negative sampling dns needs the bpr loss")
+            raise ValueError(
+                "negative sampling dns needs the bpr loss (use uniform with the softmax loss)"
+            )
         if self.dns_candidates < 1:
             raise ValueError(f"dns candidates must be >= 1, got {self.dns_candidates}")
         if self.lr_schedule not in LR_SCHEDULES:

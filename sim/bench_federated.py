@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from peel_fed.atomic import write_report
 from peel_fed.fedconfig import FedConfig
-from peel_fed.lightgcn import LightGCNConfig
-from peel_fed.peel import PEELConfig
-from peel_fed.pipeline import PipelineConfig, run_centralized
+from peel_fed.pipeline import PipelineConfig, default_pretraining, run_centralized
 from sim.simulate import run_federated_simulation
 
 
@@ -110,8 +109,12 @@ def main(argv: list[str] | None = None) -> dict:
         out_dir=str(Path(args.out).resolve().parent / "centralized-run"),
         cache_dir="runs/cache",
         progress=False,
-        lightgcn=LightGCNConfig(
-            epochs=fcfg.pretrain_passes, diversity_weight=PEELConfig().diversity_weight
+        lightgcn=replace(
+            default_pretraining(),
+            epochs=fcfg.pretrain_passes,
+            negative_sampling=fcfg.pretrain_negative_sampling,
+            dns_candidates=fcfg.pretrain_dns_candidates,
+            lr_schedule=fcfg.pretrain_lr_schedule,
         ),
     )
     cen = run_centralized(ccfg)

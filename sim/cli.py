@@ -17,7 +17,7 @@ from peel_fed.data import DataError
 from peel_fed.lightgcn import LOSSES, LR_SCHEDULES, NEGATIVE_SAMPLING, LightGCNConfig
 from peel_fed.loading import dataset_name
 from peel_fed.peel import PEELConfig
-from peel_fed.pipeline import DEFAULT_BUDGETS, PipelineConfig
+from peel_fed.pipeline import DEFAULT_BUDGETS, PipelineConfig, default_pretraining
 from sim import study
 
 
@@ -84,7 +84,7 @@ def _checked_budget_list(text: str) -> tuple[str, ...]:
 
 
 def _add_centralized(sub) -> None:
-    lg, pe = LightGCNConfig(), PEELConfig()
+    lg, pe = default_pretraining(), PEELConfig()
     p = sub.add_parser(
         "centralized",
         help="centralized reference pipeline: pretrain -> group -> PEE learning -> evaluate",

@@ -260,7 +260,7 @@ def test_pretrain_cache_key_keeps_bpr_keys_and_separates_softmax():
     from peel_fed.pipeline import PipelineConfig, _pretrain_key
 
     ds = from_pairs("tiny", N_USERS, N_ITEMS, np.array(EDGES), np.zeros((0, 2)))
-    base = PipelineConfig()
+    base = PipelineConfig(lightgcn=LightGCNConfig())  # uniform BPR at a constant rate
 
     def key(**lightgcn) -> str:
         lightgcn_cfg = replace(base.lightgcn, **lightgcn)
@@ -359,7 +359,7 @@ def test_pretrain_cache_key_keeps_uniform_keys_and_separates_dns_and_schedule():
     from peel_fed.pipeline import PipelineConfig, _pretrain_key
 
     ds = from_pairs("tiny", N_USERS, N_ITEMS, np.array(EDGES), np.zeros((0, 2)))
-    base = PipelineConfig()
+    base = PipelineConfig(lightgcn=LightGCNConfig())  # uniform BPR at a constant rate
 
     def key(**lightgcn) -> str:
         return _pretrain_key(

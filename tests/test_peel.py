@@ -331,7 +331,9 @@ def test_pretrain_cache_key_is_unchanged_without_nested_dims():
 
     ds = from_pairs("tiny", 3, 4, np.array([(0, 0), (0, 1), (1, 1), (2, 1), (2, 2)]), [])
     small = LightGCNConfig(dim=16, epochs=5, batch_size=1024, diversity_weight=0.0, num_blocks=1)
-    assert _pretrain_key(ds, ds.train, PipelineConfig()) == "8b434ed16428ed5e"
+    legacy = PipelineConfig(lightgcn=LightGCNConfig(diversity_weight=0.01))  # the old default
+    assert _pretrain_key(ds, ds.train, legacy) == "8b434ed16428ed5e"
+    assert _pretrain_key(ds, ds.train, PipelineConfig()) != "8b434ed16428ed5e"  # DNS + cosine
     assert _pretrain_key(ds, ds.train, PipelineConfig(lightgcn=small, seed=3)) == "bed616946a1d0e22"
     keys = {
         _pretrain_key(ds, ds.train, PipelineConfig(lightgcn=LightGCNConfig(nested_dims=dims)))

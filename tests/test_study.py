@@ -248,11 +248,12 @@ def test_matryoshka_step_cuts_one_nested_model_to_every_budget(tmp_path):
     """Quick mode (d = 16, nested on 2, 4, 8; 160 items): leading dims at float32 take
     budget / (160 x 4 B) columns; the quantized cut is the candidate with the best validation
     Recall@20; the trace (cut on the device) equals the served rows."""
+    from dataclasses import replace
+
     from peel_fed.data import split_validation
-    from peel_fed.lightgcn import LightGCNConfig
     from peel_fed.loading import load_dataset
     from peel_fed.matryoshka import LEADING, QUANTIZED, matryoshka_dims
-    from peel_fed.pipeline import PipelineConfig, pretrain
+    from peel_fed.pipeline import PipelineConfig, default_pretraining, pretrain
     from sim.study.steps import step_matryoshka
 
     cfg = _quick_config(tmp_path, budgets=("12.5%", "25%", "100%"))
@@ -282,7 +283,15 @@ def test_matryoshka_step_cuts_one_nested_model_to_every_budget(tmp_path):
     # the step trained the quick config nested on (2, 4, 8), and cached it under that key
     ds = load_dataset("checkerboard")
     split = split_validation(ds.train, ds.n_users, 0.1, seed=0)
-    nested = LightGCNConfig(dim=16, epochs=5, batch_size=1024, num_blocks=1, nested_dims=(2, 4, 8))
+    nested = replace(
+        default_pretraining(),
+        dim=16,
+        epochs=5,
+        batch_size=1024,
+        diversity_weight=0.0,
+        num_blocks=1,
+        nested_dims=(2, 4, 8),
+    )
     pcfg = PipelineConfig(dataset="checkerboard", cache_dir=cfg.cache_dir, lightgcn=nested)
     assert pretrain(ds, split.fit, pcfg).reused
     assert step_matryoshka(cfg)["nested_dims"] == [2, 4, 8]
@@ -389,20 +398,25 @@ def test_a_step_is_redone_when_the_data_changes_in_place(tmp_path, write_lightgc
 
 
 def test_the_pretraining_recipe_enters_the_step_keys_unless_it_is_the_legacy_one(monkeypatch):
-    """Steps saved with the original recipe keep their keys (computed before the recipe was
-    keyed); another recipe, such as DNS with a cosine rate, gets new keys for every step."""
+    """Steps saved with the original recipe (uniform BPR, constant rate, 50 epochs) keep their
+    keys (computed before the recipe was keyed); the default DNS + cosine recipe gets new keys
+    for every step, so a study rerun redoes them instead of reusing stale results."""
     from dataclasses import replace
 
     import sim.study.config as study_config
+    from peel_fed.lightgcn import LightGCNConfig
 
+    default_keys = (StudyConfig().key("pruning"), StudyConfig(quick=True).key("bit-planes"))
+    current = study_config.pipeline_config
+
+    def legacy(cfg):
+        pcfg = current(cfg)
+        old = LightGCNConfig(diversity_weight=0.01)
+        if cfg.quick:
+            old = replace(old, dim=16, epochs=5, batch_size=1024)
+        return replace(pcfg, lightgcn=old)
+
+    monkeypatch.setattr(study_config, "pipeline_config", legacy)
     assert StudyConfig().key("pruning") == "f7336922ae6feed3"
     assert StudyConfig(quick=True).key("bit-planes") == "2f2e080c8ca00906"
-    legacy = study_config.pipeline_config
-
-    def dns(cfg):
-        pcfg = legacy(cfg)
-        recipe = replace(pcfg.lightgcn, negative_sampling="dns", lr_schedule="cosine")
-        return replace(pcfg, lightgcn=recipe)
-
-    monkeypatch.setattr(study_config, "pipeline_config", dns)
-    assert StudyConfig().key("pruning") != "f7336922ae6feed3"
+    assert "f7336922ae6feed3" not in default_keys and "2f2e080c8ca00906" not in default_keys
