@@ -49,15 +49,22 @@ def test_item_side_sums_equal_the_devices_last_contributions():
         np.testing.assert_allclose(fed.S[k].numpy(), expected.numpy(), atol=1e-4)
 
 
-def test_packing_users_into_nodes_does_not_change_the_result():
+def _packed_twice(cfg: FedLightGCNConfig, rounds: int = 3) -> tuple[FedLightGCN, FedLightGCN]:
+    """The same federation after ``rounds`` rounds of every other user, packed into 1 node and
+    into 7 nodes."""
     ds = _board()
-    a, b = _model(ds), _model(ds)
+    a, b = _model(ds, cfg), _model(ds, cfg)
     a.initialise()
     b.initialise()
     cohort = np.arange(0, ds.n_users, 2)
-    for _ in range(3):
+    for _ in range(rounds):
         a.run_round(cohort, num_nodes=1)
         b.run_round(cohort, num_nodes=7)
+    return a, b
+
+
+def test_packing_users_into_nodes_does_not_change_the_result():
+    a, b = _packed_twice(CFG)
     np.testing.assert_allclose(a.E0.numpy(), b.E0.numpy(), atol=1e-5)
     np.testing.assert_allclose(a.U0.numpy(), b.U0.numpy(), atol=1e-5)
     np.testing.assert_allclose(a.S.numpy(), b.S.numpy(), atol=1e-4)
@@ -108,13 +115,8 @@ def test_dns_and_cosine_packing_does_not_change_the_result():
     """Each user's DNS candidates come from its own generator in chunks of its own pairs, so
     packing users into 1 or 7 nodes gives the same tables."""
     ds = _board()
-    a, b = _model(ds, DNS_CFG), _model(ds, DNS_CFG)
-    a.initialise()
-    b.initialise()
+    a, b = _packed_twice(DNS_CFG)
     cohort = np.arange(0, ds.n_users, 2)
-    for _ in range(3):
-        a.run_round(cohort, num_nodes=1)
-        b.run_round(cohort, num_nodes=7)
     np.testing.assert_allclose(a.E0.numpy(), b.E0.numpy(), atol=1e-5)
     np.testing.assert_allclose(a.U0.numpy(), b.U0.numpy(), atol=1e-5)
     plain = _model(ds, CFG)
