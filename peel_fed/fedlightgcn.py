@@ -22,7 +22,7 @@ scheme gives up against centralized LightGCN. The cohort is computed in one vect
 every user's loss depends only on its own data and the shared tables, the result equals per-user
 computation.
 
-Long file: about 560 lines, on purpose: the server (:class:`PretrainServer`), the devices
+Long file: about 780 lines, on purpose: the server (:class:`PretrainServer`), the devices
 (:class:`PretrainDevices`) and the in-process federation (:class:`FedLightGCN`) are the two halves
 of the equations above and their composition; each half is checked against the other (the
 contribution sums, the row gradients), so they are read together.

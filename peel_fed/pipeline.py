@@ -57,17 +57,10 @@ def peel_blocks_method(num_user_groups: int) -> str:
 
 
 def default_pretraining() -> LightGCNConfig:
-    """The pipeline's LightGCN recipe: dynamic negative sampling (64 candidates) and a cosine
-    rate over 10 epochs, which reaches the published LightGCN's quality in minutes (see
-    docs/method.md, "LightGCN training recipe"), with the block-diversity regulariser of PEE
-    learning (the CLI's --diversity-weight)."""
-    return LightGCNConfig(
-        epochs=10,
-        diversity_weight=PEELConfig().diversity_weight,
-        negative_sampling="dns",
-        dns_candidates=64,
-        lr_schedule="cosine",
-    )
+    """The pipeline's LightGCN recipe: DNS (64 candidates), a cosine rate over 10 epochs (the
+    published quality in minutes: docs/method.md), and PEE learning's diversity regulariser."""
+    dns = dict(negative_sampling="dns", dns_candidates=64, lr_schedule="cosine")
+    return LightGCNConfig(epochs=10, diversity_weight=PEELConfig().diversity_weight, **dns)
 
 
 @dataclass
