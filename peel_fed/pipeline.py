@@ -321,7 +321,7 @@ def run_centralized(cfg: PipelineConfig, dataset: Dataset | None = None) -> dict
         "pretrain": {
             "seconds": pre.seconds,
             "reused": pre.reused,
-            "path": str(pre.path),
+            "path": portable_path(pre.path),
             "full_table": full,
         },
         "peel": peel_info,
