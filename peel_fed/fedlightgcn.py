@@ -40,7 +40,7 @@ import torch
 
 from peel_fed.blocks import FLOAT32_BYTES, FLOAT64_BYTES, INT64_BYTES
 from peel_fed.data import Interactions, concat_ranges
-from peel_fed.lightgcn import LR_SCHEDULES, NEGATIVE_SAMPLING, cosine_lr
+from peel_fed.lightgcn import check_sampling_and_schedule, cosine_lr
 from peel_fed.negatives import DNS_CHUNK, NegativeSampler, dns_negatives
 from peel_fed.optim import RowAdam
 from peel_fed.partition import user_rng, user_slots
@@ -64,7 +64,7 @@ class FedLightGCNConfig:
     # local DP (FedPerGNN's noise on uploads): each user adds Gaussian noise of this many times
     # the clip to every value of its clipped upload before it leaves the device
     ldp_noise: float = 0.0
-    # dynamic negative sampling on each device (``peel_fed.lightgcn.dns_negatives``): each pair
+    # dynamic negative sampling on each device (``peel_fed.negatives.dns_negatives``): each pair
     # trains on the hardest of ``dns_candidates`` items for its user, scored with the tables the
     # device received
     negative_sampling: str = "uniform"
@@ -73,18 +73,12 @@ class FedLightGCNConfig:
     lr_schedule: str = "constant"
 
     def __post_init__(self) -> None:
-        if self.negative_sampling not in NEGATIVE_SAMPLING:
-            raise ValueError(
-                f"pretrain-negative-sampling must be one of {', '.join(NEGATIVE_SAMPLING)}, "
-                f"got {self.negative_sampling!r}"
-            )
-        if self.dns_candidates < 1:
-            raise ValueError(f"pretrain-dns-candidates must be >= 1, got {self.dns_candidates}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(
-                f"pretrain-lr-schedule must be one of {', '.join(LR_SCHEDULES)}, "
-                f"got {self.lr_schedule!r}"
-            )
+        check_sampling_and_schedule(
+            self.negative_sampling,
+            self.dns_candidates,
+            self.lr_schedule,
+            ("pretrain-negative-sampling", "pretrain-dns-candidates", "pretrain-lr-schedule"),
+        )
         if self.decoys < 0:
             raise ValueError(f"decoy-items must be >= 0, got {self.decoys}")
         if not (np.isfinite(self.ldp_noise) and self.ldp_noise >= 0):
@@ -479,7 +473,7 @@ class PretrainDevices:
     ) -> np.ndarray:
         """DNS on the device: each pair's hardest of ``dns_candidates`` items for its user,
         scored with the user's current final vector and the received item tables (as
-        centralized, :func:`peel_fed.lightgcn.dns_negatives`). The candidates come from each
+        centralized, :func:`peel_fed.negatives.dns_negatives`). The candidates come from each
         user's own generator and are shared by ``DNS_CHUNK`` of its pairs; no chunk spans two
         users, so a user's negatives do not depend on who else its node hosts."""
         m = self.cfg.dns_candidates

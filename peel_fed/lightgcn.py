@@ -27,6 +27,26 @@ NEGATIVE_SAMPLING = ("uniform", "dns")
 LR_SCHEDULES = ("constant", "cosine")
 
 
+def check_sampling_and_schedule(
+    negative_sampling: str,
+    dns_candidates: int,
+    lr_schedule: str,
+    names: tuple[str, str, str] = ("negative sampling", "dns candidates", "lr schedule"),
+) -> None:
+    """One-line errors for a pretraining recipe's negatives and rate schedule (``names``: how
+    the caller's user spells the three settings)."""
+    if negative_sampling not in NEGATIVE_SAMPLING:
+        raise ValueError(
+            f"{names[0]} must be one of {', '.join(NEGATIVE_SAMPLING)}, got {negative_sampling!r}"
+        )
+    if dns_candidates < 1:
+        raise ValueError(f"{names[1]} must be >= 1, got {dns_candidates}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(
+            f"{names[2]} must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}"
+        )
+
+
 @dataclass
 class LightGCNConfig:
     """Hyper-parameters of LightGCN pretraining.
@@ -76,20 +96,10 @@ class LightGCNConfig:
     lr_schedule: str = "constant"
 
     def __post_init__(self) -> None:
-        if self.negative_sampling not in NEGATIVE_SAMPLING:
-            raise ValueError(
-                f"negative sampling must be one of {', '.join(NEGATIVE_SAMPLING)}, "
-                f"got {self.negative_sampling!r}"
-            )
+        check_sampling_and_schedule(self.negative_sampling, self.dns_candidates, self.lr_schedule)
         if self.negative_sampling == "dns" and self.loss != "bpr":
             raise ValueError(
                 "negative sampling dns needs the bpr loss (use uniform with the softmax loss)"
-            )
-        if self.dns_candidates < 1:
-            raise ValueError(f"dns candidates must be >= 1, got {self.dns_candidates}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(
-                f"lr schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"
             )
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")

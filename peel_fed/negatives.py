@@ -85,8 +85,7 @@ def dns_negatives(
             [(u * first).sum(-1, keepdim=True), by_chunk.reshape(n_chunks * chunk, -1)[:n_rows]],
             dim=1,
         )
-        rows = np.arange(n_rows)
-        chunk_of = rows // chunk
+        chunk_of = np.arange(n_rows) // chunk
         while True:
             best = scores.argmax(dim=1).cpu().numpy()
             chosen = np.where(best == 0, first_negative, shared[chunk_of, np.maximum(best, 1) - 1])

@@ -79,7 +79,7 @@ class PipelineConfig:
     device: str = "cpu"
     bit_planes: bool = True  # PEEL bit-planes rows (one per G_u)
     baselines: bool = True  # row quantization and magnitude pruning rows (slower evaluation)
-    lightgcn: LightGCNConfig = field(default_factory=lambda: default_pretraining())
+    lightgcn: LightGCNConfig = field(default_factory=default_pretraining)
     peel: PEELConfig = field(default_factory=PEELConfig)
 
     def __post_init__(self) -> None:
