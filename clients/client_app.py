@@ -31,6 +31,7 @@ from peel_fed.clustering import UserGroups, fold_in_user_vectors, kmeans_partial
 from peel_fed.messages import (
     Content,
     DataSpec,
+    PretrainStep,
     decode_centroids,
     decode_data,
     decode_dropped,
@@ -43,6 +44,7 @@ from peel_fed.messages import (
     decode_pretrain_down,
     decode_protocol,
     decode_rows_down,
+    decode_rows_request,
     decode_serve_offer,
     decode_session,
     decode_share_request,
@@ -63,6 +65,7 @@ from peel_fed.messages import (
     encode_pretrain_rows,
     encode_public_key,
     encode_revealed,
+    encode_rows_wanted,
     encode_share_ciphertexts,
     encode_shares_revealed,
     encode_stats,
@@ -166,18 +169,12 @@ def stats(msg: Message, context: Context) -> Message:
 
 
 # --- pretraining --------------------------------------------------------------------------------
-def pretrain(msg: Message, context: Context) -> Message:
-    """Federated LightGCN: ``step = init`` sends the first contributions of layer ``k``,
-    ``step = round`` trains the hosted users taking part in the round, ``step = final`` keeps the
-    final user vectors on the device for grouping and PEE learning (nothing goes up)."""
-    torch = _torch()
-    from peel_fed.fedlightgcn import FedLightGCNConfig, PretrainDevices, round_participants
+def _pretrain_devices(
+    node: state.NodeData, step: PretrainStep, degree: np.ndarray, seed: int
+) -> PretrainDevices:
+    """The hosted users' side of federated LightGCN for a pretraining ``step``."""
+    from peel_fed.fedlightgcn import FedLightGCNConfig, PretrainDevices
 
-    content = from_record_dict(msg.content)
-    down = decode_pretrain_down(content)
-    node = state.node_data(down.data, context)
-    store = state.device_store(context, down.data)
-    step = down.step
     cfg = FedLightGCNConfig(
         dim=step.dim,
         layers=step.layers,
@@ -190,16 +187,47 @@ def pretrain(msg: Message, context: Context) -> Message:
         lr_schedule=step.lr_schedule,
         rounds=step.total_rounds,
     )
-    devices = PretrainDevices(
+    return PretrainDevices(
         node.users,
         node.ds.n_users,
         node.ds.n_items,
         node.split.fit,
-        down.degree,
+        degree,
         cfg,
-        down.data.seed,
+        seed,
         sampler=node.fit_sampler,
     )
+
+
+def pretrain_rows(msg: Message, context: Context) -> Message:
+    """Sparse downloads: the item rows this node will read in the pretraining step it is asked
+    about (its users' items; in a round also the taking-part users' negatives and decoys), all
+    drawn by the users' own generators, so known before the tables come."""
+    from peel_fed.fedlightgcn import round_participants
+
+    data, step = decode_rows_request(from_record_dict(msg.content))
+    node = state.node_data(data, context)
+    devices = _pretrain_devices(node, step, np.ones(node.ds.n_items), data.seed)
+    taking_part = None
+    if step.step == "round":
+        taking_part = round_participants(data.seed, node.users, step.round, step.rounds_per_pass)
+    rows = devices.rows_read(step.step, taking_part, step.round or 0)
+    return _reply(msg, encode_rows_wanted(rows, int(node.users.size)))
+
+
+def pretrain(msg: Message, context: Context) -> Message:
+    """Federated LightGCN: ``step = init`` sends the first contributions of layer ``k``,
+    ``step = round`` trains the hosted users taking part in the round, ``step = final`` keeps the
+    final user vectors on the device for grouping and PEE learning (nothing goes up)."""
+    torch = _torch()
+    from peel_fed.fedlightgcn import round_participants
+
+    content = from_record_dict(msg.content)
+    down = decode_pretrain_down(content)
+    node = state.node_data(down.data, context)
+    store = state.device_store(context, down.data)
+    step = down.step
+    devices = _pretrain_devices(node, step, down.degree, down.data.seed)
     # the state after the previous step: a step the server redoes after a crash starts from it
     version = step.k - step.layers if step.step == "init" else step.round
     saved = store.load("pretrain", before=None if step.step == "final" else version)
@@ -594,6 +622,7 @@ def make_client_app(mods: list[Mod] | None = None) -> ClientApp:
     client.query("reveal")(reveal)
     client.query("stats")(stats)
     client.train("pretrain")(pretrain)
+    client.query("rows")(pretrain_rows)
     client.train("rows")(rows)
     client.query("kmeans")(kmeans)
     client.query("group")(group)

@@ -23,6 +23,7 @@ from peel_fed.privacy import DPConfig, PrivacyError, noise_for_epsilon
 from peel_fed.renames import RENAMED_RUN_CONFIG_KEYS, with_current_keys
 
 SECAGG_PROTOCOLS = ("pairwise", "shamir")
+PRETRAIN_DOWNLOADS = ("auto", "sparse", "full")
 
 
 class ConfigError(ValueError):
@@ -74,6 +75,11 @@ class FedConfig:
     pretrain_lr_schedule: str = "constant"
     # pretraining row uploads by secure aggregation over the round's row union (costs bytes)
     secure_rows: bool = False
+    # what a pretraining message sends down: "sparse" (each node first says which item rows it
+    # will read, then gets only those rows of the layers), "full" (every node the whole tables),
+    # or "auto" (sparse, but full with secure-rows, whose point is that the server does not learn
+    # a node's rows)
+    pretrain_download: str = "auto"
     # secure aggregation: "pairwise" masks (a survivor that drops before revealing fails the sum)
     # or "shamir" (double masking, peel_fed.secagg_shamir: up to n - t dropouts at any step, late
     # uploads stay masked; one more exchange), with t = max(ceil(threshold * n), n // 2 + 1)
@@ -126,6 +132,16 @@ class FedConfig:
                 raise ConfigError(
                     f"{key.replace('_', '-')} must be in (0, 1], got {getattr(self, key)}"
                 )
+        if self.pretrain_download not in PRETRAIN_DOWNLOADS:
+            raise ConfigError(
+                f"pretrain-download must be one of {', '.join(PRETRAIN_DOWNLOADS)}, "
+                f"got {self.pretrain_download!r}"
+            )
+        if self.pretrain_download == "sparse" and self.secure_rows:
+            raise ConfigError(
+                "pretrain-download=sparse tells the server each node's rows, which secure-rows "
+                "hides: use pretrain-download=full (or auto) with secure-rows"
+            )
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val-fraction must be in (0, 1), got {self.val_fraction}")
         for key in (
@@ -245,6 +261,13 @@ class FedConfig:
             releases = sum(self.dp_releases().values())
             sigma = noise_for_epsilon(self.dp_target_epsilon, releases, self.dp_delta)
         return DPConfig(self.dp_clip, sigma, self.dp_delta)
+
+    @property
+    def sparse_pretrain_downloads(self) -> bool:
+        """Whether pretraining sends each node only the item rows it reads."""
+        return self.pretrain_download == "sparse" or (
+            self.pretrain_download == "auto" and not self.secure_rows
+        )
 
     def lightgcn(self) -> FedLightGCNConfig:
         """The pretraining part of this config."""

@@ -462,6 +462,33 @@ class PretrainDevices:
         ]
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
+    def _dns_layout(
+        self, users: np.ndarray, round_no: int, owner: np.ndarray, first: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """DNS candidates of a round: per chunk of ``DNS_CHUNK`` pairs of one user, the owner,
+        the pairs' first negatives (padded), ``dns_candidates - 1`` shared items drawn by the
+        user's own generator, and each pair's slot in the padded rows."""
+        m = self.cfg.dns_candidates
+        counts = np.bincount(owner, minlength=users.size)
+        chunks = -(-counts // DNS_CHUNK)
+        pair_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        chunk_start = np.concatenate([[0], np.cumsum(chunks)[:-1]])
+        rank = np.arange(owner.size) - pair_start[owner]  # pairs are sorted by owner
+        slot = chunk_start[owner] * DNS_CHUNK + rank
+        row_owner = np.repeat(np.arange(users.size), chunks * DNS_CHUNK)
+        padded_first = np.zeros(row_owner.size, dtype=np.int64)
+        padded_first[slot] = first
+        shared = np.concatenate(
+            [np.zeros((0, m - 1), dtype=np.int64)]
+            + [
+                user_rng(self.seed, int(u), DNS_STREAM + round_no).integers(
+                    0, self.n_items, size=(int(c), m - 1)
+                )
+                for u, c in zip(users, chunks, strict=True)
+            ]
+        )
+        return row_owner, padded_first, shared, slot
+
     def _dns_negatives(
         self,
         users: np.ndarray,
@@ -476,26 +503,9 @@ class PretrainDevices:
         centralized, :func:`peel_fed.negatives.dns_negatives`). The candidates come from each
         user's own generator and are shared by ``DNS_CHUNK`` of its pairs; no chunk spans two
         users, so a user's negatives do not depend on who else its node hosts."""
-        m = self.cfg.dns_candidates
-        if m == 1 or owner.size == 0:
+        if self.cfg.dns_candidates == 1 or owner.size == 0:
             return first
-        counts = np.bincount(owner, minlength=users.size)
-        chunks = -(-counts // DNS_CHUNK)
-        pair_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        chunk_start = np.concatenate([[0], np.cumsum(chunks)[:-1]])
-        rank = np.arange(owner.size) - pair_start[owner]  # pairs are sorted by owner
-        slot = chunk_start[owner] * DNS_CHUNK + rank
-        row_owner = np.repeat(np.arange(users.size), chunks * DNS_CHUNK)
-        padded_first = np.zeros(row_owner.size, dtype=np.int64)
-        padded_first[slot] = first
-        shared = np.concatenate(
-            [
-                user_rng(self.seed, int(u), DNS_STREAM + round_no).integers(
-                    0, self.n_items, size=(int(c), m - 1)
-                )
-                for u, c in zip(users, chunks, strict=True)
-            ]
-        )
+        row_owner, padded_first, shared, slot = self._dns_layout(users, round_no, owner, first)
         with torch.no_grad():
             uf = torch.stack(self.user_layers(users, self.U0[local], layers)).mean(0)
             item_final = torch.stack(layers).mean(0)
@@ -509,6 +519,49 @@ class PretrainDevices:
             DNS_CHUNK,
         )
         return chosen[slot]
+
+    def _decoy_negatives(self, users: np.ndarray, d_owner: np.ndarray, round_no: int) -> np.ndarray:
+        """One negative per decoy pair, drawn by each user's own generator."""
+        per_user = np.bincount(d_owner, minlength=users.size)
+        return np.concatenate(
+            [np.zeros(0, dtype=np.int64)]
+            + [
+                self.sampler.sample(
+                    np.full(int(n), u), user_rng(self.seed, int(u), DECOY_NEG_STREAM + round_no)
+                )
+                for u, n in zip(users, per_user, strict=True)
+                if n
+            ]
+        )
+
+    def rows_read(
+        self, step: str, users: np.ndarray | None = None, round_no: int = 0
+    ) -> np.ndarray:
+        """The item rows (sorted) this node reads from the item layers in a pretraining step,
+        so that a sparse download of just these rows gives the same result as the full tables.
+
+        ``init`` and ``final``: the hosted users' items (propagation). ``round``: the items of
+        ``users`` that take part, their negatives (with DNS every candidate), and their decoys
+        with the decoys' negatives. Everything here is drawn by the users' own generators, so the
+        node knows it before the download.
+        """
+        if step in ("init", "final"):
+            lo, hi = self.bounds[self.users], self.bounds[self.users + 1]
+            return np.unique(self.edges.items[concat_ranges(lo, hi)])
+        if step != "round":
+            raise ValueError(f"unknown pretrain step {step!r}")
+        users = np.asarray(users, dtype=np.int64)
+        users = users[self.user_degree[users] > 0]
+        lo, hi = self.bounds[users], self.bounds[users + 1]
+        owner = np.repeat(np.arange(users.size), hi - lo)
+        parts = [self.edges.items[concat_ranges(lo, hi)]]
+        first = self._negatives(users, round_no)
+        parts.append(first)
+        if self.cfg.negative_sampling == "dns" and self.cfg.dns_candidates > 1 and owner.size:
+            parts.append(self._dns_layout(users, round_no, owner, first)[2].ravel())
+        d_owner, d_items = self.decoy_items(users)
+        parts += [d_items, self._decoy_negatives(users, d_owner, round_no)]
+        return np.unique(np.concatenate(parts).astype(np.int64))
 
     def device_round(
         self,
@@ -546,17 +599,7 @@ class PretrainDevices:
         # decoys: pairs of (decoy, negative) whose gradient goes up as a positive's would, with
         # the user's vector held fixed (its own training sees only its real items)
         d_owner, d_items = self.decoy_items(users)
-        per_user = np.bincount(d_owner, minlength=users.size)
-        d_neg = np.concatenate(
-            [np.zeros(0, dtype=np.int64)]
-            + [
-                self.sampler.sample(
-                    np.full(int(n), u), user_rng(self.seed, int(u), DECOY_NEG_STREAM + round_no)
-                )
-                for u, n in zip(users, per_user, strict=True)
-                if n
-            ]
-        )
+        d_neg = self._decoy_negatives(users, d_owner, round_no)
         # every (user, row) pair gets its own copy of the E0 row, so that the gradient of each
         # user's loss stays apart (per-user clipping) until the rows are summed
         pos_keys, neg_keys = owner * self.n_items + pos_items, owner * self.n_items + neg_items

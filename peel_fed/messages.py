@@ -437,33 +437,79 @@ class PretrainStep:
 
 @dataclass
 class PretrainDown:
-    """A pretraining download: the step, the item layers ``E0..EK`` and the fit item degree."""
+    """A pretraining download: the step, the item layers ``E0..EK`` and the fit item degree.
+
+    With ``rows`` (a sparse download, ``pretrain-download``), ``layers`` and ``degree`` hold just
+    those rows; :func:`decode_pretrain_down` lays them out over the whole table, zero elsewhere,
+    so the device computes as it does on the full tables (it reads only the rows it asked for).
+    """
 
     data: DataSpec
     step: PretrainStep
     layers: list[np.ndarray]
     degree: np.ndarray
+    rows: np.ndarray | None = None
+    n_items: int = 0  # the table's rows (sparse downloads)
 
 
 def encode_pretrain_down(down: PretrainDown) -> Content:
-    return Content(
-        arrays={
-            "tables": {f"layer-{k}": layer for k, layer in enumerate(down.layers)},
-            "degree": {"degree": down.degree},
-        },
-        configs={"data": down.data.to_config(), "pretrain": down.step.to_config()},
-    )
+    arrays = {
+        "tables": {f"layer-{k}": layer for k, layer in enumerate(down.layers)},
+        "degree": {"degree": down.degree},
+    }
+    configs = {"data": down.data.to_config(), "pretrain": down.step.to_config()}
+    if down.rows is not None:
+        arrays["rows"] = {"rows": np.asarray(down.rows, dtype=np.int64)}
+        configs["sparse"] = {"n-items": int(down.n_items)}
+    return Content(arrays=arrays, configs=configs)
 
 
 def decode_pretrain_down(content: Content) -> PretrainDown:
+    """The download, with sparse rows laid out over the whole table (zero elsewhere)."""
     step = PretrainStep.from_config(content.configs["pretrain"])
     tables = content.arrays["tables"]
-    return PretrainDown(
-        data=decode_data(content),
-        step=step,
-        layers=[tables[f"layer-{k}"] for k in range(step.layers + 1)],
-        degree=content.arrays["degree"]["degree"],
+    layers = [tables[f"layer-{k}"] for k in range(step.layers + 1)]
+    degree = content.arrays["degree"]["degree"]
+    if "rows" in content.arrays:
+        rows = content.arrays["rows"]["rows"]
+        n_items = int(content.configs["sparse"]["n-items"])
+        if rows.size and (rows.min() < 0 or rows.max() >= n_items):
+            raise ValueError(f"sparse pretraining rows outside the table of {n_items} items")
+        full = []
+        for layer in layers:
+            table = np.zeros((n_items, layer.shape[1]), dtype=layer.dtype)
+            table[rows] = layer
+            full.append(table)
+        full_degree = np.zeros(n_items, dtype=degree.dtype)
+        full_degree[rows] = degree
+        layers, degree = full, full_degree
+    return PretrainDown(data=decode_data(content), step=step, layers=layers, degree=degree)
+
+
+def encode_rows_request(data: DataSpec, step: PretrainStep) -> Content:
+    """Sparse pretraining downloads, first half: the step, without tables; the node answers with
+    the rows it will read (:func:`encode_rows_wanted`)."""
+    return Content(configs={"data": data.to_config(), "pretrain": step.to_config()})
+
+
+def decode_rows_request(content: Content) -> tuple[DataSpec, PretrainStep]:
+    return decode_data(content), PretrainStep.from_config(content.configs["pretrain"])
+
+
+def encode_rows_wanted(rows: np.ndarray, users: int) -> Content:
+    """The item rows a node reads in the step it was asked about (sorted, unique)."""
+    return Content(
+        arrays={"rows": {"rows": np.asarray(rows, dtype=np.int64)}},
+        metrics={"metrics": {"users": users}},
     )
+
+
+def decode_rows_wanted(content: Content, n_items: int) -> np.ndarray:
+    """The rows a node asked for; a one-line error for ids outside the table."""
+    rows = np.asarray(content.arrays["rows"]["rows"], dtype=np.int64)
+    if rows.size and (rows.min() < 0 or rows.max() >= n_items):
+        raise ValueError(f"a node asked for pretraining rows outside the table of {n_items} items")
+    return np.unique(rows)
 
 
 def encode_contribution(rows: np.ndarray, delta: np.ndarray, users: int) -> Content:

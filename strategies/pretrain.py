@@ -24,13 +24,15 @@ from peel_fed.messages import (
     decode_device_update,
     decode_pretrain_row_counts,
     decode_pretrain_rows,
+    decode_rows_wanted,
     encode_pretrain_down,
     encode_rows_down,
+    encode_rows_request,
 )
 from peel_fed.privacy import noised
 from strategies.base import PhaseStrategy, node_sample, reply_contents, upload_users
 from strategies.log import PhaseLog
-from strategies.phases import exchange
+from strategies.phases import PhaseReport, exchange
 from strategies.stats import StatsResult
 
 
@@ -77,11 +79,48 @@ class PretrainStrategy(PhaseStrategy):
             total_rounds=self.server.cfg.rounds,
         )
 
-    def configure(self, step: PretrainStep) -> RecordDict:
-        """The item layers as they are now, the fit item degree and the step's settings."""
+    def configure(self, step: PretrainStep, rows: np.ndarray | None = None) -> RecordDict:
+        """The item layers as they are now, the fit item degree and the step's settings; with
+        ``rows``, only those rows (a sparse download)."""
         layers = [layer.numpy() for layer in self.server.item_layers()]
-        down = PretrainDown(self.data, step, layers, self.stats.fit_degree)
+        degree = self.stats.fit_degree
+        if rows is None:
+            down = PretrainDown(self.data, step, layers, degree)
+        else:
+            down = PretrainDown(
+                self.data, step, [t[rows] for t in layers], degree[rows], rows, self.stats.n_items
+            )
         return to_record_dict(encode_pretrain_down(down))
+
+    def send(
+        self, grid: Grid, nodes: list[int], step: PretrainStep, phase: str, round_: int = 0
+    ) -> tuple[dict, PhaseReport, int]:
+        """One clear pretraining exchange of ``step``: the whole tables to every node, or with
+        sparse downloads first ``query.rows`` (each node names the rows it will read) and then
+        each node just its rows. A node with nothing to read in a round (no user of it takes
+        part) is not asked to train; returns the replies, the report and how many such idle
+        nodes answered."""
+        timeout = self.cfg.round_timeout_s
+        if not self.cfg.sparse_pretrain_downloads:
+            content = self.configure(step)
+            return (*exchange(grid, nodes, "train.pretrain", content, timeout, phase, round_), 0)
+        ask = to_record_dict(encode_rows_request(self.data, step))
+        # its own phase in the bytes report ("pretrain-ask", "pretrain-ask/init", "final-ask")
+        head, _, tail = phase.partition("/")
+        ask_phase = f"{head}-ask" + (f"/{tail}" if tail else "")
+        asked, rep = exchange(grid, nodes, "query.rows", ask, timeout, ask_phase, round_)
+        self.log.add(rep)
+        contents, idle = {}, 0
+        for node, content in reply_contents(asked).items():
+            rows = decode_rows_wanted(from_record_dict(content), self.stats.n_items)
+            if rows.size or step.step != "round":
+                contents[node] = self.configure(step, rows)
+            else:
+                idle += 1
+        replies, rep = exchange(
+            grid, list(contents), "train.pretrain", contents, timeout, phase, round_
+        )
+        return replies, rep, idle
 
     def aggregate_contributions(self, replies: dict[int, RecordDict], k: int) -> None:
         """An ``init`` step of layer ``k`` in the clear: add every node's first contributions
@@ -133,16 +172,12 @@ class PretrainStrategy(PhaseStrategy):
         """Run the steps not done yet (all, unless resumed from a checkpoint); ``on_step`` is
         called after each (``"pretrain init 0"``, ``"pretrain round 3"``, ``"pretrain final"``)."""
         cfg = self.cfg
-        timeout = cfg.round_timeout_s
         done = on_step or (lambda _: None)
         for k in range(self.next_layer, cfg.layers):
-            content = self.configure(self.step("init", k=k))
             if cfg.secure_rows:
-                self._secure_round(grid, nodes, content, k, False)
+                self._secure_round(grid, nodes, self.configure(self.step("init", k=k)), k, False)
             else:
-                replies, rep = exchange(
-                    grid, nodes, "train.pretrain", content, timeout, "pretrain/init", k
-                )
+                replies, rep, _ = self.send(grid, nodes, self.step("init", k=k), "pretrain/init", k)
                 self.log.add(rep)
                 self.aggregate_contributions(reply_contents(replies), k)
             self.next_layer = k + 1
@@ -157,8 +192,7 @@ class PretrainStrategy(PhaseStrategy):
             done(f"pretrain round {r}")
         bar.close()
         if not self.finished:
-            content = self.configure(self.step("final"))
-            _, rep = exchange(grid, nodes, "train.pretrain", content, timeout, "final")
+            _, rep, _ = self.send(grid, nodes, self.step("final"), "final")
             self.log.add(rep)
             log(
                 f"pretraining: {rounds} rounds ({cfg.pretrain_passes} passes); final vectors kept "
@@ -172,18 +206,16 @@ class PretrainStrategy(PhaseStrategy):
         cfg = self.cfg
         self.server.set_round(r)
         sample = node_sample(nodes, cfg.fraction_nodes, self.sampling_rng)
-        content = self.configure(self.step("round", round=r, rounds_per_pass=per_pass))
+        step = self.step("round", round=r, rounds_per_pass=per_pass)
         if cfg.secure_rows:
-            s = self._secure_round(grid, sample, content, r, True)
+            s = self._secure_round(grid, sample, self.configure(step), r, True)
             self.history.append({"round": r, **s})
             bar.update(1)
             return
-        replies, rep = exchange(
-            grid, sample, "train.pretrain", content, cfg.round_timeout_s, "pretrain", r
-        )
+        replies, rep, idle = self.send(grid, sample, step, "pretrain", r)
         contents = reply_contents(replies)
         self.log.add(rep, upload_users(contents))
-        if len(replies) < min(cfg.min_nodes, len(sample)):
+        if len(replies) + idle < min(cfg.min_nodes, len(sample)):
             log(f"pretrain round {r}: {len(replies)} replies < min-nodes; round skipped")
             return
         s = self.aggregate_round(contents)
