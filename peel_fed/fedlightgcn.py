@@ -540,14 +540,16 @@ class PretrainDevices:
         """The item rows (sorted) this node reads from the item layers in a pretraining step,
         so that a sparse download of just these rows gives the same result as the full tables.
 
-        ``init`` and ``final``: the hosted users' items (propagation). ``round``: the items of
+        ``init`` and ``final``: the hosted users' items (propagation) and decoys (a node asks
+        for no fewer rows than its clear upload touches, so a request is never exactly a user's
+        item list when the upload is not). ``round``: the items of
         ``users`` that take part, their negatives (with DNS every candidate), and their decoys
         with the decoys' negatives. Everything here is drawn by the users' own generators, so the
         node knows it before the download.
         """
         if step in ("init", "final"):
-            lo, hi = self.bounds[self.users], self.bounds[self.users + 1]
-            return np.unique(self.edges.items[concat_ranges(lo, hi)])
+            # the decoys too, though not read: the request says no more than the upload does
+            return np.unique(self._contribution_pairs(self.users)[1])
         if step != "round":
             raise ValueError(f"unknown pretrain step {step!r}")
         users = np.asarray(users, dtype=np.int64)
