@@ -44,11 +44,10 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class NodeData:
-    """The dataset, its fit/validation split and the ids of the users this node hosts."""
+class SharedData:
+    """A dataset and its fit/validation split, shared by every partition a process hosts."""
 
     ds: Dataset
-    users: np.ndarray
     split: TrainValSplit
 
     @cached_property
@@ -56,6 +55,26 @@ class NodeData:
         from peel_fed.negatives import NegativeSampler
 
         return NegativeSampler(self.split.fit, self.ds.n_items)
+
+
+@dataclass
+class NodeData:
+    """The dataset, its fit/validation split and the ids of the users this node hosts."""
+
+    shared: SharedData
+    users: np.ndarray
+
+    @property
+    def ds(self) -> Dataset:
+        return self.shared.ds
+
+    @property
+    def split(self) -> TrainValSplit:
+        return self.shared.split
+
+    @property
+    def fit_sampler(self) -> NegativeSampler:
+        return self.shared.fit_sampler
 
     def items_of(self, edges: Interactions) -> np.ndarray:
         """The items of the hosted users' interactions in ``edges`` (users are contiguous)."""
@@ -65,7 +84,9 @@ class NodeData:
         return edges.items[bounds[self.users[0]] : bounds[self.users[-1] + 1]]
 
 
-_DATA_CACHE: dict[tuple, NodeData] = {}
+# one dataset per process: a simulation process hosts many partitions in turn (1,000 nodes on
+# two Ray workers), and reloading the data for each of them cost seconds per message
+_DATA_CACHE: dict[tuple, SharedData] = {}
 
 
 def partition(context: Context) -> tuple[int, int]:
@@ -80,13 +101,14 @@ def node_data(data: DataSpec, context: Context) -> NodeData:
     each SuperNode's own data) takes precedence."""
     data_dir = str(context.node_config.get("data-dir", "") or data.data_dir)
     pid, num = partition(context)
-    key = (data.dataset, data_dir, data.seed, data.val_fraction, pid, num)
+    key = (data.dataset, data_dir, data.seed, data.val_fraction)
     if key not in _DATA_CACHE:
         _DATA_CACHE.clear()
         ds = load_dataset(data.dataset, data_dir or None)
         split = split_validation(ds.train, ds.n_users, data.val_fraction, seed=data.seed)
-        _DATA_CACHE[key] = NodeData(ds, partition_users(ds.n_users, num, pid), split)
-    return _DATA_CACHE[key]
+        _DATA_CACHE[key] = SharedData(ds, split)
+    shared = _DATA_CACHE[key]
+    return NodeData(shared, partition_users(shared.ds.n_users, num, pid))
 
 
 def node_budget(context: Context) -> str | None:

@@ -117,8 +117,10 @@ def run_federated_simulation(
     wrap_grid: Callable | None = None,
     num_cpus: int | None = None,
     ray_address: str | None = None,
+    server_main: Callable | None = None,
 ) -> dict:
-    """Run the pipeline in Flower's Ray simulation; returns the report ``run_pipeline`` built.
+    """Run the pipeline in Flower's Ray simulation; returns the report ``run_pipeline`` built
+    (or ``server_main(grid, cfg)``, which benchmarks use to run some phases only).
 
     ``mods`` wrap every ClientApp handler and ``wrap_grid`` wraps the server's grid (tests use
     them to inject failures and to audit uploads). ``ray_address`` attaches to a running Ray
@@ -143,7 +145,8 @@ def run_federated_simulation(
 
         @server.main()
         def _main(grid, context) -> None:
-            captured["report"] = run_pipeline(wrap_grid(grid) if wrap_grid else grid, cfg)
+            body = server_main or run_pipeline
+            captured["report"] = body(wrap_grid(grid) if wrap_grid else grid, cfg)
 
         from sim.interrupts import Terminated, is_sigterm_exit
         from strategies.phases import STOP

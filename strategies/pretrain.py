@@ -79,10 +79,17 @@ class PretrainStrategy(PhaseStrategy):
             total_rounds=self.server.cfg.rounds,
         )
 
-    def configure(self, step: PretrainStep, rows: np.ndarray | None = None) -> RecordDict:
-        """The item layers as they are now, the fit item degree and the step's settings; with
-        ``rows``, only those rows (a sparse download)."""
-        layers = [layer.numpy() for layer in self.server.item_layers()]
+    def configure(
+        self,
+        step: PretrainStep,
+        rows: np.ndarray | None = None,
+        layers: list[np.ndarray] | None = None,
+    ) -> RecordDict:
+        """The item layers as they are now (or ``layers``, computed once for all nodes), the fit
+        item degree and the step's settings; with ``rows``, only those rows (a sparse
+        download)."""
+        if layers is None:
+            layers = [layer.numpy() for layer in self.server.item_layers()]
         degree = self.stats.fit_degree
         if rows is None:
             down = PretrainDown(self.data, step, layers, degree)
@@ -111,10 +118,11 @@ class PretrainStrategy(PhaseStrategy):
         asked, rep = exchange(grid, nodes, "query.rows", ask, timeout, ask_phase, round_)
         self.log.add(rep)
         contents, idle = {}, 0
+        layers = [layer.numpy() for layer in self.server.item_layers()]
         for node, content in reply_contents(asked).items():
             rows = decode_rows_wanted(from_record_dict(content), self.stats.n_items)
             if rows.size or step.step != "round":
-                contents[node] = self.configure(step, rows)
+                contents[node] = self.configure(step, rows, layers)
             else:
                 idle += 1
         replies, rep = exchange(

@@ -114,9 +114,14 @@ def test_a_run_killed_mid_pretraining_resumes_on_tls_and_leaves_nothing_behind(
     reference_grid = LocalGrid(3)
     for p, ctx in enumerate(reference_grid.contexts.values()):
         ctx.node_config["device-budget"] = BUDGETS[p % 2]
-    reference = run_pipeline(reference_grid, FedConfig(**run))
+    reference = run_pipeline(reference_grid, FedConfig(**run))  # sparse pretraining downloads
     work, out = tmp_path / "work", tmp_path / "out"
-    cfg = FedConfig(**run, out_dir=str(out), device_state_dir=str(out / "device-state"))
+    # full downloads here (fewer exchanges, and the same numbers as the sparse reference); the
+    # late-joiner test below deploys sparse ones
+    cfg = FedConfig(
+        **run, out_dir=str(out), device_state_dir=str(out / "device-state"),
+        pretrain_download="full",
+    )  # fmt: skip
     first_ids = _crash_mid_pretraining(tmp_path, cfg)
 
     probes: dict[str, object] = {}
@@ -262,7 +267,9 @@ def test_killed_supernode_and_late_joiner_do_not_stop_the_run(tmp_path):
     part = report["participation"]
     assert str(late) in part["late"] and str(killed) in part["gone"]
     assert part["nodes"][str(killed)]["stats"] == {"sent": 2, "replied": 2, "failed": 0}
-    assert part["nodes"][str(killed)]["pretrain"]["failed"] >= 1
+    # killed after the statistics: its next exchange (the pretraining ask) fails
+    killed_phases = part["nodes"][str(killed)]
+    assert sum(p["failed"] for k, p in killed_phases.items() if k.startswith("pretrain")) >= 1
     for node in survivors:
         assert all(p["failed"] == 0 for p in part["nodes"][str(node)].values())
     failed_nodes = {n for f in report["failures"].values() for n in f["by_node"]}

@@ -143,7 +143,8 @@ def test_pipeline_with_sparse_downloads_ends_as_with_full_ones(server_identity):
     runs, types = {}, {}
     for mode in ("full", "sparse"):
         grid = LocalGrid(6)
-        runs[mode] = run_pipeline(grid, FedConfig(**{**SMALL, "min_nodes": 6}, pretrain_download=mode))
+        cfg = FedConfig(**{**SMALL, "min_nodes": 6}, pretrain_download=mode)
+        runs[mode] = run_pipeline(grid, cfg)
         types[mode] = grid.types
     full, sparse = runs["full"], runs["sparse"]
     assert "query.rows" not in types["full"] and "query.rows" in types["sparse"]
