@@ -192,15 +192,22 @@ def _agreement(rows: list[dict]) -> None:
         }
 
 
+def _seconds(phases: dict, *names: str) -> str:
+    """The exchange seconds of these phases, summed ("-" if none ran)."""
+    ran = [phases[n]["exchange_seconds"] for n in names if n in phases]
+    return f"{sum(ran):.0f}" if ran else "-"
+
+
 def markdown(report: dict) -> str:
     lines = [
         f"## Federated pretraining at scale on {report['dataset']} ({report['passes']} pass(es), "
         f"{report['rounds']} rounds, pretrain-download={report['download']}, "
         f"{report['num_cpus']} CPUs)",
         "",
-        "| nodes | finished | wall s | median s / round | down B / node / round | "
-        "ask down+up B / node | up B / reply | peak RSS | item table vs first (max abs, rel) |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---|",
+        "| nodes | finished | wall s | median s / round | statistics s | asks s | "
+        "down B / node / round | ask down+up B / node | up B / reply | peak RSS | "
+        "item table vs first (max abs, rel) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in report["rows"]:
         b = r.get("bytes", {})
@@ -219,7 +226,8 @@ def markdown(report: dict) -> str:
             agree = f"{ag['item_table_max_abs_diff']:.1e}, {ag['item_table_rel_diff']:.1e}"
         lines.append(
             f"| {r['nodes']} | {done} | {r['wall_seconds']:.0f} | "
-            f"{'-' if med is None else f'{med:.1f}'} | "
+            f"{'-' if med is None else f'{med:.1f}'} | {_seconds(b, 'stats')} | "
+            f"{_seconds(b, 'pretrain-ask', 'final-ask')} | "
             f"{pre.get('down_bytes_per_node_per_exchange', 0):,.0f} | {ask_bytes} | "
             f"{pre.get('up_bytes_per_reply', 0):,.0f} | {peak} | {agree} |"
         )
@@ -227,7 +235,10 @@ def markdown(report: dict) -> str:
         "",
         "Down B / node / round: the pretraining rounds' mean bytes per node that was sent the "
         "tables (a node none of whose users takes part in a round is asked for its rows but "
-        "not sent any). Peak RSS sums the resident sets of the driver and Ray's processes.",
+        "not sent any). Statistics: the two secure-aggregation exchanges (pairwise masks, "
+        "whose cost grows with the square of the node count). Asks: the pretraining steps' "
+        "`query.rows` exchanges together. Peak RSS sums the resident sets of the driver and "
+        "Ray's processes.",
         "",
         f"Command: `{report['command']}`",
         "",

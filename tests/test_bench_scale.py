@@ -9,8 +9,12 @@ from sim import bench_scale
 def _report(table: np.ndarray, losses: list[float]) -> dict:
     down = {"down_bytes_per_node_per_exchange": 1000.0, "up_bytes_per_reply": 400.0}
     ask = {"down_bytes_per_node_per_exchange": 20.0, "up_bytes_per_reply": 30.0}
+    asks = {
+        "pretrain-ask": {**ask, "exchange_seconds": 3.0},
+        "final-ask": {"exchange_seconds": 1.0},
+    }
     return {
-        "bytes": {"pretrain": down, "pretrain-ask": ask},
+        "bytes": {"pretrain": down, "stats": {"exchange_seconds": 7.4}, **asks},
         "losses": losses,
         "peak_rss_bytes": 2**30,
         "item_table": table,
@@ -57,7 +61,9 @@ def test_agreement_is_measured_against_the_first_finished_count(tmp_path):
     }
     md = bench_scale.markdown(report)
     lines = [ln for ln in md.splitlines() if ln.startswith("| 100 |")]
-    assert lines == ["| 100 | yes | 5 | - | 1,000 | 50 | 400 | 1.00 GiB | 5.0e-01, 2.2e-02 |"]
+    assert lines == [
+        "| 100 | yes | 5 | - | 7 | 4 | 1,000 | 50 | 400 | 1.00 GiB | 5.0e-01, 2.2e-02 |"
+    ]
     assert "| 2 | no: - |" in md
 
 
