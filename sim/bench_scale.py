@@ -44,7 +44,7 @@ class PeakMemory:
 
     def _sample(self) -> int:
         """Resident bytes of this process and its descendants, read from Linux's /proc."""
-        parent, rss = {}, {}
+        parent, rss, page = {}, {}, os.sysconf("SC_PAGE_SIZE")
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
                 continue
@@ -54,7 +54,7 @@ class PeakMemory:
             except OSError:  # a process that just ended
                 continue
             parent[int(entry)] = int(fields[1])
-            rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+            rss[int(entry)] = int(fields[21]) * page
         children: dict[int, list[int]] = {}
         for pid, ppid in parent.items():
             children.setdefault(ppid, []).append(pid)
