@@ -31,6 +31,7 @@ from peel_fed.clustering import UserGroups, fold_in_user_vectors, kmeans_partial
 from peel_fed.messages import (
     Content,
     DataSpec,
+    PEERound,
     PretrainStep,
     decode_centroids,
     decode_data,
@@ -39,6 +40,7 @@ from peel_fed.messages import (
     decode_inbox,
     decode_pee_down,
     decode_pee_rows_down,
+    decode_pee_rows_request,
     decode_pee_uploads,
     decode_peer_keys,
     decode_pretrain_down,
@@ -60,6 +62,7 @@ from peel_fed.messages import (
     encode_pee_reply,
     encode_pee_row_counts,
     encode_pee_rows,
+    encode_pee_rows_wanted,
     encode_pee_uploads,
     encode_pretrain_row_counts,
     encode_pretrain_rows,
@@ -382,20 +385,51 @@ def planes(msg: Message, context: Context) -> Message:
 
 
 # --- PEE learning -------------------------------------------------------------------------------
+def _pee_round_users(
+    node: state.NodeData, store: state.DeviceStore, round_: PEERound, seed: int
+) -> dict[int, np.ndarray]:
+    """Per user group of the hosted users, those of them that take part in the round."""
+    from peel_fed.fedlightgcn import round_participants
+    from peel_fed.fedpee import PEE_SLOT_STREAM
+
+    groups = store.user_groups()
+    if groups is None:
+        raise RuntimeError("PEE learning before grouping on this node")
+    taking_part = np.isin(
+        node.users,
+        round_participants(seed, node.users, round_.round, round_.rounds_per_pass, PEE_SLOT_STREAM),
+    )
+    return {g: node.users[(groups == g) & taking_part] for g in sorted(set(groups.tolist()))}
+
+
+def pee_read(msg: Message, context: Context) -> Message:
+    """Sparse PEE downloads: per user group of the hosted users, the table rows the round's
+    taking-part users will read (their training and validation items and negatives, all drawn
+    by their own generators, so known before the tables come)."""
+    from peel_fed.fedpee import PEEPairs
+
+    data, round_ = decode_pee_rows_request(from_record_dict(msg.content))
+    node = state.node_data(data, context)
+    store = state.device_store(context, data)
+    pairs = PEEPairs(node.ds.n_users, node.ds.n_items, node.split.fit, node.split.val, data.seed)
+    rows = {
+        g: pairs.rows_read(users, round_.round)
+        for g, users in _pee_round_users(node, store, round_, data.seed).items()
+    }
+    return _reply(msg, encode_pee_rows_wanted(rows, int(node.users.size)))
+
+
 def pee(msg: Message, context: Context) -> Message:
     """Fine-tune the tables of the hosted users' groups; gradients and dL_val/d alpha go up."""
     _torch()
-    from peel_fed.fedlightgcn import round_participants
-    from peel_fed.fedpee import PEE_SLOT_STREAM, FedPEEConfig, PEEDevices
+    from peel_fed.fedpee import FedPEEConfig, PEEDevices
 
     content = from_record_dict(msg.content)
     down = decode_pee_down(content)
     node = state.node_data(down.data, context)
     round_, seed = down.round, down.data.seed
     store = state.device_store(context, down.data)
-    groups = store.user_groups()
-    if groups is None:
-        raise RuntimeError("PEE learning before grouping on this node")
+    round_users = _pee_round_users(node, store, round_, seed)
     cfg = FedPEEConfig(local_steps=round_.local_steps, user_lr=round_.user_lr, elastic=True)
     devices = PEEDevices(
         node.users,
@@ -412,13 +446,8 @@ def pee(msg: Message, context: Context) -> Message:
     saved = store.load("pee", before=round_.round)
     if saved is not None:
         devices.load_state(saved)
-    taking_part = np.isin(
-        node.users,
-        round_participants(seed, node.users, round_.round, round_.rounds_per_pass, PEE_SLOT_STREAM),
-    )
     uploads = {}
-    for g in sorted(set(groups.tolist())):
-        users = node.users[(groups == g) & taking_part]
+    for g, users in round_users.items():
         uploads[g] = devices.device_round(
             users,
             down.tables[g],
@@ -627,6 +656,7 @@ def make_client_app(mods: list[Mod] | None = None) -> ClientApp:
     client.query("kmeans")(kmeans)
     client.query("group")(group)
     client.query("planes")(planes)
+    client.query("peeread")(pee_read)
     client.train("pee")(pee)
     client.train("peerows")(pee_rows)
     client.evaluate("budgets")(evaluate)

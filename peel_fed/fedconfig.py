@@ -23,7 +23,7 @@ from peel_fed.privacy import DPConfig, PrivacyError, noise_for_epsilon
 from peel_fed.renames import RENAMED_RUN_CONFIG_KEYS, with_current_keys
 
 SECAGG_PROTOCOLS = ("pairwise", "shamir")
-PRETRAIN_DOWNLOADS = ("auto", "sparse", "full")
+DOWNLOAD_MODES = ("auto", "sparse", "full")
 
 
 class ConfigError(ValueError):
@@ -108,6 +108,9 @@ class FedConfig:
     pee_local_steps: int = 5
     pee_server_lr: float = 5e-3
     pee_user_lr: float = 5e-4
+    # what a PEE round sends down, as pretrain-download: "sparse" (each node first says which
+    # rows of each of its groups' tables its taking-part users read), "full", or "auto"
+    pee_download: str = "auto"
     controller_lr: float = 1e-3
     # deployment and evaluation: budget levels of the table, the distribution each simulated
     # device draws its own budget from, and the dynamic-budget drill (fractions of its budget)
@@ -132,16 +135,17 @@ class FedConfig:
                 raise ConfigError(
                     f"{key.replace('_', '-')} must be in (0, 1], got {getattr(self, key)}"
                 )
-        if self.pretrain_download not in PRETRAIN_DOWNLOADS:
-            raise ConfigError(
-                f"pretrain-download must be one of {', '.join(PRETRAIN_DOWNLOADS)}, "
-                f"got {self.pretrain_download!r}"
-            )
-        if self.pretrain_download == "sparse" and self.secure_rows:
-            raise ConfigError(
-                "pretrain-download=sparse tells the server each node's rows, which secure-rows "
-                "hides: use pretrain-download=full (or auto) with secure-rows"
-            )
+        for key in ("pretrain_download", "pee_download"):
+            name, mode = key.replace("_", "-"), getattr(self, key)
+            if mode not in DOWNLOAD_MODES:
+                raise ConfigError(
+                    f"{name} must be one of {', '.join(DOWNLOAD_MODES)}, got {mode!r}"
+                )
+            if mode == "sparse" and self.secure_rows:
+                raise ConfigError(
+                    f"{name}=sparse tells the server each node's rows, which secure-rows "
+                    f"hides: use {name}=full (or auto) with secure-rows"
+                )
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val-fraction must be in (0, 1), got {self.val_fraction}")
         for key in (
@@ -265,9 +269,15 @@ class FedConfig:
     @property
     def sparse_pretrain_downloads(self) -> bool:
         """Whether pretraining sends each node only the item rows it reads."""
-        return self.pretrain_download == "sparse" or (
-            self.pretrain_download == "auto" and not self.secure_rows
-        )
+        return self._sparse(self.pretrain_download)
+
+    @property
+    def sparse_pee_downloads(self) -> bool:
+        """Whether PEE learning sends each node only the table rows its users read."""
+        return self._sparse(self.pee_download)
+
+    def _sparse(self, mode: str) -> bool:
+        return mode == "sparse" or (mode == "auto" and not self.secure_rows)
 
     def lightgcn(self) -> FedLightGCNConfig:
         """The pretraining part of this config."""

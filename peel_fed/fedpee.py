@@ -18,6 +18,11 @@ Differences from the centralized :func:`peel_fed.peel.learn_group_pee` ([ours], 
 ``docs/method.md``): the table step is one server step per round rather than one per batch, and
 the block-diversity regulariser (a statistic over a batch of items) is not applied, since no
 device sees a batch beyond its own items.
+
+Long file: about 410 lines, on purpose: the server (:class:`PEEGroupServer`), the pairs a device
+draws (:class:`PEEPairs`, which sparse downloads ask for before the tables come), the devices
+(:class:`PEEDevices`) and their in-process composition (:func:`train_fed_pee`) are the two halves
+of one round and are read together.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from peel_fed.privacy import DPConfig, clip_factors, gaussian_noise, noised
 from peel_fed.scoring import bpr_loss, pair_scores
 
 NEG_STREAM = 3_000_003  # + round: a device's PEE negatives
+VAL_NEG_STREAM = NEG_STREAM + 1_000_000  # + round: the negatives of its validation pairs
 PEE_SLOT_STREAM = 6_000_003  # + pass: round participation in PEE learning
 ELASTIC_STREAM = 4_000_003  # + round: a device's sampled elastic budget
 
@@ -151,6 +157,55 @@ class PEEGroupServer:
         }
 
 
+class PEEPairs:
+    """The (positive, negative) pairs a node's users train and validate on in a PEE round, all
+    drawn by the users' own generators: known before any table arrives (sparse downloads)."""
+
+    def __init__(
+        self, n_users: int, n_items: int, fit: Interactions, val: Interactions, seed: int = 0
+    ) -> None:
+        self.fit, self.val, self.seed = fit, val, seed
+        self.fit_bounds = fit.user_bounds(n_users)
+        self.val_bounds = val.user_bounds(n_users)
+        known = Interactions(
+            np.concatenate([fit.users, val.users]), np.concatenate([fit.items, val.items])
+        )
+        self.sampler = NegativeSampler(known, n_items)
+
+    def fit_pairs(self, users: np.ndarray, round_no: int):
+        """(owner index, positive, negative, 1 / d_u weight) of the users' training pairs."""
+        return self._pairs(self.fit, self.fit_bounds, users, NEG_STREAM + round_no)
+
+    def val_pairs(self, users: np.ndarray, round_no: int):
+        """The same for the users' validation pairs."""
+        return self._pairs(self.val, self.val_bounds, users, VAL_NEG_STREAM + round_no)
+
+    def rows_read(self, users: np.ndarray, round_no: int) -> np.ndarray:
+        """The table rows (sorted) that :meth:`PEEDevices.device_round` of ``users`` reads in
+        round ``round_no``, so that a sparse download of just these rows gives the same result
+        as the whole table: the users' training items and negatives, and their validation items
+        and negatives."""
+        users = np.asarray(users, dtype=np.int64)
+        users = users[np.diff(self.fit_bounds)[users] > 0]
+        _, pos, neg, _ = self.fit_pairs(users, round_no)
+        val_users = users[np.diff(self.val_bounds)[users] > 0]
+        _, vpos, vneg, _ = self.val_pairs(val_users, round_no)
+        return np.unique(np.concatenate([pos, neg, vpos, vneg]).astype(np.int64))
+
+    def _pairs(self, edges: Interactions, bounds: np.ndarray, users: np.ndarray, stream: int):
+        lo, hi = bounds[users], bounds[users + 1]
+        counts = hi - lo
+        owner = np.repeat(np.arange(users.size), counts)
+        pos = edges.items[concat_ranges(lo, hi)]
+        negs = [
+            self.sampler.sample(np.full(int(c), u), user_rng(self.seed, int(u), stream))
+            for u, c in zip(users, counts, strict=True)
+        ]
+        neg = np.concatenate(negs) if negs else np.zeros(0, dtype=np.int64)
+        weight = 1.0 / np.repeat(np.maximum(counts, 1), counts)
+        return owner, pos, neg, weight
+
+
 class PEEDevices:
     """Device side of PEE learning for the users one node hosts: their PEE user vectors and the
     Adam moments of those vectors (a phone's state; a simulated node keeps it for all its users).
@@ -171,13 +226,9 @@ class PEEDevices:
         self.vecs = torch.tensor(user_vectors, dtype=torch.float32)
         self.adam = RowAdam(tuple(self.vecs.shape), cfg.user_lr)
         self.layout, self.cfg, self.seed = layout, cfg, seed
+        self.pairs = PEEPairs(n_users, layout.n_items, fit, val, seed)
         self.fit, self.val = fit, val
-        self.fit_bounds = fit.user_bounds(n_users)
-        self.val_bounds = val.user_bounds(n_users)
-        known = Interactions(
-            np.concatenate([fit.users, val.users]), np.concatenate([fit.items, val.items])
-        )
-        self.sampler = NegativeSampler(known, layout.n_items)
+        self.fit_bounds, self.val_bounds = self.pairs.fit_bounds, self.pairs.val_bounds
         self.item_groups = torch.from_numpy(layout.item_groups)
 
     def state_arrays(self) -> dict[str, np.ndarray]:
@@ -188,19 +239,6 @@ class PEEDevices:
             raise ValueError("device state belongs to other users")
         self.vecs = torch.from_numpy(np.array(arrays["vecs"]))
         self.adam.load(arrays)
-
-    def _pairs(self, edges: Interactions, bounds: np.ndarray, users: np.ndarray, stream: int):
-        lo, hi = bounds[users], bounds[users + 1]
-        counts = hi - lo
-        owner = np.repeat(np.arange(users.size), counts)
-        pos = edges.items[concat_ranges(lo, hi)]
-        negs = [
-            self.sampler.sample(np.full(int(c), u), user_rng(self.seed, int(u), stream))
-            for u, c in zip(users, counts, strict=True)
-        ]
-        neg = np.concatenate(negs) if negs else np.zeros(0, dtype=np.int64)
-        weight = 1.0 / np.repeat(np.maximum(counts, 1), counts)
-        return owner, pos, neg, weight
 
     def device_round(
         self,
@@ -251,9 +289,7 @@ class PEEDevices:
         else:
             per_user = np.broadcast_to(alpha, (users.size, num_item_groups, n_blocks))
         alpha_u = torch.from_numpy(np.ascontiguousarray(per_user)).float()
-        owner, pos, neg, weight = self._pairs(
-            self.fit, self.fit_bounds, users, NEG_STREAM + round_no
-        )
+        owner, pos, neg, weight = self.pairs.fit_pairs(users, round_no)
         owner_t, pos_t, neg_t = (torch.from_numpy(x) for x in (owner, pos, neg))
         w = torch.from_numpy(weight).float()
         a_pos = alpha_u[owner_t, self.item_groups[pos_t]]
@@ -328,9 +364,7 @@ class PEEDevices:
         if val_users.size == 0:
             return out, 0
         local = torch.from_numpy(np.searchsorted(self.users, val_users))
-        owner, pos, neg, weight = self._pairs(
-            self.val, self.val_bounds, val_users, NEG_STREAM + 1_000_000 + round_no
-        )
+        owner, pos, neg, weight = self.pairs.val_pairs(val_users, round_no)
         owner_t, pos_t, neg_t = (torch.from_numpy(x) for x in (owner, pos, neg))
         a = torch.tensor(alpha, dtype=torch.float32).expand(val_users.size, *np.shape(alpha))
         a = a.clone().requires_grad_(True)  # one copy per user: per-user gradients

@@ -475,15 +475,17 @@ def decode_pretrain_down(content: Content) -> PretrainDown:
         n_items = int(content.configs["sparse"]["n-items"])
         if rows.size and (rows.min() < 0 or rows.max() >= n_items):
             raise ValueError(f"sparse pretraining rows outside the table of {n_items} items")
-        full = []
-        for layer in layers:
-            table = np.zeros((n_items, layer.shape[1]), dtype=layer.dtype)
-            table[rows] = layer
-            full.append(table)
-        full_degree = np.zeros(n_items, dtype=degree.dtype)
-        full_degree[rows] = degree
-        layers, degree = full, full_degree
+        layers = [_scatter(rows, layer, n_items) for layer in layers]
+        degree = _scatter(rows, degree, n_items)
     return PretrainDown(data=decode_data(content), step=step, layers=layers, degree=degree)
+
+
+def _scatter(rows: np.ndarray, values: np.ndarray, n_items: int) -> np.ndarray:
+    """A sparse download's ``values`` (one per row of ``rows``) laid out over the whole table,
+    zero elsewhere."""
+    table = np.zeros((n_items, *values.shape[1:]), dtype=values.dtype)
+    table[rows] = values
+    return table
 
 
 def encode_rows_request(data: DataSpec, step: PretrainStep) -> Content:
@@ -714,13 +716,18 @@ class PEERound:
 
 @dataclass
 class PEEDown:
-    """A PEE learning download: per user group sent, its table and unit weights (alpha)."""
+    """A PEE learning download: per user group sent, its table and unit weights (alpha).
+
+    With ``rows`` (a sparse download, ``pee-download``), ``tables[g]`` holds just the rows
+    ``rows[g]``; :func:`decode_pee_down` lays them out over the whole table, zero elsewhere.
+    """
 
     data: DataSpec
     round: PEERound
     tables: dict[int, np.ndarray]
     alphas: dict[int, np.ndarray]
     layout: BlockLayout
+    rows: dict[int, np.ndarray] | None = None
 
 
 def encode_pee_down(down: PEEDown) -> Content:
@@ -728,22 +735,71 @@ def encode_pee_down(down: PEEDown) -> Content:
     for g, table in down.tables.items():
         tables[f"table-{g}"] = table
         tables[f"alpha-{g}"] = down.alphas[g]
+    arrays = {"tables": tables, "layout": encode_layout(down.layout)}
+    if down.rows is not None:
+        arrays["rows"] = {f"rows-{g}": np.asarray(r, dtype=np.int64) for g, r in down.rows.items()}
     return Content(
-        arrays={"tables": tables, "layout": encode_layout(down.layout)},
+        arrays=arrays,
         configs={"data": down.data.to_config(), "pee": down.round.to_config()},
     )
 
 
 def decode_pee_down(content: Content) -> PEEDown:
+    """The download, with sparse rows laid out over the whole table (zero elsewhere)."""
     named = content.arrays["tables"]
     groups = sorted(int(k[len("table-") :]) for k in named if k.startswith("table-"))
+    layout = decode_layout(content)
+    tables = {g: named[f"table-{g}"] for g in groups}
+    if "rows" in content.arrays:
+        rows = {g: content.arrays["rows"][f"rows-{g}"] for g in groups}
+        _check_rows(rows, layout.n_items, "sparse PEE rows")
+        tables = {g: _scatter(rows[g], t, layout.n_items) for g, t in tables.items()}
     return PEEDown(
         data=decode_data(content),
         round=PEERound.from_config(content.configs["pee"]),
-        tables={g: named[f"table-{g}"] for g in groups},
+        tables=tables,
         alphas={g: named[f"alpha-{g}"] for g in groups},
-        layout=decode_layout(content),
+        layout=layout,
     )
+
+
+def _check_rows(rows: dict[int, np.ndarray], n_items: int, what: str) -> None:
+    for r in rows.values():
+        if r.size and (r.min() < 0 or r.max() >= n_items):
+            raise ValueError(f"{what} outside the table of {n_items} items")
+
+
+def encode_pee_rows_request(data: DataSpec, round_: PEERound) -> Content:
+    """Sparse PEE downloads, first half: the round's settings, without tables; the node answers
+    with the rows it will read per user group (:func:`encode_pee_rows_wanted`)."""
+    return Content(configs={"data": data.to_config(), "pee": round_.to_config()})
+
+
+def decode_pee_rows_request(content: Content) -> tuple[DataSpec, PEERound]:
+    return decode_data(content), PEERound.from_config(content.configs["pee"])
+
+
+def encode_pee_rows_wanted(rows: dict[int, np.ndarray], users: int) -> Content:
+    """Per user group of the node's users, the table rows they read in the round asked about."""
+    return Content(
+        arrays={"rows": {f"group-{g}": np.asarray(r, dtype=np.int64) for g, r in rows.items()}},
+        metrics={"metrics": {"users": users}},
+    )
+
+
+def decode_pee_rows_wanted(
+    content: Content, n_items: int, num_user_groups: int
+) -> dict[int, np.ndarray]:
+    """The rows a node asked for, per user group; a one-line error for an unknown group or ids
+    outside the table."""
+    rows = {}
+    for name, r in content.arrays["rows"].items():
+        g = int(name[len("group-") :])
+        if not 0 <= g < num_user_groups:
+            raise ValueError(f"a node asked for PEE rows of user group {g} of {num_user_groups}")
+        rows[g] = np.unique(np.asarray(r, dtype=np.int64))
+    _check_rows(rows, n_items, "a node asked for PEE rows")
+    return rows
 
 
 def _pee_stats(up: PEEUpload) -> np.ndarray:

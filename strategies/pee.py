@@ -21,8 +21,10 @@ from peel_fed.messages import (
     decode_pee_reply,
     decode_pee_row_counts,
     decode_pee_rows,
+    decode_pee_rows_wanted,
     encode_pee_down,
     encode_pee_rows_down,
+    encode_pee_rows_request,
     pee_row_unions,
 )
 from peel_fed.privacy import noised
@@ -91,12 +93,41 @@ class PEEStrategy(PhaseStrategy):
             dp_private=noised(self.dp),
         )
 
-    def configure(self, round_: PEERound, group_ids) -> RecordDict:
-        """The tables and unit weights of the user groups ``group_ids``, and the layout."""
+    def configure(
+        self, round_: PEERound, group_ids, rows: dict[int, np.ndarray] | None = None
+    ) -> RecordDict:
+        """The tables and unit weights of the user groups ``group_ids``, and the layout; with
+        ``rows`` (a sparse download), only those rows of each group's table."""
         tables = {g: self.servers[g].table.numpy() for g in group_ids}
         alphas = {g: self.servers[g].weights() for g in tables}
-        down = PEEDown(self.data, round_, tables, alphas, self.layout)
+        if rows is not None:
+            tables = {g: t[rows[g]] for g, t in tables.items()}
+        down = PEEDown(self.data, round_, tables, alphas, self.layout, rows)
         return to_record_dict(encode_pee_down(down))
+
+    def sparse_contents(
+        self, grid: Grid, nodes: list[int], round_: PEERound
+    ) -> tuple[dict[int, RecordDict], int]:
+        """Sparse downloads: ``query.peeread`` asks each node which rows of its groups' tables
+        its taking-part users read; each node then gets just those rows. A node none of whose
+        users takes part is not sent anything; returns the contents and how many such idle
+        nodes answered."""
+        ask = to_record_dict(encode_pee_rows_request(self.data, round_))
+        timeout, r = self.cfg.round_timeout_s, round_.round
+        asked, rep = exchange(grid, nodes, "query.peeread", ask, timeout, "pee-ask", r)
+        self.log.add(rep)
+        contents, idle = {}, 0
+        empty = np.zeros(0, dtype=np.int64)
+        n_items, num_user_groups = self.layout.n_items, self.cfg.num_user_groups
+        for node, content in reply_contents(asked).items():
+            wanted = decode_pee_rows_wanted(from_record_dict(content), n_items, num_user_groups)
+            groups = self.groups.node_groups[node]
+            rows = {g: wanted.get(g, empty) for g in groups}
+            if any(r.size for r in rows.values()):
+                contents[node] = self.configure(round_, groups, rows)
+            else:
+                idle += 1
+        return contents, idle
 
     def aggregate(self, replies: dict[int, RecordDict]) -> list[dict[str, float]]:
         """A round in the clear: every node's upload of each of its groups goes to that group's
@@ -169,11 +200,17 @@ class PEEStrategy(PhaseStrategy):
             self.history.append({"round": r, "groups": self._secure_round(grid, sample, round_)})
             bar.update(1)
             return
-        contents = {node: self.configure(round_, self.groups.node_groups[node]) for node in sample}
-        replies, rep = exchange(grid, sample, "train.pee", contents, cfg.round_timeout_s, "pee", r)
+        if cfg.sparse_pee_downloads:
+            contents, idle = self.sparse_contents(grid, sample, round_)
+        else:
+            groups = self.groups.node_groups
+            contents, idle = {node: self.configure(round_, groups[node]) for node in sample}, 0
+        replies, rep = exchange(
+            grid, list(contents), "train.pee", contents, cfg.round_timeout_s, "pee", r
+        )
         answered = reply_contents(replies)
         self.log.add(rep, upload_users(answered))
-        if len(replies) < min(cfg.min_nodes, len(sample)):
+        if len(replies) + idle < min(cfg.min_nodes, len(sample)):
             log(f"PEE round {r}: {len(replies)} replies < min-nodes; round skipped")
             return
         self.history.append(

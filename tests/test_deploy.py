@@ -120,7 +120,7 @@ def test_a_run_killed_mid_pretraining_resumes_on_tls_and_leaves_nothing_behind(
     # late-joiner test below deploys sparse ones
     cfg = FedConfig(
         **run, out_dir=str(out), device_state_dir=str(out / "device-state"),
-        pretrain_download="full",
+        pretrain_download="full", pee_download="full",
     )  # fmt: skip
     first_ids = _crash_mid_pretraining(tmp_path, cfg)
 

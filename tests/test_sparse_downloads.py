@@ -1,5 +1,6 @@
-"""Sparse pretraining downloads: a node that gets only the item rows it says it reads computes
-exactly what it computes on the whole tables (core, messages and the pipeline in process)."""
+"""Sparse downloads (pretraining and PEE learning): a node that gets only the item rows it says it
+reads computes exactly what it computes on the whole tables (core, messages and the pipeline in
+process)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 from test_adapters import SMALL, LocalGrid
 
+from peel_fed.blocks import BlockLayout, popularity_item_groups
 from peel_fed.data import split_validation
 from peel_fed.fedconfig import ConfigError, FedConfig
 from peel_fed.fedlightgcn import (
@@ -16,13 +18,20 @@ from peel_fed.fedlightgcn import (
     PretrainServer,
     round_participants,
 )
+from peel_fed.fedpee import PEE_SLOT_STREAM, FedPEEConfig, PEEDevices
 from peel_fed.loading import load_dataset
 from peel_fed.messages import (
     DataSpec,
+    PEEDown,
+    PEERound,
     PretrainDown,
     PretrainStep,
+    decode_pee_down,
+    decode_pee_rows_wanted,
     decode_pretrain_down,
     decode_rows_wanted,
+    encode_pee_down,
+    encode_pee_rows_wanted,
     encode_pretrain_down,
     encode_rows_wanted,
 )
@@ -126,13 +135,83 @@ def test_a_sparse_download_decodes_to_the_rows_over_the_whole_table():
 
 
 def test_download_mode_errors_are_one_line():
-    with pytest.raises(ConfigError, match="pretrain-download must be one of auto, sparse, full"):
-        FedConfig(pretrain_download="some")
-    with pytest.raises(ConfigError, match="secure-rows hides: use pretrain-download=full"):
-        FedConfig(pretrain_download="sparse", secure_rows=True)
-    assert FedConfig().sparse_pretrain_downloads
-    assert not FedConfig(secure_rows=True).sparse_pretrain_downloads
-    assert not FedConfig(pretrain_download="full").sparse_pretrain_downloads
+    for key in ("pretrain", "pee"):
+        name = f"{key}-download"
+        with pytest.raises(ConfigError, match=f"{name} must be one of auto, sparse, full"):
+            FedConfig(**{f"{key}_download": "some"})
+        with pytest.raises(ConfigError, match=f"secure-rows hides: use {name}=full"):
+            FedConfig(**{f"{key}_download": "sparse"}, secure_rows=True)
+        assert getattr(FedConfig(), f"sparse_{key}_downloads")
+        assert not getattr(FedConfig(secure_rows=True), f"sparse_{key}_downloads")
+        assert not getattr(FedConfig(**{f"{key}_download": "full"}), f"sparse_{key}_downloads")
+
+
+def _pee_setup():
+    ds = load_dataset(BOARD)
+    split = split_validation(ds.train, ds.n_users, 0.2, seed=0)
+    layout = BlockLayout(popularity_item_groups(ds.item_popularity(), 4), 8, 4)
+    gen = np.random.default_rng(2)
+    vectors = gen.normal(0, 0.3, (ds.n_users, 8)).astype(np.float32)
+    table = gen.normal(0, 0.3, (ds.n_items, 8)).astype(np.float32)  # no zero row anywhere
+    alpha = gen.uniform(0.2, 1.0, (layout.num_item_groups, 4))
+    cfg = FedPEEConfig(local_steps=3, user_lr=1e-2)
+
+    def devices(users):
+        return PEEDevices(
+            users, vectors[users], ds.n_users, split.fit, split.val, layout, cfg, seed=0
+        )
+
+    return ds, table, alpha, devices
+
+
+def test_a_pee_round_on_the_rows_read_equals_a_round_on_the_whole_table():
+    ds, table, alpha, devices = _pee_setup()
+    hosted = np.array([0, 7, 50, 121, 200, 233])
+    for round_no in (1, 2):
+        part = round_participants(0, hosted, round_no, 2, PEE_SLOT_STREAM)
+        assert part.size
+        full, sparse = devices(hosted), devices(hosted)
+        rows = sparse.pairs.rows_read(part, round_no)
+        assert 0 < rows.size < ds.n_items  # not the whole table, or the test says nothing
+        kept = np.zeros_like(table)
+        kept[rows] = table[rows]
+        a = full.device_round(part, table, alpha, round_no)
+        b = sparse.device_round(part, kept, alpha, round_no)
+        np.testing.assert_array_equal(a.rows, b.rows)
+        np.testing.assert_array_equal(a.grad, b.grad)
+        np.testing.assert_array_equal(a.row_devices, b.row_devices)
+        np.testing.assert_array_equal(a.weight_grad, b.weight_grad)  # the validation pairs too
+        np.testing.assert_array_equal(a.loss_sum, b.loss_sum)
+        assert a.val_devices == b.val_devices > 0
+        torch.testing.assert_close(full.vecs, sparse.vecs, rtol=0, atol=0)
+
+
+def test_a_sparse_pee_download_decodes_to_the_rows_over_the_whole_table():
+    layout = BlockLayout(np.array([0, 0, 1, 1, 1, 0, 1, 0, 1, 1]), 4, 2)
+    round_ = PEERound(3, 5, 2, 0.1, 2, 4, 2, 2, False)
+    full = {g: np.arange(40, dtype=np.float32).reshape(10, 4) + g for g in (0, 1)}
+    rows = {0: np.array([1, 4, 7]), 1: np.zeros(0, dtype=np.int64)}
+    alphas = {g: np.ones((2, 2)) * g for g in (0, 1)}
+    sent = {g: full[g][rows[g]] for g in rows}
+    got = decode_pee_down(
+        encode_pee_down(PEEDown(DataSpec("x"), round_, sent, alphas, layout, rows))
+    )
+    assert got.tables[0].shape == got.tables[1].shape == (10, 4)
+    np.testing.assert_array_equal(got.tables[0][rows[0]], full[0][rows[0]])
+    assert not got.tables[0][np.setdiff1d(np.arange(10), rows[0])].any()
+    assert not got.tables[1].any()
+    np.testing.assert_array_equal(got.alphas[1], alphas[1])
+    bad = PEEDown(
+        DataSpec("x"), round_, sent, alphas, layout, {0: np.array([1, 4, 10]), 1: rows[1]}
+    )
+    with pytest.raises(ValueError, match="sparse PEE rows outside the table of 10 items"):
+        decode_pee_down(encode_pee_down(bad))
+    wanted = decode_pee_rows_wanted(encode_pee_rows_wanted({1: np.array([5, 2, 5])}, 3), 10, 2)
+    assert list(wanted) == [1] and wanted[1].tolist() == [2, 5]
+    with pytest.raises(ValueError, match="a node asked for PEE rows outside the table of 10"):
+        decode_pee_rows_wanted(encode_pee_rows_wanted({0: np.array([10])}, 1), 10, 2)
+    with pytest.raises(ValueError, match="PEE rows of user group 2 of 2"):
+        decode_pee_rows_wanted(encode_pee_rows_wanted({2: np.array([1])}, 1), 10, 2)
 
 
 def test_pipeline_with_sparse_downloads_ends_as_with_full_ones(server_identity):
@@ -143,11 +222,12 @@ def test_pipeline_with_sparse_downloads_ends_as_with_full_ones(server_identity):
     runs, types = {}, {}
     for mode in ("full", "sparse"):
         grid = LocalGrid(6)
-        cfg = FedConfig(**{**SMALL, "min_nodes": 6}, pretrain_download=mode)
+        cfg = FedConfig(**{**SMALL, "min_nodes": 6}, pretrain_download=mode, pee_download=mode)
         runs[mode] = run_pipeline(grid, cfg)
         types[mode] = grid.types
     full, sparse = runs["full"], runs["sparse"]
-    assert "query.rows" not in types["full"] and "query.rows" in types["sparse"]
+    for ask in ("query.rows", "query.peeread"):
+        assert ask not in types["full"] and ask in types["sparse"]
     assert not any(p["failures"] for p in full["phases"] + sparse["phases"])
     for a, b in zip(full["pretrain"], sparse["pretrain"], strict=True):
         assert (a["users"], a["rows"]) == (b["users"], b["rows"])
@@ -156,6 +236,12 @@ def test_pipeline_with_sparse_downloads_ends_as_with_full_ones(server_identity):
     for a, b in zip(full["rows"], sparse["rows"], strict=True):
         assert a["method"] == b["method"] and a["budget_bytes"] == b["budget_bytes"]
         assert a["recall@20"] == pytest.approx(b["recall@20"], abs=1e-6)
-    down = {m: runs[m]["bytes"]["pretrain"]["down_bytes_total"] for m in runs}
-    assert down["sparse"] < 0.8 * down["full"]
-    assert types["sparse"].count("train.pretrain") < types["full"].count("train.pretrain")
+    for a, b in zip(full["pee"], sparse["pee"], strict=True):
+        for ga, gb in zip(a["groups"], b["groups"], strict=True):
+            assert (ga["users"], ga["rows"]) == (gb["users"], gb["rows"])
+            assert ga["loss"] == pytest.approx(gb["loss"], rel=1e-6)
+    for phase in ("pretrain", "pee"):
+        down = {m: runs[m]["bytes"][phase]["down_bytes_total"] for m in runs}
+        assert down["sparse"] < 0.8 * down["full"], phase
+    for kind in ("train.pretrain", "train.pee"):
+        assert types["sparse"].count(kind) < types["full"].count(kind), kind
