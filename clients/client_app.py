@@ -411,7 +411,10 @@ def pee_read(msg: Message, context: Context) -> Message:
     data, round_ = decode_pee_rows_request(from_record_dict(msg.content))
     node = state.node_data(data, context)
     store = state.device_store(context, data)
-    pairs = PEEPairs(node.ds.n_users, node.ds.n_items, node.split.fit, node.split.val, data.seed)
+    split = node.split
+    pairs = PEEPairs(
+        node.ds.n_users, node.ds.n_items, split.fit, split.val, data.seed, node.known_sampler
+    )
     rows = {
         g: pairs.rows_read(users, round_.round)
         for g, users in _pee_round_users(node, store, round_, data.seed).items()
@@ -440,6 +443,7 @@ def pee(msg: Message, context: Context) -> Message:
         down.layout,
         cfg,
         seed,
+        node.known_sampler,
     )
     # the state after the previous round (a PEE state lost with its device starts over from
     # the pretrained vectors, as in round 1)

@@ -56,6 +56,14 @@ class SharedData:
 
         return NegativeSampler(self.split.fit, self.ds.n_items)
 
+    @cached_property
+    def known_sampler(self) -> NegativeSampler:
+        """Negatives of PEE learning: never a fit or validation item of the user (built once per
+        process: 0.6 s on Gowalla, which every PEE message paid before)."""
+        from peel_fed.fedpee import known_sampler
+
+        return known_sampler(self.split.fit, self.split.val, self.ds.n_items)
+
 
 @dataclass
 class NodeData:
@@ -75,6 +83,10 @@ class NodeData:
     @property
     def fit_sampler(self) -> NegativeSampler:
         return self.shared.fit_sampler
+
+    @property
+    def known_sampler(self) -> NegativeSampler:
+        return self.shared.known_sampler
 
     def items_of(self, edges: Interactions) -> np.ndarray:
         """The items of the hosted users' interactions in ``edges`` (users are contiguous)."""

@@ -19,7 +19,7 @@ Differences from the centralized :func:`peel_fed.peel.learn_group_pee` ([ours], 
 the block-diversity regulariser (a statistic over a batch of items) is not applied, since no
 device sees a batch beyond its own items.
 
-Long file: about 410 lines, on purpose: the server (:class:`PEEGroupServer`), the pairs a device
+Long file: about 430 lines, on purpose: the server (:class:`PEEGroupServer`), the pairs a device
 draws (:class:`PEEPairs`, which sparse downloads ask for before the tables come), the devices
 (:class:`PEEDevices`) and their in-process composition (:func:`train_fed_pee`) are the two halves
 of one round and are read together.
@@ -157,20 +157,31 @@ class PEEGroupServer:
         }
 
 
+def known_sampler(fit: Interactions, val: Interactions, n_items: int) -> NegativeSampler:
+    """The negative sampler of PEE learning: never one of the user's fit or validation items."""
+    known = Interactions(
+        np.concatenate([fit.users, val.users]), np.concatenate([fit.items, val.items])
+    )
+    return NegativeSampler(known, n_items)
+
+
 class PEEPairs:
     """The (positive, negative) pairs a node's users train and validate on in a PEE round, all
     drawn by the users' own generators: known before any table arrives (sparse downloads)."""
 
     def __init__(
-        self, n_users: int, n_items: int, fit: Interactions, val: Interactions, seed: int = 0
+        self,
+        n_users: int,
+        n_items: int,
+        fit: Interactions,
+        val: Interactions,
+        seed: int = 0,
+        sampler: NegativeSampler | None = None,
     ) -> None:
         self.fit, self.val, self.seed = fit, val, seed
         self.fit_bounds = fit.user_bounds(n_users)
         self.val_bounds = val.user_bounds(n_users)
-        known = Interactions(
-            np.concatenate([fit.users, val.users]), np.concatenate([fit.items, val.items])
-        )
-        self.sampler = NegativeSampler(known, n_items)
+        self.sampler = sampler or known_sampler(fit, val, n_items)
 
     def fit_pairs(self, users: np.ndarray, round_no: int):
         """(owner index, positive, negative, 1 / d_u weight) of the users' training pairs."""
@@ -221,12 +232,13 @@ class PEEDevices:
         layout: BlockLayout,
         cfg: FedPEEConfig,
         seed: int = 0,
+        sampler: NegativeSampler | None = None,
     ) -> None:
         self.users = np.asarray(users, dtype=np.int64)
         self.vecs = torch.tensor(user_vectors, dtype=torch.float32)
         self.adam = RowAdam(tuple(self.vecs.shape), cfg.user_lr)
         self.layout, self.cfg, self.seed = layout, cfg, seed
-        self.pairs = PEEPairs(n_users, layout.n_items, fit, val, seed)
+        self.pairs = PEEPairs(n_users, layout.n_items, fit, val, seed, sampler)
         self.fit, self.val = fit, val
         self.fit_bounds, self.val_bounds = self.pairs.fit_bounds, self.pairs.val_bounds
         self.item_groups = torch.from_numpy(layout.item_groups)
