@@ -191,16 +191,23 @@ class PEEPairs:
         """The same for the users' validation pairs."""
         return self._pairs(self.val, self.val_bounds, users, VAL_NEG_STREAM + round_no)
 
+    def training_users(self, users: np.ndarray) -> np.ndarray:
+        """Those of ``users`` with training pairs (the others sit a round out)."""
+        users = np.asarray(users, dtype=np.int64)
+        return users[np.diff(self.fit_bounds)[users] > 0]
+
+    def has_validation(self, users: np.ndarray) -> np.ndarray:
+        """Per user of ``users``, whether it has validation pairs."""
+        return np.diff(self.val_bounds)[users] > 0
+
     def rows_read(self, users: np.ndarray, round_no: int) -> np.ndarray:
         """The table rows (sorted) that :meth:`PEEDevices.device_round` of ``users`` reads in
         round ``round_no``, so that a sparse download of just these rows gives the same result
         as the whole table: the users' training items and negatives, and their validation items
         and negatives."""
-        users = np.asarray(users, dtype=np.int64)
-        users = users[np.diff(self.fit_bounds)[users] > 0]
+        users = self.training_users(users)
         _, pos, neg, _ = self.fit_pairs(users, round_no)
-        val_users = users[np.diff(self.val_bounds)[users] > 0]
-        _, vpos, vneg, _ = self.val_pairs(val_users, round_no)
+        _, vpos, vneg, _ = self.val_pairs(users[self.has_validation(users)], round_no)
         return np.unique(np.concatenate([pos, neg, vpos, vneg]).astype(np.int64))
 
     def _pairs(self, edges: Interactions, bounds: np.ndarray, users: np.ndarray, stream: int):
@@ -267,8 +274,7 @@ class PEEDevices:
         together to L2 norm at most ``clip`` before they are summed; ``private`` (DP noise on the
         server) also keeps the per-item-group loss statistics on the device.
         """
-        users = np.asarray(users, dtype=np.int64)
-        users = users[np.diff(self.fit_bounds)[users] > 0]
+        users = self.pairs.training_users(users)
         num_item_groups, n_blocks = self.layout.num_item_groups, self.layout.num_blocks
         if users.size == 0:
             z = np.zeros(0, dtype=np.int64)
@@ -371,7 +377,7 @@ class PEEDevices:
         """Per user (aligned with ``users``) ``dL_val / d alpha`` of its mean validation loss,
         zero for users without validation data, and how many users have some."""
         out = np.zeros((users.size, *np.shape(alpha)))
-        has_val = np.diff(self.val_bounds)[users] > 0
+        has_val = self.pairs.has_validation(users)
         val_users = users[has_val]
         if val_users.size == 0:
             return out, 0

@@ -27,6 +27,7 @@ section per phase, and reads best in one place (each encode next to its decode).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -473,8 +474,7 @@ def decode_pretrain_down(content: Content) -> PretrainDown:
     if "rows" in content.arrays:
         rows = content.arrays["rows"]["rows"]
         n_items = int(content.configs["sparse"]["n-items"])
-        if rows.size and (rows.min() < 0 or rows.max() >= n_items):
-            raise ValueError(f"sparse pretraining rows outside the table of {n_items} items")
+        _check_rows([rows], n_items, "sparse pretraining rows")
         layers = [_scatter(rows, layer, n_items) for layer in layers]
         degree = _scatter(rows, degree, n_items)
     return PretrainDown(data=decode_data(content), step=step, layers=layers, degree=degree)
@@ -509,8 +509,7 @@ def encode_rows_wanted(rows: np.ndarray, users: int) -> Content:
 def decode_rows_wanted(content: Content, n_items: int) -> np.ndarray:
     """The rows a node asked for; a one-line error for ids outside the table."""
     rows = np.asarray(content.arrays["rows"]["rows"], dtype=np.int64)
-    if rows.size and (rows.min() < 0 or rows.max() >= n_items):
-        raise ValueError(f"a node asked for pretraining rows outside the table of {n_items} items")
+    _check_rows([rows], n_items, "a node asked for pretraining rows")
     return np.unique(rows)
 
 
@@ -752,7 +751,7 @@ def decode_pee_down(content: Content) -> PEEDown:
     tables = {g: named[f"table-{g}"] for g in groups}
     if "rows" in content.arrays:
         rows = {g: content.arrays["rows"][f"rows-{g}"] for g in groups}
-        _check_rows(rows, layout.n_items, "sparse PEE rows")
+        _check_rows(rows.values(), layout.n_items, "sparse PEE rows")
         tables = {g: _scatter(rows[g], t, layout.n_items) for g, t in tables.items()}
     return PEEDown(
         data=decode_data(content),
@@ -763,8 +762,9 @@ def decode_pee_down(content: Content) -> PEEDown:
     )
 
 
-def _check_rows(rows: dict[int, np.ndarray], n_items: int, what: str) -> None:
-    for r in rows.values():
+def _check_rows(rows: Iterable[np.ndarray], n_items: int, what: str) -> None:
+    """A one-line error when any row id of ``rows`` lies outside a table of ``n_items``."""
+    for r in rows:
         if r.size and (r.min() < 0 or r.max() >= n_items):
             raise ValueError(f"{what} outside the table of {n_items} items")
 
@@ -798,7 +798,7 @@ def decode_pee_rows_wanted(
         if not 0 <= g < num_user_groups:
             raise ValueError(f"a node asked for PEE rows of user group {g} of {num_user_groups}")
         rows[g] = np.unique(np.asarray(r, dtype=np.int64))
-    _check_rows(rows, n_items, "a node asked for PEE rows")
+    _check_rows(rows.values(), n_items, "a node asked for PEE rows")
     return rows
 
 
