@@ -25,17 +25,16 @@ import platform
 import shlex
 import sys
 import time
-import uuid
 
 import numpy as np
-from flwr.app import Context, Error, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import Context, Error, Message
 
-from clients.client_app import make_client_app, masked_reply
+from clients.client_app import masked_reply
 from clients.records import from_record_dict, to_record_dict
 from peel_fed.atomic import write_report
 from peel_fed.messages import Content
 from sim.bench_secagg import human_bytes
+from sim.local_grid import LocalGrid, server_identity
 from strategies.phases import secure_sum, shamir_threshold
 
 PROTOCOLS = ("pairwise", "shamir")
@@ -53,38 +52,19 @@ def bench(msg: Message, context: Context) -> Message:
     return masked_reply(msg, context, content, bench_vector(context.node_id, length))
 
 
-class InProcessGrid:
-    """A grid that hands each message at once to an in-process ClientApp (the tests' LocalGrid
-    with a benchmark message); nodes in ``drop`` fail on ``query.bench``."""
+class InProcessGrid(LocalGrid):
+    """The in-process grid with the benchmark message; nodes in ``drop`` fail on
+    ``query.bench``."""
 
     def __init__(self, num_nodes: int, drop: set[int]) -> None:
-        self.app = make_client_app()
+        super().__init__(num_nodes)
         self.app.query("bench")(bench)
-        config = {p: {"partition-id": p, "num-partitions": num_nodes} for p in range(num_nodes)}
-        self.contexts = {
-            100 + p: Context(1, 100 + p, c, RecordDict(), {}) for p, c in config.items()
-        }
         self.drop = drop
-        self.replies: dict[str, Message] = {}
 
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def push_messages(self, messages: list[Message]) -> list[str]:
-        ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = mid = uuid.uuid4().hex  # the SuperLink's job
-            node = msg.metadata.dst_node_id
-            if node in self.drop and msg.metadata.message_type == "query.bench":
-                reply = Message(Error(0, "dropped (benchmark)"), reply_to=msg)
-            else:
-                reply = self.app(msg, self.contexts[node])
-            self.replies[mid] = reply
-            ids.append(mid)
-        return ids
-
-    def pull_messages(self, message_ids: list[str]) -> list[Message]:
-        return [self.replies.pop(m) for m in message_ids if m in self.replies]
+    def reply(self, msg: Message) -> Message:
+        if msg.metadata.dst_node_id in self.drop and msg.metadata.message_type == "query.bench":
+            return Message(Error(0, "dropped (benchmark)"), reply_to=msg)
+        return super().reply(msg)
 
 
 def one_round(n: int, drop: set[int], protocol: str, length: int, threshold: float) -> dict:
@@ -152,12 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     command = "python -m sim.bench_secure_sum " + shlex.join(sys.argv[1:] if argv is None else argv)
     report: dict = {"args": vars(args), "machine": platform.machine(), "cpus": os.cpu_count()}
     report["rows"] = rows = []
-    saved = {
-        name: getattr(TaskIdentity, name, None) for name in ("_run_id", "_node_id", "_task_id")
-    }
-    for name in saved:  # what a running ServerApp sets before it builds messages
-        setattr(TaskIdentity, name, 1)
-    try:
+    with server_identity():
         for n in [int(x) for x in args.nodes.split(",") if x.strip()]:
             for frac in [float(x) for x in args.dropouts.split(",") if x.strip()]:
                 drop = set(range(100, 100 + math.floor(frac * n + 1e-9)))
@@ -173,9 +148,6 @@ def main(argv: list[str] | None = None) -> dict:
                     rows.append({"protocol": protocol, "nodes": n, "threshold": t,
                                  "dropped": len(drop), **row})  # fmt: skip
                     print(markdown({**report, "rows": [rows[-1]]}, command).splitlines()[-1])
-    finally:
-        for name, value in saved.items():
-            setattr(TaskIdentity, name, value)
     md = markdown(report, command)
     print(md)
     print(f"wrote {write_report(args.out, report, md)}")

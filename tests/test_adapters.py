@@ -8,9 +8,9 @@ import uuid
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, Error, Message, Metadata, RecordDict
+from flwr.app import Context, Message, Metadata, RecordDict
 
-from clients.client_app import group, keys, make_client_app, stats
+from clients.client_app import group, keys, stats
 from clients.records import from_record_dict, to_array_record, to_record_dict
 from peel_fed.data import split_validation
 from peel_fed.fedconfig import FedConfig
@@ -32,6 +32,7 @@ from peel_fed.messages import (
 )
 from peel_fed.partition import partition_users
 from peel_fed.secagg import FixedPoint, SecAggServer
+from sim.local_grid import LocalGrid, node_context
 from strategies.grouping import GroupingResult, GroupingStrategy
 from strategies.log import PhaseLog
 from strategies.pee import PEEStrategy
@@ -76,11 +77,6 @@ def _message(content: RecordDict, node: int, message_type: str) -> Message:
     return Message(content, metadata=meta)
 
 
-def _context(node: int, partition: int, partitions: int) -> Context:
-    node_config = {"partition-id": partition, "num-partitions": partitions}
-    return Context(1, node, node_config, RecordDict(), {})
-
-
 def _secure_contents(contexts: dict[int, Context], content: RecordDict) -> dict[int, RecordDict]:
     """``content`` with the cohort's keys, as ``secure_sum`` sends it to each node."""
     ask = to_record_dict(encode_session(b"r" * 16))
@@ -94,7 +90,7 @@ def _secure_contents(contexts: dict[int, Context], content: RecordDict) -> dict[
 
 def test_stats_handler_uploads_masked_counts_that_sum_to_the_dataset():
     ds = load_dataset(TINY)
-    contexts = {11: _context(11, 0, 2), 12: _context(12, 1, 2)}
+    contexts = {11: node_context(11, 0, 2), 12: node_context(12, 1, 2)}
     down = _secure_contents(contexts, to_record_dict(data_content(DATA)))
     masked = {}
     for n, ctx in contexts.items():
@@ -117,7 +113,7 @@ def test_stats_handler_uploads_masked_counts_that_sum_to_the_dataset():
 
 
 def test_group_handler_keeps_groups_on_the_device_and_sends_counts():
-    ctx = _context(5, 0, 1)
+    ctx = node_context(5, 0, 1)
     vectors = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]], dtype=np.float32)
     ctx.state["user-vectors"] = to_array_record({"vectors": vectors})
     centroids = np.array([[0.0, 1.0], [1.0, 0.0]])
@@ -156,7 +152,7 @@ def test_a_second_node_on_a_taken_partition_is_refused_by_the_statistics(server_
     from strategies.stats import StatsStrategy
 
     grid = LocalGrid(3)
-    grid.contexts[103] = _context(103, 0, 3)
+    grid.contexts[103] = node_context(103, 0, 3)
     cfg = FedConfig(**SMALL)
     with pytest.raises(ValueError, match=r"partition\(s\) \[0\] of 3 claimed by more than"):
         StatsStrategy(cfg, PhaseLog(cfg, [100, 101, 102, 103]), DATA).run(
@@ -257,36 +253,6 @@ def test_pee_aggregate_sends_each_group_its_nodes_uploads():
         np.testing.assert_array_equal(server.weights(), twin.weights())
 
 
-class LocalGrid:
-    """A grid that hands every message to an in-process ClientApp at once: no Ray, no
-    SuperLink. Node ``100 + p`` hosts partition ``p``; an exception is an error reply."""
-
-    def __init__(self, num_nodes: int) -> None:
-        self.app = make_client_app()
-        self.contexts = {100 + p: _context(100 + p, p, num_nodes) for p in range(num_nodes)}
-        self.replies: dict[str, Message] = {}
-        self.types: list[str] = []
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def push_messages(self, messages: list[Message]) -> list[str]:
-        ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = mid = uuid.uuid4().hex  # the SuperLink's job
-            self.types.append(msg.metadata.message_type)
-            try:
-                reply = self.app(msg, self.contexts[msg.metadata.dst_node_id])
-            except Exception as exc:  # noqa: BLE001 (a device failure becomes an error reply)
-                reply = Message(Error(0, repr(exc)), reply_to=msg)
-            self.replies[mid] = reply
-            ids.append(mid)
-        return ids
-
-    def pull_messages(self, message_ids: list[str]) -> list[Message]:
-        return [self.replies.pop(m) for m in message_ids if m in self.replies]
-
-
 def test_pipeline_in_process_clear_and_secure_rows_agree(server_identity):
     runs = {}
     for secure in (False, True):
@@ -316,7 +282,7 @@ def test_node_budget_reads_device_budget_and_the_old_key_with_a_warning():
     from clients.state import node_budget
 
     assert node_budget(Context(1, 7, {"device-budget": "25%"}, RecordDict(), {})) == "25%"
-    assert node_budget(_context(7, 0, 1)) is None
+    assert node_budget(node_context(7, 0, 1)) is None
     with pytest.warns(FutureWarning, match="'budget-bytes' is renamed 'device-budget'"):
         old = node_budget(Context(1, 7, {"budget-bytes": "10%"}, RecordDict(), {}))
     assert old == "10%"
@@ -325,7 +291,7 @@ def test_node_budget_reads_device_budget_and_the_old_key_with_a_warning():
 def test_a_node_refuses_to_mask_for_another_session():
     """A late message of an earlier session (or state overwritten by one) fails on the device,
     a dropout the server recovers from, instead of masking under the wrong key."""
-    ctx = _context(11, 0, 2)
+    ctx = node_context(11, 0, 2)
     keys(_message(to_record_dict(encode_session(b"a" * 16)), 11, "query.keys"), ctx)
     other = Content(configs={"secagg": encode_peer_keys({11: b"k" * 32, 12: b"l" * 32}, b"b" * 16)})
     down = RecordDict({**dict(to_record_dict(data_content(DATA)).items())})

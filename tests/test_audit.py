@@ -43,9 +43,10 @@ def run(monkeypatch):
     """The pipeline on the tiny board with in-process devices; returns every training, query
     and evaluation upload with the sending node's secrets."""
     from flwr.supercore.task_identity import TaskIdentity
-    from test_adapters import SMALL, TINY, LocalGrid
+    from test_adapters import SMALL, TINY
 
     from peel_fed.fedconfig import FedConfig
+    from sim.local_grid import LocalGrid
     from strategies.server_app import run_pipeline
 
     for attr in ("_run_id", "_node_id", "_task_id"):

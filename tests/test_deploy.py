@@ -21,13 +21,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from test_adapters import LocalGrid
 from test_federated import assert_same_metrics
 
 from peel_fed.fedconfig import FedConfig
 from sim.certs import Certificates, make_test_certificates
 from sim.deploy import SMOKE_RUN, run_local_deployment
 from sim.local_federation import LocalFederation, descendants, pid_alive, port_in_use
+from sim.local_grid import LocalGrid
 from strategies.server_app import run_pipeline
 
 

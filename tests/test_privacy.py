@@ -168,9 +168,10 @@ def test_noised_pretraining_repeats_with_its_seed_and_learns_at_a_loose_epsilon(
 def pipeline(monkeypatch):
     """``run_pipeline`` on the tiny board with in-process devices (no Ray, no SuperLink)."""
     from flwr.supercore.task_identity import TaskIdentity
-    from test_adapters import SMALL, LocalGrid
+    from test_adapters import SMALL
 
     from peel_fed.fedconfig import FedConfig
+    from sim.local_grid import LocalGrid
     from strategies.server_app import run_pipeline
 
     for attr in ("_run_id", "_node_id", "_task_id"):
@@ -420,10 +421,11 @@ def test_local_epsilon_is_the_gaussian_mechanism_at_twice_the_clip():
 
 
 def test_a_local_dp_run_reports_its_epsilon_and_keeps_the_loss_on_the_devices(server_identity):
-    from test_adapters import SMALL, LocalGrid
+    from test_adapters import SMALL
 
     from peel_fed.fedconfig import FedConfig
     from peel_fed.privacy import local_epsilon
+    from sim.local_grid import LocalGrid
     from strategies.server_app import run_pipeline
 
     cfg = FedConfig(**SMALL, dp_clip=1.0, ldp_noise_multiplier=4.0)

@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import set_server_identity
 from flwr.app import Context, RecordDict
-from test_adapters import SMALL, LocalGrid, _context
+from test_adapters import SMALL
 from test_federated import assert_same_metrics
 
 from clients.state import DeviceStore
@@ -28,6 +28,7 @@ from peel_fed.data import split_validation
 from peel_fed.fedconfig import ConfigError, FedConfig
 from peel_fed.loading import load_dataset
 from peel_fed.partition import partition_users
+from sim.local_grid import LocalGrid, node_context
 from strategies.checkpoint import CheckpointError
 from strategies.server_app import run_pipeline
 
@@ -55,7 +56,7 @@ class CrashingGrid(LocalGrid):
         super().__init__(num_nodes)
         part = (lambda p: num_nodes - 1 - p) if reverse else (lambda p: p)
         self.contexts = {
-            first_id + p: _context(first_id + p, part(p), num_nodes) for p in range(num_nodes)
+            first_id + p: node_context(first_id + p, part(p), num_nodes) for p in range(num_nodes)
         }
         self.message_type, self.nth, self.seen, self.snapshot = message_type, nth, 0, snapshot
 

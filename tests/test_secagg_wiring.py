@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from flwr.app import Error, Message
-from test_adapters import DATA, SMALL, TINY, LocalGrid, _context, _message
+from test_adapters import DATA, SMALL, TINY, _message
 
 from clients.client_app import keys, shares, stats
 from clients.records import from_record_dict, to_record_dict
@@ -29,6 +29,7 @@ from peel_fed.messages import (
 from peel_fed.partition import partition_users
 from peel_fed.secagg import FixedPoint, mask_vector, pair_seed
 from peel_fed.shamir import combine_shares
+from sim.local_grid import LocalGrid, node_context
 from strategies.phases import secure_sum, shamir_threshold
 from strategies.server_app import run_pipeline
 
@@ -186,7 +187,7 @@ def test_a_late_upload_stays_masked(server_identity):
 def test_a_node_s_shamir_state_is_bound_to_its_session():
     """Another session's (or protocol's) message fails on the device: a dropout, never masks
     or shares under the wrong session."""
-    ctx = _context(11, 0, 2)
+    ctx = node_context(11, 0, 2)
     ask = to_record_dict(encode_session(b"a" * 16, "shamir"))
     public = decode_public_key(from_record_dict(keys(_message(ask, 11, "query.keys"), ctx).content))
     assert len(public) == 2 * KEY

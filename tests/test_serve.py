@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_adapters import SMALL, LocalGrid
+from test_adapters import SMALL
 
 from peel_fed.blocks import parse_budget
 from peel_fed.fedconfig import FedConfig
@@ -14,6 +14,7 @@ from peel_fed.fedserve import NodePlanes, decode_units, encode_units, serve_unit
 from peel_fed.own_budget import device_budgets
 from peel_fed.plane_store import served_store
 from peel_fed.planes import PlaneCode, greedy_plane_order, planes_at_budget
+from sim.local_grid import LocalGrid
 from strategies.server_app import run_pipeline
 
 

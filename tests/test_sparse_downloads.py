@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_adapters import SMALL, LocalGrid
+from test_adapters import SMALL
 
 from peel_fed.blocks import BlockLayout, popularity_item_groups
 from peel_fed.data import split_validation
@@ -35,6 +35,7 @@ from peel_fed.messages import (
     encode_pretrain_down,
     encode_rows_wanted,
 )
+from sim.local_grid import LocalGrid
 from strategies.server_app import run_pipeline
 
 BOARD = "checkerboard"
