@@ -8,6 +8,7 @@ Long file: about 550 lines because it is one argparse tree with its help texts.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -354,10 +355,76 @@ def _add_study(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _add_privacy(sub) -> None:
+    from sim import privacy_report
+
+    p = sub.add_parser(
+        "privacy",
+        help="every privacy setting's Recall@20, epsilon, attack AUC, bytes and time, one report",
+        description=privacy_report.__doc__.split("\n\n")[0],
+    )
+    p.add_argument("--dataset", default="gowalla")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-nodes", type=int, default=2, help="in-process SuperNodes (default 2)")
+    p.add_argument(
+        "--epsilons",
+        type=_float_list,
+        default=(1.0, 4.0, 8.0),
+        help="central-DP target epsilons, comma-separated (default 1,4,8; empty: no row)",
+    )
+    p.add_argument("--decoys", type=int, default=30, help="decoy items per user (0: no row)")
+    p.add_argument(
+        "--ldp-noise",
+        type=float,
+        default=3.0,
+        help="local DP: noise per uploaded value in multiples of the clip (0: no row)",
+    )
+    p.add_argument(
+        "--dp-clip", type=float, default=0.0, help="0: the median first-round upload norm"
+    )
+    p.add_argument("--delta", type=float, default=0.0, help="0: min(1e-5, 1 / users)")
+    p.add_argument("--attack-targets", type=int, default=100, help="users attacked")
+    p.add_argument("--attack-passes", type=int, default=1, help="pretraining passes attacked")
+    p.add_argument(
+        "--run-config",
+        default="",
+        help='run-config overrides for every setting, e.g. "pretrain-passes=5"',
+    )
+    p.add_argument("--out", default=None, help="default docs/results/<dataset>")
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        msg = f"expected comma-separated numbers, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+
+
+def _privacy(args, argv: list[str] | None) -> None:
+    from sim.privacy_report import build_report
+
+    build_report(
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        seed=args.seed,
+        num_nodes=args.num_nodes,
+        epsilons=args.epsilons,
+        decoys=args.decoys,
+        ldp_noise=args.ldp_noise,
+        clip=args.dp_clip,
+        delta=args.delta,
+        attack_targets=args.attack_targets,
+        attack_passes=args.attack_passes,
+        run_config=parse_run_config(args.run_config),
+        out=args.out,
+        command="peel-fed " + shlex.join(sys.argv[1:] if argv is None else argv),
+    )
+
+
 def parse_run_config(text: str) -> dict:
     """``"key=value other='text'"`` -> dict, values parsed as TOML (as ``flwr run`` does)."""
-    import shlex
-
     import tomllib
 
     out = {}
@@ -498,6 +565,7 @@ def _main(argv: list[str] | None = None) -> int:
     _add_simulate(sub)
     _add_deploy(sub)
     _add_study(sub)
+    _add_privacy(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "centralized":
@@ -546,6 +614,8 @@ def _main(argv: list[str] | None = None) -> int:
             _deploy(args)
         elif args.command == "study":
             _study(args)
+        elif args.command == "privacy":
+            _privacy(args, argv)
     except (
         DataError,
         BudgetError,
