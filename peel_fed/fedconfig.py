@@ -73,6 +73,8 @@ class FedConfig:
     pretrain_negative_sampling: str = "uniform"
     pretrain_dns_candidates: int = 16
     pretrain_lr_schedule: str = "constant"
+    # the server's step on E0: "adam", or "sgd" (momentum 0.9 on the aggregate, for DP noise)
+    pretrain_server_optimizer: str = "adam"
     # pretraining row uploads by secure aggregation over the round's row union (costs bytes)
     secure_rows: bool = False
     # what a pretraining message sends down: "sparse" (each node first says which item rows it
@@ -294,6 +296,7 @@ class FedConfig:
             negative_sampling=self.pretrain_negative_sampling,
             dns_candidates=self.pretrain_dns_candidates,
             lr_schedule=self.pretrain_lr_schedule,
+            server_optimizer=self.pretrain_server_optimizer,
         )
 
     def pee(self) -> FedPEEConfig:

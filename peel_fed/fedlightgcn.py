@@ -47,6 +47,9 @@ from peel_fed.partition import user_rng, user_slots
 from peel_fed.privacy import DPConfig, clip_factors, gaussian_noise, noised
 from peel_fed.scoring import bpr_loss, pair_scores
 
+SERVER_OPTIMIZERS = ("adam", "sgd")
+SGD_MOMENTUM = 0.9
+
 
 @dataclass
 class FedLightGCNConfig:
@@ -71,8 +74,17 @@ class FedLightGCNConfig:
     dns_candidates: int = 16
     # the server's and the devices' learning rates decay along a half cosine over ``rounds``
     lr_schedule: str = "constant"
+    # the server's step on E0: "adam" (per-row Adam), or "sgd" (heavy-ball momentum 0.9 on the
+    # aggregate, as DP-FedAvg: under DP noise Adam scales every coordinate to the learning rate,
+    # so rows that receive only noise move as far as rows with signal)
+    server_optimizer: str = "adam"
 
     def __post_init__(self) -> None:
+        if self.server_optimizer not in SERVER_OPTIMIZERS:
+            raise ValueError(
+                f"pretrain-server-optimizer must be one of {', '.join(SERVER_OPTIMIZERS)}, "
+                f"got {self.server_optimizer!r}"
+            )
         check_sampling_and_schedule(
             self.negative_sampling,
             self.dns_candidates,
@@ -85,7 +97,7 @@ class FedLightGCNConfig:
             raise ValueError(f"ldp-noise-multiplier must be >= 0, got {self.ldp_noise}")
         if not 0 < self.cohort_fraction <= 1:
             raise ValueError(f"cohort-fraction must be in (0, 1], got {self.cohort_fraction}")
-        if self.rounds < 0 or self.local_steps < 1 or self.layers < 1:
+        if self.rounds < 0 or self.local_steps < 1 or self.layers < 0:
             raise ValueError(f"invalid federated LightGCN config: {self}")
 
 
@@ -166,6 +178,9 @@ class PretrainServer:
         self.E0 = torch.randn(n_items, cfg.dim, generator=gen) * cfg.init_std
         self.S = torch.zeros(cfg.layers, n_items, cfg.dim)
         self.item_adam = RowAdam((n_items, cfg.dim), cfg.server_lr)
+        self.item_momentum = (
+            torch.zeros(n_items, cfg.dim) if cfg.server_optimizer == "sgd" else None
+        )
         # user-level DP (``peel_fed.privacy``): noise on every released sum, and the gradient
         # divided by the expected users per round, a public number, not by per-row counts
         self.dp, self.users_per_round = dp, max(float(users_per_round), 1.0)
@@ -194,6 +209,14 @@ class PretrainServer:
         for k in layers:
             self.S[k] += gaussian_noise(tuple(self.S[k].shape), self.dp.noise_std, self.noise_rng)
 
+    def _step(self, rows: torch.Tensor, grad: torch.Tensor) -> None:
+        """The server's step on ``E0[rows]`` (``cfg.server_optimizer``), at the round's rate."""
+        if self.item_momentum is None:
+            self.item_adam.step(self.E0, rows, grad)
+            return
+        m = self.item_momentum[rows] = SGD_MOMENTUM * self.item_momentum[rows] + grad
+        self.E0[rows] -= self.item_adam.lr * m
+
     def apply(self, updates: list[DeviceUpdate]) -> dict[str, float]:
         """Average each touched ``E0`` row over the devices that touched it, take an Adam step,
         and add the contribution changes to the item-side sums.
@@ -213,12 +236,12 @@ class PretrainServer:
             self.noise_contributions(range(self.cfg.layers))
             grad += gaussian_noise(tuple(grad.shape), self.dp.noise_std, self.noise_rng)
             rows = np.arange(self.n_items)
-            self.item_adam.step(self.E0, torch.from_numpy(rows), grad / self.users_per_round)
+            self._step(torch.from_numpy(rows), grad / self.users_per_round)
         else:
             rows = np.flatnonzero(devices)
             if rows.size:
                 g = grad[rows] / torch.from_numpy(devices[rows]).float()[:, None]
-                self.item_adam.step(self.E0, torch.from_numpy(rows), g)
+                self._step(torch.from_numpy(rows), g)
         users = sum(up.users for up in updates)
         home = private or self.cfg.ldp_noise > 0  # local DP: devices keep their loss too
         return {

@@ -27,6 +27,7 @@ import torch
 from peel_fed.atomic import write_report
 from peel_fed.fedconfig import FedConfig
 from peel_fed.fedlightgcn import (
+    SERVER_OPTIMIZERS,
     FedLightGCN,
     pretraining_releases,
     rounds_per_pass_for,
@@ -37,6 +38,7 @@ from peel_fed.metrics import evaluate_ranking
 from peel_fed.privacy import (
     ACCOUNTANT,
     DPConfig,
+    PrivacyError,
     dp_event,
     epsilon,
     local_epsilon,
@@ -60,11 +62,21 @@ def median_upload_norm(ds, cfg, seed: int, sample: int = 500) -> float:
     return float(np.median(norms))
 
 
+def accounted_epsilon(noise_multiplier: float, releases: int, delta: float) -> float | None:
+    """Epsilon, or None where the noise is too small for the accountant (hundreds)."""
+    try:
+        return epsilon(noise_multiplier, releases, delta)
+    except PrivacyError:
+        return None
+
+
 def _setting(row: dict) -> str:
     if row["ldp_noise"]:
         return f"local DP, noise {row['ldp_noise']:g} x clip"
     if row["target_epsilon"]:
         return f"central DP, target epsilon {row['target_epsilon']:g}"
+    if row["noise_multiplier"] is not None:
+        return f"central DP, noise multiplier {row['noise_multiplier']:g}"
     return "no DP"
 
 
@@ -80,6 +92,25 @@ def main(argv: list[str] | None = None) -> dict:
         default="",
         help="comma-separated local DP noises per uploaded value, in multiples of the clip",
     )
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=FedConfig.layers,
+        help="LightGCN layers K of pretraining (0: matrix factorisation, no contribution sums)",
+    )
+    p.add_argument(
+        "--server-optimizer",
+        choices=SERVER_OPTIMIZERS,
+        default="adam",
+        help="adam or sgd (momentum 0.9), the server's step on E0",
+    )
+    p.add_argument("--server-lr", type=float, default=FedConfig.pretrain_server_lr)
+    p.add_argument(
+        "--noise-multipliers",
+        default="",
+        help="comma-separated central-DP noise multipliers (a tiny one, e.g. 1e-4, runs the DP "
+        "aggregation with no noise to speak of: epsilon not accountable)",
+    )
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--clip", type=float, default=0.0, help="0: the median first-round norm")
     p.add_argument("--seed", type=int, default=0)
@@ -89,7 +120,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     ds = load_dataset(args.dataset, args.data_dir)
     print(ds.summary(), flush=True)
-    cfg = FedConfig(pretrain_passes=args.passes).lightgcn()
+    cfg = replace(
+        FedConfig(pretrain_passes=args.passes).lightgcn(),
+        layers=args.layers,
+        server_optimizer=args.server_optimizer,
+        server_lr=args.server_lr,
+    )
     cfg.rounds = args.passes * rounds_per_pass_for(cfg.cohort_fraction)
     releases = pretraining_releases(cfg, cfg.rounds)
     clip = args.clip or median_upload_norm(ds, cfg, args.seed)
@@ -106,11 +142,13 @@ def main(argv: list[str] | None = None) -> dict:
         "accountant": ACCOUNTANT,
         "runs": [],
     }
-    targets = [(None, 0, 0.0)] + [(float(e), 0, 0.0) for e in args.epsilons.split(",") if e.strip()]
-    targets += [(None, int(k), 0.0) for k in args.decoys.split(",") if k.strip()]
-    targets += [(None, 0, float(n)) for n in args.ldp_noises.split(",") if n.strip()]
-    for target, decoys, ldp in targets:
-        dp = None
+    targets = [(None, 0, 0.0, None)]
+    targets += [(float(e), 0, 0.0, None) for e in args.epsilons.split(",") if e.strip()]
+    targets += [(None, int(k), 0.0, None) for k in args.decoys.split(",") if k.strip()]
+    targets += [(None, 0, float(n), None) for n in args.ldp_noises.split(",") if n.strip()]
+    targets += [(None, 0, 0.0, float(s)) for s in args.noise_multipliers.split(",") if s.strip()]
+    for target, decoys, ldp, sigma in targets:
+        dp = None if sigma is None else DPConfig(clip, sigma, args.delta)
         if target is not None:
             dp = DPConfig(clip, noise_for_epsilon(target, releases, args.delta), args.delta)
         if ldp:  # clipped on the devices, noised there, no central noise
@@ -141,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
                 if ldp
                 else None
                 if dp is None
-                else epsilon(dp.noise_multiplier, releases, args.delta)
+                else accounted_epsilon(dp.noise_multiplier, releases, args.delta)
             ),
             "noise_multiplier": None if dp is None else dp.noise_multiplier,
             "dp_event": None if dp is None else repr(dp_event(dp.noise_multiplier, releases)),

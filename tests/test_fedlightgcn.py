@@ -193,3 +193,32 @@ def test_federated_dns_cosine_learns_the_checkerboard():
     recall = evaluate_ranking(dot_score_fn(u, v), ds.n_users, ds.train, ds.test)["recall@20"]
     candidates = ds.n_items - np.bincount(ds.train.users, minlength=ds.n_users).mean()
     assert recall > 2 * 20 / candidates
+
+
+def test_the_sgd_server_step_is_heavy_ball_momentum_on_the_mean_and_adam_is_not():
+    """``server-optimizer=sgd``: E0 rows move by -lr * m, m = 0.9 m + g (g the mean over the
+    devices that touched the row); untouched rows stay; unknown names are one-line errors."""
+    from peel_fed.fedlightgcn import DeviceUpdate, FedLightGCNConfig, PretrainServer
+
+    cfg = FedLightGCNConfig(dim=2, layers=1, server_lr=0.5, server_optimizer="sgd")
+    server = PretrainServer(3, np.array([1, 1, 1]), cfg, seed=0)
+    start = server.E0.clone()
+    g = torch.tensor([[1.0, -2.0], [3.0, 0.0]])  # two devices' sums on row 1: mean (2, -1)
+
+    def update() -> DeviceUpdate:
+        return DeviceUpdate(
+            np.array([1]), g[:1] + g[1:], np.array([2]), np.zeros(0, dtype=np.int64),
+            torch.zeros(1, 0, 2), 0.0, 2,
+        )  # fmt: skip
+
+    server.apply([update()])
+    mean = torch.tensor([2.0, -1.0])
+    assert torch.allclose(server.E0[1], start[1] - 0.5 * mean)
+    server.apply([update()])
+    assert torch.allclose(server.E0[1], start[1] - 0.5 * mean - 0.5 * 1.9 * mean)
+    assert torch.equal(server.E0[[0, 2]], start[[0, 2]])
+    adam = PretrainServer(3, np.array([1, 1, 1]), FedLightGCNConfig(dim=2, layers=1, server_lr=0.5))
+    adam.apply([update()])
+    assert torch.allclose(adam.E0[1], start[1] - 0.5 * torch.sign(mean), atol=1e-6)
+    with pytest.raises(ValueError, match="pretrain-server-optimizer must be one of adam, sgd"):
+        FedLightGCNConfig(server_optimizer="rmsprop")

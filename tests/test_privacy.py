@@ -370,6 +370,14 @@ def test_the_privacy_benchmark_writes_its_report(tmp_path):
     assert "local DP, noise 3 x clip" in out.with_suffix(".md").read_text()
     assert all(len(r["train_seconds_runs"]) == 2 for r in report["runs"])
     assert out.is_file() and out.with_suffix(".md").is_file()
+    # fixed noise multipliers, matrix factorisation (no contribution sums) and the SGD server
+    mf_args = ["--epsilons", "", "--layers", "0", "--server-optimizer", "sgd", "--server-lr", "100"]
+    mf = main(args[:-1] + [str(tmp_path / "mf.json"), *mf_args, "--noise-multipliers", "1e-4,2"])
+    tiny, two = mf["runs"][1], mf["runs"][2]
+    assert (tiny["noise_multiplier"], tiny["epsilon"]) == (1e-4, None)
+    assert two["epsilon"] == pytest.approx(epsilon(2.0, mf["releases"], 1e-5))
+    assert mf["releases"] == 1  # one pass, no init exchanges without layers
+    assert "central DP, noise multiplier 2" in (tmp_path / "mf.md").read_text()
 
 
 def test_local_dp_noises_every_uploaded_value_on_the_device_and_keeps_none_of_it():
