@@ -391,6 +391,9 @@ def _add_privacy(sub) -> None:
         default="",
         help='run-config overrides for every setting, e.g. "pretrain-passes=5"',
     )
+    p.add_argument(
+        "--jobs", type=int, default=1, help="settings measured at a time (worker processes)"
+    )
     p.add_argument("--out", default=None, help="default docs/results/<dataset>")
 
 
@@ -418,6 +421,7 @@ def _privacy(args, argv: list[str] | None) -> None:
         attack_targets=args.attack_targets,
         attack_passes=args.attack_passes,
         run_config=parse_run_config(args.run_config),
+        jobs=args.jobs,
         out=args.out,
         command="peel-fed " + shlex.join(sys.argv[1:] if argv is None else argv),
     )

@@ -174,15 +174,58 @@ def code_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
-def _cached(path: Path, key: dict, compute) -> dict:
-    """``compute()``, or what ``path`` saved for the same ``key``; saved atomically."""
+def _saved(path: Path, key: dict) -> dict | None:
+    """What ``path`` saved for ``key`` (None if nothing, or for another key)."""
     if path.exists():
         saved = json.loads(path.read_text())
         if saved.get("key") == key:
             return saved["result"]
-    result = compute()
+    return None
+
+
+def _measure(path: Path, key: dict, work: dict, num_nodes: int, threads: int = 0) -> str:
+    """Compute one measurement (``work``: a pipeline run or the attacks) and save it with
+    ``key``, atomically; returns what it measured, in a line. Top level, for a worker
+    process."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    cfg = FedConfig.from_run_config(work["run_config"])
+    if work["kind"] == "run":
+        result = run_setting(cfg, num_nodes)
+        line = (
+            f"epsilon {_fmt(result['epsilon'], '.2f')}, Recall@20 "
+            + ", ".join(_fmt(result["recall@20"][f"{f:g}"]) for f in REPORT_BUDGETS)
+            + f", {result['wall_seconds']:.0f} s"
+        )
+    else:
+        ds = load_dataset(cfg.dataset, cfg.data_dir or None)
+        result = run_attacks(cfg, ds, np.array(work["targets"]), work["passes"])
+        line = ", ".join(f"{v}: AUC {r['auc_median']:.3f}" for v, r in result.items())
     write_json_atomic(path, {"key": key, "result": result})
-    return result
+    return f"{path.stem}: {line}"
+
+
+def _compute_all(todo: dict[Path, tuple[dict, dict]], num_nodes: int, jobs: int) -> None:
+    """Every measurement of ``todo``, ``jobs`` at a time (worker processes, one torch thread
+    each, when more than one)."""
+    if jobs <= 1:
+        for i, (path, (key, work)) in enumerate(todo.items(), 1):
+            log(f"privacy {i}/{len(todo)}: {path.stem} ...")
+            log(f"privacy {i}/{len(todo)}: {_measure(path, key, work, num_nodes)}")
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+        futures = [
+            pool.submit(_measure, path, key, work, num_nodes, 1)
+            for path, (key, work) in todo.items()
+        ]
+        for i, done in enumerate(as_completed(futures), 1):
+            log(f"privacy {i}/{len(todo)}: {done.result()}")
 
 
 def build_report(
@@ -198,6 +241,7 @@ def build_report(
     attack_targets: int = 100,
     attack_passes: int = 1,
     run_config: dict[str, Any] | None = None,
+    jobs: int = 1,
     out: str | Path | None = None,
     command: str = "",
 ) -> dict:
@@ -214,8 +258,8 @@ def build_report(
         raise ConfigError(f"--delta must be in (0, 1), got {delta}")
     if not 0 < attack_targets <= ds.n_users:
         raise ConfigError(f"--attack-targets must be in 1..{ds.n_users}, got {attack_targets}")
-    if attack_passes < 1 or num_nodes < 1:
-        raise ConfigError("--attack-passes and --num-nodes must be >= 1")
+    if min(attack_passes, num_nodes, jobs) < 1:
+        raise ConfigError("--attack-passes, --num-nodes and --jobs must be >= 1")
     base = {
         "budgets": ",".join(f"{100 * f:g}%" for f in REPORT_BUDGETS),
         **(run_config or {}),
@@ -248,22 +292,22 @@ def build_report(
         "delta": delta,
         "attack_targets": attack_targets,
         "attack_passes": attack_passes,
+        "jobs": jobs,
         "run_config": {k: v for k, v in base.items() if k not in ("out-dir", "progress")},
         "rows": [],
     }
     folder = out / "privacy-settings"
-    attacks_done: dict[str, dict] = {}
     code = code_fingerprint()
-    for i, s in enumerate(settings, 1):
+    tasks: dict[Path, tuple[dict, dict]] = {}  # saved file -> (key, what to compute)
+    plan = []
+    for s in settings:
         cfg = configs[s.slug]
-        key = {"run_config": cfg.to_run_config(), "num_nodes": num_nodes, "code": code}
-        log(f"privacy {i}/{len(settings)}: {s.name}: the federated pipeline")
-        run = _cached(
-            folder / f"{s.slug}.run.json", key, lambda cfg=cfg: run_setting(cfg, num_nodes)
-        )
+        run_key = {"run_config": cfg.to_run_config(), "num_nodes": num_nodes, "code": code}
+        run_path = folder / f"{s.slug}.run.json"
+        tasks[run_path] = (run_key, {"kind": "run", "run_config": cfg.to_run_config()})
         # the attacks read uploads before any central noise, and one pretraining gives every
         # view: they run once per pretraining recipe and clip
-        akey = {
+        attack_key = {
             "pretraining": to_jsonable(asdict(cfg.lightgcn())),
             "clip": cfg.dp_clip,
             "seed": seed,
@@ -271,18 +315,23 @@ def build_report(
             "passes": attack_passes,
             "code": code,
         }
-        akey_text = json.dumps(akey, sort_keys=True)
-        if akey_text not in attacks_done:
-            log(f"privacy {i}/{len(settings)}: {s.name}: the attacks")
-            attacks_done[akey_text] = _cached(
-                folder / f"{s.slug}.attack.json",
-                akey,
-                lambda cfg=cfg: run_attacks(cfg, ds, targets, attack_passes),
-            )
-        row = {"setting": s.name, "target_epsilon": s.target_epsilon, **run}
-        row["attack"] = attacks_done[akey_text][s.view]
+        same = [p for p, (k, _) in tasks.items() if k == attack_key]
+        attack_path = same[0] if same else folder / f"{s.slug}.attack.json"
+        if not same:
+            work = {"kind": "attack", "run_config": cfg.to_run_config(), "passes": attack_passes}
+            tasks[attack_path] = (attack_key, {**work, "targets": targets.tolist()})
+        plan.append((s, run_path, attack_path))
+    todo = {p: t for p, t in tasks.items() if _saved(p, t[0]) is None}
+    log(
+        f"privacy: {len(settings)} settings, {len(tasks)} measurements "
+        f"({len(tasks) - len(todo)} saved before), {jobs} at a time"
+    )
+    _compute_all(todo, num_nodes, jobs)
+    for s, run_path, attack_path in plan:
+        row = {"setting": s.name, "target_epsilon": s.target_epsilon}
+        row.update(_saved(run_path, tasks[run_path][0]))
+        row["attack"] = _saved(attack_path, tasks[attack_path][0])[s.view]
         report["rows"].append(row)
-        log(f"privacy {i}/{len(settings)}: {s.name}: {_progress_line(row)}")
     base_run = report["rows"][0]
     for row in report["rows"]:
         row["time_over_clear"] = row["wall_seconds"] / base_run["wall_seconds"]
@@ -313,15 +362,6 @@ def _row_line(row: dict) -> str:
     )
 
 
-def _progress_line(row: dict) -> str:
-    r, a = row["recall@20"], row["attack"]
-    return (
-        f"epsilon {_fmt(row['epsilon'], '.2f')}, attack AUC {a['auc_median']:.3f}, Recall@20 "
-        + ", ".join(_fmt(r[f"{f:g}"]) for f in REPORT_BUDGETS)
-        + f", {row['wall_seconds']:.0f} s"
-    )
-
-
 def report_markdown(report: dict) -> str:
     """The report's table and how it was made."""
     budgets = " | ".join(f"R@20 at {100 * f:g}%" for f in REPORT_BUDGETS)
@@ -332,6 +372,9 @@ def report_markdown(report: dict) -> str:
         "",
         f"Command: `{report['command']}`. The federated pipeline in process "
         f"(`sim.local_grid`, the real ServerApp and ClientApp) on {report['num_nodes']} nodes, "
+        f"{report['jobs']} setting(s) at a time"
+        + (" (one process and torch thread each)" if report["jobs"] > 1 else "")
+        + ", "
         f"run config {_run_config_text(report['run_config'])}; Recall@20 of "
         f"{first['method']} at each share of the float32 item table's bytes. Attacks "
         f"(`peel_fed.attacks`): {report['attack_targets']} users, each on a node of its own, "

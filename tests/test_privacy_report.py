@@ -117,3 +117,17 @@ def test_bad_values_are_one_line_errors_and_write_nothing(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("peel-fed: error:") and len(err.splitlines()) == 1
     assert not any(tmp_path.iterdir())
+
+
+def test_settings_measured_two_at_a_time_give_the_same_report(report, tmp_path):
+    """Worker processes (``--jobs 2``) measure the same numbers: every run takes its seed."""
+    _, rep = report
+    args = {**ARGS, "epsilons": (8.0,), "decoys": 0, "ldp_noise": 0.0}
+    two = privacy_report.build_report(**args, jobs=2, out=tmp_path, command="test")
+    want = {r["setting"]: r for r in rep["rows"]}
+    for row in two["rows"]:
+        for key in ("epsilon", "recall@20", "up_bytes_total", "attack"):
+            got, exp = row[key], want[row["setting"]][key]
+            if key == "attack":
+                got, exp = ({k: v for k, v in d.items() if k != "seconds"} for d in (got, exp))
+            assert got == exp, (row["setting"], key)
