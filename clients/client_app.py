@@ -38,6 +38,7 @@ from peel_fed.messages import (
     decode_dropped,
     decode_evaluate_down,
     decode_inbox,
+    decode_noise_share,
     decode_pee_down,
     decode_pee_rows_down,
     decode_pee_rows_request,
@@ -73,6 +74,8 @@ from peel_fed.messages import (
     encode_shares_revealed,
     encode_stats,
     encode_wanted,
+    pee_rows_released,
+    pretrain_rows_released,
 )
 from peel_fed.secagg import SecAggClient
 
@@ -112,6 +115,25 @@ def masked_reply(msg: Message, context: Context, content: Content, vector: np.nd
     client = state.secagg_client(context, round_tag)
     masked = client.masked(vector, peer_keys, round_tag)
     return _reply(msg, encode_masked(masked, client.public_key()))
+
+
+def _noise_share(
+    content: Content,
+    context: Context,
+    vector: np.ndarray,
+    released: list[slice],
+    exchange: tuple[int, int, int],
+) -> np.ndarray:
+    """Distributed DP: ``vector`` with this node's share of the noise on its ``released`` parts
+    (as the server asked: none without distributed DP)."""
+    std, source = decode_noise_share(content)
+    if not std:
+        return vector
+    from peel_fed.privacy import add_noise_share, noise_share_rng  # torch: training messages only
+
+    pid, _ = state.partition(context)
+    rng = noise_share_rng(source, decode_data(content).seed, pid, exchange)
+    return add_noise_share(vector, released, std, rng)
 
 
 # --- secure aggregation -------------------------------------------------------------------------
@@ -261,7 +283,10 @@ def pretrain(msg: Message, context: Context) -> Message:
             store.save("pretrain", devices.state_arrays(), version)
             return _reply(msg, encode_contribution(rows, delta.numpy(), users))
         pending = {"contrib-rows": rows, "contrib-delta": delta.numpy()}
-        counts = encode_pretrain_row_counts(node.ds.n_items, rows, np.ones(rows.size), 0.0, users)
+        counted = rows[:0] if step.dp_private else rows  # distributed DP: no row counts
+        counts = encode_pretrain_row_counts(
+            node.ds.n_items, counted, np.ones(counted.size), 0.0, users
+        )
     elif step.step == "round":
         taking_part = round_participants(devices.seed, node.users, step.round, step.rounds_per_pass)
         up = devices.device_round(taking_part, layers, step.round, clip, step.dp_private)
@@ -274,8 +299,13 @@ def pretrain(msg: Message, context: Context) -> Message:
             "contrib-rows": up.contrib_rows,
             "contrib-delta": up.contrib_delta.numpy(),
         }
+        hide = step.dp_private  # distributed DP: no row counts (the server takes every row)
         counts = encode_pretrain_row_counts(
-            node.ds.n_items, up.rows, up.row_devices, up.loss_sum, up.users
+            node.ds.n_items,
+            up.rows[:0] if hide else up.rows,
+            up.row_devices[:0] if hide else up.row_devices,
+            up.loss_sum,
+            up.users,
         )
     else:
         raise ValueError(f"unknown pretrain step {step.step!r}")
@@ -323,13 +353,16 @@ def rows(msg: Message, context: Context) -> Message:
     if pending is None:
         raise RuntimeError("train.rows without a pending pretraining upload")
     union = decode_rows_down(content)
+    delta = pending["contrib-delta"]
     vector = encode_pretrain_rows(
-        union,
-        pending.get("rows"),
-        pending.get("grad"),
-        pending["contrib-rows"],
-        pending["contrib-delta"],
+        union, pending.get("rows"), pending.get("grad"), pending["contrib-rows"], delta
     )
+    version = int(pending["version"][0])  # init: k - layers (negative); a round: its number
+    layers, dim = delta.shape[0], delta.shape[-1]
+    init_layer = version + layers if version < 0 else None
+    released = pretrain_rows_released(union.size, dim, layers, init_layer)
+    exchange = (1, 0, init_layer) if init_layer is not None else (1, 1, version)
+    vector = _noise_share(content, context, vector, released, exchange)
     reply = masked_reply(msg, context, content, vector)
     device_state = {**store.load("pretrain"), "contrib": pending["contrib-new"]}
     store.save("pretrain", device_state, int(pending["version"][0]))
@@ -464,7 +497,9 @@ def pee(msg: Message, context: Context) -> Message:
     if round_.secure:
         # secure rows: keep the upload, send masked per-group row counts and the user count
         store.save("pee-pending", encode_pee_uploads(uploads))
-        counts = encode_pee_row_counts(uploads, round_.num_user_groups, down.layout.n_items)
+        counts = encode_pee_row_counts(
+            uploads, round_.num_user_groups, down.layout.n_items, hide_rows=round_.dp_private
+        )
         return masked_reply(msg, context, content, counts)
     return _reply(msg, encode_pee_reply(uploads))
 
@@ -479,7 +514,10 @@ def pee_rows(msg: Message, context: Context) -> Message:
         raise RuntimeError("train.peerows without a pending PEE upload")
     round_, unions = decode_pee_rows_down(content)
     uploads = decode_pee_uploads(pending, round_.num_item_groups)
-    reply = masked_reply(msg, context, content, encode_pee_rows(uploads, unions, round_))
+    vector = encode_pee_rows(uploads, unions, round_)
+    released = pee_rows_released(unions, round_)
+    vector = _noise_share(content, context, vector, released, (2, 1, round_.round))
+    reply = masked_reply(msg, context, content, vector)
     store.drop("pee-pending")
     return reply
 

@@ -19,7 +19,7 @@ from peel_fed.blocks import (
 from peel_fed.controller import ControllerConfig
 from peel_fed.fedlightgcn import FedLightGCNConfig, pretraining_releases, rounds_per_pass_for
 from peel_fed.fedpee import FedPEEConfig
-from peel_fed.privacy import DPConfig, PrivacyError, noise_for_epsilon
+from peel_fed.privacy import NOISE_SOURCES, DPConfig, PrivacyError, noise_for_epsilon, noised
 from peel_fed.renames import RENAMED_RUN_CONFIG_KEYS, with_current_keys
 
 SECAGG_PROTOCOLS = ("pairwise", "shamir")
@@ -95,6 +95,10 @@ class FedConfig:
     dp_noise_multiplier: float = 0.0
     dp_target_epsilon: float = 0.0
     dp_delta: float = 1e-5
+    # with secure-rows, DP is distributed: every node adds its share of the noise before masking,
+    # drawn from "seed" (the run's seed: a study repeats, but a server that knows the seed could
+    # regenerate the shares) or "device" (the operating system's entropy, for a deployment)
+    dp_noise_source: str = "seed"
     # local DP of pretraining uploads (FedPerGNN's noise on uploads): each user adds Gaussian
     # noise of this many times dp-clip to every value of its clipped upload, on its device
     ldp_noise_multiplier: float = 0.0
@@ -241,9 +245,15 @@ class FedConfig:
             return
         if self.dp_noise_multiplier and self.dp_target_epsilon:
             raise ConfigError("set dp-noise-multiplier or dp-target-epsilon, not both")
-        if self.secure_rows:
+        if self.secure_rows and self.ldp_noise_multiplier:
             raise ConfigError(
-                "user-level DP with secure-rows (distributed DP) is not built yet: use one"
+                "ldp-noise-multiplier with secure-rows: the server sees only sums there; for "
+                "noise under secure aggregation use dp-noise-multiplier (distributed DP)"
+            )
+        if self.dp_noise_source not in NOISE_SOURCES:
+            raise ConfigError(
+                f"dp-noise-source must be one of {', '.join(NOISE_SOURCES)}, got "
+                f"{self.dp_noise_source!r}"
             )
         try:
             self.dp_settings()
@@ -267,6 +277,12 @@ class FedConfig:
             releases = sum(self.dp_releases().values())
             sigma = noise_for_epsilon(self.dp_target_epsilon, releases, self.dp_delta)
         return DPConfig(self.dp_clip, sigma, self.dp_delta)
+
+    @property
+    def distributed_dp(self) -> bool:
+        """Whether DP noise is added by the nodes under secure aggregation (DP noise with
+        ``secure-rows``) rather than by the server."""
+        return self.secure_rows and noised(self.dp_settings())
 
     @property
     def sparse_pretrain_downloads(self) -> bool:

@@ -171,6 +171,7 @@ class PretrainServer:
         seed: int = 0,
         dp: DPConfig | None = None,
         users_per_round: float = 1.0,
+        noise_on_devices: bool = False,
     ) -> None:
         self.n_items, self.cfg = n_items, cfg
         self.inv_sqrt_di = inv_sqrt_degree(item_degree)
@@ -185,6 +186,8 @@ class PretrainServer:
         # divided by the expected users per round, a public number, not by per-row counts
         self.dp, self.users_per_round = dp, max(float(users_per_round), 1.0)
         self.noise_rng = np.random.default_rng([seed, 23])
+        # distributed DP: the nodes added the noise under secure aggregation, the server adds none
+        self.server_noise = noised(dp) and not noise_on_devices
 
     def set_round(self, round_no: int) -> None:
         """The server learning rate of round ``round_no`` (``cfg.lr_schedule``)."""
@@ -204,7 +207,7 @@ class PretrainServer:
     def noise_contributions(self, layers: range | list[int]) -> None:
         """User-level DP: Gaussian noise on every row of the released sums ``S_k``, once per
         aggregate (nothing without DP). An ``init`` exchange releases only its layer's sum."""
-        if not noised(self.dp):
+        if not self.server_noise:
             return
         for k in layers:
             self.S[k] += gaussian_noise(tuple(self.S[k].shape), self.dp.noise_std, self.noise_rng)
@@ -234,7 +237,8 @@ class PretrainServer:
         private = noised(self.dp)  # the loss stays on the devices
         if private:
             self.noise_contributions(range(self.cfg.layers))
-            grad += gaussian_noise(tuple(grad.shape), self.dp.noise_std, self.noise_rng)
+            if self.server_noise:
+                grad += gaussian_noise(tuple(grad.shape), self.dp.noise_std, self.noise_rng)
             rows = np.arange(self.n_items)
             self._step(torch.from_numpy(rows), grad / self.users_per_round)
         else:

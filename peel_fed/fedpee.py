@@ -95,6 +95,7 @@ class PEEGroupServer:
         seed: int = 0,
         dp: DPConfig | None = None,
         users_per_round: float = 1.0,
+        noise_on_devices: bool = False,
     ) -> None:
         self.layout, self.cfg, self.popularity = layout, cfg, popularity
         self.table = torch.tensor(item_table, dtype=torch.float32)
@@ -103,6 +104,8 @@ class PEEGroupServer:
         # and on the weight gradient, both divided by the group's expected users per round
         self.dp, self.users_per_round = dp, max(float(users_per_round), 1.0)
         self.noise_rng = np.random.default_rng([seed, 29])
+        # distributed DP: the nodes added the noise under secure aggregation, the server adds none
+        self.server_noise = noised(dp) and not noise_on_devices
         torch.manual_seed(seed)
         self.controller = Controller(layout.num_item_groups, layout.num_blocks, cfg.controller)
         self.group_loss = np.zeros(layout.num_item_groups)
@@ -130,9 +133,10 @@ class PEEGroupServer:
             users += up.users
         if noised(self.dp):
             # the loss features are not uploaded under DP (``PEEDevices.device_round``)
-            std, rng = self.dp.noise_std, self.noise_rng
-            grad += gaussian_noise(tuple(grad.shape), std, rng)
-            wgrad = wgrad + gaussian_noise(wgrad.shape, std, rng).double().numpy()
+            if self.server_noise:
+                std, rng = self.dp.noise_std, self.noise_rng
+                grad += gaussian_noise(tuple(grad.shape), std, rng)
+                wgrad = wgrad + gaussian_noise(wgrad.shape, std, rng).double().numpy()
             rows = np.arange(self.table.shape[0])
             self.adam.step(self.table, torch.from_numpy(rows), grad / self.users_per_round)
             self.controller.apply_weight_grad(self.features, wgrad / self.users_per_round)

@@ -611,13 +611,41 @@ def decode_pretrain_row_counts(total: np.ndarray, n_items: int) -> RowCounts:
     )
 
 
-def encode_rows_down(data: DataSpec, union: np.ndarray) -> Content:
-    """Secure rows, second half (pretraining): the cohort's row union goes down."""
-    return Content(arrays={"rows": {"rows": union}}, configs={"data": data.to_config()})
+def encode_rows_down(
+    data: DataSpec, union: np.ndarray, noise_std: float = 0.0, noise_source: str = "seed"
+) -> Content:
+    """Secure rows, second half (pretraining): the cohort's row union goes down, and under
+    distributed DP each node's noise share (its standard deviation and where it is drawn)."""
+    configs: dict[str, Config] = {"data": data.to_config()}
+    if noise_std:
+        configs["ddp"] = {"noise-std": float(noise_std), "noise-source": noise_source}
+    return Content(arrays={"rows": {"rows": union}}, configs=configs)
 
 
 def decode_rows_down(content: Content) -> np.ndarray:
     return content.arrays["rows"]["rows"]
+
+
+def decode_noise_share(content: Content) -> tuple[float, str]:
+    """Distributed DP: the standard deviation of this node's noise share (0: none) and its
+    source (``peel_fed.privacy.NOISE_SOURCES``)."""
+    ddp = content.configs.get("ddp", {})
+    return float(ddp.get("noise-std", 0.0)), str(ddp.get("noise-source", "seed"))
+
+
+def pretrain_rows_released(
+    union_size: int, dim: int, layers: int, init_layer: int | None
+) -> list[slice]:
+    """The parts of a second-half pretraining upload (:func:`encode_pretrain_rows`) that the
+    server releases: all of it in a round, only layer ``init_layer``'s contributions in an
+    ``init`` step (where distributed DP puts its noise)."""
+    block = union_size * dim
+    if init_layer is None:
+        return [slice(0, block * (1 + layers))]
+    if not 0 <= init_layer < layers:
+        raise ValueError(f"init layer {init_layer} outside 0..{layers - 1}")
+    start = block * (1 + init_layer)
+    return [slice(start, start + block)]
 
 
 def encode_pretrain_rows(
@@ -876,12 +904,14 @@ def decode_pee_reply(content: Content, n_item_groups: int) -> dict[int, PEEUploa
 
 
 def encode_pee_row_counts(
-    uploads: dict[int, PEEUpload], user_groups: int, n_items: int
+    uploads: dict[int, PEEUpload], user_groups: int, n_items: int, hide_rows: bool = False
 ) -> np.ndarray:
-    """Secure rows, first half: ``[devices per row per user group (groups x items) | users]``."""
+    """Secure rows, first half: ``[devices per row per user group (groups x items) | users]``;
+    ``hide_rows`` (distributed DP) sends zero counts, as the server then takes every row."""
     counts = np.zeros((user_groups, n_items))
     for g, up in uploads.items():
-        counts[g, up.rows] = up.row_devices
+        if not hide_rows:
+            counts[g, up.rows] = up.row_devices
     users = sum(up.users for up in uploads.values())
     return np.concatenate([counts.ravel(), [users]])
 
@@ -896,10 +926,20 @@ def pee_row_unions(counts: np.ndarray) -> list[np.ndarray]:
     return [np.flatnonzero(c > 0) for c in counts]
 
 
-def encode_pee_rows_down(data: DataSpec, round_: PEERound, unions: list[np.ndarray]) -> Content:
+def encode_pee_rows_down(
+    data: DataSpec,
+    round_: PEERound,
+    unions: list[np.ndarray],
+    noise_std: float = 0.0,
+    noise_source: str = "seed",
+) -> Content:
+    """Secure rows, second half (PEE learning): each group's row union, and under distributed
+    DP each node's noise share (read by :func:`decode_noise_share`)."""
+    configs: dict[str, Config] = {"data": data.to_config(), "pee": round_.to_config()}
+    if noise_std:
+        configs["ddp"] = {"noise-std": float(noise_std), "noise-source": noise_source}
     return Content(
-        arrays={"rows": {f"union-{g}": u for g, u in enumerate(unions)}},
-        configs={"data": data.to_config(), "pee": round_.to_config()},
+        arrays={"rows": {f"union-{g}": u for g, u in enumerate(unions)}}, configs=configs
     )
 
 
@@ -928,6 +968,19 @@ def encode_pee_rows(
             stats = _pee_stats(up)
         parts += [grad.ravel(), weight_grad, stats]
     return np.concatenate(parts)
+
+
+def pee_rows_released(unions: list[np.ndarray], round_: PEERound) -> list[slice]:
+    """The parts of a second-half PEE upload (:func:`encode_pee_rows`) that the server
+    releases: per user group the row gradients and dL_val/d alpha (not the loss statistics,
+    which stay zero on the devices under DP, nor the user counts)."""
+    n, dim = round_.num_item_groups, round_.dim
+    out, at = [], 0
+    for union in unions:
+        size = union.size * dim + n * round_.num_blocks
+        out.append(slice(at, at + size))
+        at += size + 2 + 2 * n
+    return out
 
 
 def decode_pee_rows(

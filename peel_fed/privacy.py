@@ -18,6 +18,16 @@ the privacy-loss-distribution accountant of Google's ``dp-accounting`` package. 
 (``NOT_COVERED``, named in every report): the statistics, the grouping, the bit-plane orders and
 the evaluation, whose sums are released exactly.
 
+Distributed DP (``secure-rows`` with DP noise): the same releases, but the server never holds an
+un-noised sum. Every node of a secure sum adds its share of the noise, Gaussian of standard
+deviation ``noise_std / sqrt(shares)``, to the values it masks, where ``shares`` is the fewest
+nodes whose uploads may enter the sum (the whole cohort with pairwise masks, the threshold ``t``
+with Shamir shares); the server unmasks only when at least that many uploads arrived, so the
+sum it sees carries noise of at least ``noise_std``, as in central DP. A node that hosts no user
+of a released part adds its share there too. The shares are continuous Gaussians rounded to the
+fixed-point grid of secure aggregation (2**-24 per value): the accountant ignores that rounding,
+which the distributed discrete Gaussian of Kairouz et al. (ICML 2021) would make exact.
+
 Flower's DP helpers (``flwr.supercore.differential_privacy``) clip a node's whole update and draw
 noise from numpy's global generator. Here a node hosts many users, each clipped alone, and every
 run must repeat with its seed, so the two operations live here; the arithmetic is the same.
@@ -148,6 +158,47 @@ def gaussian_noise(shape: tuple[int, ...], std: float, rng: np.random.Generator)
     return torch.from_numpy(rng.normal(0.0, std, size=shape).astype(np.float32))
 
 
+def noise_share_std(dp: DPConfig, shares: int) -> float:
+    """Distributed DP: the standard deviation of one node's share of the noise, such that any
+    ``shares`` or more shares add up to at least ``dp.noise_std``."""
+    if shares < 1:
+        raise ValueError(f"distributed DP needs at least one noise share, got {shares}")
+    return dp.noise_std / float(np.sqrt(shares))
+
+
+def add_noise_share(
+    vector: np.ndarray, released: list[slice], std: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Distributed DP, on a device: ``vector`` with Gaussian noise of ``std`` on the positions
+    ``released`` (the parts of the upload that the server releases; the rest, such as user
+    counts, goes up as it is). Returns a new float64 array."""
+    out = np.array(vector, dtype=np.float64)
+    for part in released:
+        out[part] += rng.normal(0.0, std, size=out[part].shape)
+    return out
+
+
+# where a device's noise share comes from: "seed" (the run's seed, the node's partition and the
+# exchange: a study repeats with its seed, but a server that knows the seed could regenerate the
+# shares) or "device" (the operating system's entropy: what a deployment needs)
+NOISE_SOURCES = ("seed", "device")
+DDP_STREAM = 9_100_001
+
+
+def noise_share_rng(
+    source: str, seed: int, partition: int, exchange: tuple[int, ...]
+) -> np.random.Generator:
+    """The generator of one node's noise share in one exchange (``exchange``: phase and step
+    numbers): seeded, or fresh from the operating system (``source``, one of ``NOISE_SOURCES``)."""
+    if source == "device":
+        return np.random.default_rng()
+    if source != "seed":
+        raise ValueError(
+            f"dp-noise-source must be one of {', '.join(NOISE_SOURCES)}, got {source!r}"
+        )
+    return np.random.default_rng([seed, DDP_STREAM, partition, *exchange])
+
+
 # the releases that no epsilon here covers: said in every report, so no one reads a total into it
 NOT_COVERED = (
     "statistics: item degrees, user and interaction counts (secure sums, released exactly)",
@@ -182,10 +233,22 @@ def local_privacy_report(noise: float, releases: int, delta: float) -> dict:
     }
 
 
-def privacy_report(dp: DPConfig, releases: dict[str, int]) -> dict:
+CENTRAL = (
+    "user-level central DP: each user's upload clipped on its device, Gaussian noise on every "
+    "released sum by the server"
+)
+DISTRIBUTED = (
+    "user-level distributed DP: each user's upload clipped on its device, and every node adds "
+    "its share of the Gaussian noise before secure aggregation, so the server sees only noised "
+    "sums (shares of noise_std / sqrt(t), t the fewest uploads a sum is unmasked with)"
+)
+
+
+def privacy_report(dp: DPConfig, releases: dict[str, int], distributed: bool = False) -> dict:
     """The privacy section of a run's report: settings, the DP event, epsilon per phase (keyed
     like ``releases``) and over all of them, and what is not covered. An infinite epsilon (no
-    noise) is written as the string ``"inf"``."""
+    noise) is written as the string ``"inf"``. ``distributed``: the noise is added by the nodes
+    under secure aggregation (the releases and epsilon are the same)."""
 
     def eps(n: int) -> float | str:
         value = epsilon(dp.noise_multiplier, n, dp.delta)
@@ -193,8 +256,7 @@ def privacy_report(dp: DPConfig, releases: dict[str, int]) -> dict:
 
     total = int(sum(releases.values()))
     return {
-        "mechanism": "user-level central DP: each user's upload clipped on its device, Gaussian "
-        "noise on every released sum by the server",
+        "mechanism": DISTRIBUTED if distributed else CENTRAL,
         "accountant": ACCOUNTANT,
         "dp_event": repr(dp_event(dp.noise_multiplier, total)),
         "clip": dp.clip,

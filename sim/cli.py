@@ -373,6 +373,13 @@ def _add_privacy(sub) -> None:
         default=(1.0, 4.0, 8.0),
         help="central-DP target epsilons, comma-separated (default 1,4,8; empty: no row)",
     )
+    p.add_argument(
+        "--distributed-epsilons",
+        type=_float_list,
+        default=(8.0,),
+        help="distributed-DP (secure rows, noise added by the nodes) target epsilons "
+        "(default 8; empty: no row)",
+    )
     p.add_argument("--decoys", type=int, default=30, help="decoy items per user (0: no row)")
     p.add_argument(
         "--ldp-noise",
@@ -414,6 +421,7 @@ def _privacy(args, argv: list[str] | None) -> None:
         seed=args.seed,
         num_nodes=args.num_nodes,
         epsilons=args.epsilons,
+        distributed_epsilons=args.distributed_epsilons,
         decoys=args.decoys,
         ldp_noise=args.ldp_noise,
         clip=args.dp_clip,

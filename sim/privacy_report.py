@@ -2,7 +2,8 @@
 honest-but-curious server still learns, in one table.
 
 For every setting (clear uploads, secure rows, decoy items, local DP, user-level central DP at
-each target epsilon) two measurements, both with the setting's run config:
+each target epsilon, distributed DP at each of its own) two measurements, both with the
+setting's run config:
 
 - the whole federated pipeline, in process (``sim.local_grid``: the real ServerApp and
   ClientApp, no Ray): Recall@20 of the default elastic embeddings (PEEL bit-planes) at 10, 25
@@ -13,6 +14,8 @@ each target epsilon) two measurements, both with the setting's run config:
   precision@k) and user-vector reconstruction (cosine), on what the server of that setting can
   decode. Under central DP the server reads each clipped upload before it adds the noise, so its
   view is the same at every epsilon: central DP protects the released model, not the uploads.
+  Under distributed DP the server sees only cohort sums, noised by the nodes; the attacks read
+  the secure-rows view of the clipped uploads before that noise, an upper bound on the leak.
 
 Every setting's two results are saved as they end (``<out>/privacy-settings/``) with the
 arguments they came from and a hash of the code; a rerun with the same arguments and code
@@ -20,7 +23,7 @@ reuses them, so an interrupted report goes on where it stopped. Writes ``privacy
 ``privacy.md`` and ``privacy.png`` (Recall@20 and attack AUC against epsilon) in ``--out``, all
 atomically.
 
-Long file: about 410 lines, one command's whole composition (its settings, both measurements,
+Long file: about 490 lines, one command's whole composition (its settings, both measurements,
 the saved settings, the table and the plot), none of it algorithm code.
 """
 
@@ -48,6 +51,7 @@ from peel_fed.privacy import DPConfig
 
 REPORT_BUDGETS = (0.10, 0.25, 1.0)
 ATTACK_VIEWS = ("clear", "secure rows")
+DP_KINDS = {"central": {"marker": "o"}, "distributed": {"marker": "s", "ls": ":"}}
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,7 @@ class Setting:
     run_config: dict[str, Any] = field(default_factory=dict)
     view: str = "clear"
     target_epsilon: float | None = None
+    dp: str = ""  # "central" or "distributed" for the DP rows, plotted against epsilon
 
     @property
     def slug(self) -> str:
@@ -65,10 +70,17 @@ class Setting:
 
 
 def report_settings(
-    epsilons: list[float], decoys: int, ldp_noise: float, clip: float, delta: float
+    epsilons: list[float],
+    decoys: int,
+    ldp_noise: float,
+    clip: float,
+    delta: float,
+    distributed_epsilons: list[float] = (),
 ) -> list[Setting]:
     """The report's rows: clear, secure rows, ``decoys`` decoy items (0: no row), local DP at
-    ``ldp_noise`` times the clip (0: no row), and central DP at each of ``epsilons``."""
+    ``ldp_noise`` times the clip (0: no row), central DP at each of ``epsilons`` and
+    distributed DP (secure rows, noise added by the nodes) at each of
+    ``distributed_epsilons``."""
     dp = {"dp-clip": clip, "dp-delta": delta}
     rows = [Setting("clear uploads"), Setting("secure rows", {"secure-rows": True}, "secure rows")]
     if decoys:
@@ -81,7 +93,23 @@ def report_settings(
         )
     for eps in epsilons:
         rows.append(
-            Setting(f"central DP, epsilon {eps:g}", {**dp, "dp-target-epsilon": eps}, "clear", eps)
+            Setting(
+                f"central DP, epsilon {eps:g}",
+                {**dp, "dp-target-epsilon": eps},
+                "clear",
+                eps,
+                "central",
+            )
+        )
+    for eps in distributed_epsilons:
+        rows.append(
+            Setting(
+                f"distributed DP, epsilon {eps:g}",
+                {**dp, "dp-target-epsilon": eps, "secure-rows": True},
+                "secure rows",
+                eps,
+                "distributed",
+            )
         )
     return rows
 
@@ -234,6 +262,7 @@ def build_report(
     seed: int = 0,
     num_nodes: int = 2,
     epsilons: tuple[float, ...] = (1.0, 4.0, 8.0),
+    distributed_epsilons: tuple[float, ...] = (8.0,),
     decoys: int = 30,
     ldp_noise: float = 3.0,
     clip: float = 0.0,
@@ -279,7 +308,9 @@ def build_report(
         from sim.bench_privacy import median_upload_norm
 
         clip = median_upload_norm(ds, plain.lightgcn(), seed)
-    settings = report_settings(list(epsilons), decoys, ldp_noise, clip, delta)
+    settings = report_settings(
+        list(epsilons), decoys, ldp_noise, clip, delta, list(distributed_epsilons)
+    )
     configs = {s.slug: setting_config(base, s) for s in settings}  # all checked before any run
     rng = np.random.default_rng(seed)
     degree = np.bincount(ds.train.users, minlength=ds.n_users)
@@ -328,7 +359,7 @@ def build_report(
     )
     _compute_all(todo, num_nodes, jobs)
     for s, run_path, attack_path in plan:
-        row = {"setting": s.name, "target_epsilon": s.target_epsilon}
+        row = {"setting": s.name, "target_epsilon": s.target_epsilon, "dp": s.dp}
         row.update(_saved(run_path, tasks[run_path][0]))
         row["attack"] = _saved(attack_path, tasks[attack_path][0])[s.view]
         report["rows"].append(row)
@@ -395,7 +426,9 @@ def report_markdown(report: dict) -> str:
         "node's values and rows inside the cohort's sum; decoys blur which rows are the user's; "
         "local DP noises the values on the device but not which rows were touched; central DP "
         "protects the released sums and the model, and not the uploads, which the server reads "
-        "before it adds noise, so its attack columns do not change with epsilon.",
+        "before it adds noise, so its attack columns do not change with epsilon; distributed DP "
+        "has the nodes add the noise under secure aggregation, so the server sees only noised "
+        "cohort sums (its attack columns read those sums before the noise: an upper bound).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -406,31 +439,34 @@ def _run_config_text(run_config: dict) -> str:
 
 
 def plot_privacy(report: dict, path: Path) -> None:
-    """Recall@20 and attack AUC of the central-DP rows against epsilon, the other settings as
-    horizontal lines, as PNG."""
+    """Recall@20 and attack AUC of the DP rows (central and distributed) against epsilon, the
+    other settings as horizontal lines, as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     dp = sorted((r for r in report["rows"] if r["target_epsilon"]), key=lambda r: r["epsilon"])
+    kinds = {kind: [r for r in dp if r.get("dp", "central") == kind] for kind in DP_KINDS}
     others = [r for r in report["rows"] if not r["target_epsilon"]]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for j, f in enumerate(REPORT_BUDGETS):
         key = f"{f:g}"
-        if dp:
-            recall = [r["recall@20"][key] or 0 for r in dp]
-            label = f"central DP, {100 * f:g}% of bytes"
-            left.plot([r["epsilon"] for r in dp], recall, marker="o", color=colours[j], label=label)
+        for kind, rows in kinds.items():
+            if rows:
+                left.plot([r["epsilon"] for r in rows], [r["recall@20"][key] or 0 for r in rows],
+                          color=colours[j], **DP_KINDS[kind],
+                          label=f"{kind} DP, {100 * f:g}% of bytes")  # fmt: skip
         clear = others[0]["recall@20"][key] if others else None
         if clear is not None:
             left.axhline(clear, color=colours[j], ls="--", lw=1, label=f"clear, {100 * f:g}%")
-    left.set_xlabel(f"epsilon (central DP, delta {report['delta']:.2g})")
+    left.set_xlabel(f"epsilon (delta {report['delta']:.2g})")
     left.set_ylabel("Recall@20")
-    if dp:
-        right.plot([r["epsilon"] for r in dp], [r["attack"]["auc_median"] for r in dp],
-                   marker="o", color="k", label="central DP")  # fmt: skip
+    for kind, rows in kinds.items():
+        if rows:
+            right.plot([r["epsilon"] for r in rows], [r["attack"]["auc_median"] for r in rows],
+                       color="k", **DP_KINDS[kind], label=f"{kind} DP")  # fmt: skip
     for j, r in enumerate(others):
         right.axhline(r["attack"]["auc_median"], color=colours[(j + 3) % len(colours)], ls="--",
                       lw=1, label=r["setting"])  # fmt: skip
@@ -440,8 +476,9 @@ def plot_privacy(report: dict, path: Path) -> None:
     right.set_ylim(0.4, 1.02)
     for ax in (left, right):
         if dp:
+            ticks = sorted({round(r["epsilon"], 2) for r in dp})
             ax.set_xscale("log")
-            ax.set_xticks([r["epsilon"] for r in dp], [f"{r['epsilon']:g}" for r in dp])
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
             ax.minorticks_off()
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

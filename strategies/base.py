@@ -15,8 +15,9 @@ from flwr.serverapp import Grid
 from clients.records import from_record_dict
 from peel_fed.fedconfig import FedConfig
 from peel_fed.messages import DataSpec, decode_upload_users
+from peel_fed.privacy import noise_share_std
 from strategies.log import PhaseLog
-from strategies.phases import PhaseReport, secure_sum
+from strategies.phases import PhaseReport, secure_sum, shamir_threshold
 
 
 class PhaseStrategy:
@@ -35,6 +36,7 @@ class PhaseStrategy:
         timeout: float,
         phase: str,
         round_: int = 0,
+        min_uploads: int = 0,
     ) -> tuple[np.ndarray, list[int], list[PhaseReport]]:
         """:func:`strategies.phases.secure_sum` with the run's protocol (run config ``secagg``
         and ``secagg-threshold``): the one place a phase reads them."""
@@ -48,7 +50,20 @@ class PhaseStrategy:
             round_,
             protocol=self.cfg.secagg,
             threshold=self.cfg.secagg_threshold,
+            min_uploads=min_uploads,
         )
+
+    def noise_shares(self, nodes: list[int]) -> tuple[int, float]:
+        """Distributed DP, for a secure sum over ``nodes``: the fewest uploads it may be unmasked
+        with (all of them with pairwise masks, the threshold with Shamir shares) and the standard
+        deviation of each node's noise share; (0, 0.0) without distributed DP."""
+        if not self.cfg.distributed_dp:
+            return 0, 0.0
+        n = len(nodes)
+        shares = (
+            shamir_threshold(self.cfg.secagg_threshold, n) if self.cfg.secagg == "shamir" else n
+        )
+        return shares, noise_share_std(self.cfg.dp_settings(), shares)
 
 
 def reply_contents(replies: dict[int, Message]) -> dict[int, RecordDict]:

@@ -69,6 +69,7 @@ class PEEStrategy(PhaseStrategy):
                 cfg.seed * 1000 + g,
                 self.dp,
                 groups.sizes[g] / per_pass,
+                noise_on_devices=cfg.distributed_dp,
             )
             for g in range(cfg.num_user_groups)
         ]
@@ -140,13 +141,18 @@ class PEEStrategy(PhaseStrategy):
         return [s.apply(u) for s, u in zip(self.servers, uploads, strict=True)]
 
     def configure_rows(
-        self, total: np.ndarray, round_: PEERound
+        self, total: np.ndarray, round_: PEERound, noise_std: float = 0.0
     ) -> tuple[np.ndarray, list[np.ndarray], RecordDict]:
         """Secure rows, between the halves: the summed per-group row counts, each group's row
-        union, and the message that sends the unions."""
+        union, and the message that sends the unions (under distributed DP every row of every
+        group, since the devices send no row counts, and each node's noise share
+        ``noise_std``)."""
         counts = decode_pee_row_counts(total, self.cfg.num_user_groups, self.layout.n_items)
+        if self.cfg.distributed_dp:
+            counts = np.ones_like(counts)
         unions = pee_row_unions(counts)
-        return counts, unions, to_record_dict(encode_pee_rows_down(self.data, round_, unions))
+        down = encode_pee_rows_down(self.data, round_, unions, noise_std, self.cfg.dp_noise_source)
+        return counts, unions, to_record_dict(down)
 
     def aggregate_rows(
         self, values: np.ndarray, counts: np.ndarray, unions: list[np.ndarray]
@@ -167,9 +173,10 @@ class PEEStrategy(PhaseStrategy):
             grid, nodes, "train.pee", content, timeout, "pee", r
         )
         self.log.add(reports)
-        counts, unions, down = self.configure_rows(total, round_)
+        shares, noise_std = self.noise_shares(counted)
+        counts, unions, down = self.configure_rows(total, round_, noise_std)
         values, _, reports = self.secure_sum(
-            grid, counted, "train.peerows", down, timeout, "pee/rows", r
+            grid, counted, "train.peerows", down, timeout, "pee/rows", r, shares
         )
         self.log.add(reports)
         return self.aggregate_rows(values, counts, unions)

@@ -226,10 +226,12 @@ def secure_sum(
     round_: int = 0,
     protocol: str = "pairwise",
     threshold: float = 0.67,
+    min_uploads: int = 0,
 ) -> tuple[np.ndarray, list[int], list[PhaseReport]]:
     """Sum of one vector per node, by secure aggregation: pairwise masks (``peel_fed.secagg``)
     or, with ``protocol="shamir"``, double masking with Shamir shares (:func:`shamir_sum`, whose
-    threshold is ``shamir_threshold(threshold, cohort)``).
+    threshold is ``shamir_threshold(threshold, cohort)``). Under ``min_uploads`` masked vectors
+    (distributed DP: each carries a share of the noise) it raises and unmasks nothing.
 
     Pairwise, three exchanges: ``query.keys`` (public keys up), ``message_type`` (the cohort's
     keys down, masked vectors up; ``content`` goes along), and, only if nodes dropped out in
@@ -238,7 +240,9 @@ def secure_sum(
     fails to reveal, its own vector cannot be unmasked and the phase raises.
     """
     if protocol == "shamir":
-        return shamir_sum(grid, node_ids, message_type, content, timeout, phase, round_, threshold)
+        return shamir_sum(
+            grid, node_ids, message_type, content, timeout, phase, round_, threshold, min_uploads
+        )
     if protocol != "pairwise":
         raise ValueError(f"{phase}: unknown secure-aggregation protocol {protocol!r}")
     reports: list[PhaseReport] = []
@@ -255,6 +259,7 @@ def secure_sum(
     replies, rep = exchange(grid, cohort, message_type, down, timeout, phase, round_)
     reports.append(rep)
     masked, length = _masked_uploads(replies, rep, public, phase)
+    _enough_noise(len(masked), min_uploads, rep, phase)
     dropped = [n for n in cohort if n not in masked]
     revealed: dict[int, dict[int, bytes]] = {}
     if dropped:
@@ -271,6 +276,16 @@ def secure_sum(
 def _reasons(rep: PhaseReport) -> str:
     reasons = "; ".join(sorted(set(rep.failed.values())))
     return f" ({reasons})" if reasons else ""
+
+
+def _enough_noise(uploads: int, needed: int, rep: PhaseReport, phase: str) -> None:
+    """Distributed DP: refuse to unmask a sum of fewer noise shares than the noise assumes."""
+    if uploads < needed:
+        why = f"at least the {needed} noise shares it was noised for; the sum stays masked"
+        raise RuntimeError(
+            f"{phase}: {uploads} masked uploads arrived, and distributed DP "
+            f"unmasks a sum only with {why}{_reasons(rep)}"
+        )
 
 
 def _cohort(public: dict[int, bytes], rep: PhaseReport, phase: str) -> list[int]:
@@ -329,6 +344,7 @@ def shamir_sum(
     phase: str,
     round_: int = 0,
     threshold: float = 0.67,
+    min_uploads: int = 0,
 ) -> tuple[np.ndarray, list[int], list[PhaseReport]]:
     """Sum of one vector per node by double masking with Shamir shares (``peel_fed.secagg_shamir``).
 
@@ -366,6 +382,7 @@ def shamir_sum(
     reports.append(rep)
     masked, length = _masked_uploads(replies, rep, public, phase)
     _enough(len(masked), t, n, rep, phase, message_type)
+    _enough_noise(len(masked), min_uploads, rep, phase)
     survivors, dropped = unmask_request(shared, masked)
     ask = RecordDict({"secagg": ConfigRecord(encode_unmask_request(round_tag, survivors, dropped))})
     replies, rep = exchange(

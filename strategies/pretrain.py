@@ -52,6 +52,7 @@ class PretrainStrategy(PhaseStrategy):
             cfg.seed,
             self.dp,
             stats.users / per_pass,
+            noise_on_devices=cfg.distributed_dp,
         )
         self.history: list[dict] = []
         # where the phase stands (a checkpoint keeps it): next init layer, next round, final sent
@@ -143,17 +144,31 @@ class PretrainStrategy(PhaseStrategy):
         updates = [decode_device_update(from_record_dict(c)) for c in replies.values()]
         return self.server.apply(updates)
 
-    def configure_rows(self, total: np.ndarray) -> tuple[RowCounts, RecordDict]:
-        """Secure rows, between the halves: the summed row counts, and the row union to send."""
+    def configure_rows(
+        self, total: np.ndarray, noise_std: float = 0.0
+    ) -> tuple[RowCounts, RecordDict]:
+        """Secure rows, between the halves: the summed row counts, and the row union to send
+        (under distributed DP every row, since the devices send no row counts, and each node's
+        noise share ``noise_std``)."""
         first = decode_pretrain_row_counts(total, self.stats.n_items)
-        return first, to_record_dict(encode_rows_down(self.data, first.union))
-
-    def aggregate_rows(self, values: np.ndarray, first: RowCounts, has_grad: bool) -> dict:
-        """Secure rows: apply the cohort's summed update (``has_grad`` False for ``init``)."""
-        cfg = self.cfg
-        return self.server.apply(
-            [decode_pretrain_rows(values, first, cfg.layers, cfg.dim, has_grad)]
+        if self.cfg.distributed_dp:
+            first.counts = np.ones_like(first.counts)
+        return first, to_record_dict(
+            encode_rows_down(self.data, first.union, noise_std, self.cfg.dp_noise_source)
         )
+
+    def aggregate_rows(
+        self, values: np.ndarray, first: RowCounts, has_grad: bool, k: int | None = None
+    ) -> dict:
+        """Secure rows: apply the cohort's summed update (``has_grad`` False for the ``init``
+        step of layer ``k``, which adds that layer's contributions only)."""
+        cfg = self.cfg
+        update = decode_pretrain_rows(values, first, cfg.layers, cfg.dim, has_grad)
+        if not has_grad:
+            self.server.add_contributions(update.contrib_rows, update.contrib_delta)
+            self.server.noise_contributions([k])
+            return {"users": update.users, "rows": int(update.contrib_rows.size)}
+        return self.server.apply([update])
 
     def _secure_round(
         self, grid: Grid, nodes: list[int], content: RecordDict, round_: int, has_grad: bool
@@ -167,12 +182,13 @@ class PretrainStrategy(PhaseStrategy):
             grid, nodes, "train.pretrain", content, timeout, phase, round_
         )
         self.log.add(reports)
-        first, down = self.configure_rows(total)
+        shares, noise_std = self.noise_shares(counted)
+        first, down = self.configure_rows(total, noise_std)
         values, _, reports = self.secure_sum(
-            grid, counted, "train.rows", down, timeout, f"{phase}/rows", round_
+            grid, counted, "train.rows", down, timeout, f"{phase}/rows", round_, shares
         )
         self.log.add(reports)
-        return self.aggregate_rows(values, first, has_grad)
+        return self.aggregate_rows(values, first, has_grad, None if has_grad else round_)
 
     def run(
         self, grid: Grid, nodes: list[int], on_step: Callable[[str], None] | None = None

@@ -179,10 +179,11 @@ def run_pipeline(grid: Grid, cfg: FedConfig) -> dict:
 
 
 def privacy_section(cfg: FedConfig, dp) -> dict | None:
-    """The report's privacy section: central DP (epsilon per phase) and local DP, if on."""
+    """The report's privacy section: central or distributed DP (epsilon per phase) and local
+    DP, if on."""
     if dp is None:
         return None
-    report = privacy_report(dp, cfg.dp_releases())
+    report = privacy_report(dp, cfg.dp_releases(), distributed=cfg.distributed_dp)
     if cfg.ldp_noise_multiplier:
         report["local"] = local_privacy_report(
             cfg.ldp_noise_multiplier, cfg.dp_releases()["pretrain"], cfg.dp_delta

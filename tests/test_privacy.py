@@ -256,7 +256,8 @@ def test_the_federated_pipeline_clips_on_devices_noises_and_reports_epsilon(pipe
     [
         (dict(dp_noise_multiplier=1.0), "need dp-clip"),
         (dict(dp_clip=1.0, dp_noise_multiplier=1.0, dp_target_epsilon=2.0), "not both"),
-        (dict(dp_clip=1.0, secure_rows=True), "secure-rows"),
+        (dict(dp_clip=1.0, ldp_noise_multiplier=1.0, secure_rows=True), "distributed DP"),
+        (dict(dp_clip=1.0, dp_noise_multiplier=1.0, dp_noise_source="os"), "dp-noise-source"),
         (dict(dp_clip=1.0, dp_target_epsilon=1e-9), "unreachable"),
         (dict(dp_clip=-1.0), "must be >= 0"),
         (dict(ldp_noise_multiplier=1.0), "need dp-clip"),
@@ -444,3 +445,81 @@ def test_a_local_dp_run_reports_its_epsilon_and_keeps_the_loss_on_the_devices(se
     assert local["epsilon"] == round(local_epsilon(4.0, releases, cfg.dp_delta), 4)
     assert all(r["loss"] is None for r in report["pretrain"])  # a loss sum is a release too
     assert report["privacy"]["noise_multiplier"] == 0  # no central noise: clipped sums only
+
+
+def test_distributed_dp_the_nodes_noise_every_released_sum_and_the_server_adds_none(
+    pipeline, monkeypatch
+):
+    """secure-rows with DP noise: each of the 3 nodes adds a share of std sigma C / sqrt(3) to
+    the released parts of its upload (the shares of one exchange add up to sigma C = 1, on every
+    row of every released part, and to nothing elsewhere); the server's sum of the first release
+    (init, layer 0) is the clean sum plus exactly those shares; the devices send no row counts,
+    the server adds no noise, and the report names the mechanism."""
+    import clients.client_app as client_app
+    import strategies.pee as pee
+    import strategies.pretrain as pretrain
+    from peel_fed.privacy import DISTRIBUTED
+
+    dp = dict(secure_rows=True, dp_clip=0.5, dp_noise_multiplier=2.0, dp_delta=1e-3)
+    shares: dict[tuple, list[np.ndarray]] = {}
+    released: dict[tuple, list[slice]] = {}
+    first_sum: list[np.ndarray] = []
+    share = client_app._noise_share
+
+    def recording_share(content, context, vector, parts, exchange):
+        out = share(content, context, vector, parts, exchange)
+        shares.setdefault(exchange, []).append(out - vector)
+        released[exchange] = parts
+        return out
+
+    aggregate = pretrain.PretrainStrategy.aggregate_rows
+
+    def recording_aggregate(self, values, first, has_grad, k=None):
+        if not first_sum:
+            first_sum.append(values.copy())
+            assert not self.server.server_noise
+        return aggregate(self, values, first, has_grad, k)
+
+    counts: list[np.ndarray] = []
+    configure_rows = {
+        cls: cls.configure_rows for cls in (pretrain.PretrainStrategy, pee.PEEStrategy)
+    }
+
+    def recording_counts(cls):
+        def configure(self, total, *args):
+            counts.append(total[:-2] if cls is pretrain.PretrainStrategy else total[:-1])
+            return configure_rows[cls](self, total, *args)
+
+        return configure
+
+    for cls in configure_rows:
+        monkeypatch.setattr(cls, "configure_rows", recording_counts(cls))
+    monkeypatch.setattr(client_app, "_noise_share", recording_share)
+    monkeypatch.setattr(pretrain.PretrainStrategy, "aggregate_rows", recording_aggregate)
+    noised = pipeline(**dp)
+    assert len(counts) == 3 + 4 + 2 and all(not c.any() for c in counts)  # no row counts
+    assert noised["privacy"]["mechanism"] == DISTRIBUTED
+    assert (
+        noised["privacy"]["epsilon"]
+        == pipeline(**{**dp, "secure_rows": False})["privacy"]["epsilon"]
+    )
+    phases = {exchange[0] for exchange in shares}
+    assert phases == {1, 2}  # pretraining and PEE learning
+    for exchange, per_node in shares.items():
+        assert len(per_node) == 3
+        total = np.sum(per_node, axis=0)
+        inside = np.zeros(total.size, dtype=bool)
+        for part in released[exchange]:
+            inside[part] = True
+        assert np.all(total[~inside] == 0)
+        assert total[inside].std() == pytest.approx(1.0, rel=0.15), exchange
+    items, dim = noised["dataset"]["items"], 16
+    assert [r["rows"] for r in noised["pretrain"]] == [items] * 4  # every row, no counts sent
+    # the server's first sum: the clean sum (no shares) plus the nodes' shares of (1, 0, 0)
+    noise_of_first = np.sum(shares[(1, 0, 0)], axis=0)
+    noisy_first = first_sum.pop()
+    monkeypatch.setattr(client_app, "_noise_share", lambda c, x, vector, p, e: vector)
+    pipeline(**dp)
+    clean_first = first_sum.pop()
+    assert noisy_first.size == 4 * items * dim
+    np.testing.assert_allclose(noisy_first - clean_first, noise_of_first, atol=1e-5)

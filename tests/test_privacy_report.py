@@ -52,6 +52,7 @@ def test_the_report_has_every_setting_with_its_epsilon_bytes_and_attacks(report)
         "local DP, noise 3 x clip",
         "central DP, epsilon 2",
         "central DP, epsilon 8",
+        "distributed DP, epsilon 8",
     ]
     md = (out / "privacy.md").read_text()
     assert all(f"| {name} |" in md for name in rows)
@@ -59,6 +60,7 @@ def test_the_report_has_every_setting_with_its_epsilon_bytes_and_attacks(report)
     releases = FedConfig.from_run_config({**RUN_CONFIG, "dataset": TINY}).dp_releases()
     assert rows["central DP, epsilon 2"]["epsilon"] == pytest.approx(2.0, rel=1e-3)
     assert rows["central DP, epsilon 8"]["epsilon"] == pytest.approx(8.0, rel=1e-3)
+    assert rows["distributed DP, epsilon 8"]["epsilon"] == rows["central DP, epsilon 8"]["epsilon"]
     assert rows["local DP, noise 3 x clip"]["epsilon"] == pytest.approx(
         local_epsilon(3.0, releases["pretrain"], rep["delta"]), rel=1e-3
     )
@@ -75,6 +77,11 @@ def test_the_report_has_every_setting_with_its_epsilon_bytes_and_attacks(report)
     assert rows["3 decoy items"]["attack"]["precision_at_k"] < 1.0
     # central DP: the server reads the clipped uploads before it noises them, at every epsilon
     assert rows["central DP, epsilon 2"]["attack"] == rows["central DP, epsilon 8"]["attack"]
+    # distributed DP: the server sees only (noised) cohort sums, as with secure rows
+    ddp = rows["distributed DP, epsilon 8"]
+    assert ddp["attack"]["view"] == "secure rows" and ddp["dp"] == "distributed"
+    assert ddp["attack"]["auc_median"] < clear["attack"]["auc_median"] - 0.1
+    assert ddp["up_bytes_total"] > clear["up_bytes_total"]
     assert not any(r["failures"] for r in rep["rows"])
 
 
@@ -122,7 +129,7 @@ def test_bad_values_are_one_line_errors_and_write_nothing(tmp_path, capsys):
 def test_settings_measured_two_at_a_time_give_the_same_report(report, tmp_path):
     """Worker processes (``--jobs 2``) measure the same numbers: every run takes its seed."""
     _, rep = report
-    args = {**ARGS, "epsilons": (8.0,), "decoys": 0, "ldp_noise": 0.0}
+    args = {**ARGS, "epsilons": (8.0,), "distributed_epsilons": (), "decoys": 0, "ldp_noise": 0.0}
     two = privacy_report.build_report(**args, jobs=2, out=tmp_path, command="test")
     want = {r["setting"]: r for r in rep["rows"]}
     for row in two["rows"]:

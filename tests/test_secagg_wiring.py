@@ -254,3 +254,25 @@ def test_bench_secure_sum_runs_both_protocols_and_checks_the_sum(tmp_path):
     assert rows["pairwise", 0]["exchanges"] == 2 and rows["shamir", 0]["exchanges"] == 4
     assert max(r["max_abs_error"] for r in rows.values()) < 1e-5
     assert out.is_file() and out.with_suffix(".md").is_file()
+
+
+@pytest.mark.parametrize("protocol", ["pairwise", "shamir"])
+def test_distributed_dp_does_not_unmask_a_sum_with_fewer_noise_shares(server_identity, protocol):
+    """Node 104 fails on its upload: both protocols would unmask the other 4 (pairwise through
+    the survivors' revealed keys, Shamir with t = 3), but a sum noised for 5 shares carries too
+    little noise without one, so it stays masked."""
+    fail = [(104, "query.stats")]
+    content = to_record_dict(data_content(DATA))
+    nodes = sorted(FailingGrid(5).contexts)
+    total, senders, _ = secure_sum(
+        FailingGrid(5, fail), nodes, "query.stats", content, 5.0, "stats", 0, protocol, 0.6, 4
+    )
+    assert senders == [100, 101, 102, 103]
+    np.testing.assert_allclose(total, _stats_of([0, 1, 2, 3], 5))
+    with pytest.raises(RuntimeError) as err:
+        secure_sum(
+            FailingGrid(5, fail), nodes, "query.stats", content, 5.0, "stats", 0, protocol, 0.6, 5
+        )
+    msg = str(err.value)
+    assert msg.startswith("stats: 4 masked uploads arrived") and "5 noise shares" in msg
+    assert "\n" not in msg
