@@ -466,7 +466,12 @@ def pee(msg: Message, context: Context) -> Message:
     round_, seed = down.round, down.data.seed
     store = state.device_store(context, down.data)
     round_users = _pee_round_users(node, store, round_, seed)
-    cfg = FedPEEConfig(local_steps=round_.local_steps, user_lr=round_.user_lr, elastic=True)
+    cfg = FedPEEConfig(
+        local_steps=round_.local_steps,
+        user_lr=round_.user_lr,
+        elastic=True,
+        ldp_noise=round_.ldp_noise,
+    )
     devices = PEEDevices(
         node.users,
         store.user_vectors(),

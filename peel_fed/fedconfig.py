@@ -99,8 +99,8 @@ class FedConfig:
     # drawn from "seed" (the run's seed: a study repeats, but a server that knows the seed could
     # regenerate the shares) or "device" (the operating system's entropy, for a deployment)
     dp_noise_source: str = "seed"
-    # local DP of pretraining uploads (FedPerGNN's noise on uploads): each user adds Gaussian
-    # noise of this many times dp-clip to every value of its clipped upload, on its device
+    # local DP of pretraining and PEE uploads (FedPerGNN's noise on uploads): each user adds
+    # Gaussian noise of this many times dp-clip to every value of its clipped upload, on its device
     ldp_noise_multiplier: float = 0.0
     # decoy items per user in pretraining (FedPerGNN's pseudo-interacted items): each device
     # uploads gradients and contributions for this many items it never interacted with
@@ -322,6 +322,7 @@ class FedConfig:
             server_lr=self.pee_server_lr,
             user_lr=self.pee_user_lr,
             controller=ControllerConfig(lr=self.controller_lr),
+            ldp_noise=self.ldp_noise_multiplier,
         )
 
     def budget_list(self, key: str = "budgets") -> list[str]:

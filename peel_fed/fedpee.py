@@ -47,6 +47,7 @@ NEG_STREAM = 3_000_003  # + round: a device's PEE negatives
 VAL_NEG_STREAM = NEG_STREAM + 1_000_000  # + round: the negatives of its validation pairs
 PEE_SLOT_STREAM = 6_000_003  # + pass: round participation in PEE learning
 ELASTIC_STREAM = 4_000_003  # + round: a device's sampled elastic budget
+LDP_PEE_STREAM = 9_200_003  # + round: a device's local DP noise on its PEE upload
 
 
 @dataclass
@@ -60,11 +61,14 @@ class FedPEEConfig:
     elastic: bool = True
     unit_order: str = "consistent"
     controller: ControllerConfig = None  # type: ignore[assignment]
+    # local DP (as in pretraining): each user adds Gaussian noise of this many times the clip to
+    # every value of its clipped upload (row gradients and dL_val/d alpha) on its device
+    ldp_noise: float = 0.0
 
     def __post_init__(self) -> None:
         if self.controller is None:
             self.controller = ControllerConfig()
-        if self.local_steps < 1:
+        if self.local_steps < 1 or not (np.isfinite(self.ldp_noise) and self.ldp_noise >= 0):
             raise ValueError(f"invalid federated PEE config: {self}")
 
 
@@ -154,9 +158,10 @@ class PEEGroupServer:
             self.features = controller_features(
                 self.popularity, self.layout.item_groups, self.group_loss
             )
+        home = self.cfg.ldp_noise > 0  # local DP: the devices keep their loss statistics too
         return {
             "users": users,
-            "loss": float(loss_sum.sum() / max(loss_cnt.sum(), 1)),
+            "loss": None if home else float(loss_sum.sum() / max(loss_cnt.sum(), 1)),
             "rows": int(rows.size),
         }
 
@@ -276,7 +281,9 @@ class PEEDevices:
 
         With ``clip`` (user-level DP), each user's row gradients and weight gradient are scaled
         together to L2 norm at most ``clip`` before they are summed; ``private`` (DP noise on the
-        server) also keeps the per-item-group loss statistics on the device.
+        server) also keeps the per-item-group loss statistics on the device. With
+        ``cfg.ldp_noise`` (local DP, needs ``clip``), each user then adds its own Gaussian noise
+        of ``ldp_noise * clip`` to each of its row gradients and weight-gradient values.
         """
         users = self.pairs.training_users(users)
         num_item_groups, n_blocks = self.layout.num_item_groups, self.layout.num_blocks
@@ -360,6 +367,10 @@ class PEEDevices:
             factors = clip_factors(sq_norms, clip)
             grad_keys = grad_keys * factors[key_owner][:, None]
             wgrads = wgrads * factors.double().numpy()[:, None, None]
+        if self.cfg.ldp_noise:
+            grad_keys, wgrads = self._local_noise(
+                users, keys // n_items, grad_keys, wgrads, round_no, clip
+            )
         if private:
             loss_sum_g, loss_cnt_g = np.zeros(num_item_groups), np.zeros(num_item_groups)
         grad = torch.zeros(rows.size, T.shape[1]).index_add_(0, torch.from_numpy(where), grad_keys)
@@ -374,6 +385,31 @@ class PEEDevices:
             users=int(users.size),
             solo_bytes=solo,
         )
+
+    def _local_noise(
+        self,
+        users: np.ndarray,
+        key_owner: np.ndarray,
+        grad_keys: torch.Tensor,
+        wgrads: np.ndarray,
+        round_no: int,
+        clip: float | None,
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """Local DP: each user's own noise (std ``ldp_noise * clip``, from its own stream) on
+        its rows' gradients (``key_owner``: the index in ``users`` of each row copy's user,
+        sorted) and on its weight gradient."""
+        if clip is None:
+            raise ValueError("local DP noise needs dp-clip (its scale is a multiple of the clip)")
+        std = self.cfg.ldp_noise * clip
+        per_user = np.bincount(key_owner, minlength=users.size)
+        dim = grad_keys.shape[1]
+        row_noise, weight_noise = [], np.empty_like(wgrads)
+        for i, u in enumerate(users):
+            rng = user_rng(self.seed, int(u), LDP_PEE_STREAM + round_no)
+            row_noise.append(rng.normal(0.0, std, size=(per_user[i], dim)))
+            weight_noise[i] = rng.normal(0.0, std, size=wgrads.shape[1:])
+        noise = torch.from_numpy(np.concatenate(row_noise).astype(np.float32))
+        return grad_keys + noise, wgrads + weight_noise
 
     def validation_weight_grad(
         self, users: np.ndarray, T: torch.Tensor, alpha: np.ndarray, round_no: int

@@ -706,6 +706,7 @@ class PEERound:
     secure: bool
     dp_clip: float = 0.0  # user-level DP: each user's upload scaled to this L2 bound (0: off)
     dp_private: bool = False  # DP noise on the server: loss statistics stay on the device
+    ldp_noise: float = 0.0  # local DP: each user's noise on its upload, in multiples of dp_clip
 
     def to_config(self) -> Config:
         rec: Config = {
@@ -722,6 +723,8 @@ class PEERound:
         if self.dp_clip:
             rec["dp-clip"] = float(self.dp_clip)
             rec["dp-private"] = bool(self.dp_private)
+        if self.ldp_noise:
+            rec["ldp-noise"] = float(self.ldp_noise)
         return rec
 
     @classmethod
@@ -738,6 +741,7 @@ class PEERound:
             secure=bool(rec.get("secure", False)),
             dp_clip=float(rec.get("dp-clip", 0.0)),
             dp_private=bool(rec.get("dp-private", False)),
+            ldp_noise=float(rec.get("ldp-noise", 0.0)),
         )
 
 

@@ -217,19 +217,25 @@ def local_epsilon(noise: float, releases: int, delta: float) -> float:
     return epsilon(noise / 2, releases, delta)
 
 
-def local_privacy_report(noise: float, releases: int, delta: float) -> dict:
-    """The local-DP part of a run's privacy report (pretraining uploads only)."""
-    value = local_epsilon(noise, releases, delta)
+def local_privacy_report(noise: float, releases: dict[str, int], delta: float) -> dict:
+    """The local-DP part of a run's report: one user's uploads per phase (``releases``, keyed
+    by phase as ``FedConfig.dp_releases``), epsilon per phase and over all of them."""
+
+    def eps(n: int) -> float | str:
+        value = local_epsilon(noise, n, delta)
+        return round(value, 4) if np.isfinite(value) else "inf"
+
+    total = int(sum(releases.values()))
     return {
-        "mechanism": "local DP of pretraining uploads: each user clips its upload and adds "
-        "Gaussian noise on its device (the server sees noised uploads; which rows a user touched "
-        "is not hidden, see decoy-items); PEE learning uploads are not locally noised",
+        "mechanism": "local DP of pretraining and PEE learning uploads: each user clips its "
+        "upload and adds Gaussian noise on its device (the server sees noised uploads; which "
+        "rows a user touched is not hidden, see decoy-items)",
         "accountant": ACCOUNTANT,
         "noise_multiplier_per_value": noise,
         "sensitivity": "2 x dp-clip (one user's two possible uploads)",
-        "releases": int(releases),
+        "releases": {phase: int(n) for phase, n in releases.items()},
         "delta": delta,
-        "epsilon": round(value, 4) if np.isfinite(value) else "inf",
+        "epsilon": {**{phase: eps(n) for phase, n in releases.items()}, "covered": eps(total)},
     }
 
 

@@ -138,7 +138,7 @@ def run_setting(cfg: FedConfig, num_nodes: int) -> dict:
     with server_identity(), contextlib.redirect_stdout(io.StringIO()):  # its own tables
         report = run_pipeline(LocalGrid(num_nodes), cfg)
     privacy = report.get("privacy") or {}
-    eps = privacy.get("local", {}).get("epsilon") or privacy.get("epsilon", {}).get("covered")
+    eps = (privacy.get("local") or privacy).get("epsilon", {}).get("covered")
     method = bit_planes_method(cfg.num_user_groups)
     up = {phase: int(b["up_bytes_total"]) for phase, b in report["bytes"].items()}
     return {
@@ -415,7 +415,8 @@ def report_markdown(report: dict) -> str:
         f"cosine the median between the server's estimate and the true user vector. DP: clip "
         f"{report['clip']:.4g}, delta {report['delta']:.3g}; central-DP epsilon covers "
         "pretraining and PEE learning (the run's `privacy` section names what it does not "
-        "cover); local-DP epsilon covers the pretraining uploads. Up-link: every phase, all nodes.",
+        "cover); local-DP epsilon covers a user's pretraining and PEE uploads. Up-link: every "
+        "phase, all nodes.",
         "",
         f"| setting | epsilon | item AUC | precision@k | vector cosine | {budgets} "
         "| up-link MiB | wall s | time over clear |",

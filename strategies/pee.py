@@ -91,7 +91,8 @@ class PEEStrategy(PhaseStrategy):
             num_user_groups=cfg.num_user_groups,
             secure=cfg.secure_rows,
             dp_clip=cfg.dp_clip,
-            dp_private=noised(self.dp),
+            dp_private=noised(self.dp) or cfg.ldp_noise_multiplier > 0,
+            ldp_noise=cfg.ldp_noise_multiplier,
         )
 
     def configure(

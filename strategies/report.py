@@ -135,8 +135,8 @@ def privacy_lines(privacy: dict | None) -> list[str]:
     ] + (
         [
             f"Local DP: {privacy['local']['mechanism']}. Epsilon at delta "
-            f"{privacy['local']['delta']:g}: {privacy['local']['epsilon']} per user over "
-            f"{privacy['local']['releases']} uploads (noise "
+            f"{privacy['local']['delta']:g}: {privacy['local']['epsilon']['covered']} per user "
+            f"over {sum(privacy['local']['releases'].values())} uploads (noise "
             f"{privacy['local']['noise_multiplier_per_value']:g} x clip per value)."
         ]
         if "local" in privacy

@@ -186,7 +186,7 @@ def privacy_section(cfg: FedConfig, dp) -> dict | None:
     report = privacy_report(dp, cfg.dp_releases(), distributed=cfg.distributed_dp)
     if cfg.ldp_noise_multiplier:
         report["local"] = local_privacy_report(
-            cfg.ldp_noise_multiplier, cfg.dp_releases()["pretrain"], cfg.dp_delta
+            cfg.ldp_noise_multiplier, cfg.dp_releases(), cfg.dp_delta
         )
     return report
 

@@ -330,6 +330,41 @@ def test_pee_clipping_bounds_each_user_s_rows_and_weight_gradient_together():
     np.testing.assert_allclose(sum(up.weight_grad for up in alone), together.weight_grad, atol=1e-6)
 
 
+def test_local_dp_noises_every_value_of_a_pee_upload_with_each_user_s_own_noise():
+    """Each user adds noise of ldp_noise x clip to each of its row gradients and dL_val/d alpha
+    values before the node sums them (from its own stream: packing does not change the sum);
+    local DP without a clip is refused."""
+    from dataclasses import replace as dc_replace
+
+    users, clip, ldp = np.arange(30), 0.05, 2.0
+    runs = {}
+    for noise in (0.0, ldp):
+        devices, table, alpha = _pee_devices()
+        devices.cfg = dc_replace(devices.cfg, ldp_noise=noise)
+        runs[noise] = devices.device_round(users, table, alpha, 1, clip)
+    plain, noisy = runs[0.0], runs[ldp]
+    assert np.array_equal(plain.rows, noisy.rows)
+    # a row summed over n users carries n users' noise, the weight gradient every user's
+    grad_noise = (noisy.grad - plain.grad) / np.sqrt(noisy.row_devices)[:, None]
+    assert float(grad_noise.std()) == pytest.approx(ldp * clip, rel=0.05)
+    weight_noise = (noisy.weight_grad - plain.weight_grad) / np.sqrt(users.size)
+    assert float(weight_noise.std()) == pytest.approx(ldp * clip, rel=0.35)  # 16 values
+    alone = []
+    for u in users:
+        devices, table, alpha = _pee_devices()
+        devices.cfg = dc_replace(devices.cfg, ldp_noise=ldp)
+        alone.append(devices.device_round(np.array([u]), table, alpha, 1, clip))
+    full = np.zeros_like(table)
+    for up in alone:
+        full[up.rows] += up.grad
+    np.testing.assert_allclose(full[noisy.rows], noisy.grad, atol=1e-5)
+    np.testing.assert_allclose(sum(up.weight_grad for up in alone), noisy.weight_grad, atol=1e-6)
+    devices, table, alpha = _pee_devices()
+    devices.cfg = dc_replace(devices.cfg, ldp_noise=ldp)
+    with pytest.raises(ValueError, match="needs dp-clip"):
+        devices.device_round(users, table, alpha, 1, None)
+
+
 def test_under_noise_pee_devices_keep_their_loss_statistics():
     devices, table, alpha = _pee_devices()
     up = devices.device_round(np.arange(30), table, alpha, 1, 0.05, private=True)
@@ -440,10 +475,14 @@ def test_a_local_dp_run_reports_its_epsilon_and_keeps_the_loss_on_the_devices(se
     cfg = FedConfig(**SMALL, dp_clip=1.0, ldp_noise_multiplier=4.0)
     report = run_pipeline(LocalGrid(3), cfg)
     local = report["privacy"]["local"]
-    releases = cfg.dp_releases()["pretrain"]
-    assert local["releases"] == releases
-    assert local["epsilon"] == round(local_epsilon(4.0, releases, cfg.dp_delta), 4)
+    releases = cfg.dp_releases()
+    assert local["releases"] == releases and set(releases) == {"pretrain", "pee"}
+    for phase, n in releases.items():
+        assert local["epsilon"][phase] == round(local_epsilon(4.0, n, cfg.dp_delta), 4)
+    total = sum(releases.values())
+    assert local["epsilon"]["covered"] == round(local_epsilon(4.0, total, cfg.dp_delta), 4)
     assert all(r["loss"] is None for r in report["pretrain"])  # a loss sum is a release too
+    assert all(g["loss"] is None for r in report["pee"] for g in r["groups"])
     assert report["privacy"]["noise_multiplier"] == 0  # no central noise: clipped sums only
 
 

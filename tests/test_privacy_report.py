@@ -62,7 +62,7 @@ def test_the_report_has_every_setting_with_its_epsilon_bytes_and_attacks(report)
     assert rows["central DP, epsilon 8"]["epsilon"] == pytest.approx(8.0, rel=1e-3)
     assert rows["distributed DP, epsilon 8"]["epsilon"] == rows["central DP, epsilon 8"]["epsilon"]
     assert rows["local DP, noise 3 x clip"]["epsilon"] == pytest.approx(
-        local_epsilon(3.0, releases["pretrain"], rep["delta"]), rel=1e-3
+        local_epsilon(3.0, releases["pretrain"] + releases["pee"], rep["delta"]), rel=1e-3
     )
     assert rows["clear uploads"]["epsilon"] is None and rep["delta"] == 1e-5
     assert (
