@@ -87,6 +87,9 @@ class FedConfig:
     # uploads stay masked; one more exchange), with t = max(ceil(threshold * n), n // 2 + 1)
     secagg: str = "pairwise"
     secagg_threshold: float = 0.67
+    # pairwise masks over a k-regular graph (SecAgg+): each node masks with this many others
+    # (rounded up to even; 0: 2 ceil(log2 n), at most n - 1, where n - 1 is every pair)
+    secagg_neighbours: int = 0
     # user-level differential privacy of pretraining and PEE learning (``peel_fed.privacy``), off
     # while dp-clip is 0: each user's upload clipped to dp-clip, Gaussian noise of
     # dp-noise-multiplier times the clip on every sum, or the noise that meets dp-target-epsilon
@@ -165,7 +168,13 @@ class FedConfig:
         ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
-        for key in ("pretrain_passes", "kmeans_iters", "pee_rounds", "decoy_items"):
+        for key in (
+            "pretrain_passes",
+            "kmeans_iters",
+            "pee_rounds",
+            "decoy_items",
+            "secagg_neighbours",
+        ):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key.replace('_', '-')} must be >= 0, got {getattr(self, key)}")
         if self.dim % self.num_blocks:

@@ -1,5 +1,6 @@
-"""Benchmark: the phases' secure sum (``strategies.phases.secure_sum``) with pairwise masks against
-double masking with Shamir shares, as the run report counts it.
+"""Benchmark: the phases' secure sum (``strategies.phases.secure_sum``) with pairwise masks (over
+every pair, or over the default mask graph of ``2 ceil(log2 n)`` neighbours) against double
+masking with Shamir shares, as the run report counts it.
 
 Runs ``secure_sum`` over an in-process grid: every message goes to the real ClientApp handlers
 (``clients.client_app``, each node's ``context.state`` kept between messages as in deployment)
@@ -33,11 +34,17 @@ from clients.client_app import masked_reply
 from clients.records import from_record_dict, to_record_dict
 from peel_fed.atomic import write_report
 from peel_fed.messages import Content
+from peel_fed.secagg import auto_degree
 from sim.bench_secagg import human_bytes
 from sim.local_grid import LocalGrid, server_identity
 from strategies.phases import secure_sum, shamir_threshold
 
-PROTOCOLS = ("pairwise", "shamir")
+# label -> (protocol, mask neighbours: 0 the default graph, None every pair)
+SETTINGS = {
+    "pairwise-all": ("pairwise", None),
+    "pairwise": ("pairwise", 0),
+    "shamir": ("shamir", 0),
+}
 
 
 def bench_vector(node: int, length: int) -> np.ndarray:
@@ -67,15 +74,18 @@ class InProcessGrid(LocalGrid):
         return super().reply(msg)
 
 
-def one_round(n: int, drop: set[int], protocol: str, length: int, threshold: float) -> dict:
+def one_round(
+    n: int, drop: set[int], protocol: str, length: int, threshold: float, neighbours: int = 0
+) -> dict:
     """One ``secure_sum`` over ``n`` nodes; its bytes, exchanges, seconds and error."""
     grid = InProcessGrid(n, drop)
     content = to_record_dict(Content(configs={"bench": {"length": length}}))
     nodes = grid.get_node_ids()
     t0 = time.perf_counter()
     total, survivors, reports = secure_sum(
-        grid, nodes, "query.bench", content, 60.0, "bench", 0, protocol, threshold
-    )
+        grid, nodes, "query.bench", content, 60.0, "bench", 0, protocol, threshold,
+        neighbours=neighbours,
+    )  # fmt: skip
     wall = time.perf_counter() - t0
     want = sum(bench_vector(node, length) for node in nodes if node not in drop)
     if sorted(survivors) != sorted(set(nodes) - drop):
@@ -95,7 +105,8 @@ def one_round(n: int, drop: set[int], protocol: str, length: int, threshold: flo
 def markdown(report: dict, command: str) -> str:
     a = report["args"]
     lines = [
-        "## Secure sum in the phases: pairwise masks against Shamir double masking",
+        "## Secure sum in the phases: pairwise masks (every pair, or a mask graph) against "
+        "Shamir double masking",
         "",
         f"`secure_sum` on an in-process grid (real ClientApp handlers), a vector of {a['length']}"
         f" floats per node, t = max(ceil({a['threshold']} n), n/2 + 1); dropped nodes fail on the"
@@ -105,13 +116,14 @@ def markdown(report: dict, command: str) -> str:
         f"per node); medians of "
         f"{a['repeats']}; {report['cpus']} CPUs ({report['machine']}). Command: `{command}`.",
         "",
-        "| protocol | nodes | t | dropped | exchanges | down / node | up / node | wall s "
-        "| server s | device ms | max error |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| protocol | nodes | mask neighbours | t | dropped | exchanges | down / node "
+        "| up / node | wall s | server s | device ms | max error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         lines.append(
-            f"| {r['protocol']} | {r['nodes']} | {r['threshold'] or '-'} | {r['dropped']} | "
+            f"| {r['protocol']} | {r['nodes']} | {r.get('neighbours', r['nodes'] - 1)} | "
+            f"{r['threshold'] or '-'} | {r['dropped']} | "
             f"{r['exchanges']} | {human_bytes(r['down_bytes_per_node'])} | "
             f"{human_bytes(r['up_bytes_per_node'])} | {r['wall_s']:.3f} | {r['server_s']:.3f} | "
             f"{1e3 * (r['wall_s'] - r['server_s']) / r['nodes']:.1f} | "
@@ -127,6 +139,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dropouts", default="0,0.1", help="comma-separated dropout fractions")
     p.add_argument("--threshold", type=float, default=0.67, help="run config secagg-threshold")
     p.add_argument("--repeats", type=int, default=3, help="rounds per setting (medians)")
+    p.add_argument(
+        "--settings", default=",".join(SETTINGS), help=f"comma-separated, of: {', '.join(SETTINGS)}"
+    )
     p.add_argument("--out", default="runs/bench_secure_sum.json", help="JSON (and .md beside)")
     args = p.parse_args(argv)
     command = "python -m sim.bench_secure_sum " + shlex.join(sys.argv[1:] if argv is None else argv)
@@ -136,17 +151,22 @@ def main(argv: list[str] | None = None) -> dict:
         for n in [int(x) for x in args.nodes.split(",") if x.strip()]:
             for frac in [float(x) for x in args.dropouts.split(",") if x.strip()]:
                 drop = set(range(100, 100 + math.floor(frac * n + 1e-9)))
-                for protocol in PROTOCOLS:
+                for label in [x.strip() for x in args.settings.split(",") if x.strip()]:
+                    if label not in SETTINGS:
+                        p.error(f"unknown setting {label!r}: use {', '.join(SETTINGS)}")
+                    protocol, neighbours = SETTINGS[label]
+                    k = n if neighbours is None else neighbours  # n - 1 or more: every pair
                     runs = [
-                        one_round(n, drop, protocol, args.length, args.threshold)
+                        one_round(n, drop, protocol, args.length, args.threshold, k)
                         for _ in range(args.repeats)
                     ]
                     row = {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
                     row["exchanges"] = int(row["exchanges"])
                     row["max_abs_error"] = max(r["max_abs_error"] for r in runs)
                     t = shamir_threshold(args.threshold, n) if protocol == "shamir" else None
-                    rows.append({"protocol": protocol, "nodes": n, "threshold": t,
-                                 "dropped": len(drop), **row})  # fmt: skip
+                    degree = n - 1 if neighbours is None or protocol == "shamir" else auto_degree(n)
+                    rows.append({"protocol": label, "nodes": n, "neighbours": degree,
+                                 "threshold": t, "dropped": len(drop), **row})  # fmt: skip
                     print(markdown({**report, "rows": [rows[-1]]}, command).splitlines()[-1])
     md = markdown(report, command)
     print(md)

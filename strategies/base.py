@@ -51,6 +51,7 @@ class PhaseStrategy:
             protocol=self.cfg.secagg,
             threshold=self.cfg.secagg_threshold,
             min_uploads=min_uploads,
+            neighbours=self.cfg.secagg_neighbours,
         )
 
     def noise_shares(self, nodes: list[int]) -> tuple[int, float]:

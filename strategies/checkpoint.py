@@ -39,6 +39,7 @@ SUMMARY = "checkpoint.json"
 MAY_CHANGE = {
     "secagg",
     "secagg-threshold",
+    "secagg-neighbours",
     "resume",
     "out-dir",
     "device-state-dir",

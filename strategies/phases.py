@@ -1,5 +1,9 @@
 """Server-side phase machinery: send a message to many nodes, collect replies, count bytes and
-failures. Aggregation logic lives in ``peel_fed``; this module only moves records."""
+failures. Aggregation logic lives in ``peel_fed``; this module only moves records.
+
+Long file: a little over 400 lines, as both secure-sum protocols (pairwise masks over a mask
+graph, and Shamir double masking) are written out here next to the exchange they drive.
+"""
 
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from peel_fed.messages import (
     encode_share_request,
     encode_unmask_request,
 )
-from peel_fed.secagg import FixedPoint, SecAggServer
+from peel_fed.secagg import FixedPoint, SecAggServer, auto_degree, connected, mask_graph
 from peel_fed.secagg_shamir import (
     Reveal,
     ShamirSecAggServer,
@@ -227,9 +231,11 @@ def secure_sum(
     protocol: str = "pairwise",
     threshold: float = 0.67,
     min_uploads: int = 0,
+    neighbours: int = 0,
 ) -> tuple[np.ndarray, list[int], list[PhaseReport]]:
     """Sum of one vector per node, by secure aggregation: pairwise masks (``peel_fed.secagg``)
-    or, with ``protocol="shamir"``, double masking with Shamir shares (:func:`shamir_sum`, whose
+    over a mask graph of ``neighbours`` per node (0: ``auto_degree``) or, with
+    ``protocol="shamir"``, double masking with Shamir shares (:func:`shamir_sum`, whose
     threshold is ``shamir_threshold(threshold, cohort)``). Under ``min_uploads`` masked vectors
     (distributed DP: each carries a share of the noise) it raises and unmasks nothing.
 
@@ -254,22 +260,42 @@ def secure_sum(
     reports.append(rep)
     public = {n: decode_public_key(from_record_dict(r.content)) for n, r in replies.items()}
     cohort = _cohort(public, rep, phase)
-    down = RecordDict({name: rec for name, rec in content.items()})
-    down["secagg"] = ConfigRecord(encode_peer_keys(public, round_tag))
-    replies, rep = exchange(grid, cohort, message_type, down, timeout, phase, round_)
+    degree = neighbours or auto_degree(len(cohort))
+    graph = mask_graph(cohort, degree, np.random.default_rng(list(round_tag)))
+    near = {n: {j: public[j] for j in sorted(graph[n] | {n})} for n in cohort}
+    downs = {}
+    for n in cohort:  # each node gets its mask neighbours' keys only
+        downs[n] = RecordDict({name: rec for name, rec in content.items()})
+        downs[n]["secagg"] = ConfigRecord(encode_peer_keys(near[n], round_tag))
+    replies, rep = exchange(grid, cohort, message_type, downs, timeout, phase, round_)
     reports.append(rep)
     masked, length = _masked_uploads(replies, rep, public, phase)
     _enough_noise(len(masked), min_uploads, rep, phase)
     dropped = [n for n in cohort if n not in masked]
     revealed: dict[int, dict[int, bytes]] = {}
     if dropped:
-        ask = RecordDict({"secagg": ConfigRecord(encode_peer_keys(public, round_tag, dropped))})
+        if not connected(list(masked), graph):  # a cut-off part's sum would be exposed
+            raise RuntimeError(
+                f"{phase}: {len(dropped)} dropouts cut the mask graph (degree {degree}) of "
+                f"{len(cohort)} nodes; the sum stays masked" + _reasons(rep)
+            )
+        asks = {
+            n: RecordDict(
+                {
+                    "secagg": ConfigRecord(
+                        encode_peer_keys(near[n], round_tag, sorted(set(dropped) & graph[n]))
+                    )
+                }
+            )
+            for n in sorted(masked)
+            if graph[n] & set(dropped)
+        }
         replies, rep = exchange(
-            grid, sorted(masked), "query.reveal", ask, timeout, f"{phase}/reveal", round_
+            grid, list(asks), "query.reveal", asks, timeout, f"{phase}/reveal", round_
         )
         reports.append(rep)
         revealed = {n: decode_revealed(from_record_dict(r.content)) for n, r in replies.items()}
-    total = SecAggServer().unmask_sum(masked, cohort, revealed, length, FixedPoint())
+    total = SecAggServer().unmask_sum(masked, cohort, revealed, length, FixedPoint(), graph)
     return total, sorted(masked), reports
 
 

@@ -10,6 +10,9 @@ from peel_fed.secagg import (
     FixedPoint,
     SecAggClient,
     SecAggServer,
+    auto_degree,
+    connected,
+    mask_graph,
     mask_vector,
     pair_seed,
 )
@@ -144,3 +147,54 @@ def test_pair_seed_symmetric_and_pair_specific():
     assert s_ab == s_ba and len(s_ab) == 32
     assert pair_seed(a, cb.public_key(), (3, 9)) != s_ab
     assert np.array_equal(mask_vector(s_ab, b"t", 16), mask_vector(s_ba, b"t", 16))
+
+
+def test_the_mask_graph_is_k_regular_symmetric_and_survives_fewer_than_k_dropouts():
+    from itertools import combinations
+
+    rng = np.random.default_rng(0)
+    ids = list(range(100, 112))
+    graph = mask_graph(ids, 4, rng)
+    assert all(len(graph[i]) == 4 and i not in graph[i] for i in ids)
+    assert all(i in graph[j] for i in ids for j in graph[i])
+    # a Harary graph of degree 4 is 4-connected: any 3 dropouts leave the rest connected
+    assert all(connected([i for i in ids if i not in gone], graph) for gone in combinations(ids, 3))
+    assert not all(
+        connected([i for i in ids if i not in gone], graph) for gone in combinations(ids, 4)
+    )
+    assert mask_graph(ids, 3, rng) != graph and all(
+        len(n) == 4 for n in mask_graph(ids, 3, rng).values()
+    )
+    assert mask_graph(ids, 11, rng) == {i: set(ids) - {i} for i in ids}  # every pair
+    assert {n: auto_degree(n) for n in (2, 3, 5, 8, 10, 100, 1000)} == {
+        2: 1,
+        3: 2,
+        5: 4,
+        8: 6,
+        10: 8,
+        100: 14,
+        1000: 20,
+    }
+
+
+def test_masks_over_the_graph_sum_exactly_with_dropouts_and_a_lone_survivor_refuses():
+    ids = list(range(20))
+    clients, vectors = _clients(ids, 1), _vectors(ids, 2)
+    graph = mask_graph(ids, 4, np.random.default_rng(3))
+    keys = {i: c.public_key() for i, c in clients.items()}
+    near = {i: {j: keys[j] for j in graph[i] | {i}} for i in ids}
+    tag = b"graph-round"
+    dropped = [5, 11]
+    uploads = {i: clients[i].masked(vectors[i], near[i], tag) for i in ids if i not in dropped}
+    revealed = {
+        i: clients[i].reveal_pair_seeds(sorted(graph[i] & set(dropped)), near[i], tag)
+        for i in uploads
+        if graph[i] & set(dropped)
+    }
+    total = SecAggServer().unmask_sum(uploads, ids, revealed, LENGTH, FixedPoint(), graph)
+    np.testing.assert_allclose(total, sum(vectors[i] for i in uploads), atol=TOL * 20)
+    # masked with 4 neighbours only, an upload is still far from its encoding
+    one = FixedPoint().decode(uploads[0])
+    assert np.abs(one - vectors[0]).mean() > 1e6
+    with pytest.raises(ValueError, match="every mask neighbour dropped"):
+        clients[0].reveal_pair_seeds(sorted(graph[0]), near[0], tag)

@@ -248,10 +248,17 @@ def test_bench_secure_sum_runs_both_protocols_and_checks_the_sum(tmp_path):
     from sim.bench_secure_sum import main
 
     out = tmp_path / "bench.json"
-    report = main(["--nodes", "4", "--length", "16", "--repeats", "1", "--out", str(out)])
-    rows = {(r["protocol"], r["dropped"]): r for r in report["rows"]}
-    assert set(rows) == {("pairwise", 0), ("shamir", 0)}
-    assert rows["pairwise", 0]["exchanges"] == 2 and rows["shamir", 0]["exchanges"] == 4
+    argv = ["--nodes", "4,12", "--length", "16", "--repeats", "1", "--dropouts", "0"]
+    report = main([*argv, "--out", str(out)])
+    rows = {(r["protocol"], r["nodes"]): r for r in report["rows"]}
+    assert set(rows) == {(p, n) for p in ("pairwise-all", "pairwise", "shamir") for n in (4, 12)}
+    assert rows["pairwise", 4]["exchanges"] == 2 and rows["shamir", 4]["exchanges"] == 4
+    # 12 nodes: 8 mask neighbours (2 ceil(log2 12)) instead of 11 keys down per node
+    assert rows["pairwise", 12]["neighbours"] == 8 and rows["pairwise-all", 12]["neighbours"] == 11
+    assert (
+        rows["pairwise", 12]["down_bytes_per_node"]
+        < rows["pairwise-all", 12]["down_bytes_per_node"]
+    )
     assert max(r["max_abs_error"] for r in rows.values()) < 1e-5
     assert out.is_file() and out.with_suffix(".md").is_file()
 
@@ -276,3 +283,52 @@ def test_distributed_dp_does_not_unmask_a_sum_with_fewer_noise_shares(server_ide
     msg = str(err.value)
     assert msg.startswith("stats: 4 masked uploads arrived") and "5 noise shares" in msg
     assert "\n" not in msg
+
+
+class KeyCountingGrid(FailingGrid):
+    """Also counts the public keys each node is sent with its masked-vector message."""
+
+    def __init__(self, num_nodes: int, fail=()) -> None:
+        super().__init__(num_nodes, fail)
+        self.keys_sent: dict[int, int] = {}
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        for msg in messages:
+            if msg.metadata.message_type == "query.stats":
+                rec = msg.content["secagg"]
+                self.keys_sent[msg.metadata.dst_node_id] = sum(k.startswith("pk-") for k in rec)
+        return super().push_messages(messages)
+
+
+def test_pairwise_masks_over_a_graph_send_each_node_its_neighbours_and_sum_exactly(
+    server_identity, monkeypatch
+):
+    """12 nodes, 4 mask neighbours each: each node gets 5 keys (its own too), the sum is exact,
+    also with 2 dropouts (their neighbours reveal); dropouts that cut the graph (a ring here)
+    leave the sum masked, in one line."""
+    import strategies.phases as phases
+
+    content = to_record_dict(data_content(DATA))
+    nodes = list(range(100, 112))
+
+    def stats(grid, neighbours):
+        return secure_sum(
+            grid, nodes, "query.stats", content, 5.0, "stats", 0, neighbours=neighbours
+        )
+
+    grid = KeyCountingGrid(12)
+    total, senders, _ = stats(grid, 4)
+    assert senders == nodes and set(grid.keys_sent.values()) == {5}
+    np.testing.assert_allclose(total, _stats_of(list(range(12)), 12))
+    grid = KeyCountingGrid(12, fail=[(103, "query.stats"), (108, "query.stats")])
+    total, senders, reports = stats(grid, 4)
+    assert 103 not in senders and 108 not in senders
+    np.testing.assert_allclose(total, _stats_of([p for p in range(12) if p not in (3, 8)], 12))
+    assert reports[-1].phase == "stats/reveal" and len(reports[-1].sent_to) <= 8
+    ring = {i: {nodes[(p - 1) % 12], nodes[(p + 1) % 12]} for p, i in enumerate(nodes)}
+    monkeypatch.setattr(phases, "mask_graph", lambda ids, degree, rng: ring)
+    grid = KeyCountingGrid(12, fail=[(101, "query.stats"), (105, "query.stats")])
+    with pytest.raises(RuntimeError) as err:
+        stats(grid, 2)
+    assert str(err.value).startswith("stats: 2 dropouts cut the mask graph (degree 2) of 12")
+    assert "query.reveal" not in grid.types
