@@ -204,7 +204,8 @@ NOT_COVERED = (
     "statistics: item degrees, user and interaction counts (secure sums, released exactly)",
     "grouping: k-means centroid sums and counts",
     "bit-plane orders: second moments and item counts per user group",
-    "participation: how many users took part in each round, per user group",
+    "participation: how many users took part in each round (in PEE learning also how many of "
+    "them validated), per user group",
     "evaluation: metric sums",
 )
 
@@ -250,11 +251,24 @@ DISTRIBUTED = (
 )
 
 
-def privacy_report(dp: DPConfig, releases: dict[str, int], distributed: bool = False) -> dict:
+SEEDED_SHARES = (
+    "the noise shares are drawn from the run's seed (dp-noise-source=seed: a study repeats), "
+    "which the server knows, so against the server itself this holds only with "
+    "dp-noise-source=device"
+)
+
+
+def privacy_report(
+    dp: DPConfig,
+    releases: dict[str, int],
+    distributed: bool = False,
+    noise_source: str = "seed",
+) -> dict:
     """The privacy section of a run's report: settings, the DP event, epsilon per phase (keyed
     like ``releases``) and over all of them, and what is not covered. An infinite epsilon (no
     noise) is written as the string ``"inf"``. ``distributed``: the noise is added by the nodes
-    under secure aggregation (the releases and epsilon are the same)."""
+    under secure aggregation (the releases and epsilon are the same), drawn from
+    ``noise_source``."""
 
     def eps(n: int) -> float | str:
         value = epsilon(dp.noise_multiplier, n, dp.delta)
@@ -262,7 +276,12 @@ def privacy_report(dp: DPConfig, releases: dict[str, int], distributed: bool = F
 
     total = int(sum(releases.values()))
     return {
-        "mechanism": DISTRIBUTED if distributed else CENTRAL,
+        "mechanism": (
+            (DISTRIBUTED + ("; " + SEEDED_SHARES if noise_source == "seed" else ""))
+            if distributed
+            else CENTRAL
+        ),
+        **({"noise_source": noise_source} if distributed else {}),
         "accountant": ACCOUNTANT,
         "dp_event": repr(dp_event(dp.noise_multiplier, total)),
         "clip": dp.clip,

@@ -183,7 +183,9 @@ def privacy_section(cfg: FedConfig, dp) -> dict | None:
     DP, if on."""
     if dp is None:
         return None
-    report = privacy_report(dp, cfg.dp_releases(), distributed=cfg.distributed_dp)
+    report = privacy_report(
+        dp, cfg.dp_releases(), distributed=cfg.distributed_dp, noise_source=cfg.dp_noise_source
+    )
     if cfg.ldp_noise_multiplier:
         report["local"] = local_privacy_report(
             cfg.ldp_noise_multiplier, cfg.dp_releases(), cfg.dp_delta

@@ -490,35 +490,38 @@ def test_distributed_dp_the_nodes_noise_every_released_sum_and_the_server_adds_n
     pipeline, monkeypatch
 ):
     """secure-rows with DP noise: each of the 3 nodes adds a share of std sigma C / sqrt(3) to
-    the released parts of its upload (the shares of one exchange add up to sigma C = 1, on every
-    row of every released part, and to nothing elsewhere); the server's sum of the first release
-    (init, layer 0) is the clean sum plus exactly those shares; the devices send no row counts,
-    the server adds no noise, and the report names the mechanism."""
+    the released parts of its upload, which are (from the layouts, not from the code under
+    test) a pretraining round's whole vector, an init step's own layer, and in PEE learning each
+    group's row gradients and dL_val/d alpha but not its statistics; the shares of one exchange
+    add up to sigma C = 1 there and to nothing elsewhere; every sum the server decodes is the
+    clean sum plus exactly those shares; the devices send no row counts, the servers add no
+    noise, and the report names the mechanism and the seeded shares' caveat."""
     import clients.client_app as client_app
     import strategies.pee as pee
     import strategies.pretrain as pretrain
     from peel_fed.privacy import DISTRIBUTED
 
     dp = dict(secure_rows=True, dp_clip=0.5, dp_noise_multiplier=2.0, dp_delta=1e-3)
+    clean: dict[tuple, np.ndarray] = {}
     shares: dict[tuple, list[np.ndarray]] = {}
-    released: dict[tuple, list[slice]] = {}
-    first_sum: list[np.ndarray] = []
     share = client_app._noise_share
 
     def recording_share(content, context, vector, parts, exchange):
         out = share(content, context, vector, parts, exchange)
+        clean[exchange] = clean.get(exchange, 0) + vector
         shares.setdefault(exchange, []).append(out - vector)
-        released[exchange] = parts
         return out
 
-    aggregate = pretrain.PretrainStrategy.aggregate_rows
+    decoded: list[np.ndarray] = []
+    for cls in (pretrain.PretrainStrategy, pee.PEEStrategy):
 
-    def recording_aggregate(self, values, first, has_grad, k=None):
-        if not first_sum:
-            first_sum.append(values.copy())
-            assert not self.server.server_noise
-        return aggregate(self, values, first, has_grad, k)
+        def recording_aggregate(self, values, *args, _aggregate=cls.aggregate_rows, **kw):
+            decoded.append(values.copy())
+            servers = getattr(self, "servers", None) or [self.server]
+            assert not any(s.server_noise for s in servers)
+            return _aggregate(self, values, *args, **kw)
 
+        monkeypatch.setattr(cls, "aggregate_rows", recording_aggregate)
     counts: list[np.ndarray] = []
     configure_rows = {
         cls: cls.configure_rows for cls in (pretrain.PretrainStrategy, pee.PEEStrategy)
@@ -534,31 +537,32 @@ def test_distributed_dp_the_nodes_noise_every_released_sum_and_the_server_adds_n
     for cls in configure_rows:
         monkeypatch.setattr(cls, "configure_rows", recording_counts(cls))
     monkeypatch.setattr(client_app, "_noise_share", recording_share)
-    monkeypatch.setattr(pretrain.PretrainStrategy, "aggregate_rows", recording_aggregate)
     noised = pipeline(**dp)
     assert len(counts) == 3 + 4 + 2 and all(not c.any() for c in counts)  # no row counts
-    assert noised["privacy"]["mechanism"] == DISTRIBUTED
+    mechanism = noised["privacy"]["mechanism"]
+    assert mechanism.startswith(DISTRIBUTED) and "dp-noise-source=device" in mechanism
+    assert noised["privacy"]["noise_source"] == "seed"
     assert (
         noised["privacy"]["epsilon"]
         == pipeline(**{**dp, "secure_rows": False})["privacy"]["epsilon"]
     )
-    phases = {exchange[0] for exchange in shares}
-    assert phases == {1, 2}  # pretraining and PEE learning
-    for exchange, per_node in shares.items():
+    items, dim, layers, item_groups, blocks = noised["dataset"]["items"], 16, 3, 4, 4
+    block = items * dim
+
+    def released(exchange: tuple) -> np.ndarray:
+        phase, kind, k = exchange
+        if phase == 1:  # [E0 gradient | contribution change of each layer], all rows
+            inside = np.zeros((1 + layers) * block, dtype=bool)
+            inside[(1 + k) * block : (2 + k) * block] = True
+            return inside if kind == 0 else np.ones_like(inside)
+        group = [True] * (block + item_groups * blocks) + [False] * (2 + 2 * item_groups)
+        return np.array(group * 2)  # 2 user groups
+
+    assert {e[0] for e in shares} == {1, 2} and len(shares) == len(decoded) == 3 + 4 + 2
+    for (exchange, per_node), server_sum in zip(shares.items(), decoded, strict=True):
         assert len(per_node) == 3
-        total = np.sum(per_node, axis=0)
-        inside = np.zeros(total.size, dtype=bool)
-        for part in released[exchange]:
-            inside[part] = True
-        assert np.all(total[~inside] == 0)
+        total, inside = np.sum(per_node, axis=0), released(exchange)
+        assert total.shape == inside.shape and np.all(total[~inside] == 0), exchange
         assert total[inside].std() == pytest.approx(1.0, rel=0.15), exchange
-    items, dim = noised["dataset"]["items"], 16
+        np.testing.assert_allclose(server_sum, clean[exchange] + total, atol=1e-5)
     assert [r["rows"] for r in noised["pretrain"]] == [items] * 4  # every row, no counts sent
-    # the server's first sum: the clean sum (no shares) plus the nodes' shares of (1, 0, 0)
-    noise_of_first = np.sum(shares[(1, 0, 0)], axis=0)
-    noisy_first = first_sum.pop()
-    monkeypatch.setattr(client_app, "_noise_share", lambda c, x, vector, p, e: vector)
-    pipeline(**dp)
-    clean_first = first_sum.pop()
-    assert noisy_first.size == 4 * items * dim
-    np.testing.assert_allclose(noisy_first - clean_first, noise_of_first, atol=1e-5)
