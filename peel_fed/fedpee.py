@@ -44,7 +44,7 @@ from peel_fed.privacy import DPConfig, clip_factors, gaussian_noise, noised
 from peel_fed.scoring import bpr_loss, pair_scores
 
 NEG_STREAM = 3_000_003  # + round: a device's PEE negatives
-VAL_NEG_STREAM = NEG_STREAM + 1_000_000  # + round: the negatives of its validation pairs
+VAL_NEG_STREAM = 11_000_003  # + round: the negatives of its validation pairs
 PEE_SLOT_STREAM = 6_000_003  # + pass: round participation in PEE learning
 ELASTIC_STREAM = 4_000_003  # + round: a device's sampled elastic budget
 LDP_PEE_STREAM = 9_200_003  # + round: a device's local DP noise on its PEE upload

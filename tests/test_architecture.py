@@ -165,3 +165,23 @@ def test_checks_catch_planted_violations(planted):
     assert long_files_without_reason(modules, planted) == ["sim/cli.py (402 lines)"]
     # sim/ may import Flower (only the core may not), and the core may import itself
     assert not [v for v in core_violations(modules) if "flwr" in v or "peel_fed.a" in v]
+
+
+def test_random_streams_are_apart():
+    """Every ``*_STREAM`` constant of the core names its own random stream; most get a round,
+    pass or layer added, so they must lie far apart (validation negatives once shared the
+    elastic budgets' stream)."""
+    import importlib
+
+    import numpy as np
+
+    streams: dict[str, int] = {}  # name -> value (a constant imported elsewhere is one stream)
+    for path in sorted((ROOT / "peel_fed").glob("*.py")):
+        module = importlib.import_module(f"peel_fed.{path.stem}")
+        for name, value in vars(module).items():
+            if name.endswith("_STREAM") and isinstance(value, int):
+                assert streams.setdefault(name, value) == value, name
+    assert len(streams) >= 10
+    values = sorted(streams.values())
+    assert len(set(values)) == len(values), streams
+    assert np.diff(values).min() >= 50_000, streams
