@@ -235,8 +235,8 @@ def markdown(report: dict) -> str:
         "",
         "Down B / node / round: the pretraining rounds' mean bytes per node that was sent the "
         "tables (a node none of whose users takes part in a round is asked for its rows but "
-        "not sent any). Statistics: the two secure-aggregation exchanges (pairwise masks, "
-        "whose cost grows with the square of the node count). Asks: the pretraining steps' "
+        "not sent any). Statistics: the two secure-aggregation exchanges (pairwise masks over "
+        "the mask graph, 2 ceil(log2 n) neighbours per node; before it, every pair). Asks: the pretraining steps' "
         "`query.rows` exchanges together. Peak RSS sums the resident sets of the driver and "
         "Ray's processes.",
         "",
