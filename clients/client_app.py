@@ -283,9 +283,8 @@ def pretrain(msg: Message, context: Context) -> Message:
             store.save("pretrain", devices.state_arrays(), version)
             return _reply(msg, encode_contribution(rows, delta.numpy(), users))
         pending = {"contrib-rows": rows, "contrib-delta": delta.numpy()}
-        counted = rows[:0] if step.dp_private else rows  # distributed DP: no row counts
         counts = encode_pretrain_row_counts(
-            node.ds.n_items, counted, np.ones(counted.size), 0.0, users
+            node.ds.n_items, rows, np.ones(rows.size), 0.0, users, hide_rows=step.dp_private
         )
     elif step.step == "round":
         taking_part = round_participants(devices.seed, node.users, step.round, step.rounds_per_pass)
@@ -299,13 +298,13 @@ def pretrain(msg: Message, context: Context) -> Message:
             "contrib-rows": up.contrib_rows,
             "contrib-delta": up.contrib_delta.numpy(),
         }
-        hide = step.dp_private  # distributed DP: no row counts (the server takes every row)
         counts = encode_pretrain_row_counts(
             node.ds.n_items,
-            up.rows[:0] if hide else up.rows,
-            up.row_devices[:0] if hide else up.row_devices,
+            up.rows,
+            up.row_devices,
             up.loss_sum,
             up.users,
+            hide_rows=step.dp_private,
         )
     else:
         raise ValueError(f"unknown pretrain step {step.step!r}")

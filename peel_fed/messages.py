@@ -581,11 +581,18 @@ def decode_upload_users(content: Content) -> tuple[int, int]:
 
 
 def encode_pretrain_row_counts(
-    n_items: int, rows: np.ndarray, row_devices: np.ndarray, loss_sum: float, users: int
+    n_items: int,
+    rows: np.ndarray,
+    row_devices: np.ndarray,
+    loss_sum: float,
+    users: int,
+    hide_rows: bool = False,
 ) -> np.ndarray:
-    """Secure rows, first half: ``[devices per row (items) | loss sum | users]``."""
+    """Secure rows, first half: ``[devices per row (items) | loss sum | users]``; ``hide_rows``
+    (distributed DP) sends zero counts, as the server then takes every row."""
     counts = np.zeros(n_items)
-    counts[rows] = row_devices
+    if not hide_rows:
+        counts[rows] = row_devices
     return np.concatenate([counts, [loss_sum, users]])
 
 
@@ -616,14 +623,19 @@ def encode_rows_down(
 ) -> Content:
     """Secure rows, second half (pretraining): the cohort's row union goes down, and under
     distributed DP each node's noise share (its standard deviation and where it is drawn)."""
-    configs: dict[str, Config] = {"data": data.to_config()}
-    if noise_std:
-        configs["ddp"] = {"noise-std": float(noise_std), "noise-source": noise_source}
+    configs = {"data": data.to_config(), **_noise_share_config(noise_std, noise_source)}
     return Content(arrays={"rows": {"rows": union}}, configs=configs)
 
 
 def decode_rows_down(content: Content) -> np.ndarray:
     return content.arrays["rows"]["rows"]
+
+
+def _noise_share_config(noise_std: float, noise_source: str) -> dict[str, Config]:
+    """Distributed DP: the config record that names each node's noise share (none without)."""
+    if not noise_std:
+        return {}
+    return {"ddp": {"noise-std": float(noise_std), "noise-source": noise_source}}
 
 
 def decode_noise_share(content: Content) -> tuple[float, str]:
@@ -939,9 +951,11 @@ def encode_pee_rows_down(
 ) -> Content:
     """Secure rows, second half (PEE learning): each group's row union, and under distributed
     DP each node's noise share (read by :func:`decode_noise_share`)."""
-    configs: dict[str, Config] = {"data": data.to_config(), "pee": round_.to_config()}
-    if noise_std:
-        configs["ddp"] = {"noise-std": float(noise_std), "noise-source": noise_source}
+    configs = {
+        "data": data.to_config(),
+        "pee": round_.to_config(),
+        **_noise_share_config(noise_std, noise_source),
+    }
     return Content(
         arrays={"rows": {f"union-{g}": u for g, u in enumerate(unions)}}, configs=configs
     )
