@@ -237,8 +237,8 @@ def markdown(report: dict) -> str:
         "tables (a node none of whose users takes part in a round is asked for its rows but "
         "not sent any). Statistics: the two secure-aggregation exchanges (pairwise masks over "
         "the mask graph, 2 ceil(log2 n) neighbours per node; before it, every pair). Asks: the "
-        "pretraining steps' `query.rows` exchanges together. Peak RSS sums the resident sets of the driver and "
-        "Ray's processes.",
+        "pretraining steps' `query.rows` exchanges together. Peak RSS sums the resident sets of "
+        "the driver and Ray's processes.",
         "",
         f"Command: `{report['command']}`",
         "",
