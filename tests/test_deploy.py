@@ -116,8 +116,8 @@ def test_a_run_killed_mid_pretraining_resumes_on_tls_and_leaves_nothing_behind(
         ctx.node_config["device-budget"] = BUDGETS[p % 2]
     reference = run_pipeline(reference_grid, FedConfig(**run))  # sparse pretraining downloads
     work, out = tmp_path / "work", tmp_path / "out"
-    # full downloads here (fewer exchanges, and the same numbers as the sparse reference); the
-    # late-joiner test below deploys sparse ones
+    # full downloads here (fewer exchanges, and the same numbers as the sparse reference; the
+    # ask messages of sparse downloads run through the ClientApp in tests/test_sparse_downloads)
     cfg = FedConfig(
         **run, out_dir=str(out), device_state_dir=str(out / "device-state"),
         pretrain_download="full", pee_download="full",
@@ -239,9 +239,13 @@ def _rogue_supernode(home: Path, port: int, work: Path, with_key: bool) -> subpr
 
 def test_killed_supernode_and_late_joiner_do_not_stop_the_run(tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
+    # full downloads: no ask exchanges (the asks' messages are the same in process, where
+    # tests/test_sparse_downloads.py runs them); a dead node costs a round timeout per exchange
+    # until its heartbeats lapse, so the timeout is short (a good exchange takes ~5 s)
     cfg = FedConfig(
-        **SMOKE_RUN, min_nodes=2, round_timeout_s=20.0, evaluate_timeout_s=60.0, out_dir=str(out)
-    )
+        **SMOKE_RUN, min_nodes=2, round_timeout_s=12.0, evaluate_timeout_s=60.0, out_dir=str(out),
+        pretrain_download="full", pee_download="full",
+    )  # fmt: skip
     events: dict = {}
     with LocalFederation(work, certs=None, log=lambda _: None) as fed:
         fed.start_superlink()
@@ -267,7 +271,7 @@ def test_killed_supernode_and_late_joiner_do_not_stop_the_run(tmp_path):
     part = report["participation"]
     assert str(late) in part["late"] and str(killed) in part["gone"]
     assert part["nodes"][str(killed)]["stats"] == {"sent": 2, "replied": 2, "failed": 0}
-    # killed after the statistics: its next exchange (the pretraining ask) fails
+    # killed after the statistics: its next exchange (pretraining's init step) fails
     killed_phases = part["nodes"][str(killed)]
     assert sum(p["failed"] for k, p in killed_phases.items() if k.startswith("pretrain")) >= 1
     for node in survivors:

@@ -136,3 +136,43 @@ def test_compact_tables_put_the_default_first_in_bold(study):
     assert lines[5].startswith("| magnitude pruning | 0.1100 (0.1000-0.1200) |")
     assert lines[6] == "| retrained | 0.3100¹ | 0.4000¹ | - |"
     assert "nope" not in text
+
+
+def _report(folder: Path, cfg) -> None:
+    from dataclasses import asdict
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps({"config": asdict(cfg)}))
+
+
+def test_steps_saved_for_other_inputs_are_left_out_until_none_is_current(tmp_path):
+    """A seed's report names its inputs: a step whose key is not theirs (an earlier recipe)
+    is left out; a dataset with no current default row falls back to every step, marked
+    stale."""
+    from dataclasses import replace
+
+    from sim.study.config import StudyConfig
+    from sim.study.headline import headline_markdown
+
+    ds = tmp_path / "toy"
+    cfg = StudyConfig(dataset="checkerboard-tiny", quick=True, budgets=BUDGETS)
+    _report(ds, cfg)
+    _report(ds / "seed-1", replace(cfg, seed=1))
+    for folder, planes in ((ds, 0.30), (ds / "seed-1", 0.20)):
+        _save(
+            folder, "bit-planes", [(DEFAULT_METHOD, "10%", planes), (DEFAULT_METHOD, "100%", 0.6)]
+        )
+        _save(folder, "pruning", [("magnitude pruning", "10%", 0.10)])
+    path = ds / "steps" / "bit-planes.json"  # seed 0's bit-planes are current, its pruning not
+    path.write_text(json.dumps({**json.loads(path.read_text()), "key": cfg.key("bit-planes")}))
+    table = collect(ds, BUDGETS)
+    assert table == {DEFAULT_METHOD: {"10%": {0: 0.30}, "100%": {0: 0.6}}}
+    assert collect(ds, BUDGETS, current=False)["magnitude pruning"]["10%"] == {0: 0.1, 1: 0.1}
+    h = dataset_headline(ds, BUDGETS)
+    assert not h["stale"] and h["verdicts"] == {"10%": {}}  # pruning's row is not current
+    assert h["recipe"] == "BPR, DNS, 64 candidates, cosine rate, 5 epochs"  # quick study
+    # seed 0's bit-planes saved for other inputs too: the stale rows, said to be stale
+    path.write_text(json.dumps({**json.loads(path.read_text()), "key": "earlier"}))
+    h = dataset_headline(ds, BUDGETS)
+    assert h["stale"] and h["rows"][DEFAULT_METHOD]["10%"]["seeds"] == [0, 1]
+    assert "**these rows are stale**" in headline_markdown({"toy": h}, BUDGETS)

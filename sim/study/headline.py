@@ -21,10 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from dataclasses import fields, replace
 from pathlib import Path
 
 from peel_fed.atomic import write_json_atomic, write_text_atomic
-from sim.study.config import STUDY_BUDGETS
+from sim.study.config import STUDY_BUDGETS, StudyConfig, pipeline_config
 from sim.study.report import current_label
 
 DEFAULT_METHOD = "PEEL bit-planes (G_u=4)"
@@ -46,12 +47,49 @@ def seed_folders(dataset_dir: Path) -> dict[int, Path]:
     return found
 
 
-def collect(dataset_dir: Path, budgets: tuple[str, ...] = STUDY_BUDGETS) -> dict:
-    """``{method: {budget: {seed: Recall@20}}}`` from every saved step row at a study budget
-    (rows at other sizes, such as fixed bit widths at their own bytes, are left out)."""
+def report_config(folder: Path) -> StudyConfig | None:
+    """The inputs of the study whose report (``results.json``) is in ``folder``, or ``None``
+    where there is none."""
+    path = folder / "results.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())["config"]
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise ValueError(f"{path}: not a study report ({exc})") from None
+    names = {f.name for f in fields(StudyConfig)}
+    cfg = StudyConfig(**{k: v for k, v in config.items() if k in names})
+    return replace(cfg, budgets=tuple(cfg.budgets))
+
+
+def saved_steps(folder: Path, current: bool = True) -> list[Path]:
+    """``folder``'s saved step files; with ``current``, only those saved for the inputs of its
+    report (the key check of ``sim.study.runner``: a step saved on an earlier pretraining recipe
+    or step version is left out). A folder with no report keeps every step."""
+    paths = sorted((folder / "steps").glob("*.json"))
+    cfg = report_config(folder) if current else None
+    if cfg is None:
+        return paths
+    kept = []
+    for path in paths:
+        try:
+            key = json.loads(path.read_text())["key"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise ValueError(f"{path}: not a saved study step ({exc})") from None
+        if key == cfg.key(path.stem):
+            kept.append(path)
+    return kept
+
+
+def collect(
+    dataset_dir: Path, budgets: tuple[str, ...] = STUDY_BUDGETS, current: bool = True
+) -> dict:
+    """``{method: {budget: {seed: Recall@20}}}`` from the saved step rows at a study budget
+    (rows at other sizes, such as fixed bit widths at their own bytes, are left out); with
+    ``current``, only the steps saved for the current inputs (:func:`saved_steps`)."""
     table: dict[str, dict[str, dict[int, float]]] = {}
     for seed, folder in seed_folders(dataset_dir).items():
-        for path in sorted((folder / "steps").glob("*.json")):
+        for path in saved_steps(folder, current):
             try:
                 rows = json.loads(path.read_text())["result"]["rows"]
             except (json.JSONDecodeError, KeyError) as exc:
@@ -65,15 +103,15 @@ def collect(dataset_dir: Path, budgets: tuple[str, ...] = STUDY_BUDGETS) -> dict
     return table
 
 
-def pretraining_choice(dataset_dir: Path) -> dict:
+def pretraining_choice(dataset_dir: Path, current: bool = True) -> dict:
     """The recipe under the default: ``{"recipe", "val_recall@20": {recipe: median}, "seeds"}``
     from the saved ``recipe-choice`` steps (``recipe`` "plain" and no seeds where none is
-    saved)."""
+    saved; ``current`` as in :func:`collect`)."""
     per_recipe: dict[str, list[float]] = {}
     seeds = []
     for seed, folder in seed_folders(dataset_dir).items():
         path = folder / "steps" / "recipe-choice.json"
-        if not path.is_file():
+        if path not in saved_steps(folder, current):
             continue
         try:
             recipes = json.loads(path.read_text())["result"]["recipes"]
@@ -118,10 +156,34 @@ def is_comparison(method: str) -> bool:
     )
 
 
+def recipe_text(folder: Path) -> str:
+    """The pretraining recipe of the current inputs of ``folder``'s study, in words."""
+    cfg = report_config(folder)
+    if cfg is None:
+        return "the recipe is not recorded (no results.json)"
+    r = pipeline_config(cfg).lightgcn.identity()
+    sampling = r.get("negative_sampling", "uniform")
+    if sampling == "dns":
+        sampling = f"DNS, {r['dns_candidates']} candidates"
+    return (
+        f"{r.get('loss', 'bpr').upper()}, {sampling}, {r.get('lr_schedule', 'constant')} rate, "
+        f"{r['epochs']} epochs"
+    )
+
+
 def dataset_headline(dataset_dir: Path, budgets: tuple[str, ...] = STUDY_BUDGETS) -> dict:
+    """One dataset's headline from the steps saved for the current inputs (the current
+    pretraining recipe); where no seed has the default's rows on them yet, from every saved
+    step, with ``stale`` set (their recipe is an earlier one: rerun ``peel-fed study``)."""
+    stale = False
     table = collect(dataset_dir, budgets)
     choice = pretraining_choice(dataset_dir)
     default = DEFAULT_BY_RECIPE[choice["recipe"]]
+    if default not in table:
+        stale = True
+        table = collect(dataset_dir, budgets, current=False)
+        choice = pretraining_choice(dataset_dir, current=False)
+        default = DEFAULT_BY_RECIPE[choice["recipe"]]
     if default not in table:
         raise ValueError(f"{dataset_dir}: no saved '{default}' rows (run the bit-planes step)")
     rows = {
@@ -145,6 +207,8 @@ def dataset_headline(dataset_dir: Path, budgets: tuple[str, ...] = STUDY_BUDGETS
     }
     return {
         "default": default,
+        "stale": stale,
+        "recipe": "an earlier recipe (rerun peel-fed study)" if stale else recipe_text(dataset_dir),
         "pretraining_choice": choice,
         "rows": rows,
         "verdicts": verdicts,
@@ -217,6 +281,14 @@ def headline_markdown(headlines: dict[str, dict], budgets: tuple[str, ...] = STU
         lines += [
             f"## {name}",
             "",
+            f"Pretraining: {h['recipe']}; steps saved for other inputs (an earlier recipe or "
+            "step version) are left out"
+            + (
+                " (none is saved on the current one yet: **these rows are stale**)."
+                if h["stale"]
+                else "."
+            ),
+            "",
             f"Default: `{h['default']}` ({choice['recipe']} pretraining; {why}).",
             "",
             "| method | " + " | ".join(budgets) + " |",
@@ -283,7 +355,7 @@ def compact_tables(
     lines = []
     for name, h in headlines.items():
         rows, default = h["rows"], h["default"]
-        lines += [f"**{name}**", "", "| method | " + " | ".join(budgets) + " |"]
+        lines += [f"**{name}** ({h['recipe']})", "", "| method | " + " | ".join(budgets) + " |"]
         lines.append("|---|" + "---:|" * len(budgets))
         for m in (default, *(m for m in methods if m != default and m in rows)):
             label = f"**{m}, the default**" if m == default else m
