@@ -389,16 +389,17 @@ TINY_CFG = FedConfig(dataset="checkerboard-tiny", min_nodes=3, **SMALL_RUN)
 
 @pytest.fixture(scope="session")
 def packing_runs():
-    """The same tiny federation with one user per node and with four users per node; the second
+    """The same tiny federation with one user per node, in process (``LocalGrid``: the same
+    ServerApp and ClientApp, no Ray), and with four users per node in Ray's simulation; that
     run's Ray (started here) is watched: its listening sockets and GCS."""
+    from sim.local_grid import LocalGrid, server_identity
     from sim.simulate import run_federated_simulation
+    from strategies.server_app import run_pipeline
 
     ds = load_dataset("checkerboard-tiny")
-    one_each = run_federated_simulation(
-        FedConfig.from_run_config({**TINY_CFG.to_run_config(), "min-nodes": ds.n_users}),
-        ds.n_users,
-        num_cpus=2,
-    )
+    with tempfile.TemporaryDirectory() as out, server_identity():
+        cfg = {**TINY_CFG.to_run_config(), "min-nodes": ds.n_users, "out-dir": out}
+        one_each = run_pipeline(LocalGrid(ds.n_users), FedConfig.from_run_config(cfg))
     watch = RayWatch()
     packed = run_federated_simulation(TINY_CFG, 3, num_cpus=2, wrap_grid=watch)
     return one_each, packed, watch
