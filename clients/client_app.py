@@ -74,8 +74,10 @@ from peel_fed.messages import (
     encode_shares_revealed,
     encode_stats,
     encode_wanted,
+    next_step,
     pee_rows_released,
     pretrain_rows_released,
+    with_next_rows,
 )
 from peel_fed.secagg import SecAggClient
 
@@ -228,16 +230,31 @@ def pretrain_rows(msg: Message, context: Context) -> Message:
     """Sparse downloads: the item rows this node will read in the pretraining step it is asked
     about (its users' items; in a round also the taking-part users' negatives and decoys), all
     drawn by the users' own generators, so known before the tables come."""
-    from peel_fed.fedlightgcn import round_participants
-
     data, step = decode_rows_request(from_record_dict(msg.content))
     node = state.node_data(data, context)
-    devices = _pretrain_devices(node, step, np.ones(node.ds.n_items), data.seed)
+    rows = _rows_read(node, step, data.seed)
+    return _reply(msg, encode_rows_wanted(rows, int(node.users.size)))
+
+
+def _rows_read(node: state.NodeData, step: PretrainStep, seed: int) -> np.ndarray:
+    """The item rows the hosted users read in pretraining ``step`` (``PretrainDevices.rows_read``:
+    drawn by the users' own generators, so known before the tables come)."""
+    from peel_fed.fedlightgcn import round_participants
+
+    devices = _pretrain_devices(node, step, np.ones(node.ds.n_items), seed)
     taking_part = None
     if step.step == "round":
-        taking_part = round_participants(data.seed, node.users, step.round, step.rounds_per_pass)
-    rows = devices.rows_read(step.step, taking_part, step.round or 0)
-    return _reply(msg, encode_rows_wanted(rows, int(node.users.size)))
+        taking_part = round_participants(seed, node.users, step.round, step.rounds_per_pass)
+    return devices.rows_read(step.step, taking_part, step.round or 0)
+
+
+def _pretrain_reply(msg: Message, content: Content, reply: Content, node, seed: int) -> Message:
+    """A clear pretraining reply; where the message names the next step (sparse downloads),
+    it also carries the rows the node reads in that step, so the server need not ask."""
+    ahead = next_step(content)
+    if ahead is not None:
+        reply = with_next_rows(reply, ahead, _rows_read(node, ahead, seed))
+    return _reply(msg, reply)
 
 
 def pretrain(msg: Message, context: Context) -> Message:
@@ -276,12 +293,13 @@ def pretrain(msg: Message, context: Context) -> Message:
         else:
             vectors = devices.final_user_vectors(layers)
         store.save_user_vectors(vectors)
-        return _reply(msg, encode_final_reply(users))
+        return _pretrain_reply(msg, content, encode_final_reply(users), node, down.data.seed)
     if step.step == "init":
         rows, delta = devices.initial_contribution(step.k, layers, clip=clip)
         if not step.secure:
             store.save("pretrain", devices.state_arrays(), version)
-            return _reply(msg, encode_contribution(rows, delta.numpy(), users))
+            reply = encode_contribution(rows, delta.numpy(), users)
+            return _pretrain_reply(msg, content, reply, node, down.data.seed)
         pending = {"contrib-rows": rows, "contrib-delta": delta.numpy()}
         counts = encode_pretrain_row_counts(
             node.ds.n_items, rows, np.ones(rows.size), 0.0, users, hide_rows=step.dp_private
@@ -291,7 +309,7 @@ def pretrain(msg: Message, context: Context) -> Message:
         up = devices.device_round(taking_part, layers, step.round, clip, step.dp_private)
         if not step.secure:
             store.save("pretrain", devices.state_arrays(), version)
-            return _reply(msg, encode_device_update(up))
+            return _pretrain_reply(msg, content, encode_device_update(up), node, devices.seed)
         pending = {
             "rows": up.rows,
             "grad": up.grad.numpy(),

@@ -28,7 +28,7 @@ section per phase, and reads best in one place (each encode next to its decode).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -511,6 +511,38 @@ def decode_rows_wanted(content: Content, n_items: int) -> np.ndarray:
     rows = np.asarray(content.arrays["rows"]["rows"], dtype=np.int64)
     _check_rows([rows], n_items, "a node asked for pretraining rows")
     return np.unique(rows)
+
+
+# Sparse downloads without an ask exchange per step: a pretraining message may name the next
+# step, and the node's reply then carries the rows it will read in it (the rows depend only on
+# the users' own generators, never on the tables), so the server skips that step's ask.
+def with_next_step(content: Content, step: PretrainStep) -> Content:
+    """``content`` (a ``train.pretrain`` message) that also asks for the rows of ``step``."""
+    return replace(content, configs={**content.configs, "next-pretrain": step.to_config()})
+
+
+def next_step(content: Content) -> PretrainStep | None:
+    """The step a ``train.pretrain`` message asks the rows of, if any."""
+    config = content.configs.get("next-pretrain")
+    return None if config is None else PretrainStep.from_config(config)
+
+
+def with_next_rows(content: Content, step: PretrainStep, rows: np.ndarray) -> Content:
+    """A pretraining reply that also carries the rows its node reads in ``step``."""
+    return replace(
+        content,
+        arrays={**content.arrays, "next-rows": {"rows": np.asarray(rows, dtype=np.int64)}},
+        configs={**content.configs, "next-pretrain": step.to_config()},
+    )
+
+
+def decode_next_rows(content: Content, n_items: int) -> tuple[PretrainStep, np.ndarray] | None:
+    """The (step, rows) a pretraining reply carries for the next step, if any."""
+    if "next-rows" not in content.arrays:
+        return None
+    rows = np.asarray(content.arrays["next-rows"]["rows"], dtype=np.int64)
+    _check_rows([rows], n_items, "a node asked for pretraining rows")
+    return PretrainStep.from_config(content.configs["next-pretrain"]), np.unique(rows)
 
 
 def encode_contribution(rows: np.ndarray, delta: np.ndarray, users: int) -> Content:

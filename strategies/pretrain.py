@@ -22,12 +22,14 @@ from peel_fed.messages import (
     RowCounts,
     decode_contribution,
     decode_device_update,
+    decode_next_rows,
     decode_pretrain_row_counts,
     decode_pretrain_rows,
     decode_rows_wanted,
     encode_pretrain_down,
     encode_rows_down,
     encode_rows_request,
+    with_next_step,
 )
 from peel_fed.privacy import noised
 from strategies.base import PhaseStrategy, node_sample, reply_contents, upload_users
@@ -58,6 +60,9 @@ class PretrainStrategy(PhaseStrategy):
         # where the phase stands (a checkpoint keeps it): next init layer, next round, final sent
         self.next_layer, self.next_round, self.finished = 0, 1, False
         self.sampling_rng = np.random.default_rng([cfg.seed, 11])
+        # sparse downloads: node -> (the next step, the rows it reads in it), from its last
+        # reply (not checkpointed: a resumed server asks)
+        self.rows_ahead: dict[int, tuple[dict, np.ndarray]] = {}
 
     def step(self, step: str, **at: int) -> PretrainStep:
         """The settings of a ``step`` message (``k`` for init, ``round``/``rounds_per_pass``)."""
@@ -85,10 +90,11 @@ class PretrainStrategy(PhaseStrategy):
         step: PretrainStep,
         rows: np.ndarray | None = None,
         layers: list[np.ndarray] | None = None,
+        ahead: PretrainStep | None = None,
     ) -> RecordDict:
         """The item layers as they are now (or ``layers``, computed once for all nodes), the fit
         item degree and the step's settings; with ``rows``, only those rows (a sparse
-        download)."""
+        download), and with ``ahead`` the step whose rows the reply should name."""
         if layers is None:
             layers = [layer.numpy() for layer in self.server.item_layers()]
         degree = self.stats.fit_degree
@@ -98,38 +104,62 @@ class PretrainStrategy(PhaseStrategy):
             down = PretrainDown(
                 self.data, step, [t[rows] for t in layers], degree[rows], rows, self.stats.n_items
             )
-        return to_record_dict(encode_pretrain_down(down))
+        content = encode_pretrain_down(down)
+        return to_record_dict(content if ahead is None else with_next_step(content, ahead))
 
     def send(
-        self, grid: Grid, nodes: list[int], step: PretrainStep, phase: str, round_: int = 0
+        self,
+        grid: Grid,
+        nodes: list[int],
+        step: PretrainStep,
+        phase: str,
+        round_: int = 0,
+        ahead: PretrainStep | None = None,
     ) -> tuple[dict, PhaseReport, int]:
         """One clear pretraining exchange of ``step``: the whole tables to every node, or with
-        sparse downloads first ``query.rows`` (each node names the rows it will read) and then
-        each node just its rows. A node with nothing to read in a round (no user of it takes
-        part) is not asked to train; returns the replies, the report and how many such idle
-        nodes answered."""
+        sparse downloads each node just the rows it will read. A node names them in its reply
+        to the previous step (which named ``step`` as the one ``ahead``), or else in a
+        ``query.rows`` exchange first (the first step, a node that sat out or failed the
+        previous one, a resumed server). A node with nothing to read in a round (no user of it
+        takes part) is not asked to train; returns the replies, the report and how many such
+        idle nodes answered."""
         timeout = self.cfg.round_timeout_s
         if not self.cfg.sparse_pretrain_downloads:
             content = self.configure(step)
             return (*exchange(grid, nodes, "train.pretrain", content, timeout, phase, round_), 0)
-        ask = to_record_dict(encode_rows_request(self.data, step))
-        # its own phase in the bytes report ("pretrain-ask", "pretrain-ask/init", "final-ask")
-        head, _, tail = phase.partition("/")
-        ask_phase = f"{head}-ask" + (f"/{tail}" if tail else "")
-        asked, rep = exchange(grid, nodes, "query.rows", ask, timeout, ask_phase, round_)
-        self.log.add(rep)
+        wanted = {n: rows for n in nodes if (rows := self._named_rows(n, step)) is not None}
+        if unasked := [n for n in nodes if n not in wanted]:
+            ask = to_record_dict(encode_rows_request(self.data, step))
+            # its own phase in the bytes report ("pretrain-ask", "pretrain-ask/init", ...)
+            head, _, tail = phase.partition("/")
+            ask_phase = f"{head}-ask" + (f"/{tail}" if tail else "")
+            asked, rep = exchange(grid, unasked, "query.rows", ask, timeout, ask_phase, round_)
+            self.log.add(rep)
+            for node, content in reply_contents(asked).items():
+                wanted[node] = decode_rows_wanted(from_record_dict(content), self.stats.n_items)
+        self.rows_ahead = {}
         contents, idle = {}, 0
         layers = [layer.numpy() for layer in self.server.item_layers()]
-        for node, content in reply_contents(asked).items():
-            rows = decode_rows_wanted(from_record_dict(content), self.stats.n_items)
+        for node in (n for n in nodes if n in wanted):  # in the nodes' order, as the ask's
+            rows = wanted[node]
             if rows.size or step.step != "round":
-                contents[node] = self.configure(step, rows, layers)
+                contents[node] = self.configure(step, rows, layers, ahead)
             else:
                 idle += 1
         replies, rep = exchange(
             grid, list(contents), "train.pretrain", contents, timeout, phase, round_
         )
+        for node, content in reply_contents(replies).items():
+            named = decode_next_rows(from_record_dict(content), self.stats.n_items)
+            if named is not None:
+                self.rows_ahead[node] = (named[0].to_config(), named[1])
         return replies, rep, idle
+
+    def _named_rows(self, node: int, step: PretrainStep) -> np.ndarray | None:
+        """The rows ``node`` named for ``step`` in its last reply, if it named that step."""
+        named = self.rows_ahead.get(node)
+        # as the wire carries them (a decoded step drops fields its settings leave unused)
+        return named[1] if named is not None and named[0] == step.to_config() else None
 
     def aggregate_contributions(self, replies: dict[int, RecordDict], k: int) -> None:
         """An ``init`` step of layer ``k`` in the clear: add every node's first contributions
@@ -201,7 +231,10 @@ class PretrainStrategy(PhaseStrategy):
             if cfg.secure_rows:
                 self._secure_round(grid, nodes, self.configure(self.step("init", k=k)), k, False)
             else:
-                replies, rep, _ = self.send(grid, nodes, self.step("init", k=k), "pretrain/init", k)
+                ahead = self._ahead("init", k)
+                replies, rep, _ = self.send(
+                    grid, nodes, self.step("init", k=k), "pretrain/init", k, ahead
+                )
                 self.log.add(rep)
                 self.aggregate_contributions(reply_contents(replies), k)
             self.next_layer = k + 1
@@ -226,6 +259,21 @@ class PretrainStrategy(PhaseStrategy):
             done("pretrain final")
         return self.server
 
+    def _ahead(self, step: str, at: int) -> PretrainStep | None:
+        """The step after ``init`` of layer ``at`` or ``round`` ``at`` (sparse downloads: its
+        rows ride on this step's replies); ``None`` without sparse downloads."""
+        cfg = self.cfg
+        if not cfg.sparse_pretrain_downloads:
+            return None
+        per_pass = rounds_per_pass_for(cfg.pretrain_cohort_fraction)
+        rounds = cfg.pretrain_passes * per_pass
+        if step == "init" and at + 1 < cfg.layers:
+            return self.step("init", k=at + 1)
+        following = self.next_round if step == "init" else at + 1
+        if following <= rounds:
+            return self.step("round", round=following, rounds_per_pass=per_pass)
+        return self.step("final")
+
     def _round(self, grid: Grid, nodes: list[int], r: int, per_pass: int, bar) -> None:
         cfg = self.cfg
         self.server.set_round(r)
@@ -236,7 +284,7 @@ class PretrainStrategy(PhaseStrategy):
             self.history.append({"round": r, **s})
             bar.update(1)
             return
-        replies, rep, idle = self.send(grid, sample, step, "pretrain", r)
+        replies, rep, idle = self.send(grid, sample, step, "pretrain", r, self._ahead("round", r))
         contents = reply_contents(replies)
         self.log.add(rep, upload_users(contents))
         if len(replies) + idle < min(cfg.min_nodes, len(sample)):

@@ -246,3 +246,12 @@ def test_pipeline_with_sparse_downloads_ends_as_with_full_ones(server_identity):
         assert down["sparse"] < 0.8 * down["full"], phase
     for kind in ("train.pretrain", "train.pee"):
         assert types["sparse"].count(kind) < types["full"].count(kind), kind
+    # a node names the next step's rows in its reply, so only the first step asks every node
+    # and a later one asks just the nodes that sat out (idle) the step before:
+    # asks = 6 + sum over steps s > 0 of (6 - trained in s - 1) = 6 S + 6 - trains (final: 6)
+    from peel_fed.fedlightgcn import rounds_per_pass_for
+
+    steps = cfg.layers + cfg.pretrain_passes * rounds_per_pass_for(cfg.pretrain_cohort_fraction)
+    trains = types["sparse"].count("train.pretrain")
+    assert trains < 6 * (steps + 1)  # some node sat out a round
+    assert types["sparse"].count("query.rows") == 6 * (steps + 1) + 6 - trains
