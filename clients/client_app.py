@@ -33,6 +33,8 @@ from peel_fed.messages import (
     DataSpec,
     PEERound,
     PretrainStep,
+    answer_ahead,
+    asked_ahead,
     decode_centroids,
     decode_data,
     decode_dropped,
@@ -74,10 +76,8 @@ from peel_fed.messages import (
     encode_shares_revealed,
     encode_stats,
     encode_wanted,
-    next_step,
     pee_rows_released,
     pretrain_rows_released,
-    with_next_rows,
 )
 from peel_fed.secagg import SecAggClient
 
@@ -251,9 +251,11 @@ def _rows_read(node: state.NodeData, step: PretrainStep, seed: int) -> np.ndarra
 def _pretrain_reply(msg: Message, content: Content, reply: Content, node, seed: int) -> Message:
     """A clear pretraining reply; where the message names the next step (sparse downloads),
     it also carries the rows the node reads in that step, so the server need not ask."""
-    ahead = next_step(content)
+    ahead = asked_ahead(content, "pretrain")
     if ahead is not None:
-        reply = with_next_rows(reply, ahead, _rows_read(node, ahead, seed))
+        rows = _rows_read(node, PretrainStep.from_config(ahead), seed)
+        wanted = encode_rows_wanted(rows, int(node.users.size))
+        reply = answer_ahead(reply, "pretrain", ahead, wanted)
     return _reply(msg, reply)
 
 
@@ -456,20 +458,28 @@ def pee_read(msg: Message, context: Context) -> Message:
     """Sparse PEE downloads: per user group of the hosted users, the table rows the round's
     taking-part users will read (their training and validation items and negatives, all drawn
     by their own generators, so known before the tables come)."""
-    from peel_fed.fedpee import PEEPairs
 
     data, round_ = decode_pee_rows_request(from_record_dict(msg.content))
     node = state.node_data(data, context)
     store = state.device_store(context, data)
+    return _reply(msg, _pee_rows_wanted(node, store, round_, data.seed))
+
+
+def _pee_rows_wanted(
+    node: state.NodeData, store: state.DeviceStore, round_: PEERound, seed: int
+) -> Content:
+    """Per user group of the hosted users, the table rows they read in ``round_``."""
+    from peel_fed.fedpee import PEEPairs
+
     split = node.split
     pairs = PEEPairs(
-        node.ds.n_users, node.ds.n_items, split.fit, split.val, data.seed, node.known_sampler
+        node.ds.n_users, node.ds.n_items, split.fit, split.val, seed, node.known_sampler
     )
     rows = {
         g: pairs.rows_read(users, round_.round)
-        for g, users in _pee_round_users(node, store, round_, data.seed).items()
+        for g, users in _pee_round_users(node, store, round_, seed).items()
     }
-    return _reply(msg, encode_pee_rows_wanted(rows, int(node.users.size)))
+    return encode_pee_rows_wanted(rows, int(node.users.size))
 
 
 def pee(msg: Message, context: Context) -> Message:
@@ -523,7 +533,11 @@ def pee(msg: Message, context: Context) -> Message:
             uploads, round_.num_user_groups, down.layout.n_items, hide_rows=round_.dp_private
         )
         return masked_reply(msg, context, content, counts)
-    return _reply(msg, encode_pee_reply(uploads))
+    reply = encode_pee_reply(uploads)
+    if (ahead := asked_ahead(content, "pee")) is not None:  # sparse downloads: next round's rows
+        wanted = _pee_rows_wanted(node, store, PEERound.from_config(ahead), seed)
+        reply = answer_ahead(reply, "pee", ahead, wanted)
+    return _reply(msg, reply)
 
 
 def pee_rows(msg: Message, context: Context) -> Message:

@@ -513,36 +513,36 @@ def decode_rows_wanted(content: Content, n_items: int) -> np.ndarray:
     return np.unique(rows)
 
 
-# Sparse downloads without an ask exchange per step: a pretraining message may name the next
-# step, and the node's reply then carries the rows it will read in it (the rows depend only on
-# the users' own generators, never on the tables), so the server skips that step's ask.
-def with_next_step(content: Content, step: PretrainStep) -> Content:
-    """``content`` (a ``train.pretrain`` message) that also asks for the rows of ``step``."""
-    return replace(content, configs={**content.configs, "next-pretrain": step.to_config()})
+# Sparse downloads without an ask exchange per step: a pretraining or PEE message may name the
+# next step (``kind`` "pretrain" or "pee", with that step's settings), and the node's reply then
+# carries the rows it will read in it, laid out as its answer to an ask would be (the rows depend
+# only on the users' own generators, never on the tables), so the server skips that step's ask.
+def ask_ahead(content: Content, kind: str, settings: Config) -> Content:
+    """``content`` (a training message) that also asks for the rows of the next step."""
+    return replace(content, configs={**content.configs, f"next-{kind}": settings})
 
 
-def next_step(content: Content) -> PretrainStep | None:
-    """The step a ``train.pretrain`` message asks the rows of, if any."""
-    config = content.configs.get("next-pretrain")
-    return None if config is None else PretrainStep.from_config(config)
+def asked_ahead(content: Content, kind: str) -> Config | None:
+    """The settings of the next step a training message asks the rows of, if any."""
+    return content.configs.get(f"next-{kind}")
 
 
-def with_next_rows(content: Content, step: PretrainStep, rows: np.ndarray) -> Content:
-    """A pretraining reply that also carries the rows its node reads in ``step``."""
+def answer_ahead(reply: Content, kind: str, settings: Config, wanted: Content) -> Content:
+    """A training reply that also carries ``wanted`` (the node's answer to an ask for the step
+    of ``settings``: :func:`encode_rows_wanted`, :func:`encode_pee_rows_wanted`)."""
     return replace(
-        content,
-        arrays={**content.arrays, "next-rows": {"rows": np.asarray(rows, dtype=np.int64)}},
-        configs={**content.configs, "next-pretrain": step.to_config()},
+        reply,
+        arrays={**reply.arrays, "next-rows": wanted.arrays["rows"]},
+        configs={**reply.configs, f"next-{kind}": settings},
     )
 
 
-def decode_next_rows(content: Content, n_items: int) -> tuple[PretrainStep, np.ndarray] | None:
-    """The (step, rows) a pretraining reply carries for the next step, if any."""
-    if "next-rows" not in content.arrays:
+def answered_ahead(reply: Content, kind: str) -> tuple[Config, Content] | None:
+    """(settings of the next step, the answer to its ask) that a training reply carries, if
+    any; decode the answer as an ask's."""
+    if "next-rows" not in reply.arrays or f"next-{kind}" not in reply.configs:
         return None
-    rows = np.asarray(content.arrays["next-rows"]["rows"], dtype=np.int64)
-    _check_rows([rows], n_items, "a node asked for pretraining rows")
-    return PretrainStep.from_config(content.configs["next-pretrain"]), np.unique(rows)
+    return reply.configs[f"next-{kind}"], Content(arrays={"rows": reply.arrays["next-rows"]})
 
 
 def encode_contribution(rows: np.ndarray, delta: np.ndarray, users: int) -> Content:

@@ -15,9 +15,12 @@ from peel_fed.fedconfig import FedConfig
 from peel_fed.fedlightgcn import rounds_per_pass_for
 from peel_fed.fedpee import PEEGroupServer, PEEUpload
 from peel_fed.messages import (
+    Content,
     DataSpec,
     PEEDown,
     PEERound,
+    answered_ahead,
+    ask_ahead,
     decode_pee_reply,
     decode_pee_row_counts,
     decode_pee_rows,
@@ -77,6 +80,9 @@ class PEEStrategy(PhaseStrategy):
         self.history: list[dict] = []
         self.next_round = 1
         self.sampling_rng = np.random.default_rng([cfg.seed, 13])
+        # sparse downloads: node -> (next round's settings, the rows it reads in it), from its
+        # last reply (a resumed run's new node ids name nothing here, so it asks)
+        self.rows_ahead: dict[int, tuple[dict, dict[int, np.ndarray]]] = {}
 
     def round_settings(self, round_: int, rounds_per_pass: int) -> PEERound:
         cfg = self.cfg
@@ -96,40 +102,67 @@ class PEEStrategy(PhaseStrategy):
         )
 
     def configure(
-        self, round_: PEERound, group_ids, rows: dict[int, np.ndarray] | None = None
+        self,
+        round_: PEERound,
+        group_ids,
+        rows: dict[int, np.ndarray] | None = None,
+        ahead: PEERound | None = None,
     ) -> RecordDict:
         """The tables and unit weights of the user groups ``group_ids``, and the layout; with
-        ``rows`` (a sparse download), only those rows of each group's table."""
+        ``rows`` (a sparse download), only those rows of each group's table, and with ``ahead``
+        the round whose rows the reply should name."""
         tables = {g: self.servers[g].table.numpy() for g in group_ids}
         alphas = {g: self.servers[g].weights() for g in tables}
         if rows is not None:
             tables = {g: t[rows[g]] for g, t in tables.items()}
-        down = PEEDown(self.data, round_, tables, alphas, self.layout, rows)
-        return to_record_dict(encode_pee_down(down))
+        content = encode_pee_down(PEEDown(self.data, round_, tables, alphas, self.layout, rows))
+        if ahead is not None:
+            content = ask_ahead(content, "pee", ahead.to_config())
+        return to_record_dict(content)
+
+    def _wanted(self, content: Content) -> dict[int, np.ndarray]:
+        return decode_pee_rows_wanted(content, self.layout.n_items, self.cfg.num_user_groups)
 
     def sparse_contents(
-        self, grid: Grid, nodes: list[int], round_: PEERound
+        self, grid: Grid, nodes: list[int], round_: PEERound, ahead: PEERound | None = None
     ) -> tuple[dict[int, RecordDict], int]:
-        """Sparse downloads: ``query.peeread`` asks each node which rows of its groups' tables
-        its taking-part users read; each node then gets just those rows. A node none of whose
-        users takes part is not sent anything; returns the contents and how many such idle
-        nodes answered."""
-        ask = to_record_dict(encode_pee_rows_request(self.data, round_))
-        timeout, r = self.cfg.round_timeout_s, round_.round
-        asked, rep = exchange(grid, nodes, "query.peeread", ask, timeout, "pee-ask", r)
-        self.log.add(rep)
+        """Sparse downloads: each node gets just the rows of its groups' tables that its
+        taking-part users read. It named them in its reply to the previous round (which named
+        this one as the round ``ahead``), or else a ``query.peeread`` exchange asks it (the first
+        round, a node that sat out or failed the previous one, a resumed server). A node none of
+        whose users takes part is not sent anything; returns the contents and how many such
+        idle nodes answered."""
+        settings = round_.to_config()
+        wanted = {
+            n: named[1]
+            for n in nodes
+            if (named := self.rows_ahead.get(n)) is not None and named[0] == settings
+        }
+        if unasked := [n for n in nodes if n not in wanted]:
+            ask = to_record_dict(encode_pee_rows_request(self.data, round_))
+            timeout, r = self.cfg.round_timeout_s, round_.round
+            asked, rep = exchange(grid, unasked, "query.peeread", ask, timeout, "pee-ask", r)
+            self.log.add(rep)
+            for node, content in reply_contents(asked).items():
+                wanted[node] = self._wanted(from_record_dict(content))
         contents, idle = {}, 0
         empty = np.zeros(0, dtype=np.int64)
-        n_items, num_user_groups = self.layout.n_items, self.cfg.num_user_groups
-        for node, content in reply_contents(asked).items():
-            wanted = decode_pee_rows_wanted(from_record_dict(content), n_items, num_user_groups)
+        for node in (n for n in nodes if n in wanted):
             groups = self.groups.node_groups[node]
-            rows = {g: wanted.get(g, empty) for g in groups}
+            rows = {g: wanted[node].get(g, empty) for g in groups}
             if any(r.size for r in rows.values()):
-                contents[node] = self.configure(round_, groups, rows)
+                contents[node] = self.configure(round_, groups, rows, ahead)
             else:
                 idle += 1
         return contents, idle
+
+    def remember_rows_ahead(self, replies: dict[int, RecordDict]) -> None:
+        """Sparse downloads: keep the rows each node named for the next round in its reply."""
+        self.rows_ahead = {}
+        for node, content in replies.items():
+            named = answered_ahead(from_record_dict(content), "pee")
+            if named is not None:
+                self.rows_ahead[node] = (named[0], self._wanted(named[1]))
 
     def aggregate(self, replies: dict[int, RecordDict]) -> list[dict[str, float]]:
         """A round in the clear: every node's upload of each of its groups goes to that group's
@@ -209,7 +242,10 @@ class PEEStrategy(PhaseStrategy):
             bar.update(1)
             return
         if cfg.sparse_pee_downloads:
-            contents, idle = self.sparse_contents(grid, sample, round_)
+            ahead = None
+            if r < cfg.pee_rounds:
+                ahead = self.round_settings(r + 1, round_.rounds_per_pass)
+            contents, idle = self.sparse_contents(grid, sample, round_, ahead)
         else:
             groups = self.groups.node_groups
             contents, idle = {node: self.configure(round_, groups[node]) for node in sample}, 0
@@ -217,6 +253,8 @@ class PEEStrategy(PhaseStrategy):
             grid, list(contents), "train.pee", contents, cfg.round_timeout_s, "pee", r
         )
         answered = reply_contents(replies)
+        if cfg.sparse_pee_downloads:
+            self.remember_rows_ahead(answered)
         self.log.add(rep, upload_users(answered))
         if len(replies) + idle < min(cfg.min_nodes, len(sample)):
             log(f"PEE round {r}: {len(replies)} replies < min-nodes; round skipped")

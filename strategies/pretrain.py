@@ -20,16 +20,16 @@ from peel_fed.messages import (
     PretrainDown,
     PretrainStep,
     RowCounts,
+    answered_ahead,
+    ask_ahead,
     decode_contribution,
     decode_device_update,
-    decode_next_rows,
     decode_pretrain_row_counts,
     decode_pretrain_rows,
     decode_rows_wanted,
     encode_pretrain_down,
     encode_rows_down,
     encode_rows_request,
-    with_next_step,
 )
 from peel_fed.privacy import noised
 from strategies.base import PhaseStrategy, node_sample, reply_contents, upload_users
@@ -61,7 +61,7 @@ class PretrainStrategy(PhaseStrategy):
         self.next_layer, self.next_round, self.finished = 0, 1, False
         self.sampling_rng = np.random.default_rng([cfg.seed, 11])
         # sparse downloads: node -> (the next step, the rows it reads in it), from its last
-        # reply (not checkpointed: a resumed server asks)
+        # reply (a resumed run's new node ids name nothing here, so it asks)
         self.rows_ahead: dict[int, tuple[dict, np.ndarray]] = {}
 
     def step(self, step: str, **at: int) -> PretrainStep:
@@ -105,7 +105,9 @@ class PretrainStrategy(PhaseStrategy):
                 self.data, step, [t[rows] for t in layers], degree[rows], rows, self.stats.n_items
             )
         content = encode_pretrain_down(down)
-        return to_record_dict(content if ahead is None else with_next_step(content, ahead))
+        if ahead is not None:
+            content = ask_ahead(content, "pretrain", ahead.to_config())
+        return to_record_dict(content)
 
     def send(
         self,
@@ -150,9 +152,10 @@ class PretrainStrategy(PhaseStrategy):
             grid, list(contents), "train.pretrain", contents, timeout, phase, round_
         )
         for node, content in reply_contents(replies).items():
-            named = decode_next_rows(from_record_dict(content), self.stats.n_items)
+            named = answered_ahead(from_record_dict(content), "pretrain")
             if named is not None:
-                self.rows_ahead[node] = (named[0].to_config(), named[1])
+                rows = decode_rows_wanted(named[1], self.stats.n_items)
+                self.rows_ahead[node] = (named[0], rows)
         return replies, rep, idle
 
     def _named_rows(self, node: int, step: PretrainStep) -> np.ndarray | None:

@@ -255,3 +255,9 @@ def test_pipeline_with_sparse_downloads_ends_as_with_full_ones(server_identity):
     trains = types["sparse"].count("train.pretrain")
     assert trains < 6 * (steps + 1)  # some node sat out a round
     assert types["sparse"].count("query.rows") == 6 * (steps + 1) + 6 - trains
+    # PEE rounds likewise: round 1 asks all 6 nodes, round r the nodes not sent round r - 1
+    sent = {(p["phase"], p["round"]): p["nodes"] for p in sparse["phases"]}
+    rounds = range(1, cfg.pee_rounds + 1)
+    asked = [sent.get(("pee-ask", r), 0) for r in rounds]
+    assert asked == [6] + [6 - sent.get(("pee", r - 1), 0) for r in rounds[1:]]
+    assert sum(asked) < 6 * cfg.pee_rounds
