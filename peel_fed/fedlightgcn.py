@@ -78,6 +78,12 @@ class FedLightGCNConfig:
     # aggregate, as DP-FedAvg: under DP noise Adam scales every coordinate to the learning rate,
     # so rows that receive only noise move as far as rows with signal)
     server_optimizer: str = "adam"
+    # local work on the items: the first ``item_local_steps`` of the ``local_steps`` also move
+    # the device's copies of the E0 rows it received (SGD at ``item_local_lr``), and the upload
+    # is the sum of their gradients along that path (FedAvg's pseudo-gradient); 1: the gradient
+    # at the received tables only
+    item_local_steps: int = 1
+    item_local_lr: float = 0.05
 
     def __post_init__(self) -> None:
         if self.server_optimizer not in SERVER_OPTIMIZERS:
@@ -97,6 +103,11 @@ class FedLightGCNConfig:
             raise ValueError(f"ldp-noise-multiplier must be >= 0, got {self.ldp_noise}")
         if not 0 < self.cohort_fraction <= 1:
             raise ValueError(f"cohort-fraction must be in (0, 1], got {self.cohort_fraction}")
+        if not 1 <= self.item_local_steps <= self.local_steps:
+            raise ValueError(
+                f"item-local-steps must be in [1, local-steps={self.local_steps}], "
+                f"got {self.item_local_steps}"
+            )
         if self.rounds < 0 or self.local_steps < 1 or self.layers < 0:
             raise ValueError(f"invalid federated LightGCN config: {self}")
 
@@ -659,10 +670,32 @@ class PretrainDevices:
             )
         g_u0, grad_keys = torch.autograd.grad(loss, [u0, E0])
         self.user_adam.step(self.U0, local, g_u0)
+        moved, step_grad = E0.detach(), grad_keys
+        # joint local steps on u0 and the device's copies of the E0 rows (item-local-steps > 1);
+        # the upload is the sum of the row gradients along the path
+        for _ in range(self.cfg.item_local_steps - 1):
+            lr = self.cfg.item_local_lr * lr_factor(self.cfg, round_no)
+            moved = (moved - lr * step_grad).requires_grad_(True)
+            u0 = self.U0[local].clone().requires_grad_(True)
+            ul = [u0, torch.sparse.mm(self._norm_matrix(users, pos, keys.size), moved)]
+            ul += [torch.sparse.mm(A, fixed[k - 1]) for k in range(1, self.cfg.layers)]
+            up = (moved[pos_t] + sum(f[pos_i] for f in fixed)) / n_layers
+            un = (moved[neg_t] + sum(f[neg_i] for f in fixed)) / n_layers
+            item_sq = moved[pos_t].pow(2).sum(-1) + moved[neg_t].pow(2).sum(-1)
+            uf = torch.stack(ul).mean(0)
+            loss = self._pair_loss(uf, u0, up, un, item_sq, pair_user, weight)
+            if d_items.size:
+                loss = loss + self._decoy_loss(
+                    uf.detach(), moved, fixed, keys, d_owner, d_items, d_neg, counts
+                )
+            g_u0, step_grad = torch.autograd.grad(loss, [u0, moved])
+            self.user_adam.step(self.U0, local, g_u0)
+            grad_keys = grad_keys + step_grad
+            moved = moved.detach()
         # further local steps move only u0; the propagated part u_1..u_K is fixed by the tables
         propagated = sum(layer.detach() for layer in ul[1:])
         up, un, item_sq = up.detach(), un.detach(), item_sq.detach()
-        for _ in range(self.cfg.local_steps - 1):
+        for _ in range(self.cfg.local_steps - self.cfg.item_local_steps):
             u0 = self.U0[local].clone().requires_grad_(True)
             uf = (u0 + propagated) / n_layers
             loss = self._pair_loss(uf, u0, up, un, item_sq, pair_user, weight)

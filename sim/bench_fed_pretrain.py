@@ -35,6 +35,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--user-lr", type=float, default=FedLightGCNConfig.user_lr)
     p.add_argument("--local-steps", type=int, default=FedLightGCNConfig.local_steps)
     p.add_argument(
+        "--item-local-steps",
+        type=int,
+        default=FedLightGCNConfig.item_local_steps,
+        help="of the local steps, how many also move the device's E0 row copies (1: none)",
+    )
+    p.add_argument("--item-local-lr", type=float, default=FedLightGCNConfig.item_local_lr)
+    p.add_argument(
         "--negative-sampling",
         choices=NEGATIVE_SAMPLING,
         default="uniform",
@@ -93,6 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
         server_lr=args.server_lr,
         user_lr=args.user_lr,
         local_steps=args.local_steps,
+        item_local_steps=args.item_local_steps,
+        item_local_lr=args.item_local_lr,
         **recipe,
     )
     t0 = time.perf_counter()

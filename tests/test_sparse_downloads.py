@@ -69,8 +69,8 @@ def _only(layers: list[torch.Tensor], rows: np.ndarray) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize(
     "over",
-    [{}, {"negative_sampling": "dns", "dns_candidates": 8}, {"decoys": 3}],
-    ids=["uniform", "dns", "decoys"],
+    [{}, {"negative_sampling": "dns", "dns_candidates": 8}, {"decoys": 3}, {"item_local_steps": 3}],
+    ids=["uniform", "dns", "decoys", "item-local-steps"],
 )
 def test_a_round_on_the_rows_read_equals_a_round_on_the_whole_tables(over):
     ds, server, devices = _setup(**over)
