@@ -652,46 +652,34 @@ class PretrainDevices:
         weight = torch.from_numpy(1.0 / np.repeat(counts, counts)).float()  # per-user mean
         fixed = received[1:]
         n_layers = len(received)
-        E0 = received[0][torch.from_numpy(key_rows)].clone().requires_grad_(True)
-        # step 0: gradient for u0 and for the received E0 rows (the upload)
-        u0 = self.U0[local].clone().requires_grad_(True)
+        E0 = received[0][torch.from_numpy(key_rows)].clone()
         A = self._norm_matrix(users)
-        ul = [u0, torch.sparse.mm(self._norm_matrix(users, pos, keys.size), E0)]
-        ul += [torch.sparse.mm(A, fixed[k - 1]) for k in range(1, self.cfg.layers)]
-        up = (E0[pos_t] + sum(f[pos_i] for f in fixed)) / n_layers
-        un = (E0[neg_t] + sum(f[neg_i] for f in fixed)) / n_layers
-        item_sq = E0[pos_t].pow(2).sum(-1) + E0[neg_t].pow(2).sum(-1)
-        uf = torch.stack(ul).mean(0)
-        loss = self._pair_loss(uf, u0, up, un, item_sq, pair_user, weight)
-        loss_sum = float(loss.detach())
-        if d_items.size:
-            loss = loss + self._decoy_loss(
-                uf.detach(), E0, fixed, keys, d_owner, d_items, d_neg, counts
-            )
-        g_u0, grad_keys = torch.autograd.grad(loss, [u0, E0])
-        self.user_adam.step(self.U0, local, g_u0)
-        moved, step_grad = E0.detach(), grad_keys
-        # joint local steps on u0 and the device's copies of the E0 rows (item-local-steps > 1);
-        # the upload is the sum of the row gradients along the path
-        for _ in range(self.cfg.item_local_steps - 1):
-            lr = self.cfg.item_local_lr * lr_factor(self.cfg, round_no)
-            moved = (moved - lr * step_grad).requires_grad_(True)
+        norm_pos = self._norm_matrix(users, pos, keys.size)
+        grad_keys, step_grad = torch.zeros_like(E0), None
+        # step 0: gradient for u0 and for the received E0 rows (the upload); with
+        # item-local-steps > 1 the next steps also move the device's copies of the rows, and the
+        # upload is the sum of the row gradients along that path
+        for step in range(self.cfg.item_local_steps):
+            if step:
+                E0 = E0 - self.cfg.item_local_lr * lr_factor(self.cfg, round_no) * step_grad
+            E0 = E0.detach().requires_grad_(True)
             u0 = self.U0[local].clone().requires_grad_(True)
-            ul = [u0, torch.sparse.mm(self._norm_matrix(users, pos, keys.size), moved)]
+            ul = [u0, torch.sparse.mm(norm_pos, E0)]
             ul += [torch.sparse.mm(A, fixed[k - 1]) for k in range(1, self.cfg.layers)]
-            up = (moved[pos_t] + sum(f[pos_i] for f in fixed)) / n_layers
-            un = (moved[neg_t] + sum(f[neg_i] for f in fixed)) / n_layers
-            item_sq = moved[pos_t].pow(2).sum(-1) + moved[neg_t].pow(2).sum(-1)
+            up = (E0[pos_t] + sum(f[pos_i] for f in fixed)) / n_layers
+            un = (E0[neg_t] + sum(f[neg_i] for f in fixed)) / n_layers
+            item_sq = E0[pos_t].pow(2).sum(-1) + E0[neg_t].pow(2).sum(-1)
             uf = torch.stack(ul).mean(0)
             loss = self._pair_loss(uf, u0, up, un, item_sq, pair_user, weight)
+            if step == 0:
+                loss_sum = float(loss.detach())
             if d_items.size:
                 loss = loss + self._decoy_loss(
-                    uf.detach(), moved, fixed, keys, d_owner, d_items, d_neg, counts
+                    uf.detach(), E0, fixed, keys, d_owner, d_items, d_neg, counts
                 )
-            g_u0, step_grad = torch.autograd.grad(loss, [u0, moved])
+            g_u0, step_grad = torch.autograd.grad(loss, [u0, E0])
             self.user_adam.step(self.U0, local, g_u0)
             grad_keys = grad_keys + step_grad
-            moved = moved.detach()
         # further local steps move only u0; the propagated part u_1..u_K is fixed by the tables
         propagated = sum(layer.detach() for layer in ul[1:])
         up, un, item_sq = up.detach(), un.detach(), item_sq.detach()
