@@ -458,7 +458,6 @@ def pee_read(msg: Message, context: Context) -> Message:
     """Sparse PEE downloads: per user group of the hosted users, the table rows the round's
     taking-part users will read (their training and validation items and negatives, all drawn
     by their own generators, so known before the tables come)."""
-
     data, round_ = decode_pee_rows_request(from_record_dict(msg.content))
     node = state.node_data(data, context)
     store = state.device_store(context, data)

@@ -8,13 +8,15 @@ plain objects (``RecordDict`` contents, numpy arrays), so they are tested withou
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from clients.records import from_record_dict
 from peel_fed.fedconfig import FedConfig
-from peel_fed.messages import DataSpec, decode_upload_users
+from peel_fed.messages import DataSpec, answered_ahead, decode_upload_users
 from peel_fed.privacy import noise_share_std
 from strategies.log import PhaseLog
 from strategies.phases import PhaseReport, secure_sum, shamir_threshold
@@ -70,6 +72,31 @@ class PhaseStrategy:
 def reply_contents(replies: dict[int, Message]) -> dict[int, RecordDict]:
     """The contents of good replies by node id (in the order they arrived)."""
     return {node: reply.content for node, reply in replies.items()}
+
+
+class RowsAhead:
+    """Sparse downloads: the rows each node named, in its last reply, for the next step of
+    ``kind`` ("pretrain" or "pee"; ``peel_fed.messages.answered_ahead``), decoded by ``decode``
+    as an ask's answer. A resumed run's new node ids name nothing here, so those nodes are asked.
+    """
+
+    def __init__(self, kind: str, decode: Callable) -> None:
+        self.kind, self.decode = kind, decode
+        self.named: dict[int, tuple[dict, object]] = {}
+
+    def get(self, node: int, settings: dict):
+        """What ``node`` named for the step of ``settings`` (as the wire carries them), or
+        ``None``."""
+        named = self.named.get(node)
+        return named[1] if named is not None and named[0] == settings else None
+
+    def remember(self, replies: dict[int, RecordDict]) -> None:
+        """Keep what each of ``replies`` named for the next step (and forget the rest)."""
+        self.named = {}
+        for node, content in replies.items():
+            found = answered_ahead(from_record_dict(content), self.kind)
+            if found is not None:
+                self.named[node] = (found[0], self.decode(found[1]))
 
 
 def node_sample(nodes: list[int], fraction: float, rng: np.random.Generator) -> list[int]:

@@ -19,7 +19,6 @@ from peel_fed.messages import (
     DataSpec,
     PEEDown,
     PEERound,
-    answered_ahead,
     ask_ahead,
     decode_pee_reply,
     decode_pee_row_counts,
@@ -31,7 +30,13 @@ from peel_fed.messages import (
     pee_row_unions,
 )
 from peel_fed.privacy import noised
-from strategies.base import PhaseStrategy, node_sample, reply_contents, upload_users
+from strategies.base import (
+    PhaseStrategy,
+    RowsAhead,
+    node_sample,
+    reply_contents,
+    upload_users,
+)
 from strategies.grouping import GroupingResult
 from strategies.log import PhaseLog
 from strategies.phases import exchange
@@ -80,9 +85,7 @@ class PEEStrategy(PhaseStrategy):
         self.history: list[dict] = []
         self.next_round = 1
         self.sampling_rng = np.random.default_rng([cfg.seed, 13])
-        # sparse downloads: node -> (next round's settings, the rows it reads in it), from its
-        # last reply (a resumed run's new node ids name nothing here, so it asks)
-        self.rows_ahead: dict[int, tuple[dict, dict[int, np.ndarray]]] = {}
+        self.rows_ahead = RowsAhead("pee", self._wanted)
 
     def round_settings(self, round_: int, rounds_per_pass: int) -> PEERound:
         cfg = self.cfg
@@ -133,11 +136,7 @@ class PEEStrategy(PhaseStrategy):
         whose users takes part is not sent anything; returns the contents and how many such
         idle nodes answered."""
         settings = round_.to_config()
-        wanted = {
-            n: named[1]
-            for n in nodes
-            if (named := self.rows_ahead.get(n)) is not None and named[0] == settings
-        }
+        wanted = {n: rows for n in nodes if (rows := self.rows_ahead.get(n, settings)) is not None}
         if unasked := [n for n in nodes if n not in wanted]:
             ask = to_record_dict(encode_pee_rows_request(self.data, round_))
             timeout, r = self.cfg.round_timeout_s, round_.round
@@ -155,14 +154,6 @@ class PEEStrategy(PhaseStrategy):
             else:
                 idle += 1
         return contents, idle
-
-    def remember_rows_ahead(self, replies: dict[int, RecordDict]) -> None:
-        """Sparse downloads: keep the rows each node named for the next round in its reply."""
-        self.rows_ahead = {}
-        for node, content in replies.items():
-            named = answered_ahead(from_record_dict(content), "pee")
-            if named is not None:
-                self.rows_ahead[node] = (named[0], self._wanted(named[1]))
 
     def aggregate(self, replies: dict[int, RecordDict]) -> list[dict[str, float]]:
         """A round in the clear: every node's upload of each of its groups goes to that group's
@@ -254,7 +245,7 @@ class PEEStrategy(PhaseStrategy):
         )
         answered = reply_contents(replies)
         if cfg.sparse_pee_downloads:
-            self.remember_rows_ahead(answered)
+            self.rows_ahead.remember(answered)
         self.log.add(rep, upload_users(answered))
         if len(replies) + idle < min(cfg.min_nodes, len(sample)):
             log(f"PEE round {r}: {len(replies)} replies < min-nodes; round skipped")

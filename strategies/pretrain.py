@@ -5,6 +5,7 @@ touched each row and adds the contribution changes to the item-side sums."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import torch
@@ -20,7 +21,6 @@ from peel_fed.messages import (
     PretrainDown,
     PretrainStep,
     RowCounts,
-    answered_ahead,
     ask_ahead,
     decode_contribution,
     decode_device_update,
@@ -32,7 +32,13 @@ from peel_fed.messages import (
     encode_rows_request,
 )
 from peel_fed.privacy import noised
-from strategies.base import PhaseStrategy, node_sample, reply_contents, upload_users
+from strategies.base import (
+    PhaseStrategy,
+    RowsAhead,
+    node_sample,
+    reply_contents,
+    upload_users,
+)
 from strategies.log import PhaseLog
 from strategies.phases import PhaseReport, exchange
 from strategies.stats import StatsResult
@@ -60,9 +66,8 @@ class PretrainStrategy(PhaseStrategy):
         # where the phase stands (a checkpoint keeps it): next init layer, next round, final sent
         self.next_layer, self.next_round, self.finished = 0, 1, False
         self.sampling_rng = np.random.default_rng([cfg.seed, 11])
-        # sparse downloads: node -> (the next step, the rows it reads in it), from its last
-        # reply (a resumed run's new node ids name nothing here, so it asks)
-        self.rows_ahead: dict[int, tuple[dict, np.ndarray]] = {}
+        # a partial, not a lambda: the checkpoint pickles the strategy
+        self.rows_ahead = RowsAhead("pretrain", partial(decode_rows_wanted, n_items=stats.n_items))
 
     def step(self, step: str, **at: int) -> PretrainStep:
         """The settings of a ``step`` message (``k`` for init, ``round``/``rounds_per_pass``)."""
@@ -129,7 +134,8 @@ class PretrainStrategy(PhaseStrategy):
         if not self.cfg.sparse_pretrain_downloads:
             content = self.configure(step)
             return (*exchange(grid, nodes, "train.pretrain", content, timeout, phase, round_), 0)
-        wanted = {n: rows for n in nodes if (rows := self._named_rows(n, step)) is not None}
+        settings = step.to_config()  # as the wire carries it
+        wanted = {n: rows for n in nodes if (rows := self.rows_ahead.get(n, settings)) is not None}
         if unasked := [n for n in nodes if n not in wanted]:
             ask = to_record_dict(encode_rows_request(self.data, step))
             # its own phase in the bytes report ("pretrain-ask", "pretrain-ask/init", ...)
@@ -139,7 +145,6 @@ class PretrainStrategy(PhaseStrategy):
             self.log.add(rep)
             for node, content in reply_contents(asked).items():
                 wanted[node] = decode_rows_wanted(from_record_dict(content), self.stats.n_items)
-        self.rows_ahead = {}
         contents, idle = {}, 0
         layers = [layer.numpy() for layer in self.server.item_layers()]
         for node in (n for n in nodes if n in wanted):  # in the nodes' order, as the ask's
@@ -151,18 +156,8 @@ class PretrainStrategy(PhaseStrategy):
         replies, rep = exchange(
             grid, list(contents), "train.pretrain", contents, timeout, phase, round_
         )
-        for node, content in reply_contents(replies).items():
-            named = answered_ahead(from_record_dict(content), "pretrain")
-            if named is not None:
-                rows = decode_rows_wanted(named[1], self.stats.n_items)
-                self.rows_ahead[node] = (named[0], rows)
+        self.rows_ahead.remember(reply_contents(replies))
         return replies, rep, idle
-
-    def _named_rows(self, node: int, step: PretrainStep) -> np.ndarray | None:
-        """The rows ``node`` named for ``step`` in its last reply, if it named that step."""
-        named = self.rows_ahead.get(node)
-        # as the wire carries them (a decoded step drops fields its settings leave unused)
-        return named[1] if named is not None and named[0] == step.to_config() else None
 
     def aggregate_contributions(self, replies: dict[int, RecordDict], k: int) -> None:
         """An ``init`` step of layer ``k`` in the clear: add every node's first contributions
